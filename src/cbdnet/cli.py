@@ -1,0 +1,231 @@
+"""The ``cbdnet`` command line: ``compress``, ``eval``, ``info`` and ``demo``.
+
+Every failure ends in one line on stderr: exit code 2 for bad input or usage, 1 for an internal error;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .compress import compress
+from .data import load_spec
+from .errors import CBDError
+from .io import atomic_write, load, read, save, verify
+from .metrics import evaluate_classification
+from .models import build, known_archs, load_weights
+
+__all__ = ["main", "build_parser"]
+
+
+class UsageError(CBDError):
+    pass
+
+
+def _say(args, *text) -> None:
+    if not args.quiet:
+        print(*text, flush=True)
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        atomic_write(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _model_from_args(args) -> tuple[torch.nn.Module, str]:
+    if args.arch is None:
+        raise UsageError("--arch is required (known: " + ", ".join(known_archs()) + ")")
+    model = build(args.arch)
+    if args.weights in (None, "random"):
+        torch.manual_seed(args.seed)
+        model = build(args.arch)
+        return model.eval(), f"random (seed {args.seed})"
+    load_weights(model, args.weights)
+    return model.eval(), args.weights
+
+
+def _evaluate(model, spec: str | None, args) -> dict | None:
+    if not spec:
+        return None
+    data = load_spec(spec)
+    return evaluate_classification(model, data, batch_size=args.batch_size, progress=not args.quiet)
+
+
+def cmd_compress(args) -> int:
+    if args.output and Path(args.output).exists() and not args.force:
+        raise UsageError(f"{args.output} exists; pass --force to overwrite it")
+    if not 1 <= args.planes <= 16:
+        raise UsageError(f"--planes must be in 1..16, got {args.planes}")
+    if not 0.0 <= args.bottleneck <= 1.0:
+        raise UsageError(f"--bottleneck must be in [0, 1], got {args.bottleneck}")
+    torch.set_grad_enabled(False)
+    model, source = _model_from_args(args)
+    before = _evaluate(model, args.data, args)
+    model, report = compress(model, planes=args.planes, bottleneck=args.bottleneck, skip=args.skip or (),
+                             mode="uniform" if args.method == "uniform" else "auto", progress=not args.quiet)
+    report.extra.update({"arch": args.arch, "weights": source, "cbdnet_version": __version__})
+    if args.output:
+        report.file_bytes = save(model, args.output, arch=args.arch, overwrite=True,
+                                 extra={"weights": source, "config": report.config})
+    after = _evaluate(model, args.data, args)
+    if before is not None:
+        report.extra.update({"data": args.data, "eval_before": before, "eval_after": after})
+    _say(args, f"cbdnet {__version__}: {args.arch} ({source}), J={args.planes}, bottleneck={args.bottleneck}")
+    _say(args, report.table())
+    if report.file_bytes is not None:
+        _say(args, f"wrote {args.output}: {report.file_bytes:,} bytes "
+                   f"(payload {report.total_bits / 8:,.0f} bytes + header) in {report.seconds:.1f} s")
+    if before is not None:
+        _say(args, f"top-1 before {before['top1']:.4f}  after {after['top1']:.4f}  "
+                   f"(top-5 {before['top5']:.4f} -> {after['top5']:.4f}, n={after['n']})")
+    _write_json(args.json, report.to_dict())
+    return 0
+
+
+def cmd_eval(args) -> int:
+    torch.set_grad_enabled(False)
+    if args.file:
+        model, source = load(args.file), args.file
+    else:
+        model, source = _model_from_args(args)
+    start = time.perf_counter()
+    result = _evaluate(model, args.data, args)
+    result.update({"model": source, "data": args.data, "seconds": time.perf_counter() - start})
+    _say(args, f"{source} on {args.data}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  (n={result['n']})")
+    _write_json(args.json, result)
+    return 0
+
+
+def _info_dict(path: str) -> dict:
+    parsed = read(path)
+    layers = []
+    for name, code in parsed.codes.items():
+        layers.append({"name": name, "shape": list(code.shape), "mode": code.mode, "planes": code.num_planes,
+                       "exponents": list(code.exponents), "bits": code.bits(),
+                       "bits_per_weight": code.bits() / code.numel, "wmax": code.wmax, "a": code.scale,
+                       "step": code.step,
+                       "plane_storage": [p.storage for p in code.planes], "plane_ranks": [p.rank for p in code.planes]})
+    params = sum(c.numel for c in parsed.codes.values())
+    bits = sum(c.bits() for c in parsed.codes.values())
+    return {"file": path, "file_bytes": parsed.size, "format_version": parsed.meta.get("format_version"),
+            "arch": parsed.meta.get("arch"), "cbdnet_version": parsed.meta.get("cbdnet_version"),
+            "extra": parsed.meta.get("extra", {}), "params": params, "bits_per_weight": bits / params,
+            "float_tensors": len(parsed.floats), "layers": layers}
+
+
+def cmd_info(args) -> int:
+    info = _info_dict(args.file)
+    if args.verify:
+        problems = verify(args.file)
+        info["verify"] = {"ok": not problems, "problems": problems}
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        _say(args, f"{info['file']}: .cbd format v{info['format_version']}, arch {info['arch']}, "
+                   f"{info['file_bytes']:,} bytes, {len(info['layers'])} compressed layers, "
+                   f"{info['params']:,} weights at {info['bits_per_weight']:.3f} bits/weight")
+        for layer in info["layers"]:
+            storage = "".join("F" if s == "factored" else "p" for s in layer["plane_storage"])
+            _say(args, f"  {layer['name']:<28} {'x'.join(map(str, layer['shape'])):<16} {layer['mode']:<7} "
+                       f"planes {storage:<8} ranks {layer['plane_ranks']} {layer['bits_per_weight']:.3f} b/w")
+        if args.verify:
+            status = "OK: checksum and every plane verified" if not problems else "FAILED"
+            _say(args, f"verify: {status}")
+    for problem in info.get("verify", {}).get("problems", []):
+        print(f"cbdnet: verify: {problem}", file=sys.stderr)
+    return 0 if not info.get("verify") or info["verify"]["ok"] else 1
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out_dir, quiet=args.quiet, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cbdnet", description="Compress pretrained CNNs by composite binary "
+                                     "decomposition (CBDNet), without retraining.")
+    parser.add_argument("--version", action="version", version=f"cbdnet {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("--arch", help="architecture: " + ", ".join(known_archs()))
+        p.add_argument("--weights", help="checkpoint (state dict) path, or 'random'")
+        p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
+        p.add_argument("--batch-size", type=int, default=500)
+
+    p = sub.add_parser("compress", parents=[common], help="compress a model to a .cbd file")
+    model_args(p)
+    p.add_argument("--planes", "-J", type=int, default=5, help="bit planes J (default 5)")
+    p.add_argument("--bottleneck", "-b", type=float, default=0.3, help="rank bound / min(h, w) (default 0.3)")
+    p.add_argument("--method", choices=("cbd", "uniform"), default="cbd",
+                   help="cbd (composite planes + GF(2) factors) or uniform (plain J-bit code, the baseline)")
+    p.add_argument("--skip", nargs="*", help="layer names to keep in float")
+    p.add_argument("--data", help="evaluate before and after on this data spec, e.g. cifar10-npz:PATH")
+    p.add_argument("-o", "--output", help="output .cbd file")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", parents=[common], help="accuracy of a .cbd file or a float model")
+    p.add_argument("file", nargs="?", help=".cbd file (or give --arch/--weights)")
+    model_args(p)
+    p.add_argument("--data", required=True, help="data spec, e.g. cifar10-npz:PATH")
+    p.add_argument("--json", help="write the result as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", parents=[common], help="show (and --verify) a .cbd file")
+    p.add_argument("file")
+    p.add_argument("--verify", action="store_true", help="re-check every checksum and factorisation")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", parents=[common], help="train a small CNN on digits, compress it, report")
+    p.add_argument("--out-dir", default=None, help="where to write the demo's .cbd files (default: a temp dir)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed one usage line
+        return int(exc.code or 0) if exc.code in (0, None) else 2
+    try:
+        return args.func(args)
+    except CBDError as exc:
+        if args.debug:
+            raise
+        print(f"cbdnet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cbdnet: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: one line, the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"cbdnet: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback; "
+              f"python {platform.python_version()}, torch {torch.__version__})", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The model walker: swap every Conv2d/Linear for its CBD twin and report what each layer costs.
+
+``compress(model, planes=5, bottleneck=0.3)`` works in place (like ``optimum.quanto.quantize``) and returns
+the model with a :class:`Report`. Bits are counted exactly as :func:`cbdnet.save` stores them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .codec import LayerCode, encode_weight
+from .nn import COMPRESSIBLE, CBDModule, from_module
+
+__all__ = ["LayerReport", "Report", "compress", "compressible_layers", "layer_report", "float_state"]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str  # conv / linear
+    shape: list[int]
+    h: int
+    w: int
+    params: int
+    mode: str  # cbd / uniform / zero
+    reason: str
+    scale: float  # a
+    bound: int
+    mask_rank: int
+    exponents: list[int]
+    plane_ranks: list[int]  # per plane: GF(2) rank (-1 where not computed)
+    plane_storage: list[str]  # per plane: factored / packed
+    planes_factored: int
+    planes_plain: int
+    bits: int
+    bits_per_weight: float
+    rel_error: float
+    rank_calls: int
+    seconds: float
+
+
+@dataclass
+class Report:
+    """Per-layer and total accounting. ``bits_per_weight`` covers the compressed layers' weights only;
+    ``total_bits`` adds every float tensor the file also stores (biases, BatchNorm, uncompressed layers)."""
+
+    config: dict
+    layers: list[LayerReport] = field(default_factory=list)
+    float_tensors: dict[str, int] = field(default_factory=dict)  # name -> bits stored as float
+    file_bytes: int | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def weight_bits(self) -> int:
+        return sum(layer.bits for layer in self.layers)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.weight_bits / self.params if self.params else 0.0
+
+    @property
+    def float_bits(self) -> int:
+        return sum(self.float_tensors.values())
+
+    @property
+    def total_bits(self) -> int:
+        return self.weight_bits + self.float_bits
+
+    def to_dict(self) -> dict:
+        return {
+            **self.extra,
+            "config": self.config,
+            "bits_per_weight": self.bits_per_weight,
+            "params": self.params,
+            "weight_bits": self.weight_bits,
+            "float_params_bits": self.float_bits,
+            "total_bits": self.total_bits,
+            "fp32_bytes": 4 * self.params + self.float_bits // 8,
+            "file_bytes": self.file_bytes,
+            "seconds": self.seconds,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    def table(self) -> str:
+        """A fixed-width per-layer table with a totals line."""
+        head = (f"{'layer':<28} {'shape':<16} {'h x w':>11} {'mode':<7} {'a':>6} {'fact/plain':>10} "
+                f"{'ranks':<22} {'bits/w':>6} {'rel.err':>7}")
+        lines = [head, "-" * len(head)]
+        for layer in self.layers:
+            ranks = ",".join(str(r) for r, s in zip(layer.plane_ranks, layer.plane_storage, strict=True)
+                             if s == "factored") or "-"
+            lines.append(
+                f"{_clip(layer.name, 28):<28} {'x'.join(map(str, layer.shape)):<16} "
+                f"{f'{layer.h}x{layer.w}':>11} {layer.mode:<7} {layer.scale:>6.3f} "
+                f"{f'{layer.planes_factored}/{layer.planes_plain}':>10} {_clip(ranks, 22):<22} "
+                f"{layer.bits_per_weight:>6.3f} {layer.rel_error:>7.4f}")
+        lines.append("-" * len(head))
+        lines.append(f"total: {len(self.layers)} layers, {self.params:,} weights, "
+                     f"{self.bits_per_weight:.3f} bits/weight ({self.weight_bits / 8 / 1024:.1f} KiB), "
+                     f"float tensors {self.float_bits / 8 / 1024:.1f} KiB, "
+                     f"fp32 {4 * self.params / 1024:.1f} KiB")
+        return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def compressible_layers(model: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs that compress: every Conv2d and Linear not named in ``skip``."""
+    skipped = set(skip)
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, COMPRESSIBLE) and not isinstance(module, CBDModule) and name not in skipped]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def layer_report(name: str, module: nn.Module, code: LayerCode, original: np.ndarray, seconds: float) -> LayerReport:
+    decoded = code.decode()
+    norm = float(np.linalg.norm(original))
+    error = float(np.linalg.norm(decoded - original) / norm) if norm > 0 else 0.0
+    h, w = code.matrix_shape
+    return LayerReport(
+        name=name, kind="conv" if isinstance(module, nn.Conv2d) else "linear", shape=list(code.shape),
+        h=h, w=w, params=code.numel, mode=code.mode, reason=code.reason, scale=code.scale, bound=code.bound,
+        mask_rank=code.mask_rank, exponents=list(code.exponents),
+        plane_ranks=[p.rank for p in code.planes], plane_storage=[p.storage for p in code.planes],
+        planes_factored=code.factored_planes, planes_plain=len(code.planes) - code.factored_planes,
+        bits=code.bits(), bits_per_weight=code.bits() / code.numel, rel_error=error,
+        rank_calls=code.rank_calls, seconds=seconds)
+
+
+def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every state-dict tensor the file stores as-is: all but the weights of CBD modules."""
+    coded = {f"{name}.weight" if name else "weight" for name, m in model.named_modules()
+             if isinstance(m, CBDModule)}
+    return {key: value for key, value in model.state_dict().items() if key not in coded}
+
+
+def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip: Iterable[str] = (),
+             mode: str = "auto", progress: bool = True) -> tuple[nn.Module, Report]:
+    """Compress every Conv2d/Linear of ``model`` in place; returns ``(model, report)``.
+
+    ``planes`` is J, the number of magnitude bit planes; ``bottleneck`` bounds the GF(2) rank of the mask of
+    large entries by ``bottleneck * min(h, w)``; ``skip`` names layers to keep in float; ``mode='uniform'``
+    stores every layer with the plain uniform code (the honest baseline at the same bits).
+    """
+    start = time.perf_counter()
+    report = Report(config={"planes": planes, "bottleneck": bottleneck, "mode": mode, "skip": sorted(skip)})
+    layers = compressible_layers(model, skip)
+    bar = tqdm(layers, desc="compress", unit="layer", disable=None if progress else True, leave=False)
+    for name, module in bar:
+        bar.set_postfix_str(name)
+        layer_start = time.perf_counter()
+        original = module.weight.detach().to(device="cpu", dtype=torch.float32).numpy()
+        code = encode_weight(original, planes=planes, bottleneck=bottleneck, name=name, mode=mode)
+        _set_submodule(model, name, from_module(module, code))
+        report.layers.append(layer_report(name, module, code, original, time.perf_counter() - layer_start))
+    report.float_tensors = {key: value.numel() * value.element_size() * 8
+                            for key, value in float_state(model).items()}
+    report.seconds = time.perf_counter() - start
+    return model, report

@@ -1,0 +1,175 @@
+"""The architecture zoo and checkpoint loading.
+
+``build(arch)`` returns a fresh float model tagged with its registry name (``model.cbdnet_arch``), which is
+what :func:`cbdnet.save` records so that :func:`cbdnet.load` can rebuild it. ``load_weights`` reads a
+checkpoint with ``torch.load(weights_only=True)``: a bare state dict or a dict with a ``state_dict`` (or
+``model``) entry, keys with or without the ``module.`` prefix of ``nn.DataParallel``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CBDError, WeightError
+
+__all__ = ["ARCHS", "register", "build", "load_weights", "known_archs", "CifarResNet", "DigitsCNN"]
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        ARCHS[name] = builder
+        return builder
+
+    return wrap
+
+
+def known_archs() -> list[str]:
+    return sorted(ARCHS)
+
+
+def build(arch: str, **kwargs) -> nn.Module:
+    """A fresh (randomly initialised, float32) model of a registered architecture."""
+    if arch not in ARCHS:
+        raise CBDError(f"unknown architecture {arch!r}; known: {', '.join(known_archs())}")
+    model = ARCHS[arch](**kwargs)
+    model.cbdnet_arch = arch
+    model.cbdnet_arch_kwargs = dict(kwargs)
+    return model
+
+
+# ---------------------------------------------------------------- CIFAR ResNets (He et al. 2016, option A)
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.pad = planes // 4 if stride != 1 or in_planes != planes else 0
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.pad:
+            return x
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))  # option A: parameter-free
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The 6n+2-layer CIFAR ResNet, state-dict compatible with the common public checkpoints."""
+
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        in_planes = 16
+        for index, planes in enumerate((16, 32, 64), start=1):
+            stage = []
+            for block in range(blocks_per_stage):
+                stride = 2 if index > 1 and block == 0 else 1
+                stage.append(_BasicBlock(in_planes, planes, stride))
+                in_planes = planes
+            setattr(self, f"layer{index}", nn.Sequential(*stage))
+        self.linear = nn.Linear(64, num_classes)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+for _depth in (20, 32, 44, 56, 110):
+    register(f"cifar-resnet{_depth}")(lambda num_classes=10, _n=(_depth - 2) // 6: CifarResNet(_n, num_classes))
+
+
+# ---------------------------------------------------------------- the demo's small CNN (8x8 digits)
+
+class DigitsCNN(nn.Module):
+    """A small CNN for scikit-learn's 8x8 digits: the embedded default of ``cbdnet demo``."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 4, 128), nn.ReLU(),
+                                        nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+register("digits-cnn")(DigitsCNN)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _read_checkpoint(path: str | os.PathLike) -> object:
+    file = Path(path)
+    if not file.exists():
+        raise CBDError(f"no such weights file: {file}")
+    if file.is_dir():
+        raise CBDError(f"{file} is a directory, not a weights file")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightError(
+            f"{file} is not a plain state dict: it needs full unpickling, which can run arbitrary code, so it "
+            f"is refused. Save model.state_dict() instead ({str(exc).splitlines()[0][:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise WeightError(f"cannot read weights {file}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _state_dict_of(checkpoint: object, source: str) -> dict[str, torch.Tensor]:
+    if isinstance(checkpoint, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise WeightError(f"{source} holds no state dict (expected a dict of tensors or a dict with 'state_dict')")
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a checkpoint into ``model`` strictly, listing missing/unexpected keys when it does not fit."""
+    state = _state_dict_of(_read_checkpoint(path), str(path))
+    expected = model.state_dict()
+    # old checkpoints predate BatchNorm's num_batches_tracked counter, which inference never reads
+    missing = sorted(k for k in set(expected) - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if keys:
+                parts.append(f"{label} {len(keys)}: {', '.join(keys[:6])}{' …' if len(keys) > 6 else ''}")
+        arch = getattr(model, "cbdnet_arch", type(model).__name__)
+        raise WeightError(f"{path} does not fit {arch}: " + "; ".join(parts))
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise WeightError(f"{path}: tensor {key} holds NaN/Inf values")
+    model.load_state_dict(state, strict=False)
+    return model
