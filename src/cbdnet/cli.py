@@ -66,7 +66,6 @@ def cmd_compress(args) -> int:
         raise UsageError(f"--planes must be in 1..16, got {args.planes}")
     if not 0.0 <= args.bottleneck <= 1.0:
         raise UsageError(f"--bottleneck must be in [0, 1], got {args.bottleneck}")
-    torch.set_grad_enabled(False)
     model, source = _model_from_args(args)
     before = _evaluate(model, args.data, args)
     model, report = compress(model, planes=args.planes, bottleneck=args.bottleneck, skip=args.skip or (),
@@ -91,7 +90,6 @@ def cmd_compress(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    torch.set_grad_enabled(False)
     if args.file:
         model, source = load(args.file), args.file
     else:
@@ -199,10 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Parser(argparse.ArgumentParser):
-    pass
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -210,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse already printed one usage line
         return int(exc.code or 0) if exc.code in (0, None) else 2
     try:
-        return args.func(args)
+        with torch.no_grad():  # nothing here trains except the demo, which enables grad itself
+            return args.func(args)
     except CBDError as exc:
         if args.debug:
             raise

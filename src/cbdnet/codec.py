@@ -20,6 +20,7 @@ from .planes import (
     composite_encode,
     composite_layout,
     from_matrix,
+    min_scale,
     to_matrix,
     uniform_decode,
     uniform_encode,
@@ -189,11 +190,13 @@ def encode_weight(weight: np.ndarray, planes: int = 5, bottleneck: float = 0.3, 
     search = search_scale(r2d, rank_bound(h, w, bottleneck))
     if not search.scale < r2d.max():
         return _uniform_code(shape, r2d, negative, wmax, planes, "no entries above the scale", search)
-    layout = composite_layout(search.scale, planes, top=float(r2d.max()))
+    # a scale so small that J planes cannot span [a, max] is raised to the smallest one that can
+    scale = max(search.scale, min_scale(planes, top=1.0))
+    layout = composite_layout(scale, planes, top=1.0)
     step = float(np.float32(layout.step))
     stored = [_store_plane(p, e, e >= 0) for p, e in zip(composite_encode(r2d, layout), layout.exponents,
                                                           strict=True)]
-    code = LayerCode(shape, "cbd", planes, wmax, float(np.float32(search.scale)), step, layout.exponents,
+    code = LayerCode(shape, "cbd", planes, wmax, float(np.float32(scale)), step, layout.exponents,
                      pack_bits(negative), stored, search.bound, search.mask_rank, search.rank_calls)
     fallback = _uniform_code(shape, r2d, negative, wmax, planes, "factored planes do not pay", search)
     return code if code.bits() < fallback.bits() else fallback

@@ -21,7 +21,7 @@ from .io import load, save
 from .metrics import evaluate_classification
 from .models import build
 
-SETTINGS = (("cbd", 4, 0.3), ("cbd", 5, 0.3), ("cbd", 6, 0.5), ("uniform", 4, 0.0))
+SETTINGS = (("cbd", 3, 0.3), ("cbd", 4, 0.3), ("cbd", 5, 0.3), ("uniform", 3, 0.0), ("uniform", 4, 0.0))
 
 
 def train_digits_cnn(seed: int = 0, epochs: int = 12, quiet: bool = False) -> torch.nn.Module:
@@ -32,6 +32,12 @@ def train_digits_cnn(seed: int = 0, epochs: int = 12, quiet: bool = False) -> to
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(seed)
     model.train()
+    with torch.enable_grad():
+        _fit(model, train, optimiser, generator, epochs, quiet)
+    return model.eval()
+
+
+def _fit(model, train, optimiser, generator, epochs: int, quiet: bool) -> None:
     for epoch in range(epochs):
         order = torch.randperm(len(train), generator=generator)
         total = 0.0
@@ -41,10 +47,9 @@ def train_digits_cnn(seed: int = 0, epochs: int = 12, quiet: bool = False) -> to
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(index)
+            total += loss.item() * len(index)
         if not quiet and (epoch + 1) % 4 == 0:
             print(f"  epoch {epoch + 1:2d}/{epochs}: train loss {total / len(train):.4f}", flush=True)
-    return model.eval()
 
 
 def run_demo(out_dir: str | None = None, quiet: bool = False, seed: int = 0) -> list[dict]:
@@ -64,7 +69,7 @@ def run_demo(out_dir: str | None = None, quiet: bool = False, seed: int = 0) -> 
     for method, planes, bottleneck in SETTINGS:
         compressed, report = compress(copy.deepcopy(model), planes=planes, bottleneck=bottleneck,
                                       mode="uniform" if method == "uniform" else "auto", progress=not quiet)
-        label = f"J={planes} b={bottleneck}" if method == "cbd" else f"uniform {planes}-bit (baseline)"
+        label = f"J={planes} b={bottleneck}" if method == "cbd" else f"uniform J={planes} (baseline)"
         path = folder / (f"digits_{method}_J{planes}_b{bottleneck}.cbd")
         size = save(compressed, path)
         reloaded = load(path)

@@ -32,6 +32,7 @@ import numpy as np
 __all__ = [
     "CompositeLayout",
     "composite_layout",
+    "min_scale",
     "composite_encode",
     "composite_decode",
     "uniform_encode",
@@ -81,9 +82,18 @@ def composite_layout(scale: float, planes: int, top: float = 1.0) -> CompositeLa
         raise ValueError(f"need at least one plane, got {planes}")
     high = math.floor(math.log2(top / scale))
     low = high - planes + 1
+    if low > 0:
+        raise ValueError(f"scale {scale} is below top * 2^-J = {top * 2.0 ** -planes}: the J={planes} planes "
+                         f"cannot reach down to plane 0 (use min_scale)")
     half = 2.0 ** (low - 1)
     shift = half / (1.0 - half) * scale
     return CompositeLayout(scale=scale, step=scale + shift, exponents=tuple(range(high, low - 1, -1)))
+
+
+def min_scale(planes: int, top: float = 1.0) -> float:
+    """The smallest scale whose composite code still contains plane 0 (``a_s <= J - 1``): just above
+    ``top * 2^-J``. Below it the paper's ``D`` is undefined (``a_i >= 1`` makes ``1 - 2^(a_i - 1) <= 0``)."""
+    return float(np.nextafter(top * 2.0**-planes, np.inf))
 
 
 def composite_encode(r: np.ndarray, layout: CompositeLayout) -> list[np.ndarray]:
