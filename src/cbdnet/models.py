@@ -134,10 +134,10 @@ def _read_checkpoint(path: str | os.PathLike) -> object:
         raise CBDError(f"{file} is a directory, not a weights file")
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         raise WeightError(
-            f"{file} is not a plain state dict: it needs full unpickling, which can run arbitrary code, so it "
-            f"is refused. Save model.state_dict() instead ({str(exc).splitlines()[0][:160]})") from None
+            f"{file} is not a plain state dict: loading it needs full unpickling, which can run arbitrary code, "
+            f"so it is refused. Save model.state_dict() with torch.save and pass that file instead") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise WeightError(f"cannot read weights {file}: {str(exc).splitlines()[0][:200]}") from None
 

@@ -1,0 +1,50 @@
+"""The paper's algorithm on the pretrained CIFAR-10 ResNet-20: J in {4,5,6} x bottleneck in {0.3,0.5,0.7}.
+
+Prints bits/weight, file bytes and top-1 on the 10k CIFAR-10 test images (JPEG copy in ../shared),
+beside FP32 and the plain uniform code at the same J. Usage: python bench/resnet20_grid.py
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import header, shared  # noqa: E402
+
+import cbdnet  # noqa: E402
+from cbdnet.data import load_spec  # noqa: E402
+from cbdnet.metrics import evaluate_classification  # noqa: E402
+from cbdnet.models import build, load_weights  # noqa: E402
+
+
+def main() -> None:
+    print(header())
+    torch.set_grad_enabled(False)
+    model = load_weights(build("cifar-resnet20"), shared("models/cifar10_resnet20.th")).eval()
+    data = load_spec(f"cifar10-npz:{shared('data/cifar10_test.npz')}")
+    fp32 = evaluate_classification(model, data, progress=False)
+    print(f"\n| setting | bits/weight | file bytes | top-1 | compress s |\n| --- | --- | --- | --- | --- |")
+    print(f"| FP32 | 32 | {4 * sum(p.numel() for p in model.parameters()):,} (tensors) | {fp32['top1']:.4f} | - |")
+    folder = Path(tempfile.mkdtemp(prefix="cbdnet-grid-"))
+    rows = [("cbd", j, b) for j in (4, 5, 6) for b in (0.3, 0.5, 0.7)] + [("uniform", j, 0.0) for j in (4, 5, 6)]
+    for method, planes, bottleneck in rows:
+        start = time.perf_counter()
+        compressed, report = cbdnet.compress(copy.deepcopy(model), planes=planes, bottleneck=bottleneck,
+                                             mode="uniform" if method == "uniform" else "auto", progress=False)
+        seconds = time.perf_counter() - start
+        path = folder / f"{method}_{planes}_{bottleneck}.cbd"
+        size = cbdnet.save(compressed, path)
+        result = evaluate_classification(cbdnet.load(path), data, progress=False)
+        label = f"CBD J={planes}, bottleneck {bottleneck}" if method == "cbd" else f"uniform J={planes} (baseline)"
+        print(f"| {label} | {report.bits_per_weight:.3f} | {size:,} | {result['top1']:.4f} | {seconds:.1f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
