@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -31,4 +31,4 @@ def header() -> str:
         pass
     return (f"command: {' '.join([Path(sys.executable).name, *sys.argv])}\n"
             f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)\n"
-            f"date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+            f"date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}")

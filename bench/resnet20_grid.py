@@ -29,7 +29,7 @@ def main() -> None:
     model = load_weights(build("cifar-resnet20"), shared("models/cifar10_resnet20.th")).eval()
     data = load_spec(f"cifar10-npz:{shared('data/cifar10_test.npz')}")
     fp32 = evaluate_classification(model, data, progress=False)
-    print(f"\n| setting | bits/weight | file bytes | top-1 | compress s |\n| --- | --- | --- | --- | --- |")
+    print("\n| setting | bits/weight | file bytes | top-1 | compress s |\n| --- | --- | --- | --- | --- |")
     print(f"| FP32 | 32 | {4 * sum(p.numel() for p in model.parameters()):,} (tensors) | {fp32['top1']:.4f} | - |")
     folder = Path(tempfile.mkdtemp(prefix="cbdnet-grid-"))
     rows = [("cbd", j, b) for j in (4, 5, 6) for b in (0.3, 0.5, 0.7)] + [("uniform", j, 0.0) for j in (4, 5, 6)]
