@@ -399,7 +399,9 @@ def verify(path: str | os.PathLike) -> list[str]:
         for index, plane in enumerate(code.planes):
             if plane_digest(plane.decode(h, w)) != plane.digest:
                 problems.append(f"{name}: plane {index} ({plane.storage}) does not match its digest")
-        if code.mode != "zero" and not np.isfinite(code.decode()).all():
+        with np.errstate(over="ignore", invalid="ignore"):  # a corrupt scale may overflow: reported below
+            finite = code.mode == "zero" or bool(np.isfinite(code.decode()).all())
+        if not finite:
             problems.append(f"{name}: decodes to non-finite weights")
     return problems
 
@@ -431,7 +433,8 @@ def _restore(model: nn.Module, parsed: CBDFile) -> nn.Module:
     _check_fits(model, parsed)
     for name, code in parsed.codes.items():
         module = model.get_submodule(name)
-        replacement = from_module(module, code)
+        with np.errstate(over="ignore", invalid="ignore"):  # a corrupt scale may overflow: refused below
+            replacement = from_module(module, code)
         if not torch.isfinite(replacement.weight).all():
             raise FormatError(f"layer {name} decodes to non-finite weights: the file is corrupt")
         parent_name, _, child = name.rpartition(".")
