@@ -136,6 +136,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True
         raise CBDError(f"cannot write {target}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), _file_mode(target))  # mkstemp gives 0600: use the old file's or umask's
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -146,6 +147,14 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _file_mode(target: Path) -> int:
+    if target.exists():
+        return target.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def check_writable(path: str | os.PathLike, *, overwrite: bool = True) -> None:

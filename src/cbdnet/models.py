@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -138,7 +139,9 @@ def _read_checkpoint(path: str | os.PathLike) -> object:
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch zip archive / legacy pickle
         raise WeightError(f"{file} is not a PyTorch checkpoint (expected a state dict written by torch.save)")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the one-line error below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f"Python objects ({found.group(1)})" if found else "Python objects"
