@@ -90,6 +90,9 @@ class Campaign:
 
     def record(self, target: str, make_case) -> None:
         data = make_case()  # a failure here is a bug of the campaign itself: let it raise
+        if data in self.files:  # e.g. two flips of the same byte that cancel out: not a test of the reader
+            self.counts[target]["unchanged"] += 1
+            return
         try:
             result = outcome(data, self.folder)
         except Exception as exc:  # a crash: anything but a CBDError escaping the reader
@@ -230,15 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     total = collections.Counter()
     print(f"cbdnet fuzz campaign: {rounds} rounds, {seconds:.0f} s, python {platform.python_version()}, "
           f"torch {torch.__version__}")
-    print(f"{'target':<12} {'cases':>8} {'refused':>8} {'accepted':>9} {'crash':>6} {'EXECUTED':>9}")
-    for name, counts in campaign.counts.items():
-        cases = sum(v for k, v in counts.items() if k != "EXECUTED")
-        total.update(counts)
+    print(f"{'target':<12} {'cases':>8} {'refused':>8} {'accepted':>9} {'crash':>6} {'EXECUTED':>9} "
+          f"{'(unchanged, not run)':>21}")
+    for name, counts in [*campaign.counts.items(), ("total", total)]:
+        if name != "total":
+            total.update(counts)
+        cases = counts["refused"] + counts["accepted"] + counts["crash"]
         print(f"{name:<12} {cases:>8} {counts['refused']:>8} {counts['accepted']:>9} {counts['crash']:>6} "
-              f"{counts['EXECUTED']:>9}")
-    cases = sum(v for k, v in total.items() if k != "EXECUTED")
-    print(f"{'total':<12} {cases:>8} {total['refused']:>8} {total['accepted']:>9} {total['crash']:>6} "
-          f"{total['EXECUTED']:>9}")
+              f"{counts['EXECUTED']:>9} {counts['unchanged']:>21}")
     for crash in campaign.crashes:
         print("CRASH", crash)
     if args.json:

@@ -375,3 +375,28 @@ def test_zero_layers_cannot_ask_for_unbounded_memory(good):
     giant_zero(meta)
     with pytest.raises(FormatError, match="too large"):
         parse(rebuild(tensors, meta))
+
+
+@FUZZ
+@given(data=st.data())
+def test_cli_info_verify_on_resigned_mutations_never_crashes(good, folder, capsys, data):
+    if data.draw(st.booleans()):
+        payload = bytearray(payload_of(good))
+        for _ in range(data.draw(st.integers(1, 4))):
+            payload[data.draw(st.integers(0, len(payload) - 1))] ^= data.draw(st.integers(1, 255))
+        corrupt = sign(bytes(payload))
+    else:
+        meta = meta_of(good)
+        path = data.draw(st.sampled_from(list(_paths(meta))))
+        corrupt = rebuild(tensors_of(good), _replace(copy.deepcopy(meta), path, data.draw(JSON_VALUE)))
+    target = folder / "cli.cbd"
+    target.write_bytes(corrupt)
+    code = cli.main(["info", "--verify", "--json", str(target)])
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "Traceback" not in err
+    if code == 2:
+        assert err.count("\n") == 1 and err.startswith("cbdnet: error:")
+    elif code == 1:  # parsed, but a plane does not match its digest (or decodes to Inf): each problem listed
+        assert err and all(line.startswith("cbdnet: verify:") for line in err.splitlines())
+    else:
+        assert code == 0 and err == ""
