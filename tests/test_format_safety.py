@@ -360,6 +360,12 @@ def test_non_finite_decoded_weights_are_refused(good, folder):
     path = folder / "inf.cbd"
     path.write_bytes(bad)
     assert any("non-finite" in problem for problem in cbdnet.verify(path))
+    skeleton = tiny_model()
+    before = {key: value.clone() for key, value in skeleton.state_dict().items()}
+    with pytest.raises(FormatError, match="non-finite"):
+        cbdnet.load(path, skeleton)
+    assert not any(isinstance(m, cbdnet.nn.CBDModule) for m in skeleton.modules())  # the caller's model untouched
+    assert all(torch.equal(value, before[key]) for key, value in skeleton.state_dict().items())
 
 
 def test_zero_layers_cannot_ask_for_unbounded_memory(good):

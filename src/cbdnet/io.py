@@ -14,6 +14,12 @@ Tensors are named ``cbd/<layer>/<part>`` (``scales``, ``sign``, ``p<k>.bits``, `
 uint8 packed bits except ``scales``, float32 ``[max|w|, a, c]``) and ``float/<state-dict key>``. Every
 tensor's dtype and size is checked against what the metadata implies before anything is decoded, and each
 plane's SHA-256 is kept so that ``verify`` can check ``B @ C`` against the plane bit for bit.
+
+Reading a file from a stranger is safe: the checksum is checked first; the safetensors JSON header is
+validated here (tensor count, dtypes, shapes, byte ranges that tile the data exactly) before the
+safetensors parser allocates anything; JSON failures of every kind become :class:`FormatError`; all-zero
+layers (which store no bits) are bounded; ``load`` builds the architecture on the ``meta`` device and checks
+it against the file before allocating it; decoded weights must be finite. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from .codec import MAX_PLANES, LayerCode, PlaneCode, plane_digest
 from .errors import CBDError, FormatError
 from .nn import CBDModule, from_module
 
-__all__ = ["save", "load", "read", "verify", "CBDFile", "FORMAT_VERSION", "MAGIC"]
+__all__ = ["save", "load", "read", "parse", "verify", "atomic_write", "check_writable", "CBDFile", "FORMAT_VERSION",
+           "MAGIC"]
 
 MAGIC = b"\x89CBD\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -440,12 +447,13 @@ def _check_fits(model: nn.Module, parsed: CBDFile) -> None:
 
 def _restore(model: nn.Module, parsed: CBDFile) -> nn.Module:
     _check_fits(model, parsed)
-    for name, code in parsed.codes.items():
-        module = model.get_submodule(name)
+    replacements = {}
+    for name, code in parsed.codes.items():  # decode everything before touching the caller's model
         with np.errstate(over="ignore", invalid="ignore"):  # a corrupt scale may overflow: refused below
-            replacement = from_module(module, code)
-        if not torch.isfinite(replacement.weight).all():
+            replacements[name] = from_module(model.get_submodule(name), code)
+        if not torch.isfinite(replacements[name].weight).all():
             raise FormatError(f"layer {name} decodes to non-finite weights: the file is corrupt")
+    for name, replacement in replacements.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
     state = {key: torch.from_numpy(np.array(value)) for key, value in parsed.floats.items()}
