@@ -376,14 +376,16 @@ def read(path: str | os.PathLike) -> CBDFile:
 
 
 def _float_tensor(entry, tensors: dict) -> tuple[str, np.ndarray]:
-    """A ``float/<key>`` tensor, its dtype and shape checked against its metadata entry."""
+    """A ``float/<key>`` tensor, its dtype and shape checked against its metadata entry. (Files written before
+    the shape was recorded have none: their float tensors are still checked against the model by ``load``.)"""
     _need(isinstance(entry, dict) and isinstance(entry.get("key"), str), "corrupt float entry")
-    key, dtype, shape = entry["key"], entry.get("dtype"), entry.get("shape")
+    key, dtype = entry["key"], entry.get("dtype")
     _need(isinstance(dtype, str) and dtype in _FLOAT_STORED, f"float tensor {key}: unsupported dtype {dtype!r}")
-    _need(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape),
-          f"float tensor {key}: bad shape {shape!r}")
     array = tensors.get("float/" + key)
     _need(array is not None, f"missing tensor float/{key}")
+    shape = entry.get("shape", list(array.shape))
+    _need(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape),
+          f"float tensor {key}: bad shape {shape!r}")
     _need(array.dtype == _FLOAT_STORED[dtype] and list(array.shape) == shape,
           f"tensor float/{key} is {array.dtype} {list(array.shape)}; the metadata says {dtype} {shape}")
     return key, array
@@ -451,7 +453,7 @@ def _restore(model: nn.Module, parsed: CBDFile) -> nn.Module:
     for name, code in parsed.codes.items():  # decode everything before touching the caller's model
         with np.errstate(over="ignore", invalid="ignore"):  # a corrupt scale may overflow: refused below
             replacements[name] = from_module(model.get_submodule(name), code)
-        if not torch.isfinite(replacements[name].weight).all():
+        if not np.isfinite(replacements[name].weight.detach().float().numpy()).all():  # numpy: cheap on CPU
             raise FormatError(f"layer {name} decodes to non-finite weights: the file is corrupt")
     for name, replacement in replacements.items():
         parent_name, _, child = name.rpartition(".")
@@ -470,9 +472,11 @@ def _skeleton(parsed: CBDFile) -> nn.Module:
     if not isinstance(arch, str):
         raise CBDError("the file names no registered architecture: pass the model skeleton, load(path, model)")
     kwargs = parsed.meta.get("arch_kwargs") or {}
+    shapes_only = None
     try:
-        with torch.device("meta"):
-            shapes_only = build(arch, **kwargs)
+        if kwargs:  # without arguments the registry alone decides the size: nothing to fear from the file
+            with torch.device("meta"):
+                shapes_only = build(arch, **kwargs)
     except CBDError:
         raise
     except Exception:  # an architecture that cannot be built on the meta device: the real build decides
