@@ -406,3 +406,13 @@ def test_cli_info_verify_on_resigned_mutations_never_crashes(good, folder, capsy
         assert err and all(line.startswith("cbdnet: verify:") for line in err.splitlines())
     else:
         assert code == 0 and err == ""
+
+
+def test_files_without_float_shapes_still_load_and_are_checked_against_the_model(good, folder):
+    meta, tensors = meta_of(good), tensors_of(good)
+    for entry in meta["floats"]:
+        del entry["shape"]  # as written before the shape was recorded
+    assert outcome(rebuild(tensors, meta), folder) == "accepted"
+    key = next(entry["key"] for entry in meta["floats"] if entry["key"].endswith("bias"))
+    tensors["float/" + key] = np.zeros(tensors["float/" + key].size + 1, tensors["float/" + key].dtype)
+    refused(rebuild(tensors, meta), folder, match=f"wrong shape for .*{key}")
