@@ -160,7 +160,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cbdnet", description="Compress pretrained CNNs by composite binary "
-                                     "decomposition (CBDNet), without retraining.")
+                     "decomposition (CBDNet), without retraining.")
     parser.add_argument("--version", action="version", version=f"cbdnet {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars or tables")
