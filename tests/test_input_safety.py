@@ -183,3 +183,20 @@ def test_data_specs_say_what_was_expected(tmp_path):
         load_spec(f"cifar10-npz:{not_npz}")
     with pytest.raises(DataError, match="cifar10-npz:PATH"):
         load_spec("imagenet:/data")
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_plain_state_dicts_pass_the_format_check_in_both_torch_formats(tmp_path, zipped):
+    state = tiny_model(seed=3).state_dict()
+    path = tmp_path / "plain.pt"
+    torch.save(state, path, _use_new_zipfile_serialization=zipped)
+    loaded = load_weights(tiny_model(seed=4), path).state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())
+
+
+def test_shared_resnet20_checkpoint_still_loads(resnet20_weights):
+    raw = torch.load(resnet20_weights, map_location="cpu", weights_only=True)
+    raw = raw.get("state_dict", raw)
+    model = load_weights(build("cifar-resnet20"), resnet20_weights)
+    key = next(k for k in raw if k.endswith("conv1.weight"))
+    assert torch.equal(model.state_dict()[key.removeprefix("module.")], raw[key])
