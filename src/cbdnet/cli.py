@@ -11,7 +11,7 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -19,7 +19,7 @@ from . import __version__
 from .compress import compress
 from .data import load_spec
 from .errors import CBDError
-from .io import atomic_write, load, read, save, verify
+from .io import atomic_write, check_writable, load, read, save, verify
 from .metrics import evaluate_classification
 from .models import build, known_archs, load_weights
 
@@ -56,12 +56,17 @@ def _evaluate(model, spec: str | None, args) -> dict | None:
     if not spec:
         return None
     data = load_spec(spec)
-    return evaluate_classification(model, data, batch_size=args.batch_size, progress=not args.quiet)
+    try:
+        return evaluate_classification(model, data, batch_size=args.batch_size, progress=not args.quiet)
+    except RuntimeError as exc:  # e.g. 8x8 grey digits into a CIFAR ResNet: the input's fault, not ours
+        raise CBDError(f"the data {spec} does not fit the model: {_one_line(str(exc))}") from None
 
 
 def cmd_compress(args) -> int:
-    if args.output and Path(args.output).exists() and not args.force:
-        raise UsageError(f"{args.output} exists; pass --force to overwrite it")
+    if args.output:  # refuse before any work; the file itself is only replaced at the very end
+        check_writable(args.output, overwrite=args.force)
+    if args.json:
+        check_writable(args.json)
     if not 1 <= args.planes <= 16:
         raise UsageError(f"--planes must be in 1..16, got {args.planes}")
     if not 0.0 <= args.bottleneck <= 1.0:
@@ -71,10 +76,10 @@ def cmd_compress(args) -> int:
     model, report = compress(model, planes=args.planes, bottleneck=args.bottleneck, skip=args.skip or (),
                              mode="uniform" if args.method == "uniform" else "auto", progress=not args.quiet)
     report.extra.update({"arch": args.arch, "weights": source, "cbdnet_version": __version__})
+    after = _evaluate(model, args.data, args)  # before writing: a failure here leaves any old output as it was
     if args.output:
         report.file_bytes = save(model, args.output, arch=args.arch, overwrite=True,
                                  extra={"weights": source, "config": report.config})
-    after = _evaluate(model, args.data, args)
     if before is not None:
         report.extra.update({"data": args.data, "eval_before": before, "eval_after": after})
     _say(args, f"cbdnet {__version__}: {args.arch} ({source}), J={args.planes}, bottleneck={args.bottleneck}")
@@ -90,6 +95,8 @@ def cmd_compress(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.json:
+        check_writable(args.json)
     if args.file:
         model, source = load(args.file), args.file
     else:
@@ -150,8 +157,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cbdnet", description="Compress pretrained CNNs by composite binary "
-                                     "decomposition (CBDNet), without retraining.")
+    parser = _Parser(prog="cbdnet", description="Compress pretrained CNNs by composite binary "
+                     "decomposition (CBDNet), without retraining.")
     parser.add_argument("--version", action="version", version=f"cbdnet {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars or tables")
@@ -197,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), not the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return " / ".join(lines)[:500] if lines else "(no message)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -209,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     except CBDError as exc:
         if args.debug:
             raise
-        print(f"cbdnet: error: {exc}", file=sys.stderr)
+        print(f"cbdnet: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cbdnet: interrupted", file=sys.stderr)
@@ -217,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an internal error: one line, the traceback only with --debug
         if args.debug:
             raise
-        print(f"cbdnet: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback; "
-              f"python {platform.python_version()}, torch {torch.__version__})", file=sys.stderr)
+        print(f"cbdnet: internal error: {type(exc).__name__}: {_one_line(str(exc))} (rerun with --debug for the "
+              f"traceback; python {platform.python_version()}, torch {torch.__version__})", file=sys.stderr)
         return 1
 
 

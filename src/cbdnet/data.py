@@ -37,25 +37,29 @@ class ClassificationData:
             yield self.images[start:start + batch_size], self.labels[start:start + batch_size]
 
 
-def _open_npz(path: str, required: dict[str, tuple]) -> dict[str, np.ndarray]:
+CIFAR_LAYOUT = "an .npz with 'images' uint8 [N,32,32,3] RGB and 'labels' integers [N]"
+
+
+def _open_npz(path: str, required: dict[str, tuple], layout: str = "") -> dict[str, np.ndarray]:
     file = Path(path)
     if not file.is_file():
-        raise DataError(f"data file not found: {path}")
+        raise DataError(f"data file not found: {path}" + (f" (expected {layout})" if layout else ""))
     try:
         with np.load(file, allow_pickle=False) as npz:
             missing = [key for key in required if key not in npz.files]
             if missing:
-                raise DataError(f"{path}: missing array(s) {missing}; expected keys {sorted(required)}")
+                raise DataError(f"{path}: missing array(s) {missing}; expected {layout or sorted(required)}")
             arrays = {key: npz[key] for key in required}
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})"
+                        + (f"; expected {layout}" if layout else "")) from None
     return arrays
 
 
 def _cifar10(path: str) -> ClassificationData:
-    arrays = _open_npz(path, {"images": (), "labels": ()})
+    arrays = _open_npz(path, {"images": (), "labels": ()}, CIFAR_LAYOUT)
     images, labels = arrays["images"], arrays["labels"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
         raise DataError(f"{path}: 'images' is {images.dtype} {images.shape}; expected uint8 [N,32,32,3] RGB")

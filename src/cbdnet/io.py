@@ -14,12 +14,19 @@ Tensors are named ``cbd/<layer>/<part>`` (``scales``, ``sign``, ``p<k>.bits``, `
 uint8 packed bits except ``scales``, float32 ``[max|w|, a, c]``) and ``float/<state-dict key>``. Every
 tensor's dtype and size is checked against what the metadata implies before anything is decoded, and each
 plane's SHA-256 is kept so that ``verify`` can check ``B @ C`` against the plane bit for bit.
+
+Reading a file from a stranger is safe: the checksum is checked first; the safetensors JSON header is
+validated here (tensor count, dtypes, shapes, byte ranges that tile the data exactly) before the
+safetensors parser allocates anything; JSON failures of every kind become :class:`FormatError`; all-zero
+layers (which store no bits) are bounded; ``load`` builds the architecture on the ``meta`` device and checks
+it against the file before allocating it; decoded weights must be finite. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -37,15 +44,26 @@ from .codec import MAX_PLANES, LayerCode, PlaneCode, plane_digest
 from .errors import CBDError, FormatError
 from .nn import CBDModule, from_module
 
-__all__ = ["save", "load", "read", "verify", "CBDFile", "FORMAT_VERSION", "MAGIC"]
+__all__ = ["save", "load", "read", "parse", "verify", "atomic_write", "check_writable", "CBDFile", "FORMAT_VERSION",
+           "MAGIC"]
 
 MAGIC = b"\x89CBD\r\n\x1a\n"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sIIQ")
 _DIGEST = 32
-MAX_HEADER_BYTES = 64 << 20  # safetensors JSON header
+MAX_HEADER_BYTES = 16 << 20  # safetensors JSON header (ResNet-110's is ~0.2 MB)
 MAX_TENSORS = 200_000
 MAX_NUMEL = 1 << 34
+MAX_ZERO_NUMEL = 1 << 28  # all-zero layers store no bits: bound what loading one may allocate
+MAX_DIMS = 8
+MAX_EXPONENT = 320  # |plane exponent|; float32 ratios need at most ~277, and 2.0**320 cannot overflow
+# safetensors dtypes numpy can hold, with their item sizes; anything else is refused before parsing
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "I32": 4, "U32": 4, "F32": 4,
+                "I64": 8, "U64": 8, "F64": 8}
+# float/<key> tensors: the state-dict dtype named in the metadata -> the numpy dtype stored
+_FLOAT_STORED = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32, "float64": np.float64,
+                 "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8,
+                 "bool": np.bool_}
 MODES = ("cbd", "uniform", "zero")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
@@ -103,7 +121,7 @@ def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict 
     for key, value in model.state_dict().items():
         if key not in coded_keys:
             tensors[f"float/{key}"] = _float_array(value)
-            floats.append({"key": key, "dtype": str(value.dtype).removeprefix("torch.")})
+            floats.append({"key": key, "dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)})
     meta = {
         "format": "cbdnet", "format_version": FORMAT_VERSION, "cbdnet_version": __version__,
         "arch": arch if arch is not None else getattr(model, "cbdnet_arch", None),
@@ -118,20 +136,44 @@ def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict 
 def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename: ``path`` is never half-written."""
     target = Path(path)
-    if target.exists() and not overwrite:
-        raise CBDError(f"{target} exists; pass --force to overwrite it")
-    if not target.parent.exists():
-        raise CBDError(f"output directory {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    check_writable(target, overwrite=overwrite)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise CBDError(f"cannot write {target}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), _file_mode(target))  # mkstemp gives 0600: use the old file's or umask's
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise CBDError(f"cannot write {target}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _file_mode(target: Path) -> int:
+    if target.exists():
+        return target.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def check_writable(path: str | os.PathLike, *, overwrite: bool = True) -> None:
+    """Refuse an output path early (before any work): an existing file without ``overwrite``, a directory,
+    or a folder that does not exist."""
+    target = Path(path)
+    if target.is_dir():
+        raise CBDError(f"{target} is a directory; give a file name")
+    if target.exists() and not overwrite:
+        raise CBDError(f"{target} exists; pass --force to overwrite it")
+    if not target.parent.is_dir():
+        raise CBDError(f"output directory {target.parent} does not exist")
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None,
@@ -174,26 +216,82 @@ def _split_container(data: bytes) -> bytes:
     return payload
 
 
-def _parse_meta(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
-    header_len = struct.unpack_from("<Q", payload)[0]
+def _no_duplicates(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    _need(len(set(keys)) == len(keys), "corrupt JSON: duplicate keys")
+    return dict(pairs)
+
+
+def _json(text: bytes | str, what: str):
+    """Parse JSON, turning every parser failure (bad UTF-8, syntax, nesting too deep, a 5,000-digit
+    integer, duplicate keys) into a FormatError."""
     try:
-        header = json.loads(payload[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"corrupt payload header: {exc}") from None
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except FormatError:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise FormatError(f"corrupt {what}: {str(exc)[:200]}") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor_header(payload: bytes) -> dict:
+    """Check the safetensors JSON header ourselves before the safetensors parser sees (and allocates for) it:
+    a bounded tensor count, known dtypes, at most MAX_DIMS non-negative dimensions, and byte ranges that tile
+    the data section exactly (so the parser allocates no more than the file holds). Returns the metadata."""
+    header_len = struct.unpack_from("<Q", payload)[0]
+    raw = payload[8:8 + header_len]
+    _need(raw.count(b"data_offsets") <= MAX_TENSORS, f"corrupt payload: more than {MAX_TENSORS} tensors")
+    header = _json(raw, "payload header")
     _need(isinstance(header, dict) and len(header) <= MAX_TENSORS + 1, "corrupt payload header")
+    data_len = len(payload) - 8 - header_len
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            _need(isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values()),
+                  "corrupt payload header: __metadata__ is not a string map")
+            continue
+        _need(isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"},
+              f"corrupt payload header: entry {name[:80]!r}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        _need(isinstance(dtype, str) and dtype in _ST_ITEMSIZE, f"tensor {name[:80]!r}: unsupported dtype {dtype!r}")
+        _need(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape),
+              f"tensor {name[:80]!r}: bad shape")
+        _need(isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets),
+              f"tensor {name[:80]!r}: bad data offsets")
+        begin, end = offsets
+        _need(0 <= begin <= end <= data_len and end - begin == math.prod(shape) * _ST_ITEMSIZE[dtype],
+              f"tensor {name[:80]!r}: data offsets {offsets} do not fit its shape or the payload")
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        _need(begin == position, "corrupt payload: tensor data overlaps or leaves gaps")
+        position = end
+    _need(position == data_len, "corrupt payload: tensor data does not fill the payload")
+    return header.get("__metadata__") or {}
+
+
+def _parse_meta(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    st_meta = _tensor_header(payload)
     try:
         tensors = st_load(payload)
     except Exception as exc:  # the safetensors parser: any failure means a malformed payload
-        raise FormatError(f"corrupt tensor payload: {exc}") from None
-    raw = (header.get("__metadata__") or {}).get("cbdnet")
+        raise FormatError(f"corrupt tensor payload: {str(exc)[:200]}") from None
+    raw = st_meta.get("cbdnet")
     _need(isinstance(raw, str), "no cbdnet metadata in the payload")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"corrupt cbdnet metadata: {exc}") from None
+    meta = _json(raw, "cbdnet metadata")
     _need(isinstance(meta, dict) and meta.get("format") == "cbdnet", "corrupt cbdnet metadata")
     _need(isinstance(meta.get("layers"), list) and isinstance(meta.get("floats"), list),
           "corrupt cbdnet metadata: no layer list")
+    _need(len(meta["layers"]) > 0, "corrupt cbdnet metadata: no compressed layers")
+    dtype = meta.get("dtype", "float32")
+    _need(isinstance(dtype, str) and dtype in _DTYPES, f"corrupt cbdnet metadata: dtype {dtype!r}")
+    _need(meta.get("arch") is None or isinstance(meta.get("arch"), str), "corrupt cbdnet metadata: arch")
+    kwargs = meta.get("arch_kwargs") or {}
+    _need(isinstance(kwargs, dict) and all(isinstance(v, (int, float, str, bool)) for v in kwargs.values()),
+          "corrupt cbdnet metadata: arch_kwargs must map names to numbers or strings")
     return meta, tensors
 
 
@@ -215,7 +313,7 @@ def _layer_code(layer: dict, tensors: dict, used: set) -> tuple[str, LayerCode]:
     shape = layer.get("shape")
     _need(isinstance(shape, list) and len(shape) in (2, 4), f"layer {name}: bad shape {shape!r}")
     shape = tuple(_int(s, f"{name}.shape", 1, 1 << 31) for s in shape)
-    _need(int(np.prod(shape, dtype=np.int64)) <= MAX_NUMEL, f"layer {name}: shape {shape} too large")
+    _need(math.prod(shape) <= MAX_NUMEL, f"layer {name}: shape {shape} too large")
     mode = layer.get("mode")
     _need(mode in MODES, f"layer {name}: unknown mode {mode!r}")
     num_planes = _int(layer.get("planes"), f"{name}.planes", 1, MAX_PLANES)
@@ -224,7 +322,14 @@ def _layer_code(layer: dict, tensors: dict, used: set) -> tuple[str, LayerCode]:
     _need(isinstance(plane_meta, list) and isinstance(exponents, list), f"layer {name}: no plane list")
     _need(len(plane_meta) == len(exponents) == (0 if mode == "zero" else num_planes),
           f"layer {name}: {len(plane_meta)} planes stored, {num_planes} expected")
-    exponents = tuple(_int(e, f"{name}.exponent", -1100, 1100) for e in exponents)
+    exponents = tuple(_int(e, f"{name}.exponent", -MAX_EXPONENT, MAX_EXPONENT) for e in exponents)
+    if mode == "uniform":
+        _need(exponents == tuple(range(num_planes - 1, -1, -1)), f"layer {name}: bad uniform exponents")
+    if mode == "cbd":
+        _need(exponents == tuple(range(exponents[0], exponents[0] - num_planes, -1)),
+              f"layer {name}: composite exponents are not consecutive")
+    layer_dtype = layer.get("dtype", "float32")
+    _need(isinstance(layer_dtype, str) and layer_dtype in _DTYPES, f"layer {name}: bad dtype {layer_dtype!r}")
     code = LayerCode(shape, mode, num_planes, 0.0, 0.0, 0.0, exponents, np.zeros(0, np.uint8), [],
                      bound=_int(layer.get("bound", 0), f"{name}.bound", 0, 1 << 31),
                      mask_rank=_int(layer.get("mask_rank", 0), f"{name}.mask_rank", 0, 1 << 31),
@@ -267,18 +372,37 @@ def read(path: str | os.PathLike) -> CBDFile:
         raise CBDError(f"{path} is a directory, not a .cbd file") from None
     except OSError as exc:
         raise CBDError(f"cannot read {path}: {exc.strerror}") from None
+    return parse(data)
+
+
+def _float_tensor(entry, tensors: dict) -> tuple[str, np.ndarray]:
+    """A ``float/<key>`` tensor, its dtype and shape checked against its metadata entry. (Files written before
+    the shape was recorded have none: their float tensors are still checked against the model by ``load``.)"""
+    _need(isinstance(entry, dict) and isinstance(entry.get("key"), str), "corrupt float entry")
+    key, dtype = entry["key"], entry.get("dtype")
+    _need(isinstance(dtype, str) and dtype in _FLOAT_STORED, f"float tensor {key}: unsupported dtype {dtype!r}")
+    array = tensors.get("float/" + key)
+    _need(array is not None, f"missing tensor float/{key}")
+    shape = entry.get("shape", list(array.shape))
+    _need(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape),
+          f"float tensor {key}: bad shape {shape!r}")
+    _need(array.dtype == _FLOAT_STORED[dtype] and list(array.shape) == shape,
+          f"tensor float/{key} is {array.dtype} {list(array.shape)}; the metadata says {dtype} {shape}")
+    return key, array
+
+
+def parse(data: bytes) -> CBDFile:
+    """Parse and validate the bytes of a ``.cbd`` file (see :func:`read`)."""
     meta, tensors = _parse_meta(_split_container(data))
     _need(len(tensors) <= MAX_TENSORS, "too many tensors")
     used: set[str] = set()
     codes = dict(_layer_code(layer, tensors, used) for layer in meta["layers"])
     _need(len(codes) == len(meta["layers"]), "duplicate layer names")
-    floats = {}
-    for entry in meta["floats"]:
-        _need(isinstance(entry, dict) and isinstance(entry.get("key"), str), "corrupt float entry")
-        key = "float/" + entry["key"]
-        _need(key in tensors, f"missing tensor {key}")
-        floats[entry["key"]] = tensors[key]
-        used.add(key)
+    zero_numel = sum(code.numel for code in codes.values() if code.mode == "zero")
+    _need(zero_numel <= MAX_ZERO_NUMEL, f"all-zero layers of {zero_numel} weights in total: too large")
+    floats = dict(_float_tensor(entry, tensors) for entry in meta["floats"])
+    _need(len(floats) == len(meta["floats"]), "duplicate float tensor keys")
+    used.update("float/" + key for key in floats)
     _need(used == set(tensors), f"unexpected tensors in file: {sorted(set(tensors) - used)[:5]}")
     return CBDFile(meta=meta, codes=codes, floats=floats, size=len(data))
 
@@ -293,10 +417,19 @@ def verify(path: str | os.PathLike) -> list[str]:
         for index, plane in enumerate(code.planes):
             if plane_digest(plane.decode(h, w)) != plane.digest:
                 problems.append(f"{name}: plane {index} ({plane.storage}) does not match its digest")
+        with np.errstate(over="ignore", invalid="ignore"):  # a corrupt scale may overflow: reported below
+            finite = code.mode == "zero" or bool(np.isfinite(code.decode()).all())
+        if not finite:
+            problems.append(f"{name}: decodes to non-finite weights")
     return problems
 
 
-def _restore(model: nn.Module, parsed: CBDFile) -> nn.Module:
+def _check_fits(model: nn.Module, parsed: CBDFile) -> None:
+    """Every coded layer is a Conv2d/Linear of the model with the same weight shape, and the float tensors are
+    exactly the rest of its state dict, shape for shape. Reads shapes only: works on a ``meta``-device model,
+    so a file cannot make :func:`load` build (allocate) a model that it does not describe."""
+    state = model.state_dict()
+    coded = set()
     for name, code in parsed.codes.items():
         try:
             module = model.get_submodule(name)
@@ -304,20 +437,58 @@ def _restore(model: nn.Module, parsed: CBDFile) -> nn.Module:
             raise CBDError(f"the file's layer {name} does not exist in the model") from None
         if not isinstance(module, (nn.Conv2d, nn.Linear)) or tuple(module.weight.shape) != tuple(code.shape):
             raise CBDError(f"the file's layer {name} {tuple(code.shape)} does not fit the model's {module}")
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, from_module(module, code))
-    state = {key: torch.from_numpy(np.array(value)) for key, value in parsed.floats.items()}
-    expected = {k for k in model.state_dict() if not _is_coded(model, k)}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        coded.add(f"{name}.weight")
+    expected = set(state) - coded
+    missing, unexpected = sorted(expected - set(parsed.floats)), sorted(set(parsed.floats) - expected)
     if missing or unexpected:
         raise CBDError(f"the file does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    wrong = [key for key in sorted(expected) if tuple(state[key].shape) != tuple(parsed.floats[key].shape)]
+    if wrong:
+        raise CBDError(f"the file does not fit the model: wrong shape for {wrong[:5]}")
+
+
+def _restore(model: nn.Module, parsed: CBDFile) -> nn.Module:
+    _check_fits(model, parsed)
+    replacements = {}
+    for name, code in parsed.codes.items():  # decode everything before touching the caller's model
+        with np.errstate(over="ignore", invalid="ignore"):  # a corrupt scale may overflow: refused below
+            replacements[name] = from_module(model.get_submodule(name), code)
+        if not np.isfinite(replacements[name].weight.detach().float().numpy()).all():  # numpy: cheap on CPU
+            raise FormatError(f"layer {name} decodes to non-finite weights: the file is corrupt")
+    for name, replacement in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+    state = {key: torch.from_numpy(np.array(value)) for key, value in parsed.floats.items()}
     model.load_state_dict(state, strict=False)
     return model
 
 
-def _is_coded(model: nn.Module, key: str) -> bool:
-    owner, _, leaf = key.rpartition(".")
-    return leaf == "weight" and isinstance(model.get_submodule(owner) if owner else model, CBDModule)
+def _skeleton(parsed: CBDFile) -> nn.Module:
+    """A fresh model of the file's registered architecture, built on the ``meta`` device first (no memory)
+    and checked against the file, so that ``arch_kwargs`` cannot ask for an arbitrarily large model."""
+    from .models import build  # the zoo (plain architectures) sits below the file format
+
+    arch = parsed.meta.get("arch")
+    if not isinstance(arch, str):
+        raise CBDError("the file names no registered architecture: pass the model skeleton, load(path, model)")
+    kwargs = parsed.meta.get("arch_kwargs") or {}
+    shapes_only = None
+    try:
+        if kwargs:  # without arguments the registry alone decides the size: nothing to fear from the file
+            with torch.device("meta"):
+                shapes_only = build(arch, **kwargs)
+    except CBDError:
+        raise
+    except Exception:  # an architecture that cannot be built on the meta device: the real build decides
+        shapes_only = None
+    if shapes_only is not None:
+        _check_fits(shapes_only, parsed)
+    try:
+        return build(arch, **kwargs)
+    except CBDError:
+        raise
+    except Exception as exc:
+        raise FormatError(f"cannot build {arch} with the file's arch_kwargs {kwargs}: {str(exc)[:200]}") from None
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -325,18 +496,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     fresh model of the file's registered architecture when ``model`` is None. Never unpickles anything."""
     parsed = read(path)
     if model is None:
-        from .models import build  # the zoo (plain architectures) sits below the file format
-
-        arch = parsed.meta.get("arch")
-        if not isinstance(arch, str):
-            raise CBDError("the file names no registered architecture: pass the model skeleton, load(path, model)")
-        kwargs = parsed.meta.get("arch_kwargs") or {}
-        if not isinstance(kwargs, dict):
-            raise FormatError("corrupt cbdnet metadata: arch_kwargs")
-        model = build(arch, **kwargs)
-    dtype = parsed.meta.get("dtype", "float32")
-    if dtype not in _DTYPES:
-        raise FormatError(f"corrupt cbdnet metadata: dtype {dtype!r}")
+        model = _skeleton(parsed)
+    dtype = parsed.meta.get("dtype", "float32")  # checked by read()
     model = _restore(model.to(_DTYPES[dtype]), parsed)
     model.eval()
     return model

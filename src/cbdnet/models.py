@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -132,12 +134,21 @@ def _read_checkpoint(path: str | os.PathLike) -> object:
         raise CBDError(f"no such weights file: {file}")
     if file.is_dir():
         raise CBDError(f"{file} is a directory, not a weights file")
+    with open(file, "rb") as handle:
+        head = handle.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch zip archive / legacy pickle
+        raise WeightError(f"{file} is not a PyTorch checkpoint (expected a state dict written by torch.save)")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the one-line error below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"Python objects ({found.group(1)})" if found else "Python objects"
         raise WeightError(
-            f"{file} is not a plain state dict: loading it needs full unpickling, which can run arbitrary code, "
-            f"so it is refused. Save model.state_dict() with torch.save and pass that file instead") from None
+            f"{file} is not a plain state dict: it pickles {what}, e.g. a whole model saved with torch.save(model); "
+            f"loading it would need full unpickling, which can run arbitrary code, so it is refused. "
+            f"Save model.state_dict() instead") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise WeightError(f"cannot read weights {file}: {str(exc).splitlines()[0][:200]}") from None
 

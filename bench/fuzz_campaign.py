@@ -1,0 +1,254 @@
+"""A longer fuzz campaign against the ``.cbd`` reader: ``cbdnet.io.parse`` / ``cbdnet.load`` / ``cbdnet.verify``.
+
+Hypothesis generates the cases (generation phase only: a crash is recorded, not shrunk, and the campaign goes
+on). Targets, each run in rounds of ``--examples`` cases with a fresh seed until ``--minutes`` are spent:
+
+- ``flip``        1-8 random byte flips in a valid file (the SHA-256 trailer must catch them)
+- ``truncate``    truncation at a random offset or next to a region boundary
+- ``garbage``     random bytes, and random bytes as the payload of a correctly signed container
+- ``resigned``    byte flips, truncations and splices inside the payload with the trailer recomputed
+- ``metadata``    random JSON put anywhere into the cbdnet metadata, re-signed
+- ``header``      random dtype/shape/offsets/entries in the safetensors header, re-signed
+- ``pickle``      pickles (protocols 0-5) whose unpickling would create a marker file, raw, renamed, embedded
+- ``torch-save``  ``torch.save`` files (state dicts, tensors, whole modules) renamed ``.cbd``
+
+Every case must end as ``refused`` (a CBDError) or ``accepted`` (a well-formed file that loads and verifies);
+anything else is a ``crash``. The marker file must never exist. Usage::
+
+    PYTHONPATH=src python bench/fuzz_campaign.py --minutes 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import io
+import json
+import pickle
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from cbd_mutations import (  # noqa: E402
+    Marker,
+    header_of,
+    meta_of,
+    outcome,
+    payload_of,
+    rebuild,
+    region_boundaries,
+    sign,
+    tensors_of,
+    tiny_file,
+    tiny_model,
+    with_header,
+)
+
+JSON_SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(),
+                        st.text(max_size=16), st.sampled_from(["cbd", "uniform", "zero", "packed", "factored",
+                                                               "float32", "bfloat16", "digits-cnn"]))
+JSON_VALUE = st.recursive(JSON_SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=5),
+                                                               st.dictionaries(st.text(max_size=8), inner,
+                                                                               max_size=5)), max_leaves=16)
+
+
+def _paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _paths(item, (*prefix, index))
+
+
+def _replace(document, path, new):
+    if not path:
+        return new
+    target = document
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = new
+    return document
+
+
+class Campaign:
+    def __init__(self, files: list[bytes], folder: Path) -> None:
+        self.files, self.folder = files, folder
+        self.marker = folder / "UNPICKLED"
+        self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.crashes: list[str] = []
+
+    def record(self, target: str, make_case) -> None:
+        data = make_case()  # a failure here is a bug of the campaign itself: let it raise
+        if data in self.files:  # e.g. two flips of the same byte that cancel out: not a test of the reader
+            self.counts[target]["unchanged"] += 1
+            return
+        try:
+            result = outcome(data, self.folder)
+        except Exception as exc:  # a crash: anything but a CBDError escaping the reader
+            result = "crash"
+            if len(self.crashes) < 20:
+                self.crashes.append(f"{target}: {type(exc).__name__}: {str(exc)[:200]}")
+        if self.marker.exists():
+            self.counts[target]["EXECUTED"] += 1
+            self.marker.unlink()
+        self.counts[target][result] += 1
+
+    def targets(self):
+        files = st.sampled_from(self.files)
+
+        def flip(draw_data):
+            good = draw_data.draw(files)
+            corrupt = bytearray(good)
+            for _ in range(draw_data.draw(st.integers(1, 8))):
+                corrupt[draw_data.draw(st.integers(0, len(good) - 1))] ^= draw_data.draw(st.integers(1, 255))
+            return bytes(corrupt)
+
+        def truncate(draw_data):
+            good = draw_data.draw(files)
+            cut = draw_data.draw(st.one_of(st.integers(0, len(good) - 1),
+                                           st.sampled_from(region_boundaries(good)[:-1])))
+            return good[: max(0, cut + draw_data.draw(st.integers(-2, 2)))][: len(good) - 1]
+
+        def garbage(draw_data):
+            blob = draw_data.draw(st.binary(max_size=8192))
+            return sign(blob) if draw_data.draw(st.booleans()) else blob
+
+        def resigned(draw_data):
+            payload = bytearray(payload_of(draw_data.draw(files)))
+            kind = draw_data.draw(st.sampled_from(["flip", "cut", "splice"]))
+            if kind == "flip":
+                for _ in range(draw_data.draw(st.integers(1, 8))):
+                    payload[draw_data.draw(st.integers(0, len(payload) - 1))] ^= draw_data.draw(st.integers(1, 255))
+            elif kind == "cut":
+                payload = payload[: draw_data.draw(st.integers(0, len(payload)))]
+            else:
+                at = draw_data.draw(st.integers(0, len(payload)))
+                payload[at:at] = draw_data.draw(st.binary(min_size=1, max_size=64))
+            return sign(bytes(payload))
+
+        def metadata(draw_data):
+            good = draw_data.draw(files)
+            meta = meta_of(good)
+            for _ in range(draw_data.draw(st.integers(1, 4))):
+                path = draw_data.draw(st.sampled_from(list(_paths(meta))))
+                meta = _replace(copy.deepcopy(meta), path, draw_data.draw(JSON_VALUE))
+            return rebuild(tensors_of(good), meta)
+
+        def header(draw_data):
+            good = draw_data.draw(files)
+            entries = header_of(good)
+            for _ in range(draw_data.draw(st.integers(1, 3))):
+                name = draw_data.draw(st.sampled_from(sorted(entries)))
+                field = draw_data.draw(st.sampled_from(["dtype", "shape", "data_offsets", None, "rename"]))
+                if field is None:
+                    entries.pop(name)
+                elif field == "rename":
+                    entries[draw_data.draw(st.text(max_size=20))] = entries.pop(name)
+                elif isinstance(entries[name], dict):
+                    entries[name] = dict(entries[name])
+                    entries[name][field] = draw_data.draw(st.one_of(
+                        JSON_VALUE, st.sampled_from(["F32", "U8", "I64", "BF16", "F64", "F8_E4M3"]),
+                        st.lists(st.integers(-5, 2**64), max_size=4)))
+                if not entries:
+                    entries = {"__metadata__": {}}
+            return with_header(good, entries)
+
+        def pickled(draw_data):
+            obj = draw_data.draw(st.one_of(
+                st.just({"state_dict": Marker(str(self.marker))}),
+                st.builds(lambda x: [x, Marker(str(self.marker))], JSON_VALUE),
+                st.builds(lambda x: {"meta": x, "w": Marker(str(self.marker))}, JSON_VALUE)))
+            blob = pickle.dumps(obj, protocol=draw_data.draw(st.integers(0, 5)))
+            how = draw_data.draw(st.sampled_from(["raw", "signed", "as-payload", "as-metadata"]))
+            if how == "raw":
+                return blob
+            if how == "signed":
+                return sign(blob)
+            if how == "as-payload":
+                return sign(len(blob).to_bytes(8, "little") + blob)
+            good = draw_data.draw(files)
+            return rebuild(tensors_of(good), blob.decode("latin-1"))
+
+        def torch_saved(draw_data):
+            kind = draw_data.draw(st.sampled_from(["state", "tensor", "module", "evil"]))
+            shape = draw_data.draw(st.lists(st.integers(0, 6), max_size=3))
+            makers = {"state": lambda: tiny_model().state_dict(), "tensor": lambda: torch.randn(shape),
+                      "module": tiny_model, "evil": lambda: {"x": torch.ones(shape), "y": Marker(str(self.marker))}}
+            obj = makers[kind]()
+            buffer = io.BytesIO()
+            torch.save(obj, buffer, _use_new_zipfile_serialization=draw_data.draw(st.booleans()),
+                       pickle_protocol=draw_data.draw(st.integers(2, 5)))
+            return buffer.getvalue()
+
+        return {"flip": flip, "truncate": truncate, "garbage": garbage, "resigned": resigned,
+                "metadata": metadata, "header": header, "pickle": pickled, "torch-save": torch_saved}
+
+    def round(self, examples: int, round_seed: int, only: list[str] | None) -> None:
+        config = settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
+                          suppress_health_check=list(HealthCheck))
+        for name, make in self.targets().items():
+            if only and name not in only:
+                continue
+
+            self._run(config, round_seed, name, make)
+
+    def _run(self, config, round_seed: int, name: str, make) -> None:
+        @seed(round_seed)
+        @config
+        @given(st.data())
+        def run(draw_data):
+            self.record(name, lambda: make(draw_data))
+
+        run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=5.0, help="time budget (default 5)")
+    parser.add_argument("--examples", type=int, default=200, help="cases per target per round (default 200)")
+    parser.add_argument("--targets", nargs="*", help="only these targets")
+    parser.add_argument("--json", help="write the counts as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    files = [tiny_file(planes=3, bottleneck=0.3), tiny_file(planes=5, bottleneck=0.5), tiny_file(planes=1)]
+    with tempfile.TemporaryDirectory(prefix="cbd-fuzz-") as tmp:
+        campaign = Campaign(files, Path(tmp))
+        rounds = 0
+        while time.perf_counter() - start < 60 * args.minutes:
+            campaign.round(args.examples, rounds, args.targets)
+            rounds += 1
+    seconds = time.perf_counter() - start
+    total = collections.Counter()
+    print(f"cbdnet fuzz campaign: {rounds} rounds, {seconds:.0f} s, python {platform.python_version()}, "
+          f"torch {torch.__version__}")
+    print(f"{'target':<12} {'cases':>8} {'refused':>8} {'accepted':>9} {'crash':>6} {'EXECUTED':>9} "
+          f"{'(unchanged, not run)':>21}")
+    for name, counts in [*campaign.counts.items(), ("total", total)]:
+        if name != "total":
+            total.update(counts)
+        cases = counts["refused"] + counts["accepted"] + counts["crash"]
+        print(f"{name:<12} {cases:>8} {counts['refused']:>8} {counts['accepted']:>9} {counts['crash']:>6} "
+              f"{counts['EXECUTED']:>9} {counts['unchanged']:>21}")
+    for crash in campaign.crashes:
+        print("CRASH", crash)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"seconds": seconds, "rounds": rounds, "total": dict(total),
+                                               "targets": {k: dict(v) for k, v in campaign.counts.items()},
+                                               "crashes": campaign.crashes}, indent=2) + "\n")
+    return 1 if total["crash"] or total["EXECUTED"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

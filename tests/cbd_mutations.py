@@ -1,0 +1,121 @@
+"""Building blocks for fuzzing the ``.cbd`` reader (used by tests/test_format_safety.py and bench/fuzz_campaign.py).
+
+A valid file is split into its regions; mutations either keep the file as it is on disk (so the SHA-256
+trailer catches them) or are *re-signed* (trailer recomputed) so that the parser and the metadata/tensor
+validation behind the checksum are exercised too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+import cbdnet
+from cbdnet.errors import CBDError
+from cbdnet.io import _PREFIX, MAGIC, encode_file, parse
+from cbdnet.models import build
+
+DIGEST = 32
+TINY_ARCH = ("digits-cnn", {"width": 4})  # five layers, ~6k weights: compresses in about a second
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build(TINY_ARCH[0], **TINY_ARCH[1]).eval()
+
+
+def tiny_file(planes: int = 3, bottleneck: float = 0.3) -> bytes:
+    """The bytes of a compressed tiny model: composite and uniform layers, factored and plain planes."""
+    model, _ = cbdnet.compress(tiny_model(), planes=planes, bottleneck=bottleneck, progress=False)
+    return encode_file(model)
+
+
+def sign(payload: bytes, version: int = 1, flags: int = 0) -> bytes:
+    """Wrap a payload in a container with a correct length and SHA-256 trailer."""
+    head = _PREFIX.pack(MAGIC, version, flags, len(payload)) + payload
+    return head + hashlib.sha256(head).digest()
+
+
+def payload_of(data: bytes) -> bytes:
+    return data[_PREFIX.size:-DIGEST]
+
+
+def header_of(data: bytes) -> dict:
+    payload = payload_of(data)
+    length = struct.unpack_from("<Q", payload)[0]
+    return json.loads(payload[8:8 + length])
+
+
+def meta_of(data: bytes) -> dict:
+    return json.loads(header_of(data)["__metadata__"]["cbdnet"])
+
+
+def tensors_of(data: bytes) -> dict[str, np.ndarray]:
+    return st_load(payload_of(data))
+
+
+def rebuild(tensors: dict[str, np.ndarray], meta: dict | str) -> bytes:
+    """A re-signed file holding ``tensors`` and the (possibly corrupt) metadata ``meta``."""
+    text = meta if isinstance(meta, str) else json.dumps(meta)
+    return sign(st_save(tensors, metadata={"cbdnet": text}))
+
+
+def with_header(data: bytes, header: dict | bytes) -> bytes:
+    """A re-signed file whose safetensors JSON header is replaced (the tensor bytes stay as they are)."""
+    payload = payload_of(data)
+    length = struct.unpack_from("<Q", payload)[0]
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return sign(struct.pack("<Q", len(raw)) + raw + payload[8 + length:])
+
+
+def region_boundaries(data: bytes) -> list[int]:
+    """Every offset where one region of the file ends and the next begins: magic, version, flags, length,
+    safetensors header length, JSON header, each tensor's bytes, the digest."""
+    header = header_of(data)
+    json_len = struct.unpack_from("<Q", payload_of(data))[0]
+    data_start = _PREFIX.size + 8 + json_len
+    cuts = {0, 8, 12, 16, _PREFIX.size, _PREFIX.size + 8, data_start, len(data) - DIGEST, len(data)}
+    for name, entry in header.items():
+        if name != "__metadata__":
+            cuts.update(data_start + offset for offset in entry["data_offsets"])
+    return sorted(cuts)
+
+
+class Marker:
+    """Unpickling this creates ``path``: proof that something was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def evil_pickle(marker: Path) -> bytes:
+    return pickle.dumps({"weights": Marker(str(marker))})
+
+
+def outcome(data: bytes, folder: Path, *, full: bool = True) -> str:
+    """``refused`` (a CBDError), or ``accepted`` when the file parses, loads and verifies; any other exception
+    propagates (a crash). With ``full`` the file is also written to disk and loaded into a model."""
+    try:
+        parsed = parse(data)
+        if not full:
+            return "accepted"
+        path = folder / "case.cbd"
+        path.write_bytes(data)
+        cbdnet.load(path)
+        cbdnet.verify(path)
+        if parsed.meta.get("arch") is not None:
+            cbdnet.load(path, tiny_model())
+        return "accepted"
+    except CBDError:
+        return "refused"
