@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["rank", "factor", "matmul", "pack_rows", "unpack_rows"]
+__all__ = ["rank", "threshold_rank", "mask_lines", "factor", "matmul", "pack_rows", "unpack_rows"]
 
 
 def _as_bits(bits: np.ndarray) -> np.ndarray:
@@ -41,63 +41,258 @@ def pack_rows(bits: np.ndarray) -> np.ndarray:
     """Pack a 2-D 0/1 matrix into ``uint64`` words per row (little-endian bit order)."""
     bits = _as_bits(bits)
     h, w = bits.shape
-    words = max(1, (w + 63) // 64)
-    packed = np.zeros((h, words * 8), dtype=np.uint8)
-    if w:
-        packed[:, : (w + 7) // 8] = np.packbits(bits, axis=1, bitorder="little")
-    return packed.view("<u8").astype(np.uint64, copy=False)
+    if w == 0:
+        return np.zeros((h, 1), dtype=np.uint64)
+    return _pack_selected(bits.view(np.uint8), np.uint8(0), np.arange(h), np.arange(w), False)
+
+
+@njit(cache=True, nogil=True)
+def _unpack(packed, width):  # pragma: no cover - compiled
+    out = np.empty((packed.shape[0], width), dtype=np.bool_)
+    for i in range(packed.shape[0]):
+        for j in range(width):
+            out[i, j] = (packed[i, j >> 6] >> np.uint64(j & 63)) & np.uint64(1)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _gather_columns(bits, columns):  # pragma: no cover - compiled
+    out = np.empty((bits.shape[0], columns.size), dtype=np.bool_)
+    for i in range(bits.shape[0]):
+        for k in range(columns.size):
+            out[i, k] = bits[i, columns[k]]
+    return out
 
 
 def unpack_rows(packed: np.ndarray, width: int) -> np.ndarray:
     """Inverse of :func:`pack_rows`: a ``(rows, width)`` bool matrix."""
-    as_bytes = np.ascontiguousarray(packed.astype("<u8", copy=False)).view(np.uint8)
-    return np.unpackbits(as_bytes, axis=1, count=width, bitorder="little").astype(np.bool_)
+    return _unpack(np.ascontiguousarray(packed, dtype=np.uint64), int(width))
+
+
+BLOCK_BITS = 8  # pivots per "four Russians" table: 2^8 precomputed XOR combinations
+
+
+@njit(cache=True, nogil=True)
+def _slab_pivots(rows, r, word, limit):  # pragma: no cover - compiled
+    """Move rows whose bits in column word ``word`` are independent to ``rows[r:r+m]``; return ``m``.
+
+    Elimination on that single word of rows ``r..h-1`` (one XOR per row and column) finds the pivot rows;
+    only their full rows are swapped into place, nothing else is modified.
+    """
+    h = rows.shape[0]
+    nwords = rows.shape[1]
+    slab = rows[r:, word].copy()
+    m = 0
+    for bit in range(64):
+        if r + m >= h or r + m >= limit:
+            break
+        mask = np.uint64(1) << np.uint64(bit)
+        found = -1
+        for i in range(m, h - r):
+            if slab[i] & mask:
+                found = i
+                break
+        if found < 0:
+            continue
+        if found != m:
+            tmp = slab[found]
+            slab[found] = slab[m]
+            slab[m] = tmp
+            for k in range(word, nwords):
+                t = rows[r + found, k]
+                rows[r + found, k] = rows[r + m, k]
+                rows[r + m, k] = t
+        pivot_word = slab[m]
+        shift = np.uint64(bit)
+        for i in range(m + 1, h - r):  # branch-free: XOR pivot_word where the bit is set
+            slab[i] ^= pivot_word & (np.uint64(0) - ((slab[i] >> shift) & np.uint64(1)))
+        m += 1
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _reduce_pivot_rows(rows, r, m, word, pcols):  # pragma: no cover - compiled
+    """Bring ``rows[r:r+m]`` (independent on column word ``word``) to reduced echelon form on that word:
+    row ``r+k`` gets a 1 at bit ``pcols[k]`` and 0 at the other pivot bits."""
+    nwords = rows.shape[1]
+    k = 0
+    for bit in range(64):
+        if k >= m:
+            break
+        mask = np.uint64(1) << np.uint64(bit)
+        found = -1
+        for i in range(r + k, r + m):
+            if rows[i, word] & mask:
+                found = i
+                break
+        if found < 0:
+            continue
+        if found != r + k:
+            for j in range(word, nwords):
+                t = rows[found, j]
+                rows[found, j] = rows[r + k, j]
+                rows[r + k, j] = t
+        for i in range(r, r + m):
+            if i != r + k and rows[i, word] & mask:
+                for j in range(word, nwords):
+                    rows[i, j] ^= rows[r + k, j]
+        pcols[k] = bit
+        k += 1
+
+
+@njit(cache=True, nogil=True)
+def _build_tables(rows, r, m, word, start, tables):  # pragma: no cover - compiled
+    """``tables[g, idx]`` = XOR of the pivot rows ``r + g*8 + b`` for the set bits ``b`` of ``idx``."""
+    nwords = rows.shape[1]
+    groups = (m + BLOCK_BITS - 1) // BLOCK_BITS
+    for g in range(groups):
+        size = min(BLOCK_BITS, m - g * BLOCK_BITS)
+        for j in range(start, nwords):
+            tables[g, 0, j] = 0
+        for idx in range(1, 1 << size):
+            low = 0
+            while not (idx >> low) & 1:
+                low += 1
+            prev = idx ^ (1 << low)
+            src = r + g * BLOCK_BITS + low
+            for j in range(start, nwords):
+                tables[g, idx, j] = tables[g, prev, j] ^ rows[src, j]
+    return groups
+
+
+@njit(cache=True, nogil=True)
+def _apply_tables(rows, lo, hi, m, word, start, pcols, tables, groups, zero_word):  # pragma: no cover
+    """Clear the pivot bits of rows ``lo..hi-1``: XOR one table row per group of 8 pivots."""
+    nwords = rows.shape[1]
+    one = np.uint64(1)
+    shifts = pcols[:m].astype(np.uint64)
+    index = np.zeros(BLOCK_BITS, dtype=np.uint64)
+    for i in range(lo, hi):
+        x = rows[i, word]
+        if x == 0:
+            continue
+        for g in range(groups):
+            base = g * BLOCK_BITS
+            size = min(BLOCK_BITS, m - base)
+            idx = np.uint64(0)
+            for b in range(size):
+                idx |= ((x >> shifts[base + b]) & one) << np.uint64(b)
+            index[g] = idx
+        if groups == 8:  # the common full word: one pass over the row, eight table rows XORed in
+            t0, t1, t2, t3 = tables[0, index[0]], tables[1, index[1]], tables[2, index[2]], tables[3, index[3]]
+            t4, t5, t6, t7 = tables[4, index[4]], tables[5, index[5]], tables[6, index[6]], tables[7, index[7]]
+            for j in range(start, nwords):
+                rows[i, j] ^= (t0[j] ^ t1[j]) ^ (t2[j] ^ t3[j]) ^ ((t4[j] ^ t5[j]) ^ (t6[j] ^ t7[j]))
+        else:
+            for g in range(groups):
+                if index[g]:
+                    for j in range(start, nwords):
+                        rows[i, j] ^= tables[g, index[g], j]
+        if zero_word:
+            rows[i, word] = 0
 
 
 @njit(cache=True, nogil=True)
 def _eliminate(rows, ncols, limit, reduced, pivots):  # pragma: no cover - compiled
     """In-place GF(2) elimination of packed ``rows``; returns the rank (capped at ``limit``).
 
-    With ``reduced`` the pivot column is cleared in every other row (reduced row echelon form),
-    otherwise only below the pivot (enough for the rank). ``pivots[k]`` receives the k-th pivot column.
+    Method of the four Russians, one 64-column word at a time: find the pivot rows of that word, reduce them
+    among themselves, tabulate all XOR combinations of each group of 8 pivot rows (256 rows per table) and
+    clear the word from every other row with one table lookup per group instead of one XOR per pivot.
+    With ``reduced`` the rows above are cleared too (reduced row echelon form); ``pivots[k]`` receives the
+    pivot column of row ``k``. Without it the elimination stops once ``limit`` pivots are found.
     """
     h, nwords = rows.shape
+    tables = np.empty((64 // BLOCK_BITS, 1 << BLOCK_BITS, nwords), dtype=np.uint64)
+    pcols = np.zeros(64, dtype=np.int64)
     r = 0
-    one = np.uint64(1)
-    for col in range(ncols):
+    for word in range((ncols + 63) // 64):
         if r >= h or r >= limit:
             break
-        word = col >> 6
-        bit = one << np.uint64(col & 63)
-        pivot = -1
-        for i in range(r, h):
-            if rows[i, word] & bit:
-                pivot = i
-                break
-        if pivot < 0:
+        m = _slab_pivots(rows, r, word, limit)
+        if m == 0:
             continue
-        if pivot != r:
-            for k in range(word, nwords):
-                tmp = rows[pivot, k]
-                rows[pivot, k] = rows[r, k]
-                rows[r, k] = tmp
-        start = 0 if reduced else r + 1
-        for i in range(start, h):
-            if i != r and rows[i, word] & bit:
-                for k in range(word, nwords):
-                    rows[i, k] ^= rows[r, k]
-        pivots[r] = col
-        r += 1
-    return r
+        if not reduced and r + m >= limit:
+            return limit
+        _reduce_pivot_rows(rows, r, m, word, pcols)
+        for k in range(m):
+            pivots[r + k] = word * 64 + pcols[k]
+        if reduced:
+            groups = _build_tables(rows, r, m, word, word, tables)
+            _apply_tables(rows, 0, r, m, word, word, pcols, tables, groups, False)
+            _apply_tables(rows, r + m, h, m, word, word, pcols, tables, groups, False)
+        elif word + 1 < nwords:
+            groups = _build_tables(rows, r, m, word, word + 1, tables)
+            _apply_tables(rows, r + m, h, m, word, word + 1, pcols, tables, groups, True)
+        r += m
+    return min(r, limit)
 
 
-def _trim(bits: np.ndarray) -> np.ndarray:
-    """Drop all-zero rows and columns (rank-preserving) and put the longer side first."""
-    bits = bits[bits.any(axis=1)]
-    bits = bits[:, bits.any(axis=0)]
-    if bits.shape[1] > bits.shape[0]:
-        bits = bits.T
-    return bits
+@njit(cache=True, nogil=True)
+def _nonzero_lines(values, threshold):  # pragma: no cover - compiled
+    """Which rows and which columns of ``values > threshold`` hold a 1 (one pass, branch-free)."""
+    h, w = values.shape
+    row_any = np.zeros(h, dtype=np.bool_)
+    col_any = np.zeros(w, dtype=np.bool_)
+    for i in range(h):
+        seen = False
+        for j in range(w):
+            above = values[i, j] > threshold
+            seen |= above
+            col_any[j] |= above
+        row_any[i] = seen
+    return row_any, col_any
+
+
+@njit(cache=True, nogil=True)
+def _pack_selected(values, threshold, row_index, col_index, transpose):  # pragma: no cover - compiled
+    """Pack ``values[row_index][:, col_index] > threshold`` (or its transpose) into ``uint64`` rows.
+
+    Reads ``values`` row by row either way; with ``transpose`` each bit lands in the row of its column.
+    """
+    n_rows = row_index.size
+    n_cols = col_index.size
+    if transpose:  # bit t of word k in packed row b is values[row_index[64k + t], col_index[b]]
+        packed = np.zeros((n_cols, (n_rows + 63) // 64), dtype=np.uint64)
+        for word in range(packed.shape[1]):
+            first = word * 64
+            count = min(64, n_rows - first)
+            for b in range(n_cols):
+                j = col_index[b]
+                acc = np.uint64(0)
+                for t in range(count):
+                    acc |= np.uint64(values[row_index[first + t], j] > threshold) << np.uint64(t)
+                packed[b, word] = acc
+        return packed
+    packed = np.zeros((n_rows, (n_cols + 63) // 64), dtype=np.uint64)
+    for a in range(n_rows):
+        i = row_index[a]
+        for word in range(packed.shape[1]):
+            first = word * 64
+            count = min(64, n_cols - first)
+            acc = np.uint64(0)
+            for t in range(count):
+                acc |= np.uint64(values[i, col_index[first + t]] > threshold) << np.uint64(t)
+            packed[a, word] = acc
+    return packed
+
+
+def _threshold_rank(values: np.ndarray, threshold, limit: int | None) -> tuple[int, int]:
+    """``(rank, upper)`` of the 0/1 matrix ``values > threshold``; ``upper`` is the number of non-zero
+    lines on its shorter trimmed side (a free upper bound of the rank). All-zero rows and columns are
+    dropped and the longer side becomes the rows, so each row is as few words as possible."""
+    row_any, col_any = _nonzero_lines(values, threshold)
+    row_index = np.flatnonzero(row_any)
+    col_index = np.flatnonzero(col_any)
+    upper = min(row_index.size, col_index.size)
+    cap = upper if limit is None else min(int(limit), upper)
+    if cap <= 0:
+        return 0, upper
+    transpose = col_index.size > row_index.size
+    rows = _pack_selected(values, threshold, row_index, col_index, transpose)
+    ncols = row_index.size if transpose else col_index.size
+    pivots = np.zeros(upper, dtype=np.int64)
+    return int(_eliminate(rows, ncols, cap, False, pivots)), upper
 
 
 def rank(bits: np.ndarray, limit: int | None = None) -> int:
@@ -106,15 +301,30 @@ def rank(bits: np.ndarray, limit: int | None = None) -> int:
     With ``limit`` the elimination stops once the rank reaches ``limit`` and returns ``limit``: enough to
     answer "is the rank at most ``limit - 1``?" for a fraction of the cost.
     """
-    trimmed = _trim(_as_bits(bits))
-    if trimmed.size == 0:
+    bits = _as_bits(bits)
+    if bits.size == 0:
         return 0
-    cap = min(trimmed.shape) if limit is None else min(int(limit), min(trimmed.shape))
-    if cap <= 0:
-        return 0
-    rows = pack_rows(trimmed)
-    pivots = np.zeros(min(trimmed.shape), dtype=np.int64)
-    return int(_eliminate(rows, trimmed.shape[1], cap, False, pivots))
+    return _threshold_rank(bits.view(np.uint8), 0, limit)[0]
+
+
+def threshold_rank(values: np.ndarray, threshold: float, limit: int | None = None) -> tuple[int, int]:
+    """``rank(values > threshold, limit)`` without building the 0/1 matrix, and a free upper bound.
+
+    Returns ``(rank, upper)`` where ``upper`` = min(#non-zero rows, #non-zero columns) of the mask >= its
+    rank. ``values`` is a real 2-D array (compared as is, so the mask is exactly ``values > threshold``).
+    """
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise ValueError(f"expected a 2-D array, got shape {values.shape}")
+    if values.size == 0:
+        return 0, 0
+    return _threshold_rank(values, values.dtype.type(threshold), limit)
+
+
+def mask_lines(values: np.ndarray, threshold: float) -> int:
+    """min(#non-zero rows, #non-zero columns) of ``values > threshold``: an upper bound of its rank."""
+    row_any, col_any = _nonzero_lines(np.asarray(values), np.asarray(values).dtype.type(threshold))
+    return int(min(row_any.sum(), col_any.sum()))
 
 
 def factor(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -125,7 +335,7 @@ def factor(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pivots = np.zeros(max(1, min(h, w)), dtype=np.int64)
     r = int(_eliminate(rows, w, min(h, w), True, pivots)) if bits.size else 0
     pivot_cols = pivots[:r]
-    coeffs = np.ascontiguousarray(bits[:, pivot_cols])
+    coeffs = _gather_columns(bits, pivot_cols)
     basis = unpack_rows(rows[:r], w) if r else np.zeros((0, w), dtype=np.bool_)
     return coeffs, basis
 
