@@ -37,12 +37,29 @@ def _as_bits(bits: np.ndarray) -> np.ndarray:
     return array.astype(np.bool_)
 
 
+_BYTE_GATHER = np.uint64(0x0102040810204080)  # (x * this) >> 56 packs the 0/1 bytes of x into 8 bits
+
+
+@njit(cache=True, nogil=True)
+def _pack_bytes(chunks, ncols):  # pragma: no cover - compiled
+    """Pack a 0/1 ``uint8`` matrix seen as ``uint64`` chunks of 8 entries: one multiply per 8 entries."""
+    h, nchunks = chunks.shape
+    packed = np.zeros((h, (ncols + 63) // 64), dtype=np.uint64)
+    for i in range(h):
+        for c in range(nchunks):
+            byte = (chunks[i, c] * _BYTE_GATHER) >> np.uint64(56)
+            packed[i, c >> 3] |= byte << np.uint64((c & 7) * 8)
+    return packed
+
+
 def pack_rows(bits: np.ndarray) -> np.ndarray:
     """Pack a 2-D 0/1 matrix into ``uint64`` words per row (little-endian bit order)."""
     bits = _as_bits(bits)
     h, w = bits.shape
     if w == 0:
         return np.zeros((h, 1), dtype=np.uint64)
+    if w % 8 == 0 and bits.flags.c_contiguous:
+        return _pack_bytes(bits.view(np.uint8).view(np.uint64), w)
     return _pack_selected(bits.view(np.uint8), np.uint8(0), np.arange(h), np.arange(w), False)
 
 
@@ -73,22 +90,20 @@ BLOCK_BITS = 8  # pivots per "four Russians" table: 2^8 precomputed XOR combinat
 
 
 @njit(cache=True, nogil=True)
-def _slab_pivots(rows, r, word, limit):  # pragma: no cover - compiled
-    """Move rows whose bits in column word ``word`` are independent to ``rows[r:r+m]``; return ``m``.
-
-    Elimination on that single word of rows ``r..h-1`` (one XOR per row and column) finds the pivot rows;
-    only their full rows are swapped into place, nothing else is modified.
-    """
-    h = rows.shape[0]
+def _slab_pivots_in(rows, r, end, word, limit):  # pragma: no cover - compiled
+    """Move rows of ``rows[r:end]`` whose bits in column word ``word`` are independent to ``rows[r:r+m]``;
+    return ``m``. Elimination on that single word (one branch-free XOR per row and column) finds them;
+    only their full rows are swapped into place, nothing else is modified."""
     nwords = rows.shape[1]
-    slab = rows[r:, word].copy()
+    slab = rows[r:end, word].copy()
+    n = end - r
     m = 0
     for bit in range(64):
-        if r + m >= h or r + m >= limit:
+        if m >= n or r + m >= limit:
             break
         mask = np.uint64(1) << np.uint64(bit)
         found = -1
-        for i in range(m, h - r):
+        for i in range(m, n):
             if slab[i] & mask:
                 found = i
                 break
@@ -104,10 +119,27 @@ def _slab_pivots(rows, r, word, limit):  # pragma: no cover - compiled
                 rows[r + m, k] = t
         pivot_word = slab[m]
         shift = np.uint64(bit)
-        for i in range(m + 1, h - r):  # branch-free: XOR pivot_word where the bit is set
+        for i in range(m + 1, n):
             slab[i] ^= pivot_word & (np.uint64(0) - ((slab[i] >> shift) & np.uint64(1)))
         m += 1
     return m
+
+
+@njit(cache=True, nogil=True)
+def _slab_pivots(rows, r, word, ncols, limit):  # pragma: no cover - compiled
+    """Pivot rows of column word ``word`` among rows ``r..h-1`` (see :func:`_slab_pivots_in`).
+
+    Dense matrices usually have a full set of pivots among the next few hundred rows, so those are tried
+    first; only when they fall short of the most pivots the word can hold are all rows searched.
+    """
+    h = rows.shape[0]
+    most = min(64, ncols - word * 64, limit - r, h - r)
+    prefix = r + 4 * 64
+    if prefix < h:
+        m = _slab_pivots_in(rows, r, prefix, word, limit)
+        if m >= most:
+            return m
+    return _slab_pivots_in(rows, r, h, word, limit)
 
 
 @njit(cache=True, nogil=True)
@@ -209,7 +241,7 @@ def _eliminate(rows, ncols, limit, reduced, pivots):  # pragma: no cover - compi
     for word in range((ncols + 63) // 64):
         if r >= h or r >= limit:
             break
-        m = _slab_pivots(rows, r, word, limit)
+        m = _slab_pivots(rows, r, word, ncols, limit)
         if m == 0:
             continue
         if not reduced and r + m >= limit:
@@ -304,7 +336,14 @@ def rank(bits: np.ndarray, limit: int | None = None) -> int:
     bits = _as_bits(bits)
     if bits.size == 0:
         return 0
-    return _threshold_rank(bits.view(np.uint8), 0, limit)[0]
+    h, w = bits.shape
+    if h >= w and w % 8 == 0 and bits.flags.c_contiguous:  # fast path: pack first, trim only if needed
+        rows = pack_rows(bits)
+        columns = int(sum(int(word).bit_count() for word in np.bitwise_or.reduce(rows, axis=0)))
+        if columns == w and bool(rows.any(axis=1).all()):
+            cap = w if limit is None else min(int(limit), w)
+            return int(_eliminate(rows, w, cap, False, np.zeros(w, dtype=np.int64))) if cap > 0 else 0
+    return _threshold_rank(bits.view(np.uint8), np.uint8(0), limit)[0]
 
 
 def threshold_rank(values: np.ndarray, threshold: float, limit: int | None = None) -> tuple[int, int]:
