@@ -60,7 +60,7 @@ def pack_rows(bits: np.ndarray) -> np.ndarray:
         return np.zeros((h, 1), dtype=np.uint64)
     if w % 8 == 0 and bits.flags.c_contiguous:
         return _pack_bytes(bits.view(np.uint8).view(np.uint64), w)
-    return _pack_selected(bits.view(np.uint8), np.uint8(0), np.arange(h), np.arange(w), False)
+    return _pack_threshold(bits.view(np.uint8), np.uint8(0), np.arange(h), np.arange(w), True)
 
 
 @njit(cache=True, nogil=True)
@@ -261,70 +261,65 @@ def _eliminate(rows, ncols, limit, reduced, pivots):  # pragma: no cover - compi
 
 
 @njit(cache=True, nogil=True)
-def _nonzero_lines(values, threshold):  # pragma: no cover - compiled
-    """Which rows and which columns of ``values > threshold`` hold a 1 (one pass, branch-free)."""
-    h, w = values.shape
-    row_any = np.zeros(h, dtype=np.bool_)
-    col_any = np.zeros(w, dtype=np.bool_)
-    for i in range(h):
-        seen = False
-        for j in range(w):
-            above = values[i, j] > threshold
-            seen |= above
-            col_any[j] |= above
-        row_any[i] = seen
-    return row_any, col_any
-
-
-@njit(cache=True, nogil=True)
-def _pack_selected(values, threshold, row_index, col_index, transpose):  # pragma: no cover - compiled
-    """Pack ``values[row_index][:, col_index] > threshold`` (or its transpose) into ``uint64`` rows.
-
-    Reads ``values`` row by row either way; with ``transpose`` each bit lands in the row of its column.
-    """
-    n_rows = row_index.size
-    n_cols = col_index.size
-    if transpose:  # bit t of word k in packed row b is values[row_index[64k + t], col_index[b]]
-        packed = np.zeros((n_cols, (n_rows + 63) // 64), dtype=np.uint64)
-        for word in range(packed.shape[1]):
-            first = word * 64
-            count = min(64, n_rows - first)
-            for b in range(n_cols):
-                j = col_index[b]
-                acc = np.uint64(0)
-                for t in range(count):
-                    acc |= np.uint64(values[row_index[first + t], j] > threshold) << np.uint64(t)
-                packed[b, word] = acc
-        return packed
-    packed = np.zeros((n_rows, (n_cols + 63) // 64), dtype=np.uint64)
-    for a in range(n_rows):
+def _pack_threshold(values, threshold, row_index, col_index, all_columns):  # pragma: no cover - compiled
+    """Pack ``values[row_index][:, col_index] > threshold`` into ``uint64`` rows (all columns when
+    ``all_columns``): each row is compared into a 0/1 byte buffer, then 8 bytes become 8 bits with one
+    multiply (:data:`_BYTE_GATHER`)."""
+    n_cols = values.shape[1] if all_columns else col_index.size
+    nwords = (n_cols + 63) // 64
+    packed = np.zeros((row_index.size, nwords), dtype=np.uint64)
+    buffer = np.zeros(nwords * 64, dtype=np.uint8)
+    chunks = buffer.view(np.uint64)
+    for a in range(row_index.size):
         i = row_index[a]
-        for word in range(packed.shape[1]):
-            first = word * 64
-            count = min(64, n_cols - first)
+        if all_columns:
+            for j in range(n_cols):
+                buffer[j] = values[i, j] > threshold
+        else:
+            for j in range(n_cols):
+                buffer[j] = values[i, col_index[j]] > threshold
+        for word in range(nwords):
             acc = np.uint64(0)
-            for t in range(count):
-                acc |= np.uint64(values[i, col_index[first + t]] > threshold) << np.uint64(t)
+            for c in range(8):
+                acc |= ((chunks[word * 8 + c] * _BYTE_GATHER) >> np.uint64(56)) << np.uint64(c * 8)
             packed[a, word] = acc
     return packed
 
 
-def _threshold_rank(values: np.ndarray, threshold, limit: int | None) -> tuple[int, int]:
-    """``(rank, upper)`` of the 0/1 matrix ``values > threshold``; ``upper`` is the number of non-zero
-    lines on its shorter trimmed side (a free upper bound of the rank). All-zero rows and columns are
-    dropped and the longer side becomes the rows, so each row is as few words as possible."""
-    row_any, col_any = _nonzero_lines(values, threshold)
-    row_index = np.flatnonzero(row_any)
-    col_index = np.flatnonzero(col_any)
-    upper = min(row_index.size, col_index.size)
+def _packed_mask(values: np.ndarray, threshold) -> np.ndarray:
+    """``values > threshold`` packed into ``uint64`` rows, all rows and columns kept."""
+    h, w = values.shape
+    if values.dtype == np.uint8 and threshold == 0 and w % 8 == 0 and values.flags.c_contiguous:
+        return _pack_bytes(values.view(np.uint64), w)  # a 0/1 matrix: 8 entries per multiply
+    return _pack_threshold(values, threshold, np.arange(h), np.arange(0), True)
+
+
+def _trimmed_mask(values: np.ndarray, threshold) -> tuple[np.ndarray, int, int]:
+    """The packed mask ``values > threshold`` without its all-zero rows (and without its all-zero columns
+    where that saves whole words per row); returns ``(rows, ncols, upper)`` with ``upper`` = min(#non-zero
+    rows, #non-zero columns), a free upper bound of the rank."""
+    rows = _packed_mask(values, threshold)
+    nonzero_rows = rows.any(axis=1)
+    column_bits = np.bitwise_or.reduce(rows, axis=0)
+    n_rows, n_cols = int(nonzero_rows.sum()), int(np.bitwise_count(column_bits).sum())
+    upper = min(n_rows, n_cols)
+    width = values.shape[1]
+    if (n_cols + 63) // 64 < rows.shape[1]:
+        columns = np.flatnonzero(_unpack(column_bits[None, :], width)[0])
+        return _pack_threshold(values, threshold, np.flatnonzero(nonzero_rows), columns, False), n_cols, upper
+    return (rows[nonzero_rows] if n_rows < rows.shape[0] else rows), width, upper
+
+
+def _threshold_rank(values: np.ndarray, threshold, limit: int | None, skip_below: int = 0) -> tuple[int, int]:
+    """``(rank, upper)`` of the 0/1 matrix ``values > threshold`` (see :func:`_trimmed_mask` for ``upper``).
+    When ``upper < skip_below`` the elimination is skipped and the rank returned is -1 (unknown)."""
+    rows, ncols, upper = _trimmed_mask(values, threshold)
+    if upper < skip_below:
+        return -1, upper
     cap = upper if limit is None else min(int(limit), upper)
     if cap <= 0:
         return 0, upper
-    transpose = col_index.size > row_index.size
-    rows = _pack_selected(values, threshold, row_index, col_index, transpose)
-    ncols = row_index.size if transpose else col_index.size
-    pivots = np.zeros(upper, dtype=np.int64)
-    return int(_eliminate(rows, ncols, cap, False, pivots)), upper
+    return int(_eliminate(rows, ncols, cap, False, np.zeros(upper, dtype=np.int64))), upper
 
 
 def rank(bits: np.ndarray, limit: int | None = None) -> int:
@@ -336,34 +331,32 @@ def rank(bits: np.ndarray, limit: int | None = None) -> int:
     bits = _as_bits(bits)
     if bits.size == 0:
         return 0
-    h, w = bits.shape
-    if h >= w and w % 8 == 0 and bits.flags.c_contiguous:  # fast path: pack first, trim only if needed
-        rows = pack_rows(bits)
-        columns = int(sum(int(word).bit_count() for word in np.bitwise_or.reduce(rows, axis=0)))
-        if columns == w and bool(rows.any(axis=1).all()):
-            cap = w if limit is None else min(int(limit), w)
-            return int(_eliminate(rows, w, cap, False, np.zeros(w, dtype=np.int64))) if cap > 0 else 0
+    if bits.shape[1] > bits.shape[0]:  # rows as the longer side: fewer words per row
+        bits = np.ascontiguousarray(bits.T)
     return _threshold_rank(bits.view(np.uint8), np.uint8(0), limit)[0]
 
 
-def threshold_rank(values: np.ndarray, threshold: float, limit: int | None = None) -> tuple[int, int]:
+def threshold_rank(values: np.ndarray, threshold: float, limit: int | None = None,
+                   skip_below: int = 0) -> tuple[int, int]:
     """``rank(values > threshold, limit)`` without building the 0/1 matrix, and a free upper bound.
 
     Returns ``(rank, upper)`` where ``upper`` = min(#non-zero rows, #non-zero columns) of the mask >= its
     rank. ``values`` is a real 2-D array (compared as is, so the mask is exactly ``values > threshold``).
+    With ``skip_below``, a mask whose ``upper`` is below it is not eliminated at all: rank -1 (unknown,
+    but at most ``upper``).
     """
     values = np.asarray(values)
     if values.ndim != 2:
         raise ValueError(f"expected a 2-D array, got shape {values.shape}")
     if values.size == 0:
         return 0, 0
-    return _threshold_rank(values, values.dtype.type(threshold), limit)
+    return _threshold_rank(values, values.dtype.type(threshold), limit, skip_below)
 
 
 def mask_lines(values: np.ndarray, threshold: float) -> int:
     """min(#non-zero rows, #non-zero columns) of ``values > threshold``: an upper bound of its rank."""
-    row_any, col_any = _nonzero_lines(np.asarray(values), np.asarray(values).dtype.type(threshold))
-    return int(min(row_any.sum(), col_any.sum()))
+    values = np.asarray(values)
+    return _trimmed_mask(values, values.dtype.type(threshold))[2]
 
 
 def factor(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

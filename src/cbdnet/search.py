@@ -8,7 +8,12 @@ usually equal to it. Very dense masks have a low rank again (the all-ones matrix
 starts from the sparse end and never accepts the densest candidate without bisecting towards it.
 
 Each probe only needs to know whether the rank exceeds ``bound``, so the elimination stops at ``bound + 1``
-pivots (:func:`cbdnet.gf2.rank` with ``limit``), and all-zero rows and columns are dropped before it.
+pivots (:func:`cbdnet.gf2.threshold_rank` with ``limit``), works on the mask packed straight from ``r``
+(no 0/1 matrix is built) with all-zero rows and columns dropped, and is skipped altogether when the mask has
+at most ``bound`` non-zero rows or columns (then its rank cannot exceed ``bound``). Every probe gets the
+same answer as a full rank computation would give, so the search visits the same thresholds and returns the
+same scale as the plain binary search; only the probe that ends as the answer may need its exact rank
+computed at the end.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ class ScaleResult:
     scale: float  # the threshold a (a value of r); r > a is the sparse mask
     mask_rank: int  # GF(2) rank of r > a (<= bound)
     bound: int
-    rank_calls: int
+    rank_calls: int  # eliminations actually run
+    probes: int = 0  # thresholds tested by the binary search (some answered by the line-count bound)
 
 
 def rank_bound(h: int, w: int, bottleneck: float) -> int:
@@ -43,21 +49,29 @@ def search_scale(r2d: np.ndarray, bound: int) -> ScaleResult:
     values = np.unique(r2d[r2d > 0])
     if values.size == 0:
         raise ValueError("cannot search a scale for an all-zero matrix")
-    calls = 0
+    calls = probes = 0
 
-    def probe(index: int) -> int:
-        nonlocal calls
+    def probe(index: int) -> tuple[bool, int]:
+        """Whether ``rank(r2d > values[index]) <= bound``, and that rank (-1 when not computed)."""
+        nonlocal calls, probes
+        probes += 1
+        rank, _ = gf2.threshold_rank(r2d, values[index], limit=bound + 1, skip_below=bound + 1)
+        if rank < 0:  # at most `bound` non-zero rows or columns: the rank cannot exceed the bound
+            return True, -1
         calls += 1
-        return gf2.rank(r2d > values[index], limit=bound + 1)
+        return rank <= bound, rank
 
     # The invariant treats the lowest value as failing without probing it: a nearly all-ones mask has a
     # tiny GF(2) rank (all ones is rank 1), but it is the sparse side of the curve that the method wants.
     lo, hi, hi_rank = -1, values.size - 1, 0  # mask(values[-1]) is empty: rank 0
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        mid_rank = probe(mid)
-        if mid_rank <= bound:
+        passes, mid_rank = probe(mid)
+        if passes:
             hi, hi_rank = mid, mid_rank
         else:
             lo = mid
-    return ScaleResult(float(values[hi]), hi_rank, bound, calls)
+    if hi_rank < 0:  # the answer was accepted on the line count alone: its exact rank, once
+        hi_rank = gf2.threshold_rank(r2d, values[hi])[0]
+        calls += 1
+    return ScaleResult(float(values[hi]), hi_rank, bound, calls, probes)
