@@ -143,33 +143,50 @@ def _slab_pivots(rows, r, word, ncols, limit):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _reduce_pivot_rows(rows, r, m, word, pcols):  # pragma: no cover - compiled
-    """Bring ``rows[r:r+m]`` (independent on column word ``word``) to reduced echelon form on that word:
-    row ``r+k`` gets a 1 at bit ``pcols[k]`` and 0 at the other pivot bits."""
-    nwords = rows.shape[1]
+def _slab_transform(rows, r, m, word, pcols, transform):  # pragma: no cover - compiled
+    """Gauss-Jordan on the single column word ``word`` of the pivot rows ``rows[r:r+m]``, with the row
+    operations tracked instead of applied: reduced row ``k`` (a 1 at bit ``pcols[k]``, 0 at the other pivot
+    bits) is the XOR of the original pivot rows ``r + j`` for the set bits ``j`` of ``transform[k]``."""
+    slab = rows[r:r + m, word].copy()
+    for j in range(m):
+        transform[j] = np.uint64(1) << np.uint64(j)
     k = 0
     for bit in range(64):
         if k >= m:
             break
         mask = np.uint64(1) << np.uint64(bit)
         found = -1
-        for i in range(r + k, r + m):
-            if rows[i, word] & mask:
+        for i in range(k, m):
+            if slab[i] & mask:
                 found = i
                 break
         if found < 0:
             continue
-        if found != r + k:
-            for j in range(word, nwords):
-                t = rows[found, j]
-                rows[found, j] = rows[r + k, j]
-                rows[r + k, j] = t
-        for i in range(r, r + m):
-            if i != r + k and rows[i, word] & mask:
-                for j in range(word, nwords):
-                    rows[i, j] ^= rows[r + k, j]
+        slab[found], slab[k] = slab[k], slab[found]
+        transform[found], transform[k] = transform[k], transform[found]
+        for i in range(m):
+            if i != k and slab[i] & mask:
+                slab[i] ^= slab[k]
+                transform[i] ^= transform[k]
         pcols[k] = bit
         k += 1
+
+
+@njit(cache=True, nogil=True)
+def _coefficient_tables(transform, pcols, m, coef):  # pragma: no cover - compiled
+    """``coef[g, byte]``: which original pivot rows to XOR into a row whose slab word has ``byte`` as its
+    byte ``g``. Bit ``p`` of the slab word calls for reduced pivot row ``k`` when ``p == pcols[k]``, that is
+    for the original rows ``transform[k]``; non-pivot bits call for nothing."""
+    by_bit = np.zeros(64, dtype=np.uint64)
+    for k in range(m):
+        by_bit[pcols[k]] = transform[k]
+    for g in range(8):
+        coef[g, 0] = 0
+        for byte in range(1, 256):
+            low = 0
+            while not (byte >> low) & 1:
+                low += 1
+            coef[g, byte] = coef[g, byte ^ (1 << low)] ^ by_bit[g * 8 + low]
 
 
 @njit(cache=True, nogil=True)
@@ -193,33 +210,39 @@ def _build_tables(rows, r, m, word, start, tables):  # pragma: no cover - compil
 
 
 @njit(cache=True, nogil=True)
-def _apply_tables(rows, lo, hi, m, word, start, pcols, tables, groups, zero_word):  # pragma: no cover
-    """Clear the pivot bits of rows ``lo..hi-1``: XOR one table row per group of 8 pivots."""
+def _xor_combination(rows, i, combo, start, tables, groups):  # pragma: no cover - compiled
+    """``rows[i, start:] ^=`` the XOR of the original pivot rows selected by the bits of ``combo``:
+    one table row per group of 8 pivots."""
     nwords = rows.shape[1]
-    one = np.uint64(1)
-    shifts = pcols[:m].astype(np.uint64)
-    index = np.zeros(BLOCK_BITS, dtype=np.uint64)
+    if groups == 8:  # the common full word: one pass over the row, eight table rows XORed in
+        byte = np.uint64(255)
+        t0, t1 = tables[0, combo & byte], tables[1, (combo >> np.uint64(8)) & byte]
+        t2, t3 = tables[2, (combo >> np.uint64(16)) & byte], tables[3, (combo >> np.uint64(24)) & byte]
+        t4, t5 = tables[4, (combo >> np.uint64(32)) & byte], tables[5, (combo >> np.uint64(40)) & byte]
+        t6, t7 = tables[6, (combo >> np.uint64(48)) & byte], tables[7, combo >> np.uint64(56)]
+        for j in range(start, nwords):
+            rows[i, j] ^= (t0[j] ^ t1[j]) ^ (t2[j] ^ t3[j]) ^ ((t4[j] ^ t5[j]) ^ (t6[j] ^ t7[j]))
+    else:
+        for g in range(groups):
+            index = (combo >> np.uint64(8 * g)) & np.uint64(255)
+            if index:
+                for j in range(start, nwords):
+                    rows[i, j] ^= tables[g, index, j]
+
+
+@njit(cache=True, nogil=True)
+def _apply_tables(rows, lo, hi, word, start, coef, tables, groups, zero_word):  # pragma: no cover
+    """Clear the pivot bits of rows ``lo..hi-1``: 8 byte lookups give the pivot rows to add, 8 table rows
+    add them (method of the four Russians)."""
     for i in range(lo, hi):
         x = rows[i, word]
         if x == 0:
             continue
-        for g in range(groups):
-            base = g * BLOCK_BITS
-            size = min(BLOCK_BITS, m - base)
-            idx = np.uint64(0)
-            for b in range(size):
-                idx |= ((x >> shifts[base + b]) & one) << np.uint64(b)
-            index[g] = idx
-        if groups == 8:  # the common full word: one pass over the row, eight table rows XORed in
-            t0, t1, t2, t3 = tables[0, index[0]], tables[1, index[1]], tables[2, index[2]], tables[3, index[3]]
-            t4, t5, t6, t7 = tables[4, index[4]], tables[5, index[5]], tables[6, index[6]], tables[7, index[7]]
-            for j in range(start, nwords):
-                rows[i, j] ^= (t0[j] ^ t1[j]) ^ (t2[j] ^ t3[j]) ^ ((t4[j] ^ t5[j]) ^ (t6[j] ^ t7[j]))
-        else:
-            for g in range(groups):
-                if index[g]:
-                    for j in range(start, nwords):
-                        rows[i, j] ^= tables[g, index[g], j]
+        combo = np.uint64(0)
+        for g in range(8):
+            combo ^= coef[g, (x >> np.uint64(8 * g)) & np.uint64(255)]
+        if combo:
+            _xor_combination(rows, i, combo, start, tables, groups)
         if zero_word:
             rows[i, word] = 0
 
@@ -228,14 +251,17 @@ def _apply_tables(rows, lo, hi, m, word, start, pcols, tables, groups, zero_word
 def _eliminate(rows, ncols, limit, reduced, pivots):  # pragma: no cover - compiled
     """In-place GF(2) elimination of packed ``rows``; returns the rank (capped at ``limit``).
 
-    Method of the four Russians, one 64-column word at a time: find the pivot rows of that word, reduce them
-    among themselves, tabulate all XOR combinations of each group of 8 pivot rows (256 rows per table) and
-    clear the word from every other row with one table lookup per group instead of one XOR per pivot.
-    With ``reduced`` the rows above are cleared too (reduced row echelon form); ``pivots[k]`` receives the
-    pivot column of row ``k``. Without it the elimination stops once ``limit`` pivots are found.
+    Method of the four Russians, one 64-column word at a time: find the pivot rows of that word (a
+    single-word elimination), work out on that word alone which combination of them clears each pivot bit,
+    tabulate all XOR combinations of each group of 8 pivot rows (256 rows per table) and clear the word from
+    every other row with 8 table rows instead of one XOR per pivot. With ``reduced`` the rows above are
+    cleared too and the pivot rows replaced by their reduced forms (reduced row echelon form); ``pivots[k]``
+    receives the pivot column of row ``k``. Without it the elimination stops once ``limit`` pivots are found.
     """
     h, nwords = rows.shape
-    tables = np.empty((64 // BLOCK_BITS, 1 << BLOCK_BITS, nwords), dtype=np.uint64)
+    tables = np.empty((8, 256, nwords), dtype=np.uint64)
+    coef = np.empty((8, 256), dtype=np.uint64)
+    transform = np.zeros(64, dtype=np.uint64)
     pcols = np.zeros(64, dtype=np.int64)
     r = 0
     for word in range((ncols + 63) // 64):
@@ -246,16 +272,22 @@ def _eliminate(rows, ncols, limit, reduced, pivots):  # pragma: no cover - compi
             continue
         if not reduced and r + m >= limit:
             return limit
-        _reduce_pivot_rows(rows, r, m, word, pcols)
+        _slab_transform(rows, r, m, word, pcols, transform)
+        _coefficient_tables(transform, pcols, m, coef)
         for k in range(m):
             pivots[r + k] = word * 64 + pcols[k]
+        start = word if reduced else word + 1
+        if start >= nwords:
+            r += m
+            continue
+        groups = _build_tables(rows, r, m, word, start, tables)
         if reduced:
-            groups = _build_tables(rows, r, m, word, word, tables)
-            _apply_tables(rows, 0, r, m, word, word, pcols, tables, groups, False)
-            _apply_tables(rows, r + m, h, m, word, word, pcols, tables, groups, False)
-        elif word + 1 < nwords:
-            groups = _build_tables(rows, r, m, word, word + 1, tables)
-            _apply_tables(rows, r + m, h, m, word, word + 1, pcols, tables, groups, True)
+            for k in range(m):  # the pivot rows become their reduced forms (built from the saved tables)
+                for j in range(start, nwords):
+                    rows[r + k, j] = 0
+                _xor_combination(rows, r + k, transform[k], start, tables, groups)
+            _apply_tables(rows, 0, r, word, start, coef, tables, groups, False)
+        _apply_tables(rows, r + m, h, word, start, coef, tables, groups, not reduced)
         r += m
     return min(r, limit)
 
