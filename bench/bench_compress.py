@@ -23,7 +23,7 @@ import torchvision
 import cbdnet
 from cbdnet.compress import default_workers
 
-INPUTS = {"resnet18": (1, 3, 224, 224), "vgg16": (1, 3, 224, 224)}
+INPUTS = {"resnet18": (1, 3, 224, 224), "vgg16": (1, 3, 224, 224)}  # ImageNet-sized input, batch 1
 TARGETS = {"resnet18": 60.0, "vgg16": 600.0}
 
 
@@ -50,7 +50,7 @@ def main() -> int:
         model = build(name, args.seed)
         start = time.perf_counter()
         model, report = cbdnet.compress(model, planes=args.planes, bottleneck=args.bottleneck,
-                                        workers=args.workers, progress=True)
+                                        workers=args.workers, progress=True, input_shape=INPUTS[name])
         seconds = time.perf_counter() - start
         calls = sum(layer.rank_calls for layer in report.layers)
         print(f"{name}: compress {seconds:.1f} s (target <= {TARGETS.get(name, float('nan')):.0f} s) for "
@@ -59,6 +59,11 @@ def main() -> int:
         for layer in sorted(report.layers, key=lambda item: -item.seconds)[:4]:
             print(f"    {layer.name:<24} {layer.h}x{layer.w:<6} {layer.mode:<7} {layer.seconds:6.1f} s "
                   f"({layer.rank_calls} eliminations)")
+        ops = report.ops()
+        print(f"    storage {ops['storage_bits'] / 8 / 2**20:.1f} MiB of weight codes (fp32 "
+              f"{ops['fp32_storage_bits'] / 8 / 2**20:.1f} MiB); per {INPUTS[name]} sample: dense "
+              f"{ops['dense_macs'] / 1e9:.2f} G MACs (= FP32), bit-serial {ops['bitserial_adds'] / 1e9:.2f} G adds "
+              f"+ {ops['bitserial_mults'] / 1e6:.1f} M mults")
         if args.save:
             path = Path(args.save) / f"{name}.cbd"
             start = time.perf_counter()

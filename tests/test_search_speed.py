@@ -73,3 +73,13 @@ def test_line_count_bound_saves_eliminations():
     r2d = normalised(weight)
     result = search_scale(r2d, rank_bound(*r2d.shape, 0.3))
     assert result.rank_calls < result.probes
+
+
+def test_distinct_positive_equals_numpy_unique():
+    from cbdnet.search import distinct_positive
+
+    rng = np.random.default_rng(2)
+    cases = [np.abs(rng.standard_normal((300, 200))), np.round(rng.random((50, 40)), 2),
+             np.array([[0.0, 1e-300, 5e-324, 1.0, 1.0, 0.5]]), np.zeros((3, 3))]
+    for values in cases:
+        assert np.array_equal(distinct_positive(values), np.unique(values[values > 0]))

@@ -22,10 +22,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from . import gf2
 
-__all__ = ["ScaleResult", "rank_bound", "search_scale"]
+__all__ = ["ScaleResult", "rank_bound", "search_scale", "distinct_positive"]
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,73 @@ def rank_bound(h: int, w: int, bottleneck: float) -> int:
     return math.floor(bottleneck * min(h, w) + 1e-9)
 
 
+RADIX_BITS = 11
+
+
+@njit(cache=True, nogil=True)
+def _radix_sort_keys(keys):  # pragma: no cover - compiled
+    """LSD radix sort of ``uint64`` keys, 11 bits per pass; passes where all keys share the digit are
+    skipped (the exponent bits of values in (0, 1] mostly do)."""
+    buckets = 1 << RADIX_BITS
+    mask = np.uint64(buckets - 1)
+    source = keys.copy()
+    target = np.empty_like(source)
+    counts = np.zeros(buckets, dtype=np.int64)
+    for shift in range(0, 64, RADIX_BITS):
+        counts[:] = 0
+        for key in source:
+            counts[(key >> np.uint64(shift)) & mask] += 1
+        if counts.max() == source.size:
+            continue
+        total = 0
+        for b in range(buckets):
+            count = counts[b]
+            counts[b] = total
+            total += count
+        for key in source:
+            digit = (key >> np.uint64(shift)) & mask
+            target[counts[digit]] = key
+            counts[digit] += 1
+        source, target = target, source
+    return source
+
+
+@njit(cache=True, nogil=True)
+def _positive_keys(values):  # pragma: no cover - compiled
+    flat = values.ravel()
+    count = 0
+    for v in flat:
+        count += v > 0
+    keys = np.empty(count, dtype=np.float64)
+    k = 0
+    for v in flat:
+        if v > 0:
+            keys[k] = v
+            k += 1
+    return keys
+
+
+@njit(cache=True, nogil=True)
+def _dedupe_sorted(sorted_values):  # pragma: no cover - compiled
+    out = np.empty_like(sorted_values)
+    n = 0
+    for v in sorted_values:
+        if n == 0 or v != out[n - 1]:
+            out[n] = v
+            n += 1
+    return out[:n]
+
+
+def distinct_positive(r2d: np.ndarray) -> np.ndarray:
+    """``np.unique(r2d[r2d > 0])`` for a finite float64 array, by radix sort: positive IEEE-754 doubles
+    order like their bit patterns as unsigned integers, so sorting the bits sorts the values."""
+    keys = _positive_keys(np.ascontiguousarray(r2d, dtype=np.float64))
+    return _dedupe_sorted(_radix_sort_keys(keys.view(np.uint64)).view(np.float64))
+
+
 def search_scale(r2d: np.ndarray, bound: int) -> ScaleResult:
     """Binary search of ``a`` over the distinct positive values of ``r2d`` (a 2-D array in [0, 1])."""
-    values = np.unique(r2d[r2d > 0])
+    values = distinct_positive(r2d)
     if values.size == 0:
         raise ValueError("cannot search a scale for an all-zero matrix")
     calls = probes = 0
