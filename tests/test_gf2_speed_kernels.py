@@ -92,3 +92,10 @@ def test_pack_unpack_round_trip():
     for w in (1, 63, 64, 65, 200):
         bits = rng.random((17, w)) < 0.5
         assert np.array_equal(gf2.unpack_rows(gf2.pack_rows(bits), w), bits)
+
+
+def test_threshold_rank_compares_float32_values_exactly():
+    values = np.array([[0.1, 0.2], [0.3, 0.7]], dtype=np.float32)
+    threshold = float(np.float32(0.3))  # exactly the float32 entry: not above itself
+    assert gf2.threshold_rank(values, threshold)[0] == gf2.rank(values.astype(np.float64) > threshold) == 1
+    assert gf2.threshold_rank(values, np.nextafter(threshold, 0.0))[0] == 2

@@ -373,7 +373,8 @@ def threshold_rank(values: np.ndarray, threshold: float, limit: int | None = Non
     """``rank(values > threshold, limit)`` without building the 0/1 matrix, and a free upper bound.
 
     Returns ``(rank, upper)`` where ``upper`` = min(#non-zero rows, #non-zero columns) of the mask >= its
-    rank. ``values`` is a real 2-D array (compared as is, so the mask is exactly ``values > threshold``).
+    rank. ``values`` is a real 2-D array; each entry is compared with ``threshold`` as float64 (exact for
+    float32/float64 and small integer entries).
     With ``skip_below``, a mask whose ``upper`` is below it is not eliminated at all: rank -1 (unknown,
     but at most ``upper``).
     """
@@ -382,13 +383,13 @@ def threshold_rank(values: np.ndarray, threshold: float, limit: int | None = Non
         raise ValueError(f"expected a 2-D array, got shape {values.shape}")
     if values.size == 0:
         return 0, 0
-    return _threshold_rank(values, values.dtype.type(threshold), limit, skip_below)
+    return _threshold_rank(values, np.float64(threshold), limit, skip_below)
 
 
 def mask_lines(values: np.ndarray, threshold: float) -> int:
     """min(#non-zero rows, #non-zero columns) of ``values > threshold``: an upper bound of its rank."""
     values = np.asarray(values)
-    return _trimmed_mask(values, values.dtype.type(threshold))[2]
+    return _trimmed_mask(values, np.float64(threshold))[2]
 
 
 def factor(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
