@@ -95,7 +95,7 @@ def test_pack_unpack_round_trip():
 
 
 def test_threshold_rank_compares_float32_values_exactly():
-    values = np.array([[0.1, 0.2], [0.3, 0.7]], dtype=np.float32)
+    values = np.array([[0.3, 0.1], [0.1, 0.7]], dtype=np.float32)
     threshold = float(np.float32(0.3))  # exactly the float32 entry: not above itself
     assert gf2.threshold_rank(values, threshold)[0] == gf2.rank(values.astype(np.float64) > threshold) == 1
     assert gf2.threshold_rank(values, np.nextafter(threshold, 0.0))[0] == 2
