@@ -6,8 +6,10 @@ the model with a :class:`Report`. Bits are counted exactly as :func:`cbdnet.save
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -17,8 +19,10 @@ from tqdm.auto import tqdm
 
 from .codec import LayerCode, encode_weight
 from .nn import COMPRESSIBLE, CBDModule, from_module
+from .ops import layer_ops, output_positions, plane_popcounts
 
-__all__ = ["LayerReport", "Report", "compress", "compressible_layers", "layer_report", "float_state"]
+__all__ = ["LayerReport", "Report", "compress", "compressible_layers", "layer_report", "float_state",
+           "default_workers"]
 
 
 @dataclass
@@ -44,6 +48,15 @@ class LayerReport:
     rel_error: float
     rank_calls: int
     seconds: float
+    # operation counts (see cbdnet.ops): a factored plane saves storage, not arithmetic on float inputs
+    plane_popcounts: list[int] = field(default_factory=list)  # 1s per plane
+    macs_per_position: int = 0  # dense conv/linear on the decoded weight: h * w
+    bitserial_adds_per_position: int = 0  # signed adds over the 0/1 planes: sum of plane_popcounts
+    bitserial_mults_per_position: int = 0  # one scale per plane and output channel
+    output_positions: int | None = None  # output pixels per sample (needs compress(..., input_shape=...))
+    dense_macs: int | None = None  # per sample
+    bitserial_adds: int | None = None  # per sample
+    bitserial_mults: int | None = None  # per sample
 
 
 @dataclass
@@ -78,9 +91,27 @@ class Report:
     def total_bits(self) -> int:
         return self.weight_bits + self.float_bits
 
+    def ops(self) -> dict:
+        """Totals of the storage and of the operations a deployment performs (per sample, where known)."""
+        def total(key: str) -> int | None:
+            values = [getattr(layer, key) for layer in self.layers]
+            return None if any(v is None for v in values) else int(sum(values))
+
+        return {
+            "storage_bits": self.weight_bits,
+            "fp32_storage_bits": 32 * self.params,
+            "macs_per_position": total("macs_per_position"),
+            "dense_macs": total("dense_macs"),
+            "bitserial_adds": total("bitserial_adds"),
+            "bitserial_mults": total("bitserial_mults"),
+            "note": "GF(2) factors save storage only: a float activation meets the decoded plane, so a "
+                    "deployment runs dense_macs multiply-adds (as FP32) or bitserial_adds + bitserial_mults",
+        }
+
     def to_dict(self) -> dict:
         return {
             **self.extra,
+            "ops": self.ops(),
             "config": self.config,
             "bits_per_weight": self.bits_per_weight,
             "params": self.params,
@@ -131,8 +162,10 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def layer_report(name: str, module: nn.Module, code: LayerCode, original: np.ndarray, seconds: float) -> LayerReport:
+def layer_report(name: str, module: nn.Module, code: LayerCode, original: np.ndarray, seconds: float,
+                 positions: int | None = None) -> LayerReport:
     decoded = code.decode()
+    popcounts = plane_popcounts(code)
     norm = float(np.linalg.norm(original))
     error = float(np.linalg.norm(decoded - original) / norm) if norm > 0 else 0.0
     h, w = code.matrix_shape
@@ -143,7 +176,8 @@ def layer_report(name: str, module: nn.Module, code: LayerCode, original: np.nda
         plane_ranks=[p.rank for p in code.planes], plane_storage=[p.storage for p in code.planes],
         planes_factored=code.factored_planes, planes_plain=len(code.planes) - code.factored_planes,
         bits=code.bits(), bits_per_weight=code.bits() / code.numel, rel_error=error,
-        rank_calls=code.rank_calls, seconds=seconds)
+        rank_calls=code.rank_calls, seconds=seconds, plane_popcounts=popcounts,
+        **layer_ops(code, popcounts, positions))
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -153,25 +187,48 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value for key, value in model.state_dict().items() if key not in coded}
 
 
+def default_workers() -> int:
+    """Layers encoded at once: ``CBDNET_WORKERS`` if set, else the CPU count, at most 2 (memory)."""
+    value = os.environ.get("CBDNET_WORKERS")
+    return max(1, int(value)) if value else max(1, min(2, os.cpu_count() or 1))
+
+
+def _encode_layer(name: str, module: nn.Module, planes: int, bottleneck: float, mode: str,
+                  positions: int | None) -> tuple[LayerCode, LayerReport]:
+    start = time.perf_counter()
+    original = module.weight.detach().to(device="cpu", dtype=torch.float32).numpy()
+    code = encode_weight(original, planes=planes, bottleneck=bottleneck, name=name, mode=mode)
+    return code, layer_report(name, module, code, original, time.perf_counter() - start, positions)
+
+
 def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip: Iterable[str] = (),
-             mode: str = "auto", progress: bool = True) -> tuple[nn.Module, Report]:
+             mode: str = "auto", progress: bool = True, workers: int | None = None,
+             input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, Report]:
     """Compress every Conv2d/Linear of ``model`` in place; returns ``(model, report)``.
 
     ``planes`` is J, the number of magnitude bit planes; ``bottleneck`` bounds the GF(2) rank of the mask of
     large entries by ``bottleneck * min(h, w)``; ``skip`` names layers to keep in float; ``mode='uniform'``
-    stores every layer with the plain uniform code (the honest baseline at the same bits).
+    stores every layer with the plain uniform code (the honest baseline at the same bits). ``workers`` layers
+    are encoded at once in threads (the GF(2) kernels release the GIL; default :func:`default_workers`); the
+    result does not depend on it, layers are swapped in model order. With ``input_shape`` (e.g.
+    ``(1, 3, 224, 224)``) the report also counts the operations per sample (see :mod:`cbdnet.ops`).
     """
     start = time.perf_counter()
     report = Report(config={"planes": planes, "bottleneck": bottleneck, "mode": mode, "skip": sorted(skip)})
     layers = compressible_layers(model, skip)
-    bar = tqdm(layers, desc="compress", unit="layer", disable=None if progress else True, leave=False)
-    for name, module in bar:
-        bar.set_postfix_str(name)
-        layer_start = time.perf_counter()
-        original = module.weight.detach().to(device="cpu", dtype=torch.float32).numpy()
-        code = encode_weight(original, planes=planes, bottleneck=bottleneck, name=name, mode=mode)
-        _set_submodule(model, name, from_module(module, code))
-        report.layers.append(layer_report(name, module, code, original, time.perf_counter() - layer_start))
+    positions = output_positions(model, input_shape) if input_shape is not None else {}
+    workers = default_workers() if workers is None else max(1, int(workers))
+    bar = tqdm(total=len(layers), desc="compress", unit="layer", disable=None if progress else True, leave=False)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        jobs = [pool.submit(_encode_layer, name, module, planes, bottleneck, mode, positions.get(name))
+                for name, module in layers]
+        for (name, module), job in zip(layers, jobs, strict=True):
+            code, layer = job.result()
+            _set_submodule(model, name, from_module(module, code))
+            report.layers.append(layer)
+            bar.set_postfix_str(name)
+            bar.update(1)
+    bar.close()
     report.float_tensors = {key: value.numel() * value.element_size() * 8
                             for key, value in float_state(model).items()}
     report.seconds = time.perf_counter() - start
