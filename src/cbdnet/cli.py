@@ -74,7 +74,8 @@ def cmd_compress(args) -> int:
     model, source = _model_from_args(args)
     before = _evaluate(model, args.data, args)
     model, report = compress(model, planes=args.planes, bottleneck=args.bottleneck, skip=args.skip or (),
-                             mode="uniform" if args.method == "uniform" else "auto", progress=not args.quiet)
+                             mode="uniform" if args.method == "uniform" else "auto", progress=not args.quiet,
+                             workers=args.workers)
     report.extra.update({"arch": args.arch, "weights": source, "cbdnet_version": __version__})
     after = _evaluate(model, args.data, args)  # before writing: a failure here leaves any old output as it was
     if args.output:
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("cbd", "uniform"), default="cbd",
                    help="cbd (composite planes + GF(2) factors) or uniform (plain J-bit code, the baseline)")
     p.add_argument("--skip", nargs="*", help="layer names to keep in float")
+    p.add_argument("--workers", type=int, default=None,
+                   help="layers encoded at once in threads (default 1, or $CBDNET_WORKERS); same result")
     p.add_argument("--data", help="evaluate before and after on this data spec, e.g. cifar10-npz:PATH")
     p.add_argument("-o", "--output", help="output .cbd file")
     p.add_argument("--json", help="write the report as JSON here")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -188,9 +189,10 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def default_workers() -> int:
-    """Layers encoded at once: ``CBDNET_WORKERS`` if set, else the CPU count, at most 2 (memory)."""
+    """Layers encoded at once: ``CBDNET_WORKERS`` if set, else 1 (two threads showed no gain on a loaded
+    2-core machine and double the peak memory of the largest layers)."""
     value = os.environ.get("CBDNET_WORKERS")
-    return max(1, int(value)) if value else max(1, min(2, os.cpu_count() or 1))
+    return max(1, int(value)) if value else 1
 
 
 def _encode_layer(name: str, module: nn.Module, planes: int, bottleneck: float, mode: str,
@@ -199,6 +201,14 @@ def _encode_layer(name: str, module: nn.Module, planes: int, bottleneck: float, 
     original = module.weight.detach().to(device="cpu", dtype=torch.float32).numpy()
     code = encode_weight(original, planes=planes, bottleneck=bottleneck, name=name, mode=mode)
     return code, layer_report(name, module, code, original, time.perf_counter() - start, positions)
+
+
+def _finish(model: nn.Module, report: Report, bar, name: str, module: nn.Module, job) -> None:
+    code, layer = job.result()
+    _set_submodule(model, name, from_module(module, code))
+    report.layers.append(layer)
+    bar.set_postfix_str(name)
+    bar.update(1)
 
 
 def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip: Iterable[str] = (),
@@ -220,14 +230,16 @@ def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip
     workers = default_workers() if workers is None else max(1, int(workers))
     bar = tqdm(total=len(layers), desc="compress", unit="layer", disable=None if progress else True, leave=False)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        jobs = [pool.submit(_encode_layer, name, module, planes, bottleneck, mode, positions.get(name))
-                for name, module in layers]
-        for (name, module), job in zip(layers, jobs, strict=True):
-            code, layer = job.result()
-            _set_submodule(model, name, from_module(module, code))
-            report.layers.append(layer)
-            bar.set_postfix_str(name)
-            bar.update(1)
+        # at most `workers` layers in flight, so a failing layer stops the run without encoding the rest
+        jobs: deque = deque()
+        pending = iter(layers)
+        for name, module in pending:
+            jobs.append((name, module, pool.submit(_encode_layer, name, module, planes, bottleneck, mode,
+                                                   positions.get(name))))
+            if len(jobs) >= workers:
+                _finish(model, report, bar, *jobs.popleft())
+        while jobs:
+            _finish(model, report, bar, *jobs.popleft())
     bar.close()
     report.float_tensors = {key: value.numel() * value.element_size() * 8
                             for key, value in float_state(model).items()}
