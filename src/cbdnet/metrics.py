@@ -26,3 +26,28 @@ def evaluate_classification(model: nn.Module, data, batch_size: int = 500, progr
         bar.update(len(labels))
     bar.close()
     return {"top1": top1 / total if total else 0.0, "top5": top5 / total if total else 0.0, "n": total}
+
+
+# ---------------------------------------------------------------- segmentation: IoU from a confusion matrix
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[num_classes, num_classes]`` int64 counts (rows: true class, columns: predicted); targets outside
+    ``0..num_classes-1`` (e.g. CamVid's void = 11) are ignored."""
+    pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+    keep = (target >= 0) & (target < num_classes)
+    index = target[keep] * num_classes + pred[keep].clamp(0, num_classes - 1)
+    return torch.bincount(index, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def segmentation_scores(confusion: torch.Tensor) -> dict:
+    """Per-class IoU = TP / (TP + FP + FN), their mean over classes present in the truth or the predictions
+    (``miou``), and global pixel accuracy over non-ignored pixels."""
+    confusion = confusion.double()
+    tp = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    valid = ~torch.isnan(iou)
+    total = confusion.sum()
+    return {"miou": float(iou[valid].mean()) if valid.any() else 0.0,
+            "pixel_acc": float(tp.sum() / total) if total > 0 else 0.0,
+            "iou": [None if torch.isnan(v) else float(v) for v in iou], "pixels": int(total)}
