@@ -20,7 +20,7 @@ from .compress import compress
 from .data import load_spec
 from .errors import CBDError
 from .io import atomic_write, load, read, save, verify
-from .metrics import evaluate_classification
+from .metrics import evaluate_classification, evaluate_detection, evaluate_segmentation
 from .models import build, known_archs, load_weights
 
 __all__ = ["main", "build_parser"]
@@ -56,7 +56,21 @@ def _evaluate(model, spec: str | None, args) -> dict | None:
     if not spec:
         return None
     data = load_spec(spec)
+    task = getattr(data, "task", "classification")
+    if task == "segmentation":
+        return evaluate_segmentation(model, data, batch_size=min(args.batch_size, 8), progress=not args.quiet)
+    if task == "detection":
+        return evaluate_detection(model, data, batch_size=min(args.batch_size, 8), progress=not args.quiet)
     return evaluate_classification(model, data, batch_size=args.batch_size, progress=not args.quiet)
+
+
+def _headline(result: dict) -> str:
+    """The task's headline scores of an eval result, in one short string."""
+    if "miou" in result:
+        return f"mIoU {result['miou']:.4f}  pixel acc {result['pixel_acc']:.4f}"
+    if "map50" in result:
+        return f"mAP@0.5 {result['map50']:.4f}"
+    return f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}"
 
 
 def cmd_compress(args) -> int:
@@ -83,9 +97,11 @@ def cmd_compress(args) -> int:
     if report.file_bytes is not None:
         _say(args, f"wrote {args.output}: {report.file_bytes:,} bytes "
                    f"(payload {report.total_bits / 8:,.0f} bytes + header) in {report.seconds:.1f} s")
-    if before is not None:
+    if before is not None and "top1" in before:
         _say(args, f"top-1 before {before['top1']:.4f}  after {after['top1']:.4f}  "
                    f"(top-5 {before['top5']:.4f} -> {after['top5']:.4f}, n={after['n']})")
+    elif before is not None:
+        _say(args, f"before: {_headline(before)}  after: {_headline(after)}  (n={after['n']})")
     _write_json(args.json, report.to_dict())
     return 0
 
@@ -99,7 +115,7 @@ def cmd_eval(args) -> int:
     start = time.perf_counter()
     result = _evaluate(model, args.data, args)
     result.update({"model": source, "data": args.data, "seconds": time.perf_counter() - start})
-    _say(args, f"{source} on {args.data}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  (n={result['n']})")
+    _say(args, f"{source} on {args.data}: {_headline(result)}  (n={result['n']})")
     _write_json(args.json, result)
     return 0
 
