@@ -205,3 +205,12 @@ def test_cli_eval_detection_dispatch(tmp_path):
     scores = json.loads(result.read_text())
     assert 0.0 <= scores["map50"] <= 1.0 and scores["ap"]["cat"] is None and scores["n"] == 2
     assert "top1" not in scores
+
+
+def test_cli_num_classes_is_recorded_in_the_file(tmp_path):
+    out = tmp_path / "n5.cbd"
+    assert main(["compress", "--arch", "segnet-basic", "--num-classes", "5", "--weights", "random", "-o", str(out),
+                 "--quiet"]) == 0
+    assert load(out).classifier.out_channels == 5
+    register("test-headless")(lambda: nn.Sequential(nn.Conv2d(3, 4, 3)))
+    assert main(["compress", "--arch", "test-headless", "--num-classes", "3", "--quiet"]) == 2  # one-line error

@@ -43,10 +43,14 @@ def _write_json(path: str | None, payload: dict) -> None:
 def _model_from_args(args) -> tuple[torch.nn.Module, str]:
     if args.arch is None:
         raise UsageError("--arch is required (known: " + ", ".join(known_archs()) + ")")
-    model = build(args.arch)
+    kwargs = {} if getattr(args, "num_classes", None) is None else {"num_classes": args.num_classes}
+    try:
+        model = build(args.arch, **kwargs)
+    except TypeError as exc:
+        raise UsageError(f"--num-classes does not apply to {args.arch}: {exc}") from None
     if args.weights in (None, "random"):
         torch.manual_seed(args.seed)
-        model = build(args.arch)
+        model = build(args.arch, **kwargs)
         return model.eval(), f"random (seed {args.seed})"
     load_weights(model, args.weights)
     return model.eval(), args.weights
@@ -181,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", help="checkpoint (state dict) path, or 'random'")
         p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
         p.add_argument("--batch-size", type=int, default=500)
+        p.add_argument("--num-classes", type=int, default=None,
+                       help="class count of the checkpoint's head (e.g. 21 for a VOC-trained ssd300; default: the "
+                            "architecture's own: 1000 ImageNet, 91 COCO for ssd300, 11 CamVid for segnet)")
 
     p = sub.add_parser("compress", parents=[common], help="compress a model to a .cbd file")
     model_args(p)
