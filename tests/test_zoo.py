@@ -214,3 +214,13 @@ def test_cli_num_classes_is_recorded_in_the_file(tmp_path):
     assert load(out).classifier.out_channels == 5
     register("test-headless")(lambda: nn.Sequential(nn.Conv2d(3, 4, 3)))
     assert main(["compress", "--arch", "test-headless", "--num-classes", "3", "--quiet"]) == 2  # one-line error
+
+
+def test_transposed_conv_is_listed_as_float_with_its_reason():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ConvTranspose2d(8, 4, 2, stride=2))
+    _, report = compress(model, progress=False)
+    rows = {row["name"]: row for row in report.to_dict()["float_layers"]}
+    assert set(rows) == {"1", "2"} and "transposed convolution" in rows["2"]["reason"]
+    assert rows["2"]["params"] == 8 * 4 * 2 * 2 + 4 and [layer.name for layer in report.layers] == ["0"]
+    _, skipped = compress(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(2, 2)), skip=["1"], progress=False)
+    assert skipped.float_layers[0]["name"] == "1" and "skipped" in skipped.float_layers[0]["reason"]
