@@ -20,7 +20,7 @@ from .compress import compress
 from .data import load_spec
 from .errors import CBDError
 from .io import atomic_write, check_writable, load, read, save, verify
-from .metrics import evaluate_classification
+from .metrics import evaluate_classification, evaluate_detection, evaluate_segmentation
 from .models import build, known_archs, load_weights
 
 __all__ = ["main", "build_parser"]
@@ -43,10 +43,14 @@ def _write_json(path: str | None, payload: dict) -> None:
 def _model_from_args(args) -> tuple[torch.nn.Module, str]:
     if args.arch is None:
         raise UsageError("--arch is required (known: " + ", ".join(known_archs()) + ")")
-    model = build(args.arch)
+    kwargs = {} if getattr(args, "num_classes", None) is None else {"num_classes": args.num_classes}
+    try:
+        model = build(args.arch, **kwargs)
+    except TypeError as exc:
+        raise UsageError(f"--num-classes does not apply to {args.arch}: {exc}") from None
     if args.weights in (None, "random"):
         torch.manual_seed(args.seed)
-        model = build(args.arch)
+        model = build(args.arch, **kwargs)
         return model.eval(), f"random (seed {args.seed})"
     load_weights(model, args.weights)
     return model.eval(), args.weights
@@ -56,10 +60,24 @@ def _evaluate(model, spec: str | None, args) -> dict | None:
     if not spec:
         return None
     data = load_spec(spec)
+    task = getattr(data, "task", "classification")
     try:
+        if task == "segmentation":
+            return evaluate_segmentation(model, data, batch_size=min(args.batch_size, 8), progress=not args.quiet)
+        if task == "detection":
+            return evaluate_detection(model, data, batch_size=min(args.batch_size, 8), progress=not args.quiet)
         return evaluate_classification(model, data, batch_size=args.batch_size, progress=not args.quiet)
     except RuntimeError as exc:  # e.g. 8x8 grey digits into a CIFAR ResNet: the input's fault, not ours
         raise CBDError(f"the data {spec} does not fit the model: {_one_line(str(exc))}") from None
+
+
+def _headline(result: dict) -> str:
+    """The task's headline scores of an eval result, in one short string."""
+    if "miou" in result:
+        return f"mIoU {result['miou']:.4f}  pixel acc {result['pixel_acc']:.4f}"
+    if "map50" in result:
+        return f"mAP@0.5 {result['map50']:.4f}"
+    return f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}"
 
 
 def cmd_compress(args) -> int:
@@ -88,9 +106,11 @@ def cmd_compress(args) -> int:
     if report.file_bytes is not None:
         _say(args, f"wrote {args.output}: {report.file_bytes:,} bytes "
                    f"(payload {report.total_bits / 8:,.0f} bytes + header) in {report.seconds:.1f} s")
-    if before is not None:
+    if before is not None and "top1" in before:
         _say(args, f"top-1 before {before['top1']:.4f}  after {after['top1']:.4f}  "
                    f"(top-5 {before['top5']:.4f} -> {after['top5']:.4f}, n={after['n']})")
+    elif before is not None:
+        _say(args, f"before: {_headline(before)}  after: {_headline(after)}  (n={after['n']})")
     _write_json(args.json, report.to_dict())
     return 0
 
@@ -105,7 +125,7 @@ def cmd_eval(args) -> int:
     start = time.perf_counter()
     result = _evaluate(model, args.data, args)
     result.update({"model": source, "data": args.data, "seconds": time.perf_counter() - start})
-    _say(args, f"{source} on {args.data}: top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  (n={result['n']})")
+    _say(args, f"{source} on {args.data}: {_headline(result)}  (n={result['n']})")
     _write_json(args.json, result)
     return 0
 
@@ -171,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", help="checkpoint (state dict) path, or 'random'")
         p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
         p.add_argument("--batch-size", type=int, default=500)
+        p.add_argument("--num-classes", type=int, default=None,
+                       help="class count of the checkpoint's head (e.g. 21 for a VOC-trained ssd300; default: the "
+                            "architecture's own: 1000 ImageNet, 91 COCO for ssd300, 11 CamVid for segnet)")
 
     p = sub.add_parser("compress", parents=[common], help="compress a model to a .cbd file")
     model_args(p)

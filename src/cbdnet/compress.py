@@ -71,6 +71,7 @@ class Report:
     file_bytes: int | None = None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    float_layers: list[dict] = field(default_factory=list)  # modules whose own parameters stay float, and why
 
     @property
     def params(self) -> int:
@@ -123,6 +124,7 @@ class Report:
             "file_bytes": self.file_bytes,
             "seconds": self.seconds,
             "layers": [asdict(layer) for layer in self.layers],
+            "float_layers": self.float_layers,
         }
 
     def table(self) -> str:
@@ -179,6 +181,37 @@ def layer_report(name: str, module: nn.Module, code: LayerCode, original: np.nda
         bits=code.bits(), bits_per_weight=code.bits() / code.numel, rel_error=error,
         rank_calls=code.rank_calls, seconds=seconds, plane_popcounts=popcounts,
         **layer_ops(code, popcounts, positions))
+
+
+_FLOAT_REASONS: tuple[tuple[type, str], ...] = (
+    (nn.modules.batchnorm._NormBase, "normalisation layer: per-channel affine/statistics, kept in float"),
+    (nn.GroupNorm, "normalisation layer: per-channel affine, kept in float"),
+    (nn.LayerNorm, "normalisation layer: per-channel affine, kept in float"),
+    (nn.modules.conv._ConvTransposeNd, "transposed convolution: no CBD twin, kept in float"),
+    (nn.Embedding, "embedding table: not a Conv2d/Linear, kept in float"),
+)
+
+
+def float_layers(model: nn.Module, skip: Iterable[str] = ()) -> list[dict]:
+    """Every module that holds parameters of its own which are not a CBD code (biases of CBD layers aside):
+    its name, type, parameter names and count, and why it stays float."""
+    skipped = set(skip)
+    rows = []
+    for name, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        if isinstance(module, CBDModule):
+            continue
+        if not own:
+            continue
+        if name in skipped:
+            reason = "skipped on request (--skip)"
+        else:
+            reason = next((text for kind, text in _FLOAT_REASONS if isinstance(module, kind)),
+                          f"{type(module).__name__} parameters ({', '.join(own)}): not a Conv2d/Linear weight, "
+                          "kept in float")
+        rows.append({"name": name, "type": type(module).__name__, "tensors": sorted(own),
+                     "params": sum(p.numel() for p in own.values()), "reason": reason})
+    return rows
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -243,5 +276,6 @@ def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip
     bar.close()
     report.float_tensors = {key: value.numel() * value.element_size() * 8
                             for key, value in float_state(model).items()}
+    report.float_layers = float_layers(model, skip)
     report.seconds = time.perf_counter() - start
     return model, report

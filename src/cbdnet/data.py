@@ -3,6 +3,12 @@
 - ``cifar10-npz:PATH``: the npz layout of ``../shared`` (``images`` uint8 [N,32,32,3] RGB, ``labels`` [N]),
   normalised with the ImageNet mean/std that the public CIFAR ResNet checkpoints were trained with.
 - ``digits[:train|test]``: scikit-learn's bundled 8x8 digits (the demo's data), a fixed 70/30 split.
+- ``imagefolder:PATH``: an ImageNet-style folder (one sub-folder per class, sorted names = class indices, as
+  torchvision's ``ImageFolder``), read lazily with the standard 256-resize / 224-centre-crop and ImageNet mean/std.
+- ``camvid-npz:PATH[:split]``: the CamVid npz of ``../shared`` (``{split}_images`` uint8 [N,H,W,3],
+  ``{split}_labels`` [N,H,W], classes 0..10, 11 = void); split defaults to ``test``; ImageNet mean/std.
+- ``voc:PATH``: a VOCdevkit-style folder (``JPEGImages/``, ``Annotations/``, ``ImageSets/Main/test.txt``), the
+  20 VOC classes; images go to the model as [0, 1] tensors (torchvision detectors normalise internally).
 """
 
 from __future__ import annotations
@@ -15,11 +21,18 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["ClassificationData", "load_spec", "SPEC_KINDS", "CIFAR_MEAN", "CIFAR_STD"]
+__all__ = ["ClassificationData", "ImageFolderData", "SegmentationData", "DetectionData", "load_spec", "SPEC_KINDS",
+           "CIFAR_MEAN", "CIFAR_STD", "CAMVID_CLASSES", "VOC_CLASSES"]
 
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
-SPEC_KINDS = ("cifar10-npz", "digits")
+SPEC_KINDS = ("cifar10-npz", "digits", "imagefolder", "camvid-npz", "voc")
+IMAGENET_MEAN, IMAGENET_STD = CIFAR_MEAN, CIFAR_STD
+CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+                  "Pedestrian", "Bicyclist")
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
 
 
 @dataclass
@@ -85,7 +98,157 @@ def digits(split: str = "test") -> ClassificationData:
     return ClassificationData(x, torch.from_numpy(bunch.target[index].astype(np.int64)), f"digits:{split}")
 
 
-def load_spec(spec: str) -> ClassificationData:
+class ImageFolderData:
+    """An ImageNet-style folder, decoded lazily batch by batch (256 resize, 224 centre crop, mean/std)."""
+
+    task = "classification"
+
+    def __init__(self, root: str) -> None:
+        from torchvision import datasets, transforms
+
+        folder = Path(root)
+        if not folder.is_dir():
+            raise DataError(f"imagefolder: {root} is not a directory")
+        transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        try:
+            self.dataset = datasets.ImageFolder(str(folder), transform=transform)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise DataError(f"imagefolder: {root}: {exc}") from None
+        self.name = f"imagefolder:{root}"
+        self.classes = list(self.dataset.classes)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self), batch_size):
+            items = []
+            for index in range(start, min(start + batch_size, len(self))):
+                try:
+                    items.append(self.dataset[index])
+                except OSError as exc:
+                    raise DataError(f"cannot read {self.dataset.samples[index][0]}: {exc}") from None
+            yield torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
+
+
+@dataclass
+class SegmentationData:
+    images: torch.Tensor  # float32 [N, 3, H, W], normalised
+    labels: torch.Tensor  # int64 [N, H, W]; values >= num_classes are ignored (void)
+    name: str
+    classes: tuple[str, ...]
+    ignore_index: int
+    task: str = "segmentation"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self), batch_size):
+            yield self.images[start:start + batch_size], self.labels[start:start + batch_size]
+
+
+def _camvid(rest: str) -> SegmentationData:
+    path, split = rest, "test"
+    head, _, tail = rest.rpartition(":")
+    if head and tail in ("train", "val", "test"):
+        path, split = head, tail
+    keys = {f"{split}_images": (), f"{split}_labels": ()}
+    arrays = _open_npz(path, keys)
+    images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise DataError(f"{path}: '{split}_images' is {images.dtype} {images.shape}; expected uint8 [N,H,W,3] RGB")
+    if labels.shape != images.shape[:3] or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: '{split}_labels' is {labels.dtype} {labels.shape}; expected integers "
+                        f"{list(images.shape[:3])}")
+    if labels.size and (labels.min() < 0 or labels.max() > len(CAMVID_CLASSES)):
+        raise DataError(f"{path}: labels must lie in 0..{len(CAMVID_CLASSES)} (void = {len(CAMVID_CLASSES)})")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return SegmentationData((x - mean) / std, torch.from_numpy(labels.astype(np.int64)),
+                            f"camvid-npz:{path}:{split}", CAMVID_CLASSES, len(CAMVID_CLASSES))
+
+
+@dataclass
+class DetectionData:
+    """VOC-style detection data: image paths and, per image, float boxes [K,4] (x1,y1,x2,y2 as in the XML),
+    class indices [K] (0-based into ``classes``; the model's label is this + 1, 0 being background) and
+    difficult flags [K]."""
+
+    root: Path
+    ids: list[str]
+    boxes: list[np.ndarray]
+    labels: list[np.ndarray]
+    difficult: list[np.ndarray]
+    classes: tuple[str, ...]
+    name: str
+    task: str = "detection"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image(self, index: int) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.root / "JPEGImages" / f"{self.ids[index]}.jpg"
+        try:
+            with Image.open(path) as picture:
+                array = np.asarray(picture.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from None
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self), batch_size):
+            index = range(start, min(start + batch_size, len(self)))
+            yield [self.image(i) for i in index], list(index)
+
+
+def _voc_annotation(path: Path, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as exc:
+        raise DataError(f"cannot read annotation {path}: {exc}") from None
+    boxes, labels, difficult = [], [], []
+    for obj in root.iter("object"):
+        name = (obj.findtext("name") or "").strip()
+        if name not in classes:
+            raise DataError(f"{path}: unknown class {name!r}; expected one of the VOC classes")
+        box = obj.find("bndbox")
+        try:
+            coords = [float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+        except (AttributeError, TypeError, ValueError):
+            raise DataError(f"{path}: an object has no valid bndbox") from None
+        boxes.append(coords)
+        labels.append(classes.index(name))
+        difficult.append((obj.findtext("difficult") or "0").strip() == "1")
+    return (np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(labels, np.int64),
+            np.asarray(difficult, np.bool_))
+
+
+def _voc(rest: str) -> DetectionData:
+    root = Path(rest)
+    listing = root / "ImageSets" / "Main" / "test.txt"
+    if not listing.is_file():
+        raise DataError(f"voc: {listing} not found (expected a VOCdevkit-style folder: JPEGImages, Annotations, "
+                        "ImageSets/Main/test.txt)")
+    ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"voc: {listing} lists no images")
+    parsed = [_voc_annotation(root / "Annotations" / f"{i}.xml", VOC_CLASSES) for i in ids]
+    return DetectionData(root, ids, [p[0] for p in parsed], [p[1] for p in parsed], [p[2] for p in parsed],
+                         VOC_CLASSES, f"voc:{rest}")
+
+
+def load_spec(spec: str):
     """Open a data spec such as ``cifar10-npz:../shared/data/cifar10_test.npz``."""
     kind, _, rest = spec.partition(":")
     if kind == "cifar10-npz":
@@ -94,4 +257,12 @@ def load_spec(spec: str) -> ClassificationData:
         return _cifar10(rest)
     if kind == "digits":
         return digits(rest or "test")
+    if kind in ("imagefolder", "camvid-npz", "voc") and not rest:
+        raise DataError(f"{kind} needs a path: {kind}:PATH")
+    if kind == "imagefolder":
+        return ImageFolderData(rest)
+    if kind == "camvid-npz":
+        return _camvid(rest)
+    if kind == "voc":
+        return _voc(rest)
     raise DataError(f"unknown data spec {spec!r}; expected one of: {', '.join(k + ':PATH' for k in SPEC_KINDS)}")

@@ -184,3 +184,25 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise WeightError(f"{path}: tensor {key} holds NaN/Inf values")
     model.load_state_dict(state, strict=False)
     return model
+
+
+# ---------------------------------------------------------------- the paper's ImageNet/detection/segmentation nets
+
+def _register_zoo() -> None:
+    """torchvision definitions (weights=None, so torchvision state dicts load unchanged) and SegNet."""
+    from torchvision import models as tv
+    from torchvision.models import detection as tvd
+
+    from .segnet import SegNet, SegNetBasic
+
+    register("resnet18")(lambda num_classes=1000, **kw: tv.resnet18(weights=None, num_classes=num_classes, **kw))
+    register("vgg16")(lambda num_classes=1000, **kw: tv.vgg16(weights=None, num_classes=num_classes, **kw))
+    register("densenet121")(
+        lambda num_classes=1000, **kw: tv.densenet121(weights=None, num_classes=num_classes, **kw))
+    register("ssd300")(lambda num_classes=91, **kw: tvd.ssd300_vgg16(
+        weights=None, weights_backbone=None, num_classes=num_classes, **kw))
+    register("segnet")(SegNet)
+    register("segnet-basic")(SegNetBasic)
+
+
+_register_zoo()

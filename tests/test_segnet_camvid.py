@@ -1,0 +1,34 @@
+"""The committed SegNet-Basic CamVid weights (bench/train_segnet.py) on real ../shared CamVid images: the float
+model segments well above chance, and CBD at J=5 / bottleneck 0.3 keeps its mIoU within a point or two."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import shared_file
+
+from cbdnet.compress import compress
+from cbdnet.data import SegmentationData, load_spec
+from cbdnet.metrics import evaluate_segmentation
+from cbdnet.models import build, load_weights
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "segnet_basic_camvid.pt"
+
+
+@pytest.fixture(scope="module")
+def camvid_val_subset() -> SegmentationData:
+    path = shared_file("data/camvid_240x180.npz")
+    data = load_spec(f"camvid-npz:{path}:val")
+    return SegmentationData(data.images[::4], data.labels[::4], data.name + "[::4]", data.classes, data.ignore_index)
+
+
+def test_trained_segnet_basic_float_and_cbd(camvid_val_subset):
+    assert WEIGHTS.is_file(), "models/segnet_basic_camvid.pt is part of the repository"
+    model = load_weights(build("segnet-basic"), WEIGHTS).eval()
+    fp32 = evaluate_segmentation(model, camvid_val_subset, progress=False)
+    assert fp32["miou"] > 0.30 and fp32["pixel_acc"] > 0.70  # chance is ~0.09 mIoU
+    model, report = compress(model, planes=5, bottleneck=0.3, progress=False)
+    assert 4.0 < report.bits_per_weight < 6.5
+    cbd = evaluate_segmentation(model, camvid_val_subset, progress=False)
+    assert abs(fp32["miou"] - cbd["miou"]) < 0.02
