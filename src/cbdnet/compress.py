@@ -7,7 +7,7 @@ the model with a :class:`Report`. Bits are counted exactly as :func:`cbdnet.save
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -154,12 +154,15 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip: Iterable[str] = (),
-             mode: str = "auto", progress: bool = True) -> tuple[nn.Module, Report]:
+             mode: str = "auto", progress: bool = True,
+             encoder: Callable[[str, np.ndarray], LayerCode] | None = None) -> tuple[nn.Module, Report]:
     """Compress every Conv2d/Linear of ``model`` in place; returns ``(model, report)``.
 
     ``planes`` is J, the number of magnitude bit planes; ``bottleneck`` bounds the GF(2) rank of the mask of
     large entries by ``bottleneck * min(h, w)``; ``skip`` names layers to keep in float; ``mode='uniform'``
-    stores every layer with the plain uniform code (the honest baseline at the same bits).
+    stores every layer with the plain uniform code (the honest baseline at the same bits). ``encoder``,
+    when given, replaces :func:`encode_weight`: ``encoder(name, weight) -> LayerCode`` (RTN, grouped
+    composite codes, calibrated or per-layer budgeted codes; see :mod:`cbdnet.grid`, :mod:`cbdnet.budget`).
     """
     start = time.perf_counter()
     report = Report(config={"planes": planes, "bottleneck": bottleneck, "mode": mode, "skip": sorted(skip)})
@@ -169,7 +172,8 @@ def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip
         bar.set_postfix_str(name)
         layer_start = time.perf_counter()
         original = module.weight.detach().to(device="cpu", dtype=torch.float32).numpy()
-        code = encode_weight(original, planes=planes, bottleneck=bottleneck, name=name, mode=mode)
+        code = encoder(name, original) if encoder is not None else \
+            encode_weight(original, planes=planes, bottleneck=bottleneck, name=name, mode=mode)
         _set_submodule(model, name, from_module(module, code))
         report.layers.append(layer_report(name, module, code, original, time.perf_counter() - layer_start))
     report.float_tensors = {key: value.numel() * value.element_size() * 8
