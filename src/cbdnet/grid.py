@@ -73,18 +73,27 @@ def rtn_levels(weight: np.ndarray, bits: int, granularity: str = "channel") -> t
     return round_levels(weight, steps, bits - 1), steps
 
 
+def _group_rms(weight: np.ndarray, groups: int) -> np.ndarray:
+    flat = weight.reshape(weight.shape[0], -1).astype(np.float64)
+    per_channel = np.sqrt((flat**2).mean(axis=1))
+    return per_channel if groups == weight.shape[0] else np.full(1, np.sqrt((flat**2).mean()))
+
+
 def composite_steps(weight: np.ndarray, planes: int, bottleneck: float,
-                    granularity: str = "channel") -> tuple[np.ndarray, int, dict]:
+                    granularity: str = "channel", norm: str = "rms") -> tuple[np.ndarray, int, dict]:
     """Steps of the composite code on per-group normalised magnitudes, and the first plane to factor.
 
     Returns ``(steps, factor_from, info)``: ``factor_from`` is the grid bit whose plane has exponent 0 (the
     planes at or above it hold only entries above the scale ``a``), ``info`` the search result.
     """
     weight = np.asarray(weight, np.float32)
-    peak = _group_max(weight, group_count(weight.shape, granularity)).astype(np.float64)
+    groups = group_count(weight.shape, granularity)
+    peak = (_group_max(weight, groups) if norm == "max" else _group_rms(weight, groups)).astype(np.float64)
     peak = np.where(peak > 0, peak, 1.0)
     per_out = row_steps(weight.shape, peak.astype(np.float32)).astype(np.float64)
     normalised = np.abs(weight) / per_out.reshape((-1,) + (1,) * (weight.ndim - 1))
+    top = normalised.max()
+    normalised, peak = normalised / top, peak * top  # r in [0, 1]; a group's unit is its scale
     r2d = to_matrix(normalised)
     h, w = r2d.shape
     search = search_scale(r2d, rank_bound(h, w, bottleneck))
@@ -146,9 +155,9 @@ def encode_rtn(weight: np.ndarray, bits: int, granularity: str = "channel") -> L
 
 
 def encode_composite_grouped(weight: np.ndarray, planes: int = 5, bottleneck: float = 0.3,
-                             granularity: str = "channel") -> LayerCode:
+                             granularity: str = "channel", norm: str = "rms") -> LayerCode:
     """The composite code with per-channel (or per-tensor) scales: sign + J planes, high planes factored."""
-    steps, factor_from, info = composite_steps(weight, planes, bottleneck, granularity)
+    steps, factor_from, info = composite_steps(weight, planes, bottleneck, granularity, norm)
     levels = round_levels(weight, steps, planes)
     code = grid_code(levels, steps, planes, factor_from=factor_from,
                      reason=f"composite J={planes} per {granularity}")
