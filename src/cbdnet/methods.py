@@ -5,16 +5,25 @@ corrections applied to the compressed model before it is saved.
   ``--granularity channel`` is the composite code with one step per output channel (:mod:`cbdnet.grid`).
 - ``--method rtn --bits K --granularity channel|tensor``: the round-to-nearest baseline.
 - ``--method uniform``: the plain J-bit code of the core engine.
+- ``--calib SPEC``: calibration images (training images only). With it, ``rtn`` and ``--target-bits`` round
+  by GPTQ (``--no-gptq`` to switch off) and pick the clipping of each channel's step by predicted loss; the
+  corrections ``--bias-correction`` / ``--bn-reestimate`` run on the compressed model before it is saved.
+- ``--target-bits X``: per-layer settings under a budget of X bits/weight (:mod:`cbdnet.budget`).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import time
 
 import numpy as np
 from torch import nn
 
+from .budget import choose, layer_candidates, rtn_candidate
+from .calibrate import bias_correct, calibration_loss, collect_stats, load_calibration, reestimate_bn, single_thread
 from .codec import LayerCode, _check_finite
+from .compress import compressible_layers
 from .errors import CBDError
 from .grid import GRANULARITIES, encode_composite_grouped, encode_rtn
 
@@ -27,6 +36,19 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--granularity", choices=GRANULARITIES, default=None,
                         help="one scale per output channel or per tensor (default: channel for rtn, tensor "
                              "for cbd, i.e. the paper's code)")
+    parser.add_argument("--calib", help="calibration data spec (training images only), e.g. "
+                                        "cifar10-npz:../shared/data/cifar10_calib1000.npz")
+    parser.add_argument("--calib-images", type=int, default=None, help="use only the first N calibration images")
+    parser.add_argument("--target-bits", type=float, default=None,
+                        help="choose per-layer settings to fit X bits/weight (as stored), guided by --calib")
+    parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --calib: error-compensating rounding (GPTQ) instead of round-to-nearest")
+    parser.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --calib: remove each layer's mean output shift (default: " +
+                        ("on" if DEFAULT_BIAS_CORRECTION else "off") + ")")
+    parser.add_argument("--bn-reestimate", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --calib: recompute BatchNorm statistics on the calibration images (default: " +
+                        ("on" if DEFAULT_BN_REESTIMATE else "off") + ")")
 
 
 def _granularity(args) -> str:
@@ -35,18 +57,69 @@ def _granularity(args) -> str:
     return "channel" if args.method == "rtn" else "tensor"
 
 
+DEFAULT_BIAS_CORRECTION = False
+DEFAULT_BN_REESTIMATE = False
+
+
+def _calibrate(args, model: nn.Module) -> dict:
+    """Calibration statistics of the float model (empty without ``--calib``)."""
+    if not args.calib:
+        if args.bias_correction or args.bn_reestimate:
+            raise CBDError("--bias-correction and --bn-reestimate need --calib")
+        return {}
+    if re.search(r"(^|[^a-z])test", args.calib.rsplit("/", 1)[-1].lower()):
+        raise CBDError(f"refusing to calibrate on {args.calib}: calibration must not use test images")
+    start = time.perf_counter()
+    args._calib_data = load_calibration(args.calib, args.calib_images)
+    with single_thread():
+        stats = collect_stats(model, compressible_layers(model, args.skip or ()), args._calib_data)
+    args._calib_seconds = time.perf_counter() - start
+    args._loss_before = calibration_loss(model, args._calib_data)
+    return stats
+
+
+def _budgeted(args, model: nn.Module, stats: dict):
+    layers = compressible_layers(model, args.skip or ())
+    params = sum(m.weight.numel() for _, m in layers)
+    candidates = {}
+    for name, module in layers:
+        weight = module.weight.detach().float().cpu().numpy()
+        _check_finite(weight, name)
+        with single_thread():
+            candidates[name] = layer_candidates(weight, stats.get(name), gptq=args.gptq)
+    try:
+        chosen = choose(candidates, args.target_bits * params)
+    except ValueError as exc:
+        raise CBDError(f"--target-bits {args.target_bits}: {exc}") from None
+    args._chosen = {name: c.label for name, c in chosen.items()}
+    args._predicted_loss = sum(c.loss for c in chosen.values())
+    return lambda name, weight: chosen[name].code
+
+
 def build_encoder(args, model: nn.Module):
     """``(encoder or None, config entries)`` for the parsed ``compress`` arguments."""
     granularity = _granularity(args)
+    args._original = {name: m.weight.detach().double().cpu().numpy() for name, m in
+                      compressible_layers(model, args.skip or ())}
+    stats = _calibrate(args, model)
+    args._stats = stats
+    calib = {"calib": args.calib, "gptq": bool(args.gptq and stats)} if stats else {}
+    if args.target_bits is not None:
+        if not 1.0 < args.target_bits <= 32.0:
+            raise CBDError(f"--target-bits must be in (1, 32], got {args.target_bits}")
+        return _budgeted(args, model, stats), {"method": "target-bits", "target_bits": args.target_bits, **calib}
     if args.method == "rtn":
         if not 2 <= args.bits <= 17:
             raise CBDError(f"--bits must be in 2..17 (sign included), got {args.bits}")
 
         def rtn(name: str, weight: np.ndarray) -> LayerCode:
             _check_finite(weight, name)
+            if name in stats and granularity == "channel":
+                with single_thread():
+                    return rtn_candidate(weight, args.bits, stats[name], gptq=args.gptq).code
             return encode_rtn(weight, args.bits, granularity)
 
-        return rtn, {"method": "rtn", "bits": args.bits, "granularity": granularity}
+        return rtn, {"method": "rtn", "bits": args.bits, "granularity": granularity, **calib}
     if args.method == "cbd" and granularity == "channel":
         def composite(name: str, weight: np.ndarray) -> LayerCode:
             _check_finite(weight, name)
@@ -59,4 +132,20 @@ def build_encoder(args, model: nn.Module):
 
 
 def finish_model(args, model: nn.Module, report) -> None:
-    """Corrections applied to the compressed model before it is saved (none yet)."""
+    """Corrections applied to the compressed model before it is saved, and calibration figures."""
+    stats = getattr(args, "_stats", {})
+    if not stats:
+        return
+    data = args._calib_data
+    use_bias = DEFAULT_BIAS_CORRECTION if args.bias_correction is None else args.bias_correction
+    use_bn = DEFAULT_BN_REESTIMATE if args.bn_reestimate is None else args.bn_reestimate
+    corrected = bias_correct(model, args._original, stats) if use_bias else []
+    bns = reestimate_bn(model, data) if use_bn else 0
+    report.config.update({"bias_correction": use_bias, "bn_reestimate": use_bn})
+    report.extra["calibration"] = {
+        "spec": args.calib, "images": len(data), "seconds_stats": round(args._calib_seconds, 2),
+        "bias_corrected_layers": len(corrected), "bn_reestimated": bns,
+        "loss_before": args._loss_before, "loss_after": calibration_loss(model, data),
+        **({"chosen": args._chosen, "predicted_loss_increase": args._predicted_loss}
+           if hasattr(args, "_chosen") else {}),
+    }
