@@ -57,7 +57,10 @@ def _granularity(args) -> str:
     return "channel" if args.method == "rtn" else "tensor"
 
 
-DEFAULT_BIAS_CORRECTION = False
+# Measured on ResNet-20 with cifar10_calib1000 (calibration loss; FP32 0.5636), --target-bits 3:
+# bias correction 0.5957 -> 0.5814 (test top-1 0.7934 -> 0.7958), rtn 3 bits + GPTQ 0.5996 -> 0.5927 (0.8028 both);
+# BN re-estimation 0.5957 -> 0.7078 (test 0.7754): it re-fits noisy statistics from 1,000 images.
+DEFAULT_BIAS_CORRECTION = True
 DEFAULT_BN_REESTIMATE = False
 
 
