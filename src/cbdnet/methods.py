@@ -40,7 +40,8 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
                                         "cifar10-npz:../shared/data/cifar10_calib1000.npz")
     parser.add_argument("--calib-images", type=int, default=None, help="use only the first N calibration images")
     parser.add_argument("--target-bits", type=float, default=None,
-                        help="choose per-layer settings to fit X bits/weight (as stored), guided by --calib")
+                        help="choose per-layer settings to fit X bits/weight (as stored), by predicted --calib loss "
+                             "(without --calib: by weight squared error)")
     parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
                         help="with --calib: error-compensating rounding (GPTQ) instead of round-to-nearest")
     parser.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
