@@ -93,3 +93,28 @@ def test_grid_file_rejects_wrong_step_count(tmp_path):
     io.save(model, path)
     with pytest.raises(io.FormatError, match="steps"):
         io.read(path)
+
+
+def test_cli_rtn_bits_per_weight_is_k_plus_the_stored_steps(tmp_path):
+    import json
+
+    from cbdnet.cli import main
+    from cbdnet.models import build
+
+    out, report = tmp_path / "r.cbd", tmp_path / "r.json"
+    assert main(["compress", "--quiet", "--arch", "digits-cnn", "--weights", "random", "--method", "rtn",
+                 "--bits", "3", "--granularity", "channel", "-o", str(out), "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    layers = [m for m in build("digits-cnn").modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    expected = sum(8 * ((m.weight.numel() + 7) // 8) * 3 + 32 * m.weight.shape[0] for m in layers)
+    assert result["weight_bits"] == expected
+    assert all(layer["mode"] == "grid" for layer in result["layers"])
+    assert io.verify(out) == []
+
+
+def test_cli_rejects_channel_granularity_for_the_uniform_code(capsys):
+    from cbdnet.cli import main
+
+    assert main(["compress", "--quiet", "--arch", "digits-cnn", "--weights", "random", "--method", "uniform",
+                 "--granularity", "channel"]) == 2
+    assert "granularity" in capsys.readouterr().err
