@@ -118,3 +118,19 @@ def test_cli_rejects_channel_granularity_for_the_uniform_code(capsys):
     assert main(["compress", "--quiet", "--arch", "digits-cnn", "--weights", "random", "--method", "uniform",
                  "--granularity", "channel"]) == 2
     assert "granularity" in capsys.readouterr().err
+
+
+def test_cli_rtn_with_calibration_keeps_the_bits_and_corrects_every_layer(tmp_path):
+    import json
+
+    from cbdnet.cli import main
+
+    reports = {}
+    for tag, extra in (("plain", []), ("calib", ["--calib", "digits:train", "--calib-images", "150"])):
+        path = tmp_path / f"{tag}.json"
+        assert main(["compress", "--quiet", "--arch", "digits-cnn", "--weights", "random", "--method", "rtn",
+                     "--bits", "3", "--json", str(path), *extra]) == 0
+        reports[tag] = json.loads(path.read_text())
+    assert reports["calib"]["weight_bits"] == reports["plain"]["weight_bits"]
+    assert all("gptq" in layer["reason"] for layer in reports["calib"]["layers"])
+    assert reports["calib"]["calibration"]["bias_corrected_layers"] == len(reports["calib"]["layers"])

@@ -116,12 +116,18 @@ def build_encoder(args, model: nn.Module):
         if not 2 <= args.bits <= 17:
             raise CBDError(f"--bits must be in 2..17 (sign included), got {args.bits}")
 
+        calibrated = {}  # GPTQ codes computed here, up front: the encoder below only looks them up
+        if granularity == "channel":
+            with single_thread():
+                for name, weight in args._original.items():
+                    if name in stats:
+                        _check_finite(weight, name)
+                        calibrated[name] = rtn_candidate(weight.astype(np.float32), args.bits, stats[name],
+                                                         gptq=args.gptq).code
+
         def rtn(name: str, weight: np.ndarray) -> LayerCode:
             _check_finite(weight, name)
-            if name in stats and granularity == "channel":
-                with single_thread():
-                    return rtn_candidate(weight, args.bits, stats[name], gptq=args.gptq).code
-            return encode_rtn(weight, args.bits, granularity)
+            return calibrated[name] if name in calibrated else encode_rtn(weight, args.bits, granularity)
 
         return rtn, {"method": "rtn", "bits": args.bits, "granularity": granularity, **calib}
     if args.method == "cbd" and granularity == "channel":
