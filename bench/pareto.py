@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from cbdnet.budget import choose, layer_candidates  # noqa: E402
-from cbdnet.calibrate import bias_correct, collect_stats, load_calibration, single_thread  # noqa: E402
+from cbdnet.calibrate import bias_correct_if_better, collect_stats, load_calibration, single_thread  # noqa: E402
 from cbdnet.compress import compress, compressible_layers  # noqa: E402
 from cbdnet.data import load_spec  # noqa: E402
 from cbdnet.grid import encode_rtn  # noqa: E402
@@ -79,7 +79,7 @@ def main() -> None:
     for target in args.targets:
         chosen = choose(candidates, target * params)
         run("cbdnet --target-bits", f"{target} (calibrated)", encoder=lambda n, w, c=chosen: c[n].code,
-            correct=lambda model: bias_correct(model, original, stats))  # the CLI default
+            correct=lambda model: bias_correct_if_better(model, original, stats, calib))  # the CLI default
     _table(rows, prep)
     _plot(rows, args.out)
 

@@ -126,7 +126,8 @@ def test_cli_rtn_with_calibration_keeps_the_bits_and_corrects_every_layer(tmp_pa
     from cbdnet.cli import main
 
     reports = {}
-    for tag, extra in (("plain", []), ("calib", ["--calib", "digits:train", "--calib-images", "150"])):
+    calib = ["--calib", "digits:train", "--calib-images", "150"]
+    for tag, extra in (("plain", []), ("calib", [*calib, "--bias-correction"]), ("auto", calib)):
         path = tmp_path / f"{tag}.json"
         assert main(["compress", "--quiet", "--arch", "digits-cnn", "--weights", "random", "--method", "rtn",
                      "--bits", "3", "--json", str(path), *extra]) == 0
@@ -134,3 +135,6 @@ def test_cli_rtn_with_calibration_keeps_the_bits_and_corrects_every_layer(tmp_pa
     assert reports["calib"]["weight_bits"] == reports["plain"]["weight_bits"]
     assert all("gptq" in layer["reason"] for layer in reports["calib"]["layers"])
     assert reports["calib"]["calibration"]["bias_corrected_layers"] == len(reports["calib"]["layers"])
+    auto = reports["auto"]["calibration"]  # by default the correction is kept only where it lowers the loss
+    assert auto["loss_after"] <= auto["loss_compressed"]
+    assert auto["bias_corrected_layers"] in (0, len(reports["auto"]["layers"]))

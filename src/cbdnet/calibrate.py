@@ -30,7 +30,7 @@ from torch import nn
 from .errors import DataError
 
 __all__ = ["single_thread", "LayerStats", "collect_stats", "gptq_levels", "output_error", "bias_correct",
-           "reestimate_bn", "following_bn", "calibration_loss", "load_calibration"]
+           "bias_correct_if_better", "reestimate_bn", "following_bn", "calibration_loss", "load_calibration"]
 
 
 @contextmanager
@@ -204,6 +204,19 @@ def bias_correct(model: nn.Module, original: dict[str, np.ndarray], stats: dict[
         else:
             continue
         corrected.append(name)
+    return corrected
+
+
+@torch.no_grad()
+def bias_correct_if_better(model: nn.Module, original: dict[str, np.ndarray], stats: dict[str, LayerStats],
+                           data, loss_now: float | None = None) -> list[str]:
+    """:func:`bias_correct`, undone unless it lowers the calibration loss on ``data``."""
+    loss_now = calibration_loss(model, data) if loss_now is None else loss_now
+    kept = {key: value.clone() for key, value in model.state_dict().items()}
+    corrected = bias_correct(model, original, stats)
+    if calibration_loss(model, data) >= loss_now:
+        model.load_state_dict(kept)
+        return []
     return corrected
 
 
