@@ -70,3 +70,11 @@ def test_cli_refuses_test_images_for_calibration(tmp_path, capsys):
                  "--calib", "cifar10-npz:/nowhere/cifar10_test.npz"])
     assert code == 2
     assert "test images" in capsys.readouterr().err
+
+
+def test_all_zero_layer_gets_candidates_that_decode_to_zero():
+    from cbdnet.budget import layer_candidates
+
+    weight = np.zeros((4, 3, 3, 3), np.float32)
+    options = layer_candidates(weight, None)
+    assert options and all(not option.code.decode().any() for option in options)

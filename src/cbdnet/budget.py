@@ -75,7 +75,8 @@ def layer_candidates(weight: np.ndarray, stats: LayerStats | None, gptq: bool = 
                      rtn_bits=RTN_BITS, composite_planes=COMPOSITE_PLANES) -> list[Candidate]:
     weight = np.asarray(weight, np.float32)
     out = [rtn_candidate(weight, bits, stats, gptq) for bits in rtn_bits]
-    out += [composite_candidate(weight, planes, stats, gptq) for planes in composite_planes]
+    if np.any(weight != 0):  # the composite scale search needs a non-zero entry
+        out += [composite_candidate(weight, planes, stats, gptq) for planes in composite_planes]
     return out
 
 
