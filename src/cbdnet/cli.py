@@ -20,6 +20,7 @@ from .compress import compress
 from .data import load_spec
 from .errors import CBDError
 from .io import atomic_write, check_writable, load, read, save, verify
+from .methods import add_method_args, build_encoder, finish_model
 from .metrics import evaluate_classification, evaluate_detection, evaluate_segmentation
 from .models import build, known_archs, load_weights
 
@@ -91,9 +92,12 @@ def cmd_compress(args) -> int:
         raise UsageError(f"--bottleneck must be in [0, 1], got {args.bottleneck}")
     model, source = _model_from_args(args)
     before = _evaluate(model, args.data, args)
+    encoder, settings = build_encoder(args, model)
     model, report = compress(model, planes=args.planes, bottleneck=args.bottleneck, skip=args.skip or (),
                              mode="uniform" if args.method == "uniform" else "auto", progress=not args.quiet,
-                             workers=args.workers)
+                             workers=args.workers, encoder=encoder)
+    report.config.update(settings)
+    finish_model(args, model, report)
     report.extra.update({"arch": args.arch, "weights": source, "cbdnet_version": __version__})
     after = _evaluate(model, args.data, args)  # before writing: a failure here leaves any old output as it was
     if args.output:
@@ -199,8 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     p.add_argument("--planes", "-J", type=int, default=5, help="bit planes J (default 5)")
     p.add_argument("--bottleneck", "-b", type=float, default=0.3, help="rank bound / min(h, w) (default 0.3)")
-    p.add_argument("--method", choices=("cbd", "uniform"), default="cbd",
-                   help="cbd (composite planes + GF(2) factors) or uniform (plain J-bit code, the baseline)")
+    p.add_argument("--method", choices=("cbd", "uniform", "rtn"), default="cbd",
+                   help="cbd (composite planes + GF(2) factors), uniform (plain J-bit code, the baseline) or "
+                        "rtn (K-bit symmetric round-to-nearest, sign included, the usual baseline)")
+    add_method_args(p)
     p.add_argument("--skip", nargs="*", help="layer names to keep in float")
     p.add_argument("--workers", type=int, default=None,
                    help="layers encoded at once in threads (default 1, or $CBDNET_WORKERS); same result")

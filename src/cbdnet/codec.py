@@ -84,7 +84,8 @@ def _store_plane(plane: np.ndarray, exponent: int, try_factor: bool) -> PlaneCod
 
 @dataclass
 class LayerCode:
-    """Everything stored for one layer. ``mode`` is ``cbd`` (composite code), ``uniform`` or ``zero``."""
+    """Everything stored for one layer. ``mode`` is ``cbd`` (composite code), ``uniform``, ``zero`` or ``grid``
+    (per-group steps, see :mod:`cbdnet.grid`; its ``scales`` tensor holds the float32 ``steps``)."""
 
     shape: tuple[int, ...]
     mode: str
@@ -100,6 +101,7 @@ class LayerCode:
     rank_calls: int = 0
     reason: str = ""
     extra: dict = field(default_factory=dict)
+    steps: np.ndarray | None = None  # grid mode: one float32 step per group of output channels
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -113,6 +115,8 @@ class LayerCode:
         return int(np.prod(self.shape))
 
     def scales(self) -> np.ndarray:
+        if self.mode == "grid":
+            return np.asarray(self.steps, dtype=np.float32).reshape(-1)
         return np.array([self.wmax, self.scale, self.step], dtype=np.float32)
 
     def tensors(self) -> dict[str, np.ndarray]:
@@ -137,6 +141,10 @@ class LayerCode:
         """The reconstructed float32 weight, in the layer's original shape."""
         if self.mode == "zero":
             return np.zeros(self.shape, dtype=np.float32)
+        if self.mode == "grid":
+            from .grid import grid_decode  # the grid code builds on this module
+
+            return grid_decode(self)
         h, w = self.matrix_shape
         planes = self.decode_planes()
         magnitude = composite_decode(planes, self.step, self.exponents) if self.mode == "cbd" \

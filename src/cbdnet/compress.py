@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -229,10 +229,11 @@ def default_workers() -> int:
 
 
 def _encode_layer(name: str, module: nn.Module, planes: int, bottleneck: float, mode: str,
-                  positions: int | None) -> tuple[LayerCode, LayerReport]:
+                  positions: int | None, encoder=None) -> tuple[LayerCode, LayerReport]:
     start = time.perf_counter()
     original = module.weight.detach().to(device="cpu", dtype=torch.float32).numpy()
-    code = encode_weight(original, planes=planes, bottleneck=bottleneck, name=name, mode=mode)
+    code = encoder(name, original) if encoder is not None else \
+        encode_weight(original, planes=planes, bottleneck=bottleneck, name=name, mode=mode)
     return code, layer_report(name, module, code, original, time.perf_counter() - start, positions)
 
 
@@ -246,7 +247,8 @@ def _finish(model: nn.Module, report: Report, bar, name: str, module: nn.Module,
 
 def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip: Iterable[str] = (),
              mode: str = "auto", progress: bool = True, workers: int | None = None,
-             input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, Report]:
+             input_shape: tuple[int, ...] | None = None,
+             encoder: Callable[[str, np.ndarray], LayerCode] | None = None) -> tuple[nn.Module, Report]:
     """Compress every Conv2d/Linear of ``model`` in place; returns ``(model, report)``.
 
     ``planes`` is J, the number of magnitude bit planes; ``bottleneck`` bounds the GF(2) rank of the mask of
@@ -255,6 +257,9 @@ def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip
     are encoded at once in threads (the GF(2) kernels release the GIL; default :func:`default_workers`); the
     result does not depend on it, layers are swapped in model order. With ``input_shape`` (e.g.
     ``(1, 3, 224, 224)``) the report also counts the operations per sample (see :mod:`cbdnet.ops`).
+    ``encoder``, when given, replaces :func:`encode_weight`: ``encoder(name, weight) -> LayerCode`` (RTN, grouped
+    composite codes, calibrated or per-layer budgeted codes; see :mod:`cbdnet.grid`, :mod:`cbdnet.budget`); it
+    must be safe to call from threads.
     """
     start = time.perf_counter()
     report = Report(config={"planes": planes, "bottleneck": bottleneck, "mode": mode, "skip": sorted(skip)})
@@ -268,7 +273,7 @@ def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip
         pending = iter(layers)
         for name, module in pending:
             jobs.append((name, module, pool.submit(_encode_layer, name, module, planes, bottleneck, mode,
-                                                   positions.get(name))))
+                                                   positions.get(name), encoder)))
             if len(jobs) >= workers:
                 _finish(model, report, bar, *jobs.popleft())
         while jobs:

@@ -11,7 +11,8 @@ Layout (all integers little-endian)::
     24+N 32 bytes SHA-256 of bytes [0, 24+N)
 
 Tensors are named ``cbd/<layer>/<part>`` (``scales``, ``sign``, ``p<k>.bits``, ``p<k>.B``, ``p<k>.C``, all
-uint8 packed bits except ``scales``, float32 ``[max|w|, a, c]``) and ``float/<state-dict key>``. Every
+uint8 packed bits except ``scales``, float32 ``[max|w|, a, c]``, or for a ``grid`` layer its per-group steps,
+the metadata adding ``groups``) and ``float/<state-dict key>``. Every
 tensor's dtype and size is checked against what the metadata implies before anything is decoded, and each
 plane's SHA-256 is kept so that ``verify`` can check ``B @ C`` against the plane bit for bit.
 
@@ -64,7 +65,7 @@ _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "I32"
 _FLOAT_STORED = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32, "float64": np.float64,
                  "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8,
                  "bool": np.bool_}
-MODES = ("cbd", "uniform", "zero")
+MODES = ("cbd", "uniform", "zero", "grid")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
 
@@ -82,13 +83,16 @@ class CBDFile:
 # ---------------------------------------------------------------- writing
 
 def _layer_meta(name: str, code: LayerCode, dtype: torch.dtype) -> dict:
-    return {
+    meta = {
         "name": name, "shape": list(code.shape), "mode": code.mode, "planes": code.num_planes,
         "exponents": list(code.exponents), "bound": code.bound, "mask_rank": code.mask_rank,
         "reason": code.reason, "dtype": str(dtype).removeprefix("torch."),
         "plane_codes": [{"exponent": p.exponent, "storage": p.storage, "rank": p.rank, "sha256": p.digest}
                         for p in code.planes],
     }
+    if code.mode == "grid":
+        meta["groups"] = int(code.scales().size)
+    return meta
 
 
 def _float_array(tensor: torch.Tensor) -> np.ndarray:
@@ -336,9 +340,17 @@ def _layer_code(layer: dict, tensors: dict, used: set) -> tuple[str, LayerCode]:
                      reason=str(layer.get("reason", "")))
     h, w = code.matrix_shape
     prefix = f"cbd/{name}/"
-    scales = _expect(tensors, prefix + "scales", np.float32, 3)
+    groups = 3
+    if mode == "grid":
+        groups = _int(layer.get("groups"), f"{name}.groups", 1, shape[0])
+        _need(groups in (1, shape[0]), f"layer {name}: {groups} steps for {shape[0]} output channels")
+    scales = _expect(tensors, prefix + "scales", np.float32, groups)
     _need(bool(np.isfinite(scales).all()), f"layer {name}: non-finite scales")
-    code.wmax, code.scale, code.step = (float(v) for v in scales)
+    if mode == "grid":
+        code.steps = scales
+        _need(list(exponents) == list(range(num_planes - 1, -1, -1)), f"layer {name}: bad grid plane order")
+    else:
+        code.wmax, code.scale, code.step = (float(v) for v in scales)
     used.add(prefix + "scales")
     if mode != "zero":
         code.sign = _expect(tensors, prefix + "sign", np.uint8, _packed(h * w))

@@ -1,0 +1,133 @@
+"""Per-layer settings under a global bit budget (``--target-bits X``).
+
+Every layer gets a list of candidate codes (RTN grids of 2..8 bits per output channel, the composite code
+per channel, each rounded by GPTQ when calibration statistics are there), each with its exact stored size
+(:meth:`cbdnet.codec.LayerCode.bits`, what the file holds) and its predicted calibration-loss increase
+``0.5 * sum_o fisher[o] * dW[o] @ H @ dW[o]`` (:mod:`cbdnet.calibrate`). The choice minimises the summed
+predicted loss subject to ``sum bits <= X * params``: a Lagrangian sweep (each layer independently minimises
+``loss + lam * bits``; bisection on ``lam``) followed by greedy upgrades, best loss saved per bit first, while
+they fit. Layers are never left in float: every weight is counted in ``bits_per_weight``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .calibrate import LayerStats, gptq_levels, output_error
+from .codec import LayerCode
+from .grid import composite_steps, grid_code, round_levels, rtn_steps
+
+__all__ = ["Candidate", "layer_candidates", "choose", "CLIP_RATIOS", "RTN_BITS", "COMPOSITE_PLANES"]
+
+RTN_BITS = (2, 3, 4, 5, 6, 8)
+COMPOSITE_PLANES = (3, 4)
+CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7)
+
+
+@dataclass
+class Candidate:
+    label: str
+    code: LayerCode
+    bits: int
+    loss: float  # predicted calibration-loss increase
+
+
+def _predicted_loss(weight: np.ndarray, code: LayerCode, stats: LayerStats | None) -> float:
+    delta = code.decode().astype(np.float64) - weight
+    if stats is None:  # no calibration data: plain squared error
+        return float((delta**2).sum())
+    return float(0.5 * (stats.fisher.numpy() * output_error(delta, stats)).sum())
+
+
+def _levels(weight, steps, mag_bits, stats, gptq: bool) -> np.ndarray:
+    if gptq and stats is not None:
+        return gptq_levels(weight, steps, mag_bits, stats.hessian)
+    return round_levels(weight, steps, mag_bits)
+
+
+def rtn_candidate(weight: np.ndarray, bits: int, stats: LayerStats | None, gptq: bool = True,
+                  clip_ratios=CLIP_RATIOS) -> Candidate:
+    """The best (lowest predicted loss) per-channel K-bit grid over a few clipping ratios of the step."""
+    base = rtn_steps(weight, bits, "channel")
+    best = None
+    for ratio in clip_ratios:
+        steps = (base * np.float32(ratio)).astype(np.float32)
+        code = grid_code(_levels(weight, steps, bits - 1, stats, gptq), steps, bits - 1,
+                         reason=f"rtn {bits} bits per channel, clip {ratio}{', gptq' if gptq and stats else ''}")
+        loss = _predicted_loss(weight, code, stats)
+        if best is None or loss < best.loss:
+            best = Candidate(f"rtn{bits}", code, code.bits(), loss)
+    return best
+
+
+def composite_candidate(weight: np.ndarray, planes: int, stats: LayerStats | None, gptq: bool = True,
+                        bottleneck: float = 0.3) -> Candidate:
+    steps, factor_from, _ = composite_steps(weight, planes, bottleneck, "channel")
+    code = grid_code(_levels(weight, steps, planes, stats, gptq), steps, planes, factor_from=factor_from,
+                     reason=f"composite J={planes} per channel{', gptq' if gptq and stats else ''}")
+    return Candidate(f"cbd{planes}", code, code.bits(), _predicted_loss(weight, code, stats))
+
+
+def layer_candidates(weight: np.ndarray, stats: LayerStats | None, gptq: bool = True,
+                     rtn_bits=RTN_BITS, composite_planes=COMPOSITE_PLANES) -> list[Candidate]:
+    weight = np.asarray(weight, np.float32)
+    out = [rtn_candidate(weight, bits, stats, gptq) for bits in rtn_bits]
+    if np.any(weight != 0):  # the composite scale search needs a non-zero entry
+        out += [composite_candidate(weight, planes, stats, gptq) for planes in composite_planes]
+    return out
+
+
+def _pick(candidates: dict[str, list[Candidate]], lam: float) -> dict[str, int]:
+    return {name: min(range(len(c)), key=lambda i, c=c: (c[i].loss + lam * c[i].bits, c[i].bits))
+            for name, c in candidates.items()}
+
+
+def _bits(candidates, picks) -> int:
+    return sum(candidates[name][i].bits for name, i in picks.items())
+
+
+def choose(candidates: dict[str, list[Candidate]], budget_bits: float) -> dict[str, Candidate]:
+    """The per-layer candidates with the least summed loss whose summed bits fit ``budget_bits``."""
+    cheapest = {name: min(range(len(c)), key=lambda i, c=c: c[i].bits) for name, c in candidates.items()}
+    if _bits(candidates, cheapest) > budget_bits:
+        need = _bits(candidates, cheapest) / sum(c[0].code.numel for c in candidates.values())
+        raise ValueError(f"the budget is below the cheapest setting ({need:.3f} bits/weight)")
+    lo, hi = 0.0, 1.0
+    while _bits(candidates, _pick(candidates, hi)) > budget_bits:
+        hi *= 4.0
+        if not math.isfinite(hi) or hi > 1e30:
+            break
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if _bits(candidates, _pick(candidates, mid)) > budget_bits:
+            lo = mid
+        else:
+            hi = mid
+    picks = _pick(candidates, hi)
+    if _bits(candidates, picks) > budget_bits:
+        picks = cheapest
+    _upgrade(candidates, picks, budget_bits)
+    return {name: candidates[name][i] for name, i in picks.items()}
+
+
+def _upgrade(candidates, picks: dict[str, int], budget_bits: float) -> None:
+    """Spend what is left of the budget: repeatedly take the move with the best loss saved per extra bit."""
+    while True:
+        left = budget_bits - _bits(candidates, picks)
+        best, best_gain = None, 0.0
+        for name, i in picks.items():
+            current = candidates[name][i]
+            for j, option in enumerate(candidates[name]):
+                extra = option.bits - current.bits
+                saved = current.loss - option.loss
+                if saved <= 0 or extra > left:
+                    continue
+                gain = saved / max(extra, 1)
+                if gain > best_gain:
+                    best, best_gain = (name, j), gain
+        if best is None:
+            return
+        picks[best[0]] = best[1]

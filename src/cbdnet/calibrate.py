@@ -1,0 +1,254 @@
+"""Calibration statistics and training-free corrections.
+
+One pass over the calibration images (forward and backward through the *float* model) gathers, for every
+Conv2d/Linear layer ``l`` with its input patches ``x`` (``F.unfold`` columns, in the order of
+``weight.reshape(out, -1)``) and output ``y``:
+
+- ``H = E[x x^T]``, the input second moment (GPTQ's Hessian up to a factor 2);
+- ``mean = E[x]``, for bias correction: a weight error ``dW`` shifts the output mean by ``dW @ mean``;
+- ``fisher[o] = E_n[sum_p (d loss_n / d y[n, o, p])^2]``, the squared per-sample loss gradient at each output
+  channel. With a small weight error ``dW`` the calibration loss grows by about
+  ``0.5 * sum_o fisher[o] * dW[o] @ H @ dW[o]`` (diagonal Gauss-Newton on the outputs): the per-layer
+  sensitivity that :mod:`cbdnet.budget` trades against bits.
+
+Corrections (each optional): :func:`gptq_levels` (quantise columns in order of decreasing ``H`` diagonal and
+push each column's error onto the columns not yet quantised, Frantar et al. 2022), :func:`bias_correct`
+(fold ``dW @ mean`` into the following BatchNorm's running mean or the layer's bias) and
+:func:`reestimate_bn` (recompute BatchNorm running statistics of the compressed model on calibration data).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DataError
+
+__all__ = ["single_thread", "LayerStats", "collect_stats", "gptq_levels", "output_error", "bias_correct",
+           "bias_correct_if_better", "reestimate_bn", "following_bn", "calibration_loss", "load_calibration"]
+
+
+@contextmanager
+def single_thread():
+    """Run torch on one thread: the small matrices here gain nothing from two, and on a shared 2-core
+    machine torch's spinning worker threads made them 30x slower (measured: 576x576 Cholesky inverse)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class LayerStats:
+    hessian: torch.Tensor  # float64 [d, d], E[x x^T]
+    mean: torch.Tensor  # float64 [d], E[x]
+    fisher: torch.Tensor  # float64 [out], E_n[sum_p g^2]
+    samples: int = 0
+
+
+def load_calibration(spec: str, limit: int | None = None):
+    """The calibration set of a data spec (optionally its first ``limit`` images)."""
+    from .data import load_spec
+
+    data = load_spec(spec)
+    if len(data) == 0:
+        raise DataError(f"calibration set {spec} is empty")
+    if limit is not None and limit < len(data):
+        data.images, data.labels = data.images[:limit], data.labels[:limit]
+    return data
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Input columns ``[N * positions, d]`` in the order of ``weight.reshape(out, -1)``."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
+        and not isinstance(module.padding, str)
+
+
+def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, batch_size: int = 100
+                  ) -> dict[str, LayerStats]:
+    """Second moments, means and output Fisher of every supported layer over ``data`` (float model)."""
+    stats: dict[str, LayerStats] = {}
+    handles = []
+    count = {"n": 0}
+
+    def forward_hook(name):
+        def hook(module, inputs, output):
+            cols = _patches(module, inputs[0].detach().float())
+            entry = stats.get(name)
+            if entry is None:
+                d, out = cols.shape[1], module.weight.shape[0]
+                entry = stats[name] = LayerStats(torch.zeros(d, d, dtype=torch.float64),
+                                                 torch.zeros(d, dtype=torch.float64),
+                                                 torch.zeros(out, dtype=torch.float64))
+            entry.hessian += (cols.T @ cols).double()
+            entry.mean += cols.sum(0).double()
+            entry.samples += cols.shape[0]
+            if output.requires_grad:
+                output.register_hook(grad_hook(name))
+        return hook
+
+    def grad_hook(name):
+        def hook(grad):
+            g = grad.detach().double()
+            per_channel = (g**2).sum(dim=tuple(i for i in range(g.ndim) if i != 1))
+            stats[name].fisher += per_channel
+        return hook
+
+    for name, module in layers:
+        if _supported(module):
+            handles.append(module.register_forward_hook(forward_hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for images, labels in data.batches(batch_size):
+                images = images.requires_grad_(True)  # so every layer output carries a gradient
+                loss = F.cross_entropy(model(images), labels, reduction="sum")
+                loss.backward()
+                count["n"] += len(labels)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    for entry in stats.values():
+        entry.hessian /= entry.samples
+        entry.mean /= entry.samples
+        entry.fisher /= max(count["n"], 1)
+    return stats
+
+
+def gptq_levels(weight: np.ndarray, steps: np.ndarray, mag_bits: int, hessian: torch.Tensor,
+                damp: float = 0.01) -> np.ndarray:
+    """Signed integer levels on the per-output-channel grid ``steps`` chosen by GPTQ (act order).
+
+    Columns are quantised one by one, in order of decreasing ``H`` diagonal; each column's rounding error
+    (scaled by the inverse Hessian) is pushed onto the columns not yet quantised, which minimises
+    ``sum_o dW[o] @ H @ dW[o]`` greedily instead of ``|dW|^2``.
+    """
+    out = weight.shape[0]
+    w = torch.from_numpy(np.asarray(weight, np.float64).reshape(out, -1).copy())
+    step = torch.from_numpy(np.broadcast_to(np.asarray(steps, np.float64).reshape(-1), (out,)).copy())
+    top = float((1 << mag_bits) - 1)
+    h = hessian.clone()
+    dead = torch.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, order], h[order][:, order]
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    levels = torch.zeros_like(w)
+    for col in range(w.shape[1]):
+        q = torch.clamp(torch.round(w[:, col] / step), -top, top)
+        levels[:, col] = q
+        error = (w[:, col] - q * step) / upper[col, col]
+        w[:, col + 1:] -= error[:, None] * upper[col, col + 1:][None, :]
+    restored = torch.empty_like(levels)
+    restored[:, order] = levels
+    return restored.numpy().astype(np.int64).reshape(weight.shape)
+
+
+def output_error(delta: np.ndarray, stats: LayerStats) -> np.ndarray:
+    """Per output channel ``dW[o] @ H @ dW[o]``: the mean squared output error the weight error causes."""
+    d = torch.from_numpy(np.asarray(delta, np.float64).reshape(delta.shape[0], -1))
+    return ((d @ stats.hessian) * d).sum(1).numpy()
+
+
+def following_bn(model: nn.Module) -> dict[str, str]:
+    """Layer name -> the BatchNorm that normalises its output: the next module registered after it, when
+    that is a BatchNorm with as many features as the layer has outputs (the Conv -> BN idiom)."""
+    modules = list(model.named_modules())
+    pairs = {}
+    for (name, module), (next_name, nxt) in zip(modules, modules[1:], strict=False):
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(nxt, nn.modules.batchnorm._BatchNorm) \
+                and nxt.num_features == module.weight.shape[0] and nxt.track_running_stats:
+            pairs[name] = next_name
+    return pairs
+
+
+@torch.no_grad()
+def bias_correct(model: nn.Module, original: dict[str, np.ndarray], stats: dict[str, LayerStats]) -> list[str]:
+    """Remove the mean output shift ``(W_hat - W) @ E[x]`` of every compressed layer; returns the layers
+    corrected. The shift goes into the following BatchNorm's running mean, else into the layer's bias;
+    layers with neither are left alone (adding a bias would add stored floats)."""
+    bns = following_bn(model)
+    corrected = []
+    for name, weight in original.items():
+        if name not in stats:
+            continue
+        module = model.get_submodule(name)
+        delta = module.weight.detach().double().cpu().numpy() - weight
+        shift = torch.from_numpy(delta.reshape(delta.shape[0], -1) @ stats[name].mean.numpy())
+        if name in bns:
+            bn = model.get_submodule(bns[name])
+            bn.running_mean += shift.to(bn.running_mean)
+        elif module.bias is not None:
+            module.bias -= shift.to(module.bias)
+        else:
+            continue
+        corrected.append(name)
+    return corrected
+
+
+@torch.no_grad()
+def bias_correct_if_better(model: nn.Module, original: dict[str, np.ndarray], stats: dict[str, LayerStats],
+                           data, loss_now: float | None = None) -> list[str]:
+    """:func:`bias_correct`, undone unless it lowers the calibration loss on ``data``."""
+    loss_now = calibration_loss(model, data) if loss_now is None else loss_now
+    kept = {key: value.clone() for key, value in model.state_dict().items()}
+    corrected = bias_correct(model, original, stats)
+    if calibration_loss(model, data) >= loss_now:
+        model.load_state_dict(kept)
+        return []
+    return corrected
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, data, batch_size: int = 100) -> int:
+    """Recompute every BatchNorm's running mean/variance on ``data`` (cumulative average, the model's
+    current weights); returns how many BatchNorm layers were updated."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        for images, _ in data.batches(batch_size):
+            model(images)
+    finally:
+        for bn, momentum in zip(bns, momenta, strict=True):
+            bn.momentum = momentum
+        model.train(was_training)
+    return len(bns)
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, data, batch_size: int = 250) -> float:
+    """Mean cross-entropy of ``model`` on ``data``."""
+    model.eval()
+    total = 0.0
+    for images, labels in data.batches(batch_size):
+        total += float(F.cross_entropy(model(images), labels, reduction="sum"))
+    return total / len(data)

@@ -1,0 +1,100 @@
+"""Calibration statistics and the training-free corrections, on toy models with exact expectations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cbdnet.calibrate import (
+    LayerStats,
+    bias_correct,
+    collect_stats,
+    following_bn,
+    gptq_levels,
+    output_error,
+    reestimate_bn,
+)
+from cbdnet.data import ClassificationData
+from cbdnet.grid import round_levels, rtn_steps
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def _data(n: int = 64, seed: int = 0) -> ClassificationData:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 6, 6, generator=g) + torch.tensor([1.0, -0.5, 0.3]).view(1, 3, 1, 1)
+    return ClassificationData(images, torch.randint(0, 4, (n,), generator=g), "toy")
+
+
+def _model() -> ConvBN:
+    torch.manual_seed(0)
+    model = ConvBN()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_hessian_and_mean_are_the_input_patch_moments():
+    model, data = _model(), _data()
+    stats = collect_stats(model, [("conv", model.conv), ("head", model.head)], data, batch_size=16)
+    cols = torch.nn.functional.unfold(data.images, 3, padding=1).transpose(1, 2).reshape(-1, 27).double()
+    torch.testing.assert_close(stats["conv"].hessian, cols.T @ cols / cols.shape[0])
+    torch.testing.assert_close(stats["conv"].mean, cols.mean(0))
+    assert stats["conv"].fisher.shape == (6,) and bool((stats["conv"].fisher > 0).all())
+
+
+def test_bias_correction_removes_the_mean_output_shift():
+    model, data = _model(), _data()
+    stats = collect_stats(model, [("conv", model.conv)], data)
+    original = model.conv.weight.detach().double().numpy().copy()
+    with torch.no_grad():
+        float_out = model.bn(model.conv(data.images))
+        steps = rtn_steps(original, 2, "tensor")  # coarse: a large error with a non-zero mean effect
+        model.conv.weight.copy_(torch.from_numpy(round_levels(original, steps, 1) * steps[0]).float())
+        before = (model.bn(model.conv(data.images)) - float_out).mean(dim=(0, 2, 3)).abs()
+    assert following_bn(model) == {"conv": "bn"}
+    assert bias_correct(model, {"conv": original}, stats) == ["conv"]
+    with torch.no_grad():
+        after = (model.bn(model.conv(data.images)) - float_out).mean(dim=(0, 2, 3)).abs()
+    assert float(before.max()) > 1e-2
+    assert float(after.max()) < 1e-4
+
+
+def test_bn_reestimation_matches_the_batch_statistics():
+    model, data = _model(), _data()
+    assert reestimate_bn(model, data, batch_size=16) == 1
+    with torch.no_grad():
+        out = model.conv(data.images)
+    torch.testing.assert_close(model.bn.running_mean, out.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    per_batch = [out[i:i + 16].var(dim=(0, 2, 3), unbiased=True) for i in range(0, 64, 16)]
+    torch.testing.assert_close(model.bn.running_var, torch.stack(per_batch).mean(0), rtol=1e-4, atol=1e-5)
+    assert not model.training and model.bn.momentum == 0.1
+
+
+@pytest.mark.parametrize("mag_bits", [1, 2, 3])
+def test_gptq_lowers_the_output_error_against_round_to_nearest(mag_bits):
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((40, 40))
+    x = torch.from_numpy(rng.standard_normal((2000, 40)) @ mix)  # strongly correlated inputs
+    hessian = (x.T @ x) / x.shape[0]
+    weight = rng.standard_normal((16, 40)).astype(np.float32)
+    steps = rtn_steps(weight, mag_bits + 1, "channel")
+    rtn = round_levels(weight, steps, mag_bits) * steps[:, None]
+    gptq = gptq_levels(weight, steps, mag_bits, hessian)
+    assert np.abs(gptq).max() <= (1 << mag_bits) - 1
+    entry = LayerStats(hessian, torch.zeros(40, dtype=torch.float64), torch.ones(16, dtype=torch.float64))
+    error_rtn = output_error(rtn - weight, entry).sum()
+    error_gptq = output_error(gptq * steps[:, None] - weight, entry).sum()
+    assert error_gptq < 0.8 * error_rtn
