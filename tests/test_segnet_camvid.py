@@ -27,7 +27,7 @@ def test_trained_segnet_basic_float_and_cbd(camvid_val_subset):
     assert WEIGHTS.is_file(), "models/segnet_basic_camvid.pt is part of the repository"
     model = load_weights(build("segnet-basic"), WEIGHTS).eval()
     fp32 = evaluate_segmentation(model, camvid_val_subset, progress=False)
-    assert fp32["miou"] > 0.30 and fp32["pixel_acc"] > 0.70  # chance is ~0.09 mIoU
+    assert fp32["miou"] > 0.30 and fp32["pixel_acc"] > 0.60  # chance is ~0.09 mIoU (11 classes)
     model, report = compress(model, planes=5, bottleneck=0.3, progress=False)
     assert 4.0 < report.bits_per_weight < 6.5
     cbd = evaluate_segmentation(model, camvid_val_subset, progress=False)
