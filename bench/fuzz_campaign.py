@@ -41,11 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cbd_mutations import (  # noqa: E402
     Marker,
     header_of,
+    json_paths,
     meta_of,
     outcome,
     payload_of,
     rebuild,
     region_boundaries,
+    replace_at,
     sign,
     tensors_of,
     tiny_file,
@@ -60,25 +62,6 @@ JSON_VALUE = st.recursive(JSON_SCALAR, lambda inner: st.one_of(st.lists(inner, m
                                                                st.dictionaries(st.text(max_size=8), inner,
                                                                                max_size=5)), max_leaves=16)
 
-
-def _paths(value, prefix=()):
-    yield prefix
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _paths(item, (*prefix, index))
-
-
-def _replace(document, path, new):
-    if not path:
-        return new
-    target = document
-    for step in path[:-1]:
-        target = target[step]
-    target[path[-1]] = new
-    return document
 
 
 class Campaign:
@@ -141,8 +124,8 @@ class Campaign:
             good = draw_data.draw(files)
             meta = meta_of(good)
             for _ in range(draw_data.draw(st.integers(1, 4))):
-                path = draw_data.draw(st.sampled_from(list(_paths(meta))))
-                meta = _replace(copy.deepcopy(meta), path, draw_data.draw(JSON_VALUE))
+                path = draw_data.draw(st.sampled_from(list(json_paths(meta))))
+                meta = replace_at(copy.deepcopy(meta), path, draw_data.draw(JSON_VALUE))
             return rebuild(tensors_of(good), meta)
 
         def header(draw_data):

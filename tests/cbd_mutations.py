@@ -119,3 +119,25 @@ def outcome(data: bytes, folder: Path, *, full: bool = True) -> str:
         return "accepted"
     except CBDError:
         return "refused"
+
+
+def json_paths(value, prefix=()):
+    """Every path into a JSON document (keys and list indices), for targeted mutation."""
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from json_paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from json_paths(item, (*prefix, index))
+
+
+def replace_at(document, path, new):
+    """``document`` with the value at ``path`` replaced by ``new`` (in place; the root is returned)."""
+    if not path:
+        return new
+    target = document
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = new
+    return document

@@ -17,11 +17,13 @@ import torch
 from cbd_mutations import (
     evil_pickle,
     header_of,
+    json_paths,
     meta_of,
     outcome,
     payload_of,
     rebuild,
     region_boundaries,
+    replace_at,
     sign,
     tensors_of,
     tiny_file,
@@ -201,36 +203,16 @@ JSON_VALUE = st.recursive(JSON_SCALAR, lambda inner: st.one_of(st.lists(inner, m
                                                                                max_size=4)), max_leaves=12)
 
 
-def _paths(value, prefix=()):
-    """Every (path) into a JSON document, for targeted mutation."""
-    yield prefix
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _paths(item, (*prefix, index))
-
-
-def _replace(document, path, new):
-    if not path:
-        return new
-    target = document
-    for step in path[:-1]:
-        target = target[step]
-    target[path[-1]] = new
-    return document
-
 
 @FUZZ
 @given(data=st.data())
 def test_resigned_metadata_mutations_are_refused_or_load(good, folder, data):
     meta, tensors = meta_of(good), tensors_of(good)
-    paths = list(_paths(meta))
+    paths = list(json_paths(meta))
     for _ in range(data.draw(st.integers(1, 3))):
         path = data.draw(st.sampled_from(paths))
-        meta = _replace(copy.deepcopy(meta), path, data.draw(JSON_VALUE))
-        paths = list(_paths(meta))
+        meta = replace_at(copy.deepcopy(meta), path, data.draw(JSON_VALUE))
+        paths = list(json_paths(meta))
     assert outcome(rebuild(tensors, meta), folder) in ("refused", "accepted")
 
 
@@ -393,8 +375,8 @@ def test_cli_info_verify_on_resigned_mutations_never_crashes(good, folder, capsy
         corrupt = sign(bytes(payload))
     else:
         meta = meta_of(good)
-        path = data.draw(st.sampled_from(list(_paths(meta))))
-        corrupt = rebuild(tensors_of(good), _replace(copy.deepcopy(meta), path, data.draw(JSON_VALUE)))
+        path = data.draw(st.sampled_from(list(json_paths(meta))))
+        corrupt = rebuild(tensors_of(good), replace_at(copy.deepcopy(meta), path, data.draw(JSON_VALUE)))
     target = folder / "cli.cbd"
     target.write_bytes(corrupt)
     code = cli.main(["info", "--verify", "--json", str(target)])
