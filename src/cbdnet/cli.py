@@ -45,13 +45,14 @@ def _model_from_args(args) -> tuple[torch.nn.Module, str]:
     if args.arch is None:
         raise UsageError("--arch is required (known: " + ", ".join(known_archs()) + ")")
     kwargs = {} if getattr(args, "num_classes", None) is None else {"num_classes": args.num_classes}
+    random_init = args.weights in (None, "random")
+    if random_init:
+        torch.manual_seed(args.seed)  # before the one build: its initialisation is the model's weights
     try:
         model = build(args.arch, **kwargs)
     except TypeError as exc:
         raise UsageError(f"--num-classes does not apply to {args.arch}: {exc}") from None
-    if args.weights in (None, "random"):
-        torch.manual_seed(args.seed)
-        model = build(args.arch, **kwargs)
+    if random_init:
         return model.eval(), f"random (seed {args.seed})"
     load_weights(model, args.weights)
     return model.eval(), args.weights
