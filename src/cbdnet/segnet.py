@@ -41,6 +41,19 @@ def _unpool(x: torch.Tensor, indices: torch.Tensor, size: torch.Size) -> torch.T
     return F.max_unpool2d(x, indices, 2, 2, output_size=size)
 
 
+def _encode_decode(encoders: nn.ModuleList, decoders: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    """Each encoder stage then a 2x2 max-pool; each decoder stage after unpooling with the mirrored
+    stage's pooling indices (the SegNet scheme shared by both variants)."""
+    stack = []
+    for encoder in encoders:
+        x, indices, size = _pool(encoder(x))
+        stack.append((indices, size))
+    for decoder in decoders:
+        indices, size = stack.pop()
+        x = decoder(_unpool(x, indices, size))
+    return x
+
+
 class SegNetBasic(nn.Module):
     """SegNet-Basic: 4 x (conv, BN, ReLU, max-pool) then 4 x (unpool, conv, BN), then a 1x1 classifier."""
 
@@ -54,14 +67,7 @@ class SegNetBasic(nn.Module):
         self.classifier = nn.Conv2d(width, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stack = []
-        for encoder in self.encoders:
-            x, indices, size = _pool(encoder(x))
-            stack.append((indices, size))
-        for decoder in self.decoders:
-            indices, size = stack.pop()
-            x = decoder(_unpool(x, indices, size))
-        return self.classifier(x)
+        return self.classifier(_encode_decode(self.encoders, self.decoders, x))
 
 
 class SegNet(nn.Module):
@@ -97,11 +103,4 @@ class SegNet(nn.Module):
         self.decoders = nn.ModuleList(decoders)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stack = []
-        for encoder in self.encoders:
-            x, indices, size = _pool(encoder(x))
-            stack.append((indices, size))
-        for decoder in self.decoders:
-            indices, size = stack.pop()
-            x = decoder(_unpool(x, indices, size))
-        return x
+        return _encode_decode(self.encoders, self.decoders, x)
