@@ -67,3 +67,19 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "float32" in text and "J=5 b=0.3" in text
     assert len(list(tmp_path.glob("*.cbd"))) == 5
+
+
+def test_fallback_rule_is_an_option_recorded_in_the_report(tmp_path):
+    reports = {}
+    for rule in ("distortion", "size"):
+        path = tmp_path / f"{rule}.json"
+        assert main(["compress", "--arch", "cifar-resnet20", "--weights", "random", "--fallback", rule,
+                     "--json", str(path), "--quiet"]) == 0
+        reports[rule] = json.loads(path.read_text())
+        assert reports[rule]["config"]["fallback"] == rule
+    modes = {rule: [layer["mode"] for layer in report["layers"]] for rule, report in reports.items()}
+    assert modes["size"].count("cbd") > modes["distortion"].count("cbd")  # random weights favour uniform
+    changed = [layer for layer in reports["distortion"]["layers"] if "error" in layer["reason"]]
+    assert changed and all(layer["mode"] == "uniform" for layer in changed)
+    assert main(["compress", "--arch", "cifar-resnet20", "--weights", "random", "--fallback", "least",
+                 "--quiet"]) == 2

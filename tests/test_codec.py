@@ -6,9 +6,19 @@ import numpy as np
 import pytest
 
 from cbdnet import gf2
-from cbdnet.codec import encode_weight, unpack_bits
+from cbdnet.codec import encode_weight, rd_cost, unpack_bits
 from cbdnet.errors import WeightError
-from cbdnet.planes import composite_decode, composite_encode, composite_layout, from_matrix, to_matrix
+from cbdnet.planes import (
+    composite_decode,
+    composite_encode,
+    composite_layout,
+    composite_sq_error,
+    from_matrix,
+    to_matrix,
+    uniform_decode,
+    uniform_encode,
+    uniform_sq_error,
+)
 from cbdnet.search import rank_bound, search_scale
 
 
@@ -32,7 +42,7 @@ def test_cbd_layer_decodes_to_the_composite_reconstruction():
 
 
 def test_factored_planes_multiply_back_and_respect_the_rank_bound():
-    code = encode_weight(conv_weight((64, 32, 3, 3), 1), planes=5, bottleneck=0.3)
+    code = encode_weight(conv_weight((64, 32, 3, 3), 1), planes=5, bottleneck=0.3, fallback="size")
     h, w = code.matrix_shape
     assert code.mask_rank <= code.bound == rank_bound(h, w, 0.3)
     assert code.factored_planes >= 1
@@ -98,3 +108,48 @@ def test_linear_and_grouped_shapes():
         assert decoded.shape == weight.shape and decoded.dtype == np.float32
         assert np.array_equal(np.sign(decoded[decoded != 0]), np.sign(weight[decoded != 0]))
         assert np.linalg.norm(decoded - weight) / np.linalg.norm(weight) < 0.1
+
+
+def test_squared_errors_match_the_decoded_codes():
+    r = np.abs(to_matrix(conv_weight((16, 8, 3, 3), 3))).astype(np.float64)
+    r /= r.max()
+    layout = composite_layout(0.3, 5)
+    composite = composite_decode(composite_encode(r, layout), layout.step, layout.exponents)
+    assert composite_sq_error(r, layout) == pytest.approx(float(((r - composite) ** 2).sum()), rel=1e-5)
+    assert uniform_sq_error(r, 5) == pytest.approx(float(((r - uniform_decode(uniform_encode(r, 5))) ** 2).sum()),
+                                                   rel=1e-5)
+
+
+def first_conv_like(seed=2):
+    """A 3->64 3x3 conv (192x9, rank bound 2): the scale search lands at 0.98 (0.90 on the trained
+    SegNet-Basic's first layer), so the composite code spans almost twice the weights' range."""
+    return conv_weight((64, 3, 3, 3), seed)
+
+
+def test_distortion_rule_stores_uniform_where_the_composite_range_is_wasted():
+    weight = first_conv_like()
+    paper = encode_weight(weight, planes=5, bottleneck=0.3, fallback="size")
+    ours = encode_weight(weight, planes=5, bottleneck=0.3)
+    assert paper.mode == "cbd" and paper.scale > 0.7 and paper.exponents[0] == 0
+    assert ours.mode == "uniform" and "error" in ours.reason
+    errors = [float(((code.decode() - weight) ** 2).sum()) for code in (paper, ours)]
+    assert errors[1] < errors[0] / 2  # the uniform code's step is about half the composite one's
+    assert rd_cost(errors[1], ours.bits(), ours.numel) < rd_cost(errors[0], paper.bits(), paper.numel)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_distortion_rule_picks_the_code_with_the_lower_cost(seed):
+    rng = np.random.default_rng(seed)
+    shape = [(64, 3, 3, 3), (32, 16, 3, 3), (48, 48, 1, 1), (10, 64)][seed % 4]
+    weight = (rng.laplace(size=shape) if seed % 2 else rng.standard_normal(shape)).astype(np.float32)
+    candidates = [encode_weight(weight, 5, 0.3, fallback="size"), encode_weight(weight, 5, 0.3, mode="uniform")]
+    costs = [rd_cost(float(((c.decode() - weight) ** 2).sum()), c.bits(), c.numel) for c in candidates]
+    chosen = encode_weight(weight, 5, 0.3)
+    if candidates[0].mode == "cbd" and not np.isclose(*costs, rtol=1e-3):
+        assert chosen.mode == candidates[int(np.argmin(costs))].mode
+    assert np.array_equal(chosen.decode(), candidates[0 if chosen.mode == "cbd" else 1].decode())
+
+
+def test_unknown_fallback_rule_is_refused():
+    with pytest.raises(ValueError, match="fallback"):
+        encode_weight(conv_weight(), fallback="smallest")

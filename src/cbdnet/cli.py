@@ -16,6 +16,7 @@ from typing import NoReturn
 import torch
 
 from . import __version__
+from .codec import FALLBACK_RULES
 from .compress import compress
 from .data import load_spec
 from .errors import CBDError
@@ -95,8 +96,8 @@ def cmd_compress(args) -> int:
     before = _evaluate(model, args.data, args)
     encoder, settings = build_encoder(args, model)
     model, report = compress(model, planes=args.planes, bottleneck=args.bottleneck, skip=args.skip or (),
-                             mode="uniform" if args.method == "uniform" else "auto", progress=not args.quiet,
-                             workers=args.workers, encoder=encoder)
+                             mode="uniform" if args.method == "uniform" else "auto", fallback=args.fallback,
+                             progress=not args.quiet, workers=args.workers, encoder=encoder)
     report.config.update(settings)
     finish_model(args, model, report)
     report.extra.update({"arch": args.arch, "weights": source, "cbdnet_version": __version__})
@@ -207,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("cbd", "uniform", "rtn"), default="cbd",
                    help="cbd (composite planes + GF(2) factors), uniform (plain J-bit code, the baseline) or "
                         "rtn (K-bit symmetric round-to-nearest, sign included, the usual baseline)")
+    p.add_argument("--fallback", choices=FALLBACK_RULES, default="distortion",
+                   help="when a layer's composite code is replaced by the uniform J-plane code: 'distortion' "
+                        "(default: where its squared error x 4^(bits/weight) is higher) or 'size' (the paper: only "
+                        "where it takes no fewer bits)")
     add_method_args(p)
     p.add_argument("--skip", nargs="*", help="layer names to keep in float")
     p.add_argument("--workers", type=int, default=None,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .codec import LayerCode, encode_weight
+from .codec import FALLBACK_RULES, LayerCode, encode_weight
 from .nn import COMPRESSIBLE, CBDModule, from_module
 from .ops import layer_ops, output_positions, plane_popcounts
 
@@ -228,12 +228,12 @@ def default_workers() -> int:
     return max(1, int(value)) if value else 1
 
 
-def _encode_layer(name: str, module: nn.Module, planes: int, bottleneck: float, mode: str,
+def _encode_layer(name: str, module: nn.Module, planes: int, bottleneck: float, mode: str, fallback: str,
                   positions: int | None, encoder=None) -> tuple[LayerCode, LayerReport]:
     start = time.perf_counter()
     original = module.weight.detach().to(device="cpu", dtype=torch.float32).numpy()
     code = encoder(name, original) if encoder is not None else \
-        encode_weight(original, planes=planes, bottleneck=bottleneck, name=name, mode=mode)
+        encode_weight(original, planes=planes, bottleneck=bottleneck, name=name, mode=mode, fallback=fallback)
     return code, layer_report(name, module, code, original, time.perf_counter() - start, positions)
 
 
@@ -246,14 +246,16 @@ def _finish(model: nn.Module, report: Report, bar, name: str, module: nn.Module,
 
 
 def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip: Iterable[str] = (),
-             mode: str = "auto", progress: bool = True, workers: int | None = None,
+             mode: str = "auto", fallback: str = "distortion", progress: bool = True, workers: int | None = None,
              input_shape: tuple[int, ...] | None = None,
              encoder: Callable[[str, np.ndarray], LayerCode] | None = None) -> tuple[nn.Module, Report]:
     """Compress every Conv2d/Linear of ``model`` in place; returns ``(model, report)``.
 
     ``planes`` is J, the number of magnitude bit planes; ``bottleneck`` bounds the GF(2) rank of the mask of
     large entries by ``bottleneck * min(h, w)``; ``skip`` names layers to keep in float; ``mode='uniform'``
-    stores every layer with the plain uniform code (the honest baseline at the same bits). ``workers`` layers
+    stores every layer with the plain uniform code (the honest baseline at the same bits); ``fallback`` is the
+    rule that keeps a layer's composite code or stores it uniform (``distortion``, the default, or the paper's
+    ``size``; see :func:`cbdnet.codec.encode_weight`). ``workers`` layers
     are encoded at once in threads (the GF(2) kernels release the GIL; default :func:`default_workers`); the
     result does not depend on it, layers are swapped in model order. With ``input_shape`` (e.g.
     ``(1, 3, 224, 224)``) the report also counts the operations per sample (see :mod:`cbdnet.ops`).
@@ -262,7 +264,10 @@ def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip
     must be safe to call from threads.
     """
     start = time.perf_counter()
-    report = Report(config={"planes": planes, "bottleneck": bottleneck, "mode": mode, "skip": sorted(skip)})
+    if fallback not in FALLBACK_RULES:  # before any layer is encoded
+        raise ValueError(f"fallback must be one of {', '.join(FALLBACK_RULES)}, got {fallback!r}")
+    report = Report(config={"planes": planes, "bottleneck": bottleneck, "mode": mode, "fallback": fallback,
+                            "skip": sorted(skip)})
     layers = compressible_layers(model, skip)
     positions = output_positions(model, input_shape) if input_shape is not None else {}
     workers = default_workers() if workers is None else max(1, int(workers))
@@ -273,7 +278,7 @@ def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip
         pending = iter(layers)
         for name, module in pending:
             jobs.append((name, module, pool.submit(_encode_layer, name, module, planes, bottleneck, mode,
-                                                   positions.get(name), encoder)))
+                                                   fallback, positions.get(name), encoder)))
             if len(jobs) >= workers:
                 _finish(model, report, bar, *jobs.popleft())
         while jobs:
