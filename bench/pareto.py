@@ -62,7 +62,9 @@ def main() -> None:
         print(f"{series:<24} {label:<22} {rows[-1][2]:7.3f} {rows[-1][3]:.4f}", flush=True)
 
     for planes in args.paper_planes:
-        run("paper (per tensor)", f"J={planes}, b=0.3", planes=planes, bottleneck=0.3)
+        run("paper (per tensor)", f"J={planes}, b=0.3", planes=planes, bottleneck=0.3, fallback="size")
+    for planes in args.paper_planes:
+        run("cbd, distortion rule", f"J={planes}, b=0.3", planes=planes, bottleneck=0.3)
     for bits in args.rtn_channel:
         run("RTN per channel", f"{bits} bits", encoder=lambda n, w, b=bits: encode_rtn(w, b, "channel"))
     for bits in args.rtn_tensor:
@@ -103,8 +105,8 @@ def _plot(rows, out: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fp32 = next(r[3] for r in rows if r[0] == "FP32")
-    for series, marker in (("paper (per tensor)", "s"), ("RTN per channel", "o"), ("RTN per tensor", "v"),
-                           ("cbdnet --target-bits", "*")):
+    for series, marker in (("paper (per tensor)", "s"), ("cbd, distortion rule", "D"), ("RTN per channel", "o"),
+                           ("RTN per tensor", "v"), ("cbdnet --target-bits", "*")):
         points = sorted((r[2], r[3]) for r in rows if r[0] == series)
         if points:
             ax.plot(*zip(*points, strict=True), marker=marker, label=series, markersize=9 if marker == "*" else 6)

@@ -23,7 +23,7 @@ from .errors import CBDError
 from .io import atomic_write, check_writable, load, read, save, verify
 from .methods import add_method_args, build_encoder, finish_model
 from .metrics import evaluate_classification, evaluate_detection, evaluate_segmentation
-from .models import build, known_archs, load_weights
+from .models import build, known_archs, load_weights, torchvision_weights_file
 
 __all__ = ["main", "build_parser"]
 
@@ -55,6 +55,10 @@ def _model_from_args(args) -> tuple[torch.nn.Module, str]:
         raise UsageError(f"--num-classes does not apply to {args.arch}: {exc}") from None
     if random_init:
         return model.eval(), f"random (seed {args.seed})"
+    if args.weights == "torchvision":
+        path, label = torchvision_weights_file(args.arch)
+        load_weights(model, path)
+        return model.eval(), f"torchvision {label} ({path})"
     load_weights(model, args.weights)
     return model.eval(), args.weights
 
@@ -194,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p):
         p.add_argument("--arch", help="architecture: " + ", ".join(known_archs()))
-        p.add_argument("--weights", help="checkpoint (state dict) path, or 'random'")
+        p.add_argument("--weights", help="checkpoint (state dict) path, 'random' (seeded), or 'torchvision' (the "
+                       "default torchvision weights of resnet18/vgg16/densenet121/ssd300 from torch's local cache; "
+                       "never downloaded)")
         p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
         p.add_argument("--batch-size", type=int, default=500)
         p.add_argument("--num-classes", type=int, default=None,

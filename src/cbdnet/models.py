@@ -8,6 +8,7 @@ checkpoint with ``torch.load(weights_only=True)``: a bare state dict or a dict w
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -22,7 +23,8 @@ from torch import nn
 
 from .errors import CBDError, WeightError
 
-__all__ = ["ARCHS", "register", "build", "load_weights", "known_archs", "CifarResNet", "DigitsCNN"]
+__all__ = ["ARCHS", "register", "build", "load_weights", "known_archs", "CifarResNet", "DigitsCNN",
+           "TORCHVISION_WEIGHTS", "torchvision_weights_file"]
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -153,6 +155,21 @@ def _read_checkpoint(path: str | os.PathLike) -> object:
         raise WeightError(f"cannot read weights {file}: {str(exc).splitlines()[0][:200]}") from None
 
 
+# torchvision's published DenseNet files predate its module names: "denselayer1.norm.1.weight" for "norm1.weight"
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+def _modernise_keys(state: dict[str, torch.Tensor], expected: dict) -> dict[str, torch.Tensor]:
+    """Rename old-style DenseNet keys (as torchvision's own loader does), only where the new name is expected."""
+    renamed = {}
+    for key, value in state.items():
+        match = _OLD_DENSENET_KEY.match(key)
+        new_key = match.group(1) + match.group(2) if match else key
+        renamed[new_key if new_key in expected and key not in expected else key] = value
+    return renamed
+
+
 def _state_dict_of(checkpoint: object, source: str) -> dict[str, torch.Tensor]:
     if isinstance(checkpoint, dict):
         for key in ("state_dict", "model", "model_state_dict"):
@@ -166,8 +183,8 @@ def _state_dict_of(checkpoint: object, source: str) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a checkpoint into ``model`` strictly, listing missing/unexpected keys when it does not fit."""
-    state = _state_dict_of(_read_checkpoint(path), str(path))
     expected = model.state_dict()
+    state = _modernise_keys(_state_dict_of(_read_checkpoint(path), str(path)), expected)
     # old checkpoints predate BatchNorm's num_batches_tracked counter, which inference never reads
     missing = sorted(k for k in set(expected) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(expected))
@@ -184,6 +201,47 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise WeightError(f"{path}: tensor {key} holds NaN/Inf values")
     model.load_state_dict(state, strict=False)
     return model
+
+
+# ---------------------------------------------------------------- torchvision's own weights, from the local cache
+
+TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights", "vgg16": "VGG16_Weights",
+                       "densenet121": "DenseNet121_Weights", "ssd300": "SSD300_VGG16_Weights"}
+
+
+def _torchvision_default(arch: str) -> tuple[str, str]:
+    """``(enum label, url)`` of torchvision's default weights for ``arch``, e.g. ``ResNet18_Weights.IMAGENET1K_V1``."""
+    from torchvision import models as tv
+    from torchvision.models import detection as tvd
+
+    name = TORCHVISION_WEIGHTS[arch]
+    enum = getattr(tv, name, None) or getattr(tvd, name)
+    return f"{name}.{enum.DEFAULT.name}", enum.DEFAULT.url
+
+
+def torchvision_weights_file(arch: str) -> tuple[Path, str]:
+    """The cached file of torchvision's default weights for ``arch`` and their label. cbdnet never downloads:
+    the file must already be in ``torch.hub.get_dir()/checkpoints`` (where torchvision itself caches it, e.g.
+    after ``torchvision.models.resnet18(weights="DEFAULT")`` on a machine with network access). The file name
+    carries the first hex digits of its SHA-256, which are checked, so a truncated copy is refused."""
+    if arch not in TORCHVISION_WEIGHTS:
+        raise CBDError(f"--weights torchvision: torchvision publishes no weights for {arch!r} (it does for "
+                       f"{', '.join(sorted(TORCHVISION_WEIGHTS))}); pass --weights PATH")
+    label, url = _torchvision_default(arch)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if not path.is_file():
+        raise WeightError(f"torchvision's {label} weights are not in the local cache ({path}) and cbdnet never "
+                          f"downloads: copy {url} there, or pass --weights PATH")
+    prefix = re.search(r"-([a-f0-9]+)\.", path.name)
+    if prefix:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        if not digest.hexdigest().startswith(prefix.group(1)):
+            raise WeightError(f"{path} is corrupt or incomplete: its SHA-256 does not start with {prefix.group(1)} "
+                              f"as its name says")
+    return path, label
 
 
 # ---------------------------------------------------------------- the paper's ImageNet/detection/segmentation nets
