@@ -23,7 +23,7 @@ from cbdnet.cli import main
 from cbdnet.compress import compress
 from cbdnet.io import load, save, verify
 from cbdnet.models import build, load_weights, register
-from cbdnet.nn import CBDModule
+from cbdnet.nn import COMPRESSIBLE, CBDModule
 from cbdnet.segnet import SegNet, SegNetBasic, _pool, _unpool
 
 # ---------------------------------------------------------------- reduced test-only builds of the same structures
@@ -69,6 +69,15 @@ def _grouped(num_classes: int = 10) -> nn.Module:
                          nn.Linear(8 * 16 * 16, num_classes))
 
 
+@register("test-upsample-small")
+def _upsampling(num_classes: int = 3) -> nn.Module:
+    """Transposed convolutions (plain, grouped with output padding, bias-free), as in FCN/U-Net decoders."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.ConvTranspose2d(16, 8, 2, stride=2), nn.ReLU(),
+                         nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1, groups=2, bias=False),
+                         nn.Conv2d(8, num_classes, 1))
+
+
 def _forward(model, x):
     with torch.no_grad():
         return model(list(x)) if isinstance(model, SSD) else model(x)
@@ -89,7 +98,8 @@ def _assert_same(a, b):
 
 CASES = [("segnet-basic", {}, (2, 3, 45, 60)), ("segnet", {"width_mult": 0.125}, (1, 3, 36, 52)),
          ("test-densenet-small", {}, (1, 3, 32, 32)), ("test-vgg-small", {}, (2, 3, 32, 32)),
-         ("test-ssd-tiny", {}, (2, 3, 64, 64)), ("test-mobile-small", {}, (2, 3, 16, 16))]
+         ("test-ssd-tiny", {}, (2, 3, 64, 64)), ("test-mobile-small", {}, (2, 3, 16, 16)),
+         ("test-upsample-small", {}, (2, 3, 16, 20))]
 
 
 @pytest.mark.parametrize(("arch", "kwargs", "shape"), CASES, ids=[c[0] for c in CASES])
@@ -97,9 +107,9 @@ def test_compress_save_load_equals_decoded_float_model(tmp_path, arch, kwargs, s
     torch.manual_seed(0)
     model = build(arch, **kwargs).eval()
     reference = copy.deepcopy(model)
-    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, COMPRESSIBLE))
     model, report = compress(model, planes=5, bottleneck=0.3, progress=False)
-    assert report.params == weights  # every Conv2d (any groups, 1x1) and Linear is coded
+    assert report.params == weights  # every Conv2d (any groups, 1x1), ConvTranspose2d and Linear is coded
     path = tmp_path / f"{arch}.cbd"
     size = save(model, path)
     assert size == path.stat().st_size and not verify(path)
@@ -216,11 +226,15 @@ def test_cli_num_classes_is_recorded_in_the_file(tmp_path):
     assert main(["compress", "--arch", "test-headless", "--num-classes", "3", "--quiet"]) == 2  # one-line error
 
 
-def test_transposed_conv_is_listed_as_float_with_its_reason():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ConvTranspose2d(8, 4, 2, stride=2))
-    _, report = compress(model, progress=False)
+def test_transposed_conv_is_coded_and_other_convs_are_listed_as_float():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ConvTranspose2d(8, 4, 2, stride=2),
+                          nn.Flatten(2), nn.Conv1d(4, 4, 3), nn.ConvTranspose1d(4, 4, 2))
+    compressed, report = compress(model, progress=False, input_shape=(1, 3, 10, 10))
+    assert [(layer.name, layer.kind) for layer in report.layers] == [("0", "conv"), ("2", "conv_transpose")]
+    assert type(compressed[2]).__name__ == "CBDConvTranspose2d"
+    assert report.layers[1].output_positions == 8 * 8  # its input positions: each meets the whole weight once
+    assert report.layers[1].dense_macs == 8 * 4 * 2 * 2 * 8 * 8
     rows = {row["name"]: row for row in report.to_dict()["float_layers"]}
-    assert set(rows) == {"1", "2"} and "transposed convolution" in rows["2"]["reason"]
-    assert rows["2"]["params"] == 8 * 4 * 2 * 2 + 4 and [layer.name for layer in report.layers] == ["0"]
+    assert set(rows) == {"1", "4", "5"} and "1-D/3-D" in rows["4"]["reason"] and "transposed" in rows["5"]["reason"]
     _, skipped = compress(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(2, 2)), skip=["1"], progress=False)
     assert skipped.float_layers[0]["name"] == "1" and "skipped" in skipped.float_layers[0]["reason"]

@@ -1,4 +1,4 @@
-"""The model walker: swap every Conv2d/Linear for its CBD twin and report what each layer costs.
+"""The model walker: swap every Conv2d/ConvTranspose2d/Linear for its CBD twin and report what each layer costs.
 
 ``compress(model, planes=5, bottleneck=0.3)`` works in place (like ``optimum.quanto.quantize``) and returns
 the model with a :class:`Report`. Bits are counted exactly as :func:`cbdnet.save` stores them.
@@ -153,7 +153,7 @@ def _clip(text: str, width: int) -> str:
 
 
 def compressible_layers(model: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs that compress: every Conv2d and Linear not named in ``skip``."""
+    """The (name, module) pairs that compress: every Conv2d, ConvTranspose2d and Linear not named in ``skip``."""
     skipped = set(skip)
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, COMPRESSIBLE) and not isinstance(module, CBDModule) and name not in skipped]
@@ -165,6 +165,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    return "conv_transpose" if isinstance(module, nn.ConvTranspose2d) else "linear"
+
+
 def layer_report(name: str, module: nn.Module, code: LayerCode, original: np.ndarray, seconds: float,
                  positions: int | None = None) -> LayerReport:
     decoded = code.decode()
@@ -173,7 +179,7 @@ def layer_report(name: str, module: nn.Module, code: LayerCode, original: np.nda
     error = float(np.linalg.norm(decoded - original) / norm) if norm > 0 else 0.0
     h, w = code.matrix_shape
     return LayerReport(
-        name=name, kind="conv" if isinstance(module, nn.Conv2d) else "linear", shape=list(code.shape),
+        name=name, kind=_kind(module), shape=list(code.shape),
         h=h, w=w, params=code.numel, mode=code.mode, reason=code.reason, scale=code.scale, bound=code.bound,
         mask_rank=code.mask_rank, exponents=list(code.exponents),
         plane_ranks=[p.rank for p in code.planes], plane_storage=[p.storage for p in code.planes],
@@ -187,7 +193,8 @@ _FLOAT_REASONS: tuple[tuple[type, str], ...] = (
     (nn.modules.batchnorm._NormBase, "normalisation layer: per-channel affine/statistics, kept in float"),
     (nn.GroupNorm, "normalisation layer: per-channel affine, kept in float"),
     (nn.LayerNorm, "normalisation layer: per-channel affine, kept in float"),
-    (nn.modules.conv._ConvTransposeNd, "transposed convolution: no CBD twin, kept in float"),
+    (nn.modules.conv._ConvTransposeNd, "1-D/3-D transposed convolution: no CBD twin, kept in float"),
+    (nn.modules.conv._ConvNd, "1-D/3-D convolution: no CBD twin, kept in float"),
     (nn.Embedding, "embedding table: not a Conv2d/Linear, kept in float"),
 )
 

@@ -43,7 +43,7 @@ from torch import nn
 from . import __version__
 from .codec import MAX_PLANES, LayerCode, PlaneCode, plane_digest
 from .errors import CBDError, FormatError
-from .nn import CBDModule, from_module
+from .nn import COMPRESSIBLE, CBDModule, from_module
 
 __all__ = ["save", "load", "read", "parse", "verify", "atomic_write", "check_writable", "CBDFile", "FORMAT_VERSION",
            "MAGIC"]
@@ -447,7 +447,7 @@ def _check_fits(model: nn.Module, parsed: CBDFile) -> None:
             module = model.get_submodule(name)
         except AttributeError:
             raise CBDError(f"the file's layer {name} does not exist in the model") from None
-        if not isinstance(module, (nn.Conv2d, nn.Linear)) or tuple(module.weight.shape) != tuple(code.shape):
+        if not isinstance(module, COMPRESSIBLE) or tuple(module.weight.shape) != tuple(code.shape):
             raise CBDError(f"the file's layer {name} {tuple(code.shape)} does not fit the model's {module}")
         coded.add(f"{name}.weight")
     expected = set(state) - coded

@@ -1,8 +1,9 @@
 """Drop-in modules that carry a layer's stored code and run with its decoded weight.
 
-:class:`CBDConv2d` and :class:`CBDLinear` subclass ``nn.Conv2d`` / ``nn.Linear``: the forward pass is the
-parent's, on a frozen dense weight decoded once from the code, so a compressed model runs at the speed of
-the float model. The code (:class:`cbdnet.codec.LayerCode`) is what :func:`cbdnet.save` writes.
+:class:`CBDConv2d`, :class:`CBDConvTranspose2d` and :class:`CBDLinear` subclass ``nn.Conv2d`` /
+``nn.ConvTranspose2d`` / ``nn.Linear``: the forward pass is the parent's, on a frozen dense weight decoded once
+from the code, so a compressed model runs at the speed of the float model. The code
+(:class:`cbdnet.codec.LayerCode`) is what :func:`cbdnet.save` writes.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from torch import nn
 
 from .codec import LayerCode
 
-__all__ = ["CBDConv2d", "CBDLinear", "CBDModule", "from_module", "COMPRESSIBLE"]
+__all__ = ["CBDConv2d", "CBDConvTranspose2d", "CBDLinear", "CBDModule", "from_module", "COMPRESSIBLE"]
 
-COMPRESSIBLE = (nn.Conv2d, nn.Linear)
+COMPRESSIBLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
 class CBDModule:
@@ -30,22 +31,36 @@ class CBDModule:
         decoded = torch.from_numpy(code.decode()).to(device=device, dtype=dtype)
         self.weight = nn.Parameter(decoded, requires_grad=False)
 
+    @classmethod
+    def _twin(cls, original: nn.Module, code: LayerCode, *args, **kwargs):
+        """Build on the meta device, copy the bias, then set the decoded weight (no float weight allocated)."""
+        module = cls(*args, bias=original.bias is not None, device="meta", **kwargs)
+        module.bias = None if original.bias is None else nn.Parameter(original.bias.detach().clone(),
+                                                                      requires_grad=original.bias.requires_grad)
+        module.weight = nn.Parameter(torch.empty_like(original.weight, device="cpu"), requires_grad=False)
+        module._set_code(code, original.weight.dtype, original.weight.device)
+        module.train(original.training)
+        return module
+
 
 class CBDConv2d(CBDModule, nn.Conv2d):
     """``nn.Conv2d`` whose weight is decoded from a composite binary code."""
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, code: LayerCode) -> CBDConv2d:
-        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                     padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                     bias=conv.bias is not None, padding_mode=conv.padding_mode,
-                     device="meta")
-        module.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(),
-                                                                  requires_grad=conv.bias.requires_grad)
-        module.weight = nn.Parameter(torch.empty_like(conv.weight, device="cpu"), requires_grad=False)
-        module._set_code(code, conv.weight.dtype, conv.weight.device)
-        module.train(conv.training)
-        return module
+        return cls._twin(conv, code, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                         padding_mode=conv.padding_mode)
+
+
+class CBDConvTranspose2d(CBDModule, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` whose weight (``[in, out / groups, kh, kw]``) is decoded from a composite binary code."""
+
+    @classmethod
+    def from_conv_transpose(cls, conv: nn.ConvTranspose2d, code: LayerCode) -> CBDConvTranspose2d:
+        return cls._twin(conv, code, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         padding=conv.padding, output_padding=conv.output_padding, groups=conv.groups,
+                         dilation=conv.dilation, padding_mode=conv.padding_mode)
 
 
 class CBDLinear(CBDModule, nn.Linear):
@@ -53,19 +68,15 @@ class CBDLinear(CBDModule, nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, code: LayerCode) -> CBDLinear:
-        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        module.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
-                                                                    requires_grad=linear.bias.requires_grad)
-        module.weight = nn.Parameter(torch.empty_like(linear.weight, device="cpu"), requires_grad=False)
-        module._set_code(code, linear.weight.dtype, linear.weight.device)
-        module.train(linear.training)
-        return module
+        return cls._twin(linear, code, linear.in_features, linear.out_features)
 
 
 def from_module(module: nn.Module, code: LayerCode) -> nn.Module:
-    """The CBD twin of a Conv2d or Linear module, carrying ``code``."""
+    """The CBD twin of a Conv2d, ConvTranspose2d or Linear module, carrying ``code``."""
     if isinstance(module, nn.Conv2d):
         return CBDConv2d.from_conv(module, code)
+    if isinstance(module, nn.ConvTranspose2d):
+        return CBDConvTranspose2d.from_conv_transpose(module, code)
     if isinstance(module, nn.Linear):
         return CBDLinear.from_linear(module, code)
     raise TypeError(f"cannot compress a {type(module).__name__}")

@@ -40,19 +40,23 @@ def plane_popcounts(code: LayerCode) -> list[int]:
 
 def output_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     """Output positions per sample of every Conv2d/Linear (by module name), from one forward pass of zeros
-    shaped ``input_shape`` (batch included; counts are per sample)."""
+    shaped ``input_shape`` (batch included; counts are per sample). A ConvTranspose2d counts its *input*
+    positions: each one meets the whole ``[in, out, kh, kw]`` weight once, as an output position of a conv does."""
     positions: dict[str, int] = {}
     hooks = []
 
     def recorder(name: str):
-        def hook(module, _inputs, output):
+        def hook(module, inputs, output):
+            if isinstance(module, nn.ConvTranspose2d):
+                output, channels = inputs[0], module.in_channels
+            else:
+                channels = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
             per_sample = output[0] if output.dim() > 1 else output
-            channels = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
             positions[name] = int(per_sample.numel() // channels)
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             hooks.append(module.register_forward_hook(recorder(name)))
     try:
         parameter = next(model.parameters(), None)
