@@ -56,7 +56,8 @@ def main() -> None:
     fp32 = evaluate_segmentation(fresh(), data, progress=False)
     print(f"# SegNet-Basic on {data.name} (n={len(data)}), weights {args.weights}; {os.cpu_count()} CPUs, "
           f"{args.threads} thread(s), {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC")
-    print("| setting | bits/weight (coded layers) | bits/weight (all conv weights) | file bytes | test mIoU | "
+    split = args.data.rsplit(":", 1)[-1] if args.data.count(":") >= 2 else "test"
+    print(f"| setting | bits/weight (coded layers) | bits/weight (all conv weights) | file bytes | {split} mIoU | "
           "pixel acc | mIoU drop (points) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(f"| FP32 | 32 | 32 | {os.path.getsize(args.weights):,} (state dict) | {fp32['miou']:.4f} | "

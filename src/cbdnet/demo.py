@@ -21,7 +21,10 @@ from .io import load, save
 from .metrics import evaluate_classification
 from .models import build
 
-SETTINGS = (("cbd", 3, 0.3), ("cbd", 4, 0.3), ("cbd", 5, 0.3), ("uniform", 3, 0.0), ("uniform", 4, 0.0))
+# (method, J, bottleneck, fallback rule): the paper's algorithm (size rule), cbdnet's default (distortion rule),
+# and the plain uniform baselines at about the same bits
+SETTINGS = (("cbd", 4, 0.3, "size"), ("cbd", 5, 0.3, "size"), ("cbd", 4, 0.3, "distortion"),
+            ("cbd", 5, 0.3, "distortion"), ("uniform", 3, 0.0, "size"), ("uniform", 4, 0.0, "size"))
 
 
 def train_digits_cnn(seed: int = 0, epochs: int = 12, quiet: bool = False) -> torch.nn.Module:
@@ -66,23 +69,32 @@ def run_demo(out_dir: str | None = None, quiet: bool = False, seed: int = 0) -> 
     folder = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="cbdnet-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for method, planes, bottleneck in SETTINGS:
-        compressed, report = compress(copy.deepcopy(model), planes=planes, bottleneck=bottleneck,
+    for method, planes, bottleneck, fallback in SETTINGS:
+        compressed, report = compress(copy.deepcopy(model), planes=planes, bottleneck=bottleneck, fallback=fallback,
                                       mode="uniform" if method == "uniform" else "auto", progress=not quiet)
-        label = f"J={planes} b={bottleneck}" if method == "cbd" else f"uniform J={planes} (baseline)"
-        path = folder / (f"digits_{method}_J{planes}_b{bottleneck}.cbd")
+        uniform_layers = [layer for layer in report.layers if layer.mode == "uniform"]
+        label = f"uniform J={planes} (baseline)" if method == "uniform" else \
+            f"{'paper' if fallback == 'size' else 'cbdnet'} J={planes} b={bottleneck}"
+        path = folder / (f"digits_{method}_J{planes}_b{bottleneck}_{fallback}.cbd")
         size = save(compressed, path)
         reloaded = load(path)
         with torch.no_grad():
             result = evaluate_classification(reloaded, test, progress=False)
-        if (method, planes) == ("cbd", 5):
-            say(f"\nper-layer report, {label}:")
+        if (method, planes, fallback) == ("cbd", 5, "size"):
+            say(f"\nper-layer report, {label} (the paper's algorithm):")
             say(report.table())
+        if (method, planes, fallback) == ("cbd", 5, "distortion") and uniform_layers:
+            say(f"\n{label}, cbdnet's default rule: {len(uniform_layers)} of {len(report.layers)} layers stored "
+                f"with the uniform code instead, where the composite code's error costs more than its bits save:")
+            for layer in uniform_layers:
+                say(f"  {layer.name}: {layer.reason}")
         rows.append({"setting": label, "bits_per_weight": report.bits_per_weight, "file_bytes": size,
+                     "uniform_layers": len(uniform_layers) if method == "cbd" else len(report.layers),
                      "top1": result["top1"], "path": str(path)})
-    say(f"\n{'setting':<28} {'bits/weight':>11} {'file bytes':>11} {'top-1':>7}")
-    say(f"{'float32':<28} {32.0:>11.3f} {fp32_bytes:>11,} {fp32['top1']:>7.4f}")
+    say(f"\n{'setting':<28} {'bits/weight':>11} {'file bytes':>11} {'top-1':>7} {'uniform layers':>14}")
+    say(f"{'float32':<28} {32.0:>11.3f} {fp32_bytes:>11,} {fp32['top1']:>7.4f} {'-':>14}")
     for row in rows:
-        say(f"{row['setting']:<28} {row['bits_per_weight']:>11.3f} {row['file_bytes']:>11,} {row['top1']:>7.4f}")
+        say(f"{row['setting']:<28} {row['bits_per_weight']:>11.3f} {row['file_bytes']:>11,} {row['top1']:>7.4f} "
+            f"{row['uniform_layers']:>14}")
     say(f"\nfiles in {folder} (each reloaded from disk before evaluation); total {time.perf_counter() - start:.1f} s")
     return rows
