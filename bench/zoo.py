@@ -48,13 +48,13 @@ def same(a, b) -> bool:
     return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
 
 
-def run(arch: str, planes: int, bottleneck: float, check: bool) -> dict:
+def run(arch: str, planes: int, bottleneck: float, check: bool, fallback: str = "distortion") -> dict:
     torch.manual_seed(0)
     model = build(arch).eval()
     total = sum(p.numel() for p in model.parameters())
     reference = copy.deepcopy(model) if check else None
     start = time.perf_counter()
-    model, report = compress(model, planes=planes, bottleneck=bottleneck, progress=False)
+    model, report = compress(model, planes=planes, bottleneck=bottleneck, fallback=fallback, progress=False)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{arch}.cbd"
@@ -70,6 +70,7 @@ def run(arch: str, planes: int, bottleneck: float, check: bool) -> dict:
            "covered_fraction": report.params / total, "bits_per_weight": report.bits_per_weight,
            "file_bytes": file_bytes, "fp32_bytes": 4 * total, "compress_seconds": seconds,
            "verify_ok": not problems, "reload_equal": equal, "cbd_layers": len(report.layers),
+           "uniform_layers": sum(layer.mode == "uniform" for layer in report.layers), "fallback": fallback,
            "float_layers": sorted({f"{f['type']}: {f['reason']}" for f in report.float_layers}),
            "float_layer_params": sum(f["params"] for f in report.float_layers)}
     return row
@@ -81,23 +82,25 @@ def main() -> None:
     parser.add_argument("--planes", type=int, default=5)
     parser.add_argument("--bottleneck", type=float, default=0.3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fallback", choices=("distortion", "size"), default="distortion")
     parser.add_argument("--no-check", action="store_true", help="skip the reload-equality forward passes")
     parser.add_argument("--json", default="bench/out/zoo.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# cbdnet zoo bench, J={args.planes}, bottleneck={args.bottleneck}, RANDOM weights (seed 0), "
+    print(f"# cbdnet zoo bench, J={args.planes}, bottleneck={args.bottleneck}, fallback={args.fallback}, "
+          f"RANDOM weights (seed 0), "
           f"{args.threads} thread(s), {os.cpu_count()} CPUs, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"{'arch':<13} {'params':>11} {'covered':>11} {'cov%':>6} {'bits/w':>7} {'file MB':>8} {'fp32 MB':>8} "
-          f"{'ratio':>6} {'time s':>7} verify reload")
+          f"{'ratio':>6} {'time s':>7} verify reload uniform")
     rows = []
     for arch in args.archs:
-        row = run(arch, args.planes, args.bottleneck, not args.no_check)
+        row = run(arch, args.planes, args.bottleneck, not args.no_check, args.fallback)
         rows.append(row)
         print(f"{arch:<13} {row['params_total']:>11,} {row['params_covered']:>11,} "
               f"{100 * row['covered_fraction']:>5.2f}% {row['bits_per_weight']:>7.3f} {row['file_bytes'] / 1e6:>8.2f} "
               f"{row['fp32_bytes'] / 1e6:>8.2f} {row['fp32_bytes'] / row['file_bytes']:>6.2f} "
               f"{row['compress_seconds']:>7.1f} {'ok' if row['verify_ok'] else 'FAIL':>6} "
-              f"{row['reload_equal']}", flush=True)
+              f"{row['reload_equal']} {row['uniform_layers']}/{row['cbd_layers']}", flush=True)
         for reason in row["float_layers"]:
             print(f"    float: {reason}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

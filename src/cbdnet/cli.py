@@ -111,7 +111,8 @@ def cmd_compress(args) -> int:
                                  extra={"weights": source, "config": report.config})
     if before is not None:
         report.extra.update({"data": args.data, "eval_before": before, "eval_after": after})
-    _say(args, f"cbdnet {__version__}: {args.arch} ({source}), J={args.planes}, bottleneck={args.bottleneck}")
+    rule = f", fallback={args.fallback}" if args.method == "cbd" and encoder is None else ""
+    _say(args, f"cbdnet {__version__}: {args.arch} ({source}), J={args.planes}, bottleneck={args.bottleneck}{rule}")
     _say(args, report.table())
     if report.file_bytes is not None:
         _say(args, f"wrote {args.output}: {report.file_bytes:,} bytes "
