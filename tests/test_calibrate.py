@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from cbdnet import calibrate
 from cbdnet.calibrate import (
     LayerStats,
+    batch_size_for,
     bias_correct,
     collect_stats,
     following_bn,
@@ -16,6 +20,7 @@ from cbdnet.calibrate import (
     output_error,
     reestimate_bn,
 )
+from cbdnet.cli import main
 from cbdnet.data import ClassificationData
 from cbdnet.grid import round_levels, rtn_steps
 
@@ -98,3 +103,58 @@ def test_gptq_lowers_the_output_error_against_round_to_nearest(mag_bits):
     error_rtn = output_error(rtn - weight, entry).sum()
     error_gptq = output_error(gptq * steps[:, None] - weight, entry).sum()
     assert error_gptq < 0.8 * error_rtn
+
+
+def test_chunked_patches_give_the_same_moments(monkeypatch):
+    model, data = _model(), _data()
+    full = collect_stats(model, [("conv", model.conv)], data, batch_size=16)
+    monkeypatch.setattr(calibrate, "MAX_PATCH_ELEMENTS", 27 * 36 * 3)  # three 6x6 images unfolded at a time
+    chunked = collect_stats(model, [("conv", model.conv)], data, batch_size=16)
+    torch.testing.assert_close(chunked["conv"].hessian, full["conv"].hessian)
+    torch.testing.assert_close(chunked["conv"].mean, full["conv"].mean)
+    assert chunked["conv"].samples == full["conv"].samples == 64 * 36
+
+
+def test_large_images_use_a_random_subset_of_patches(monkeypatch):
+    model, data = _model(), _data(n=200)
+    full = collect_stats(model, [("conv", model.conv)], data, batch_size=16)
+    monkeypatch.setattr(calibrate, "MAX_POSITIONS", 12)
+    sampled = collect_stats(model, [("conv", model.conv)], data, batch_size=16)
+    assert sampled["conv"].samples == 200 * 12
+    error = (sampled["conv"].hessian - full["conv"].hessian).abs().max() / full["conv"].hessian.abs().max()
+    assert 0 < error < 0.1  # a different, unbiased estimate of the same moments
+
+
+def test_calibration_batch_shrinks_with_the_image_size():
+    assert batch_size_for(_data(), 100) == 100  # 6x6 images: the default batch
+    camvid_like = ClassificationData(torch.zeros(4, 3, 180, 240), torch.zeros(4, dtype=torch.int64), "big")
+    assert batch_size_for(camvid_like, 100) == 2
+    assert batch_size_for(ClassificationData(torch.zeros(1, 3, 2000, 2000), torch.zeros(1, dtype=torch.int64),
+                                             "huge"), 100) == 1
+
+
+def _camvid_npz(path, n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 12, (n, 32, 48)).astype(np.uint8)  # 11 = void
+    images = rng.integers(0, 256, (n, 32, 48, 3)).astype(np.uint8)
+    np.savez(path, train_images=images, train_labels=labels, val_images=images[:2], val_labels=labels[:2])
+    return path
+
+
+def test_segmentation_calibration_ignores_void_and_fits_the_budget(tmp_path):
+    npz = _camvid_npz(tmp_path / "cam.npz")
+    report = tmp_path / "r.json"
+    assert main(["compress", "--arch", "segnet-basic", "--weights", "random", "--target-bits", "4.0",
+                 "--calib", f"camvid-npz:{npz}:train", "--json", str(report), "--quiet"]) == 0
+    payload = json.loads(report.read_text())
+    assert payload["bits_per_weight"] <= 4.0 and payload["calibration"]["images"] == 4
+    assert np.isfinite(payload["calibration"]["loss_before"])
+
+
+def test_detection_data_cannot_calibrate(tmp_path, capsys):
+    from test_task_metrics import _write_voc
+
+    _write_voc(tmp_path / "voc", {"a": [("dog", [1, 1, 30, 20], 0)]}, size=(64, 64))
+    assert main(["compress", "--arch", "segnet-basic", "--weights", "random", "--target-bits", "4.0",
+                 "--calib", f"voc:{tmp_path / 'voc'}", "--quiet"]) == 2
+    assert "classification or segmentation" in capsys.readouterr().err

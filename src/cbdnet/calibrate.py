@@ -29,8 +29,9 @@ from torch import nn
 
 from .errors import DataError
 
-__all__ = ["single_thread", "LayerStats", "collect_stats", "gptq_levels", "output_error", "bias_correct",
-           "bias_correct_if_better", "reestimate_bn", "following_bn", "calibration_loss", "load_calibration"]
+__all__ = ["single_thread", "LayerStats", "collect_stats", "batch_size_for", "task_loss", "gptq_levels",
+           "output_error", "bias_correct", "bias_correct_if_better", "reestimate_bn", "following_bn",
+           "calibration_loss", "load_calibration"]
 
 
 @contextmanager
@@ -43,6 +44,24 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+PIXELS_PER_BATCH = 100 * 32 * 32  # a CIFAR batch of 100; larger images go in proportionally smaller batches
+MAX_POSITIONS = 4096  # input patches per image and layer that enter the statistics (a seeded random subset)
+MAX_PATCH_ELEMENTS = 1 << 24  # unfolded patch elements materialised at once (64 MiB of float32)
+
+
+def batch_size_for(data, batch_size: int) -> int:
+    """``batch_size`` for 32x32 images, scaled down with the pixel count (240x180 CamVid frames: 2), so that
+    the activations kept for the backward pass stay small on a CPU machine."""
+    images = next(iter(data.batches(1)))[0]
+    pixels = int(images.shape[-1] * images.shape[-2]) if images.ndim >= 3 else 1
+    return max(1, min(batch_size, batch_size * PIXELS_PER_BATCH // (100 * max(pixels, 1))))
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, data) -> torch.Tensor:
+    """Summed cross-entropy: per image (classification) or per labelled pixel, void ignored (segmentation)."""
+    return F.cross_entropy(logits, labels, reduction="sum", ignore_index=getattr(data, "ignore_index", -100))
 
 
 @dataclass
@@ -58,6 +77,9 @@ def load_calibration(spec: str, limit: int | None = None):
     from .data import load_spec
 
     data = load_spec(spec)
+    if getattr(data, "task", "classification") not in ("classification", "segmentation"):
+        raise DataError(f"calibration needs labelled images (classification or segmentation data); {spec} is "
+                        f"{data.task} data")
     if len(data) == 0:
         raise DataError(f"calibration set {spec} is empty")
     if limit is not None and limit < len(data):
@@ -80,25 +102,48 @@ def _supported(module: nn.Module) -> bool:
         and not isinstance(module.padding, str)
 
 
+def _patch_chunks(module: nn.Module, x: torch.Tensor, positions: int, generator: torch.Generator):
+    """The input patches of ``x`` a few images at a time (at most ``MAX_PATCH_ELEMENTS`` unfolded at once),
+    each image's ``positions`` rows thinned to a seeded random ``MAX_POSITIONS`` of them."""
+    d = int(module.weight[0].numel()) if not isinstance(module, nn.Linear) else int(x.shape[-1])
+    images_per_chunk = max(1, MAX_PATCH_ELEMENTS // max(1, positions * d))
+    for start in range(0, x.shape[0], images_per_chunk):
+        part = x[start:start + images_per_chunk]
+        cols = _patches(module, part)
+        per_image = cols.shape[0] // part.shape[0]
+        if per_image > MAX_POSITIONS:
+            keep = torch.cat([i * per_image + torch.randperm(per_image, generator=generator)[:MAX_POSITIONS]
+                              for i in range(part.shape[0])])
+            cols = cols[keep]
+        yield cols
+
+
 def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, batch_size: int = 100
                   ) -> dict[str, LayerStats]:
-    """Second moments, means and output Fisher of every supported layer over ``data`` (float model)."""
+    """Second moments, means and output Fisher of every supported layer over ``data`` (float model).
+
+    Large images are memory-bounded: the batch shrinks with the pixel count (:func:`batch_size_for`), patches
+    are unfolded a few images at a time, and at most ``MAX_POSITIONS`` patches per image and layer (a seeded
+    random subset) enter ``H`` and ``mean``, which are averages and stay unbiased."""
     stats: dict[str, LayerStats] = {}
     handles = []
     count = {"n": 0}
+    generator = torch.Generator().manual_seed(0)
 
     def forward_hook(name):
         def hook(module, inputs, output):
-            cols = _patches(module, inputs[0].detach().float())
-            entry = stats.get(name)
-            if entry is None:
-                d, out = cols.shape[1], module.weight.shape[0]
-                entry = stats[name] = LayerStats(torch.zeros(d, d, dtype=torch.float64),
-                                                 torch.zeros(d, dtype=torch.float64),
-                                                 torch.zeros(out, dtype=torch.float64))
-            entry.hessian += (cols.T @ cols).double()
-            entry.mean += cols.sum(0).double()
-            entry.samples += cols.shape[0]
+            x = inputs[0].detach().float()
+            positions = int(output[0, 0].numel()) if output.ndim == 4 else 1
+            for cols in _patch_chunks(module, x, positions, generator):
+                entry = stats.get(name)
+                if entry is None:
+                    d, out = cols.shape[1], module.weight.shape[0]
+                    entry = stats[name] = LayerStats(torch.zeros(d, d, dtype=torch.float64),
+                                                     torch.zeros(d, dtype=torch.float64),
+                                                     torch.zeros(out, dtype=torch.float64))
+                entry.hessian += (cols.T @ cols).double()
+                entry.mean += cols.sum(0).double()
+                entry.samples += cols.shape[0]
             if output.requires_grad:
                 output.register_hook(grad_hook(name))
         return hook
@@ -117,10 +162,9 @@ def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, b
     model.eval()
     try:
         with torch.enable_grad():
-            for images, labels in data.batches(batch_size):
+            for images, labels in data.batches(batch_size_for(data, batch_size)):
                 images = images.requires_grad_(True)  # so every layer output carries a gradient
-                loss = F.cross_entropy(model(images), labels, reduction="sum")
-                loss.backward()
+                task_loss(model(images), labels, data).backward()
                 count["n"] += len(labels)
     finally:
         for handle in handles:
@@ -235,7 +279,7 @@ def reestimate_bn(model: nn.Module, data, batch_size: int = 100) -> int:
         bn.momentum = None
         bn.train()
     try:
-        for images, _ in data.batches(batch_size):
+        for images, _ in data.batches(batch_size_for(data, batch_size)):
             model(images)
     finally:
         for bn, momentum in zip(bns, momenta, strict=True):
@@ -246,9 +290,9 @@ def reestimate_bn(model: nn.Module, data, batch_size: int = 100) -> int:
 
 @torch.no_grad()
 def calibration_loss(model: nn.Module, data, batch_size: int = 250) -> float:
-    """Mean cross-entropy of ``model`` on ``data``."""
+    """Mean cross-entropy of ``model`` on ``data`` (per image: summed over its labelled pixels for segmentation)."""
     model.eval()
     total = 0.0
-    for images, labels in data.batches(batch_size):
-        total += float(F.cross_entropy(model(images), labels, reduction="sum"))
+    for images, labels in data.batches(batch_size_for(data, batch_size)):
+        total += float(task_loss(model(images), labels, data))
     return total / len(data)

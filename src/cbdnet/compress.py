@@ -273,8 +273,9 @@ def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip
     start = time.perf_counter()
     if fallback not in FALLBACK_RULES:  # before any layer is encoded
         raise ValueError(f"fallback must be one of {', '.join(FALLBACK_RULES)}, got {fallback!r}")
-    report = Report(config={"planes": planes, "bottleneck": bottleneck, "mode": mode, "fallback": fallback,
-                            "skip": sorted(skip)})
+    report = Report(config={"planes": planes, "bottleneck": bottleneck, "mode": mode, "skip": sorted(skip)})
+    if encoder is None and mode == "auto":  # the rule only applies to the per-tensor composite code
+        report.config["fallback"] = fallback
     layers = compressible_layers(model, skip)
     positions = output_positions(model, input_shape) if input_shape is not None else {}
     workers = default_workers() if workers is None else max(1, int(workers))
