@@ -158,3 +158,12 @@ def test_detection_data_cannot_calibrate(tmp_path, capsys):
     assert main(["compress", "--arch", "segnet-basic", "--weights", "random", "--target-bits", "4.0",
                  "--calib", f"voc:{tmp_path / 'voc'}", "--quiet"]) == 2
     assert "classification or segmentation" in capsys.readouterr().err
+
+
+def test_camvid_default_split_is_test_and_is_refused_for_calibration(tmp_path, capsys):
+    npz = tmp_path / "cam.npz"
+    images = np.zeros((2, 32, 48, 3), np.uint8)
+    np.savez(npz, test_images=images, test_labels=np.zeros((2, 32, 48), np.uint8))
+    assert main(["compress", "--arch", "segnet-basic", "--weights", "random", "--target-bits", "4.0",
+                 "--calib", f"camvid-npz:{npz}", "--quiet"]) == 2
+    assert "must not use test images" in capsys.readouterr().err

@@ -98,12 +98,13 @@ def cmd_compress(args) -> int:
         raise UsageError(f"--bottleneck must be in [0, 1], got {args.bottleneck}")
     model, source = _model_from_args(args)
     before = _evaluate(model, args.data, args)
-    encoder, settings = build_encoder(args, model)
+    plan = build_encoder(args, model)
+    encoder = plan.encoder
     model, report = compress(model, planes=args.planes, bottleneck=args.bottleneck, skip=args.skip or (),
                              mode="uniform" if args.method == "uniform" else "auto", fallback=args.fallback,
                              progress=not args.quiet, workers=args.workers, encoder=encoder)
-    report.config.update(settings)
-    finish_model(args, model, report)
+    report.config.update(plan.config)
+    finish_model(args, plan, model, report)
     report.extra.update({"arch": args.arch, "weights": source, "cbdnet_version": __version__})
     after = _evaluate(model, args.data, args)  # before writing: a failure here leaves any old output as it was
     if args.output:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch import nn
@@ -35,7 +36,25 @@ from .compress import compressible_layers
 from .errors import CBDError
 from .grid import GRANULARITIES, encode_composite_grouped, encode_rtn
 
-__all__ = ["add_method_args", "build_encoder", "finish_model"]
+__all__ = ["add_method_args", "MethodPlan", "build_encoder", "finish_model"]
+
+
+@dataclass
+class MethodPlan:
+    """What the ``compress`` flags resolve to before :func:`cbdnet.compress` runs, and what the corrections
+    after it need: the per-layer encoder (``None``: the core engine's own), the config entries for the report,
+    and the calibration state (empty without ``--calib``)."""
+
+    encoder: object = None  # Callable[[str, np.ndarray], LayerCode] | None
+    config: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # layer name -> LayerStats of the float model
+    calib_data: object = None
+    original: dict = field(default_factory=dict)  # layer name -> float64 weight before compression
+    loss_before: float | None = None
+    calib_seconds: float = 0.0
+    build_seconds: float = 0.0
+    chosen: dict | None = None  # --target-bits: layer name -> chosen candidate's label
+    predicted_loss: float | None = None
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
@@ -76,24 +95,26 @@ DEFAULT_BIAS_CORRECTION = "auto"
 DEFAULT_BN_REESTIMATE = False
 
 
-def _calibrate(args, model: nn.Module) -> dict:
-    """Calibration statistics of the float model (empty without ``--calib``)."""
+def _calibrate(args, model: nn.Module, plan: MethodPlan) -> None:
+    """Calibration statistics of the float model into ``plan`` (nothing without ``--calib``)."""
     if not args.calib:
         if args.bias_correction or args.bn_reestimate:
             raise CBDError("--bias-correction and --bn-reestimate need --calib")
-        return {}
+        return
     if re.search(r"(^|[^a-z])test", args.calib.rsplit("/", 1)[-1].lower()):
         raise CBDError(f"refusing to calibrate on {args.calib}: calibration must not use test images")
     start = time.perf_counter()
-    args._calib_data = load_calibration(args.calib, args.calib_images)
+    plan.calib_data = load_calibration(args.calib, args.calib_images)
+    if str(getattr(plan.calib_data, "name", "")).endswith(":test"):  # e.g. camvid-npz:PATH, whose default split
+        raise CBDError(f"refusing to calibrate on {plan.calib_data.name}: calibration must not use test images; "
+                       f"name a training split (e.g. {args.calib}:train)")
     with single_thread():
-        stats = collect_stats(model, compressible_layers(model, args.skip or ()), args._calib_data)
-    args._calib_seconds = time.perf_counter() - start
-    args._loss_before = calibration_loss(model, args._calib_data)
-    return stats
+        plan.stats = collect_stats(model, compressible_layers(model, args.skip or ()), plan.calib_data)
+    plan.calib_seconds = time.perf_counter() - start
+    plan.loss_before = calibration_loss(model, plan.calib_data)
 
 
-def _budgeted(args, model: nn.Module, stats: dict):
+def _budgeted(args, model: nn.Module, plan: MethodPlan):
     layers = compressible_layers(model, args.skip or ())
     params = sum(m.weight.numel() for _, m in layers)
     candidates = {}
@@ -101,37 +122,39 @@ def _budgeted(args, model: nn.Module, stats: dict):
         weight = module.weight.detach().float().cpu().numpy()
         _check_finite(weight, name)
         with single_thread():
-            candidates[name] = layer_candidates(weight, stats.get(name), gptq=args.gptq)
+            candidates[name] = layer_candidates(weight, plan.stats.get(name), gptq=args.gptq)
     try:
         chosen = choose(candidates, args.target_bits * params)
     except ValueError as exc:
         raise CBDError(f"--target-bits {args.target_bits}: {exc}") from None
-    args._chosen = {name: c.label for name, c in chosen.items()}
-    args._predicted_loss = sum(c.loss for c in chosen.values())
+    plan.chosen = {name: c.label for name, c in chosen.items()}
+    plan.predicted_loss = sum(c.loss for c in chosen.values())
     return lambda name, weight: chosen[name].code
 
 
-def build_encoder(args, model: nn.Module):
-    """``(encoder or None, config entries)`` for the parsed ``compress`` arguments. Calibrated and budgeted
-    codes are all computed here, before :func:`cbdnet.compress` (whose encoder then only looks them up)."""
+def build_encoder(args, model: nn.Module) -> MethodPlan:
+    """The :class:`MethodPlan` for the parsed ``compress`` arguments. Calibrated and budgeted codes are all
+    computed here, before :func:`cbdnet.compress` (whose encoder then only looks them up)."""
     start = time.perf_counter()
+    plan = MethodPlan()
     try:
-        return _build_encoder(args, model)
+        plan.encoder, plan.config = _build_encoder(args, model, plan)
     finally:
-        args._build_seconds = time.perf_counter() - start
+        plan.build_seconds = time.perf_counter() - start
+    return plan
 
 
-def _build_encoder(args, model: nn.Module):
+def _build_encoder(args, model: nn.Module, plan: MethodPlan):
     granularity = _granularity(args)
-    args._original = {name: m.weight.detach().double().cpu().numpy() for name, m in
-                      compressible_layers(model, args.skip or ())}
-    stats = _calibrate(args, model)
-    args._stats = stats
+    plan.original = {name: m.weight.detach().double().cpu().numpy() for name, m in
+                     compressible_layers(model, args.skip or ())}
+    _calibrate(args, model, plan)
+    stats = plan.stats
     calib = {"calib": args.calib, "gptq": bool(args.gptq and stats)} if stats else {}
     if args.target_bits is not None:
         if not 1.0 < args.target_bits <= 32.0:
             raise CBDError(f"--target-bits must be in (1, 32], got {args.target_bits}")
-        return _budgeted(args, model, stats), {"method": "target-bits", "target_bits": args.target_bits, **calib}
+        return _budgeted(args, model, plan), {"method": "target-bits", "target_bits": args.target_bits, **calib}
     if args.method == "rtn":
         if not 2 <= args.bits <= 17:
             raise CBDError(f"--bits must be in 2..17 (sign included), got {args.bits}")
@@ -139,7 +162,7 @@ def _build_encoder(args, model: nn.Module):
         calibrated = {}  # GPTQ codes computed here, up front: the encoder below only looks them up
         if granularity == "channel":
             with single_thread():
-                for name, weight in args._original.items():
+                for name, weight in plan.original.items():
                     if name in stats:
                         _check_finite(weight, name)
                         calibrated[name] = rtn_candidate(weight.astype(np.float32), args.bits, stats[name],
@@ -161,28 +184,27 @@ def _build_encoder(args, model: nn.Module):
     return None, {"method": args.method, "granularity": granularity}
 
 
-def finish_model(args, model: nn.Module, report) -> None:
+def finish_model(args, plan: MethodPlan, model: nn.Module, report) -> None:
     """Corrections applied to the compressed model before it is saved, and calibration figures."""
-    stats = getattr(args, "_stats", {})
-    if not stats:
+    if not plan.stats:
         return
-    data = args._calib_data
+    data = plan.calib_data
     use_bias = DEFAULT_BIAS_CORRECTION if args.bias_correction is None else args.bias_correction
     use_bn = DEFAULT_BN_REESTIMATE if args.bn_reestimate is None else args.bn_reestimate
     loss_compressed = calibration_loss(model, data)
     corrected = []
     if use_bias == "auto":
-        corrected = bias_correct_if_better(model, args._original, stats, data, loss_compressed)
+        corrected = bias_correct_if_better(model, plan.original, plan.stats, data, loss_compressed)
     elif use_bias:
-        corrected = bias_correct(model, args._original, stats)
+        corrected = bias_correct(model, plan.original, plan.stats)
     bns = reestimate_bn(model, data) if use_bn else 0
     report.config.update({"bias_correction": use_bias, "bn_reestimate": use_bn})
-    report.seconds += args._build_seconds  # calibration statistics and the per-layer candidates
+    report.seconds += plan.build_seconds  # calibration statistics and the per-layer candidates
     report.extra["calibration"] = {
-        "spec": args.calib, "images": len(data), "seconds_stats": round(args._calib_seconds, 2),
-        "seconds_encode": round(args._build_seconds, 2),
+        "spec": args.calib, "images": len(data), "seconds_stats": round(plan.calib_seconds, 2),
+        "seconds_encode": round(plan.build_seconds, 2),
         "loss_compressed": loss_compressed, "bias_corrected_layers": len(corrected), "bn_reestimated": bns,
-        "loss_before": args._loss_before, "loss_after": calibration_loss(model, data),
-        **({"chosen": args._chosen, "predicted_loss_increase": args._predicted_loss}
-           if hasattr(args, "_chosen") else {}),
+        "loss_before": plan.loss_before, "loss_after": calibration_loss(model, data),
+        **({"chosen": plan.chosen, "predicted_loss_increase": plan.predicted_loss}
+           if plan.chosen is not None else {}),
     }
