@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from test_zoo import _assert_same
 
 from cbdnet.cli import main
 from cbdnet.io import load, read
@@ -23,14 +24,6 @@ def _forward(model, arch):
     x = torch.rand(INPUTS[arch], generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         return model([x]) if arch == "ssd300" else model(x)
-
-
-def _equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("arch", list(INPUTS))
@@ -53,4 +46,4 @@ def test_compress_verify_and_reload_at_full_size(arch, tmp_path, capsys):
     expected = _forward(reference, arch)
     del reference
     gc.collect()
-    assert _equal(_forward(load(out), arch), expected)
+    _assert_same(_forward(load(out), arch), expected)
