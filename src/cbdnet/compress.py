@@ -29,7 +29,7 @@ __all__ = ["LayerReport", "Report", "compress", "compressible_layers", "layer_re
 @dataclass
 class LayerReport:
     name: str
-    kind: str  # conv / linear
+    kind: str  # conv / conv_transpose / linear
     shape: list[int]
     h: int
     w: int
@@ -256,7 +256,7 @@ def compress(model: nn.Module, planes: int = 5, bottleneck: float = 0.3, *, skip
              mode: str = "auto", fallback: str = "distortion", progress: bool = True, workers: int | None = None,
              input_shape: tuple[int, ...] | None = None,
              encoder: Callable[[str, np.ndarray], LayerCode] | None = None) -> tuple[nn.Module, Report]:
-    """Compress every Conv2d/Linear of ``model`` in place; returns ``(model, report)``.
+    """Compress every Conv2d/ConvTranspose2d/Linear of ``model`` in place; returns ``(model, report)``.
 
     ``planes`` is J, the number of magnitude bit planes; ``bottleneck`` bounds the GF(2) rank of the mask of
     large entries by ``bottleneck * min(h, w)``; ``skip`` names layers to keep in float; ``mode='uniform'``
