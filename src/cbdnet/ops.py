@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .codec import LayerCode
+from .nn import COMPRESSIBLE
 
 __all__ = ["plane_popcounts", "output_positions", "layer_ops"]
 
@@ -56,7 +57,7 @@ def output_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        if isinstance(module, COMPRESSIBLE):
             hooks.append(module.register_forward_hook(recorder(name)))
     try:
         parameter = next(model.parameters(), None)
