@@ -21,7 +21,7 @@ import torch
 import torchvision
 
 import cbdnet
-from cbdnet.compress import default_workers
+from cbdnet.nn.walk import default_workers
 
 INPUTS = {"resnet18": (1, 3, 224, 224), "vgg16": (1, 3, 224, 224)}  # ImageNet-sized input, batch 1
 TARGETS = {"resnet18": 60.0, "vgg16": 600.0}
@@ -49,7 +49,7 @@ def main() -> int:
     for name in args.models.split(","):
         model = build(name, args.seed)
         start = time.perf_counter()
-        model, report = cbdnet.compress(model, planes=args.planes, bottleneck=args.bottleneck,
+        model, report = cbdnet.compress(model, cbdnet.CBDConfig(planes=args.planes, bottleneck=args.bottleneck),
                                         workers=args.workers, progress=True, input_shape=INPUTS[name])
         seconds = time.perf_counter() - start
         calls = sum(layer.rank_calls for layer in report.layers)

@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gf2_reference import reference_rank  # noqa: E402
 
-from cbdnet import gf2  # noqa: E402
+from cbdnet.codec import gf2  # noqa: E402
 
 
 def machine() -> str:

@@ -1,4 +1,4 @@
-"""A longer fuzz campaign against the ``.cbd`` reader: ``cbdnet.io.parse`` / ``cbdnet.load`` / ``cbdnet.verify``.
+"""A longer fuzz campaign against the ``.cbd`` reader: ``cbdnet.format.parse`` / ``cbdnet.load`` / ``cbdnet.verify``.
 
 Hypothesis generates the cases (generation phase only: a crash is recorded, not shrunk, and the campaign goes
 on). Targets, each run in rounds of ``--examples`` cases with a fresh seed until ``--minutes`` are spent:

@@ -23,13 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cbdnet.budget import choose, layer_candidates  # noqa: E402
-from cbdnet.calibrate import bias_correct_if_better, collect_stats, load_calibration, single_thread  # noqa: E402
-from cbdnet.compress import compress, compressible_layers  # noqa: E402
-from cbdnet.data import load_spec  # noqa: E402
-from cbdnet.grid import encode_rtn  # noqa: E402
-from cbdnet.metrics import evaluate_classification  # noqa: E402
-from cbdnet.models import build, load_weights  # noqa: E402
+import cbdnet  # noqa: E402
+from cbdnet.zoo.data import calibration_data, load_spec  # noqa: E402
+from cbdnet.zoo.metrics import evaluate_classification  # noqa: E402
+from cbdnet.zoo.models import build, load_weights  # noqa: E402
 
 
 def _evaluate(model, data) -> float:
@@ -54,34 +51,24 @@ def main() -> None:
     base.eval()
     rows = [("FP32", "float", 32.0, _evaluate(base, test))]
 
-    def run(series, label, correct=None, **kwargs):
-        model, report = compress(copy.deepcopy(base), progress=False, **kwargs)
-        if correct is not None:
-            correct(model)
+    def run(series, label, config, calibration=None):
+        model, report = cbdnet.compress(copy.deepcopy(base), config, calibration=calibration, progress=False)
         rows.append((series, label, report.bits_per_weight, _evaluate(model, test)))
         print(f"{series:<24} {label:<22} {rows[-1][2]:7.3f} {rows[-1][3]:.4f}", flush=True)
 
     for planes in args.paper_planes:
-        run("paper (per tensor)", f"J={planes}, b=0.3", planes=planes, bottleneck=0.3, fallback="size")
+        run("paper (per tensor)", f"J={planes}, b=0.3", cbdnet.CBDConfig(planes=planes, fallback="size"))
     for planes in args.paper_planes:
-        run("cbd, distortion rule", f"J={planes}, b=0.3", planes=planes, bottleneck=0.3)
+        run("cbd, distortion rule", f"J={planes}, b=0.3", cbdnet.CBDConfig(planes=planes))
     for bits in args.rtn_channel:
-        run("RTN per channel", f"{bits} bits", encoder=lambda n, w, b=bits: encode_rtn(w, b, "channel"))
+        run("RTN per channel", f"{bits} bits", cbdnet.RTNConfig(bits=bits))
     for bits in args.rtn_tensor:
-        run("RTN per tensor", f"{bits} bits", encoder=lambda n, w, b=bits: encode_rtn(w, b, "tensor"))
+        run("RTN per tensor", f"{bits} bits", cbdnet.RTNConfig(bits=bits, granularity="tensor"))
     start = time.perf_counter()
-    calib = load_calibration(f"cifar10-npz:{args.calib}")
-    layers = compressible_layers(base)
-    with single_thread():
-        stats = collect_stats(base, layers, calib)
-        candidates = {name: layer_candidates(m.weight.numpy(), stats.get(name)) for name, m in layers}
+    calib = calibration_data(f"cifar10-npz:{args.calib}")
+    for target in args.targets:  # the CLI's defaults: GPTQ, bias correction where it lowers the loss
+        run("cbdnet --target-bits", f"{target} (calibrated)", cbdnet.BudgetConfig(target_bits=target), calib)
     prep = time.perf_counter() - start
-    params = sum(m.weight.numel() for _, m in layers)
-    original = {name: m.weight.double().numpy() for name, m in layers}
-    for target in args.targets:
-        chosen = choose(candidates, target * params)
-        run("cbdnet --target-bits", f"{target} (calibrated)", encoder=lambda n, w, c=chosen: c[n].code,
-            correct=lambda model: bias_correct_if_better(model, original, stats, calib))  # the CLI default
     _table(rows, prep)
     _plot(rows, args.out)
 

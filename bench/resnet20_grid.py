@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, shared  # noqa: E402
 
 import cbdnet  # noqa: E402
-from cbdnet.data import load_spec  # noqa: E402
-from cbdnet.metrics import evaluate_classification  # noqa: E402
-from cbdnet.models import build, load_weights  # noqa: E402
+from cbdnet.zoo.data import load_spec  # noqa: E402
+from cbdnet.zoo.metrics import evaluate_classification  # noqa: E402
+from cbdnet.zoo.models import build, load_weights  # noqa: E402
 
 
 def main() -> None:
@@ -37,9 +37,9 @@ def main() -> None:
     rows += [("uniform", j, 0.0, "size") for j in (4, 5, 6)]
     for method, planes, bottleneck, rule in rows:
         start = time.perf_counter()
-        compressed, report = cbdnet.compress(copy.deepcopy(model), planes=planes, bottleneck=bottleneck,
-                                             mode="uniform" if method == "uniform" else "auto", fallback=rule,
-                                             progress=False)
+        compressed, report = cbdnet.compress(
+            copy.deepcopy(model), cbdnet.UniformConfig(planes=planes) if method == "uniform"
+            else cbdnet.CBDConfig(planes=planes, bottleneck=bottleneck, fallback=rule), progress=False)
         seconds = time.perf_counter() - start
         path = folder / f"{method}_{planes}_{bottleneck}.cbd"
         size = cbdnet.save(compressed, path)

@@ -19,9 +19,10 @@ from common import ROOT, header, shared  # noqa: E402
 
 import cbdnet  # noqa: E402
 from cbdnet.codec import encode_weight  # noqa: E402
-from cbdnet.data import load_spec  # noqa: E402
-from cbdnet.metrics import evaluate_segmentation  # noqa: E402
-from cbdnet.models import build, load_weights  # noqa: E402
+from cbdnet.nn import compress_layers  # noqa: E402
+from cbdnet.zoo.data import load_spec  # noqa: E402
+from cbdnet.zoo.metrics import evaluate_segmentation  # noqa: E402
+from cbdnet.zoo.models import build, load_weights  # noqa: E402
 
 FIRST = "encoders.0.0"
 
@@ -39,7 +40,11 @@ def main() -> None:
     print("| setting | bits/weight | test mIoU | first conv: mode, a, exponents, rel. error |")
     print("| --- | --- | --- | --- |")
     for label, encoder in (("CBD J=5, b=0.3, every layer", None), ("same, first conv uniform J=5", first_uniform)):
-        compressed, report = cbdnet.compress(copy.deepcopy(model), 5, 0.3, encoder=encoder, progress=False)
+        if encoder is None:
+            compressed, report = cbdnet.compress(copy.deepcopy(model), cbdnet.CBDConfig(planes=5),
+                                                 progress=False)
+        else:
+            compressed, report = compress_layers(copy.deepcopy(model), encoder, progress=False)
         miou = evaluate_segmentation(compressed, data, batch_size=8, progress=False)["miou"]
         first = report.layers[0]
         print(f"| {label} | {report.bits_per_weight:.3f} | {miou:.4f} | {first.mode}, {first.scale:.3f}, "

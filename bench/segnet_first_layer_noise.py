@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, header, shared  # noqa: E402
 
 from cbdnet.codec import encode_weight  # noqa: E402
-from cbdnet.data import load_spec  # noqa: E402
-from cbdnet.metrics import evaluate_segmentation  # noqa: E402
-from cbdnet.models import build, load_weights  # noqa: E402
+from cbdnet.zoo.data import load_spec  # noqa: E402
+from cbdnet.zoo.metrics import evaluate_segmentation  # noqa: E402
+from cbdnet.zoo.models import build, load_weights  # noqa: E402
 
 
 def main() -> None:

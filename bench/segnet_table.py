@@ -21,11 +21,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cbdnet.compress import compress  # noqa: E402
-from cbdnet.data import load_spec  # noqa: E402
-from cbdnet.io import load, save  # noqa: E402
-from cbdnet.metrics import evaluate_segmentation  # noqa: E402
-from cbdnet.models import build, load_weights  # noqa: E402
+from cbdnet import CBDConfig, UniformConfig, compress, load, save  # noqa: E402  # noqa: E402
+from cbdnet.zoo.data import load_spec  # noqa: E402
+from cbdnet.zoo.metrics import evaluate_segmentation  # noqa: E402
+from cbdnet.zoo.models import build, load_weights  # noqa: E402
 
 # (method, J, bottleneck, layers kept in float, fallback rule). The first conv (3->64, 1,728 weights) is the one
 # layer whose composite J=5 code costs this net mIoU (measured layer by layer): the distortion rule (default)
@@ -65,8 +64,9 @@ def main() -> None:
     rows = [{"setting": "fp32", **fp32}]
     for method, planes, bottleneck, skip, fallback in SETTINGS:
         start = time.perf_counter()
-        model, report = compress(fresh(), planes=planes, bottleneck=bottleneck, skip=skip, fallback=fallback,
-                                 mode="uniform" if method == "uniform" else "auto", progress=False)
+        model, report = compress(fresh(), UniformConfig(planes=planes) if method == "uniform" else
+                                 CBDConfig(planes=planes, bottleneck=bottleneck, fallback=fallback), skip=skip,
+                                 progress=False)
         kept = sum(model.get_submodule(name).weight.numel() for name in skip)
         overall = (report.weight_bits + 32 * kept) / (report.params + kept)
         path = out / f"segnet_basic_{method}_J{planes}_b{bottleneck}_{fallback}{'_skip' if skip else ''}.cbd"

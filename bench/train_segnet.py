@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cbdnet.data import CIFAR_MEAN, CIFAR_STD  # noqa: E402  (ImageNet mean/std, also used by camvid-npz)
-from cbdnet.io import atomic_write  # noqa: E402
-from cbdnet.metrics import confusion_matrix, segmentation_scores  # noqa: E402
-from cbdnet.models import build  # noqa: E402
+from cbdnet.format.cbdfile import atomic_write  # noqa: E402
+from cbdnet.zoo.data import CIFAR_MEAN, CIFAR_STD  # noqa: E402  (ImageNet mean/std, also used by camvid-npz)
+from cbdnet.zoo.metrics import confusion_matrix, segmentation_scores  # noqa: E402
+from cbdnet.zoo.models import build  # noqa: E402
 
 NUM_CLASSES, VOID = 11, 11
 

@@ -25,10 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cbdnet.compress import compress  # noqa: E402
-from cbdnet.io import load, save, verify  # noqa: E402
-from cbdnet.models import build  # noqa: E402
+from cbdnet import CBDConfig, compress, load, save, verify  # noqa: E402  # noqa: E402
 from cbdnet.nn import CBDModule  # noqa: E402
+from cbdnet.zoo.models import build  # noqa: E402
 
 ZOO = {"resnet18": (1, 3, 224, 224), "vgg16": (1, 3, 224, 224), "densenet121": (1, 3, 224, 224),
        "ssd300": (1, 3, 300, 300), "segnet": (1, 3, 180, 240), "segnet-basic": (1, 3, 180, 240)}
@@ -54,7 +53,7 @@ def run(arch: str, planes: int, bottleneck: float, check: bool, fallback: str = 
     total = sum(p.numel() for p in model.parameters())
     reference = copy.deepcopy(model) if check else None
     start = time.perf_counter()
-    model, report = compress(model, planes=planes, bottleneck=bottleneck, fallback=fallback, progress=False)
+    model, report = compress(model, CBDConfig(planes=planes, bottleneck=bottleneck, fallback=fallback), progress=False)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{arch}.cbd"

@@ -20,8 +20,8 @@ from safetensors.numpy import save as st_save
 
 import cbdnet
 from cbdnet.errors import CBDError
-from cbdnet.io import _PREFIX, MAGIC, encode_file, parse
-from cbdnet.models import build
+from cbdnet.format.cbdfile import _PREFIX, MAGIC, encode_file, parse
+from cbdnet.zoo.models import build
 
 DIGEST = 32
 TINY_ARCH = ("digits-cnn", {"width": 4})  # five layers, ~6k weights: compresses in about a second
@@ -35,7 +35,8 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
 def tiny_file(planes: int = 3, bottleneck: float = 0.3) -> bytes:
     """The bytes of a compressed tiny model: composite and uniform layers, factored and plain planes (the paper's
     size rule keeps the composite code on these random weights, which the distortion rule would store uniform)."""
-    model, _ = cbdnet.compress(tiny_model(), planes=planes, bottleneck=bottleneck, fallback="size", progress=False)
+    model, _ = cbdnet.compress(tiny_model(), cbdnet.CBDConfig(planes=planes, bottleneck=bottleneck, fallback="size"),
+                                progress=False)
     return encode_file(model)
 
 

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from cbdnet import io
-from cbdnet.budget import Candidate, choose
+from cbdnet.calib.budget import Candidate, choose
 from cbdnet.cli import main
-from cbdnet.grid import encode_rtn
+from cbdnet.codec.grid import encode_rtn
+from cbdnet.format import cbdfile as io
 
 
 def _candidates(seed: int) -> dict[str, list[Candidate]]:
@@ -73,7 +73,7 @@ def test_cli_refuses_test_images_for_calibration(tmp_path, capsys):
 
 
 def test_all_zero_layer_gets_candidates_that_decode_to_zero():
-    from cbdnet.budget import layer_candidates
+    from cbdnet.calib.budget import layer_candidates
 
     weight = np.zeros((4, 3, 3, 3), np.float32)
     options = layer_candidates(weight, None)

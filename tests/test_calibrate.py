@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from cbdnet import calibrate
-from cbdnet.calibrate import (
+from cbdnet.calib import stats as calibrate
+from cbdnet.calib.batches import CalibrationSet
+from cbdnet.calib.stats import (
     LayerStats,
-    batch_size_for,
     bias_correct,
     collect_stats,
     following_bn,
@@ -21,8 +21,8 @@ from cbdnet.calibrate import (
     reestimate_bn,
 )
 from cbdnet.cli import main
-from cbdnet.data import ClassificationData
-from cbdnet.grid import round_levels, rtn_steps
+from cbdnet.codec.grid import round_levels, rtn_steps
+from cbdnet.zoo.data import ClassificationData
 
 
 class ConvBN(nn.Module):
@@ -126,11 +126,10 @@ def test_large_images_use_a_random_subset_of_patches(monkeypatch):
 
 
 def test_calibration_batch_shrinks_with_the_image_size():
-    assert batch_size_for(_data(), 100) == 100  # 6x6 images: the default batch
-    camvid_like = ClassificationData(torch.zeros(4, 3, 180, 240), torch.zeros(4, dtype=torch.int64), "big")
-    assert batch_size_for(camvid_like, 100) == 2
-    assert batch_size_for(ClassificationData(torch.zeros(1, 3, 2000, 2000), torch.zeros(1, dtype=torch.int64),
-                                             "huge"), 100) == 1
+    assert CalibrationSet(_data().images, _data().labels).batch_size_for(100) == 100  # 6x6: the default batch
+    camvid_like = CalibrationSet(torch.zeros(4, 3, 180, 240), torch.zeros(4, dtype=torch.int64))
+    assert camvid_like.batch_size_for(100) == 2
+    assert CalibrationSet(torch.zeros(1, 3, 2000, 2000), torch.zeros(1, dtype=torch.int64)).batch_size_for(100) == 1
 
 
 def _camvid_npz(path, n=4, seed=0):

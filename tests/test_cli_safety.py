@@ -16,10 +16,10 @@ import torch
 from cbd_mutations import evil_pickle, tiny_model
 
 import cbdnet
-from cbdnet import cli
+from cbdnet.cli import commands as cli
 from cbdnet.errors import CBDError, DataError
-from cbdnet.io import atomic_write
-from cbdnet.models import build
+from cbdnet.format.cbdfile import atomic_write
+from cbdnet.zoo.models import build
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 COMPRESS = ["compress", "--arch", "digits-cnn", "--weights", "random", "-J", "3", "--quiet"]
@@ -54,7 +54,7 @@ def test_existing_output_needs_force(existing, capsys):
     assert existing.read_bytes() == OLD
     code, err = run([*COMPRESS, "-o", str(existing), "--force"], capsys)
     assert code == 0 and err == ""
-    assert existing.read_bytes().startswith(cbdnet.io.MAGIC) and cbdnet.verify(existing) == []
+    assert existing.read_bytes().startswith(cbdnet.format.cbdfile.MAGIC) and cbdnet.verify(existing) == []
 
 
 def test_output_into_a_directory_or_missing_folder_is_refused_before_work(tmp_path, capsys, monkeypatch):
@@ -72,7 +72,7 @@ def test_output_into_a_directory_or_missing_folder_is_refused_before_work(tmp_pa
 
 @pytest.mark.parametrize("failure", ["internal", "input"])
 def test_failure_mid_compression_leaves_the_old_output(existing, capsys, monkeypatch, failure):
-    walker = importlib.import_module("cbdnet.compress")
+    walker = importlib.import_module("cbdnet.calib.pipeline")
     real_encode, calls = walker.encode_weight, []
 
     def encode_then_fail(*args, **kwargs):
@@ -156,7 +156,7 @@ def test_written_files_get_normal_permissions(tmp_path):
 def test_usage_errors_are_one_line_exit_2(capsys, tmp_path):
     cases = [([], "required: command"), (["compress", "--planes", "x"], "invalid int value"),
              (["compress", "--arch", "nope"], "known: cifar-resnet110"), (["compress"], "--arch is required"),
-             (["compress", "--arch", "digits-cnn", "-J", "40"], "--planes must be in 1..16"),
+             (["compress", "--arch", "digits-cnn", "-J", "40"], "--planes: planes must be an integer in 1..16"),
              (["frobnicate"], "invalid choice"), (["info"], "required: file"),
              (["info", str(tmp_path / "absent.cbd")], "no such file"),
              (["info", str(tmp_path)], "is a directory"),
@@ -200,7 +200,7 @@ def test_same_input_and_flags_give_a_byte_identical_file(tmp_path):
                     "--quiet", "-o", name, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         outputs.append((tmp_path / name).read_bytes())
-    assert outputs[0] == outputs[1] and outputs[0].startswith(cbdnet.io.MAGIC)
+    assert outputs[0] == outputs[1] and outputs[0].startswith(cbdnet.format.cbdfile.MAGIC)
 
 
 def test_real_process_exit_codes_and_stderr(tmp_path):
@@ -222,7 +222,7 @@ def test_real_process_exit_codes_and_stderr(tmp_path):
 
 
 def test_info_verify_accepts_a_good_file(tmp_path):
-    model, _ = cbdnet.compress(tiny_model(), planes=2, progress=False)
+    model, _ = cbdnet.compress(tiny_model(), cbdnet.CBDConfig(planes=2), progress=False)
     path = tmp_path / "t.cbd"
     cbdnet.save(model, path)
     assert cli.main(["info", "--verify", "--quiet", str(path)]) == 0

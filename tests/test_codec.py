@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbdnet import gf2
-from cbdnet.codec import encode_weight, rd_cost, unpack_bits
-from cbdnet.errors import WeightError
-from cbdnet.planes import (
+from cbdnet.codec import encode_weight, gf2, rd_cost, unpack_bits
+from cbdnet.codec.planes import (
     composite_decode,
     composite_encode,
     composite_layout,
@@ -19,7 +17,8 @@ from cbdnet.planes import (
     uniform_encode,
     uniform_sq_error,
 )
-from cbdnet.search import rank_bound, search_scale
+from cbdnet.codec.search import rank_bound, search_scale
+from cbdnet.errors import WeightError
 
 
 def conv_weight(shape=(32, 16, 3, 3), seed=0):

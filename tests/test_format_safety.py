@@ -34,9 +34,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cbdnet
-from cbdnet import cli
+from cbdnet.cli import commands as cli
 from cbdnet.errors import CBDError, FormatError
-from cbdnet.io import MAX_HEADER_BYTES, MAX_TENSORS, parse
+from cbdnet.format.cbdfile import MAX_HEADER_BYTES, MAX_TENSORS, parse
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

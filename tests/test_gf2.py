@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from cbdnet import gf2
+from cbdnet.codec import gf2
 
 
 def brute_force_rank(bits: np.ndarray) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbdnet import gf2
+from cbdnet.codec import gf2
 
 
 def brute_rank(bits: np.ndarray) -> int:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from cbdnet import io
-from cbdnet.compress import compress
-from cbdnet.grid import encode_composite_grouped, encode_rtn, grid_code, rtn_levels
+from cbdnet.codec.grid import encode_composite_grouped, encode_rtn, grid_code, rtn_levels
+from cbdnet.format import cbdfile as io
+from cbdnet.nn import compress_layers
 
 
 def _weight(seed: int = 0, shape=(8, 4, 3, 3)) -> np.ndarray:
@@ -71,7 +71,7 @@ def _tiny() -> nn.Module:
                                      lambda n, w: encode_rtn(w, 3, "tensor"),
                                      lambda n, w: encode_composite_grouped(w, 3, 0.3)])
 def test_grid_file_round_trip_and_bits_equal_bytes(tmp_path, encoder):
-    model, report = compress(_tiny(), encoder=encoder, progress=False)
+    model, report = compress_layers(_tiny(), encoder, progress=False)
     path = tmp_path / "m.cbd"
     size = io.save(model, path)
     loaded = io.load(path, _tiny())
@@ -86,7 +86,7 @@ def test_grid_file_round_trip_and_bits_equal_bytes(tmp_path, encoder):
 
 
 def test_grid_file_rejects_wrong_step_count(tmp_path):
-    model, _ = compress(_tiny(), encoder=lambda n, w: encode_rtn(w, 4, "channel"), progress=False)
+    model, _ = compress_layers(_tiny(), lambda n, w: encode_rtn(w, 4, "channel"), progress=False)
     code = model[0].code
     code.steps = code.steps[:3]
     path = tmp_path / "bad.cbd"
@@ -99,7 +99,7 @@ def test_cli_rtn_bits_per_weight_is_k_plus_the_stored_steps(tmp_path):
     import json
 
     from cbdnet.cli import main
-    from cbdnet.models import build
+    from cbdnet.zoo.models import build
 
     out, report = tmp_path / "r.cbd", tmp_path / "r.json"
     assert main(["compress", "--quiet", "--arch", "digits-cnn", "--weights", "random", "--method", "rtn",

@@ -13,9 +13,9 @@ from torch import nn
 
 import cbdnet
 from cbdnet.codec import encode_weight
-from cbdnet.data import load_spec
 from cbdnet.errors import CBDError, DataError, WeightError
-from cbdnet.models import build, known_archs, load_weights
+from cbdnet.zoo.data import load_spec
+from cbdnet.zoo.models import build, known_archs, load_weights
 
 RNG = np.random.default_rng(0)
 
@@ -77,7 +77,8 @@ class Awkward(nn.Module):
 def test_awkward_layers_round_trip_through_a_file(tmp_path, planes):
     torch.manual_seed(0)
     original = Awkward().eval()
-    compressed, report = cbdnet.compress(copy.deepcopy(original), planes=planes, bottleneck=0.5, progress=False)
+    compressed, report = cbdnet.compress(copy.deepcopy(original), cbdnet.CBDConfig(planes=planes, bottleneck=0.5),
+                                         progress=False)
     assert {layer.name for layer in report.layers} == {"pointwise", "depthwise", "single", "zero", "constant",
                                                        "tiny", "scalar"}
     modes = {layer.name: layer.mode for layer in report.layers}
@@ -97,7 +98,7 @@ def test_awkward_layers_round_trip_through_a_file(tmp_path, planes):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_compress_and_restore_their_dtype(tmp_path, dtype):
     reference = tiny_model().to(dtype)
-    compressed, report = cbdnet.compress(copy.deepcopy(reference), planes=4, progress=False)
+    compressed, report = cbdnet.compress(copy.deepcopy(reference), cbdnet.CBDConfig(planes=4), progress=False)
     assert all(p.dtype == dtype for p in compressed.parameters())
     # the code was built from a float32 copy of the half weights: the same code as for the float32 model
     code32 = encode_weight(reference.features[0].weight.detach().float().numpy(), planes=4, name="features.0")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import cbdnet
-from cbdnet.ops import output_positions
+from cbdnet.nn.ops import output_positions
 
 
 def small_net(seed: int = 0) -> nn.Module:
@@ -21,7 +21,8 @@ def test_output_positions_from_a_forward_pass():
 
 
 def test_report_counts_dense_and_bitserial_operations():
-    model, report = cbdnet.compress(small_net(), planes=4, progress=False, input_shape=(1, 3, 16, 16))
+    model, report = cbdnet.compress(small_net(), cbdnet.CBDConfig(planes=4), progress=False,
+                                    input_shape=(1, 3, 16, 16))
     positions = {"0": 256, "2": 49, "5": 1}
     for layer in report.layers:
         code = model.get_submodule(layer.name).code
@@ -46,7 +47,7 @@ def test_ops_without_input_shape_are_per_position_only():
 def test_workers_do_not_change_the_result():
     results = []
     for workers in (1, 2):
-        model, report = cbdnet.compress(small_net(), planes=5, progress=False, workers=workers)
+        model, report = cbdnet.compress(small_net(), cbdnet.CBDConfig(planes=5), progress=False, workers=workers)
         codes = [model.get_submodule(layer.name).code for layer in report.layers]
         results.append(([layer.name for layer in report.layers], [c.tensors() for c in codes]))
     (names_a, tensors_a), (names_b, tensors_b) = results

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbdnet.planes import (
+from cbdnet.codec.planes import (
     composite_decode,
     composite_encode,
     composite_layout,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 import cbdnet
-from cbdnet.data import load_spec
-from cbdnet.metrics import evaluate_classification
-from cbdnet.models import build, load_weights
+from cbdnet.zoo.data import load_spec
+from cbdnet.zoo.metrics import evaluate_classification
+from cbdnet.zoo.models import build, load_weights
 
 
 def test_resnet20_j5_b03_bits_and_accuracy(resnet20_weights, cifar_test, tmp_path):
@@ -16,7 +16,7 @@ def test_resnet20_j5_b03_bits_and_accuracy(resnet20_weights, cifar_test, tmp_pat
     with torch.no_grad():
         fp32 = evaluate_classification(model, data, progress=False)
         assert abs(fp32["top1"] - 0.8103) < 0.002 and fp32["n"] == 10000  # the checkpoint on the JPEG copy
-        model, report = cbdnet.compress(model, planes=5, bottleneck=0.3, progress=False)
+        model, report = cbdnet.compress(model, cbdnet.CBDConfig(planes=5, bottleneck=0.3), progress=False)
         assert 4.9 <= report.bits_per_weight <= 5.5
         size = cbdnet.save(model, tmp_path / "r20.cbd")
         assert report.total_bits / 8 <= size <= 1.03 * report.total_bits / 8 + 64 * 1024

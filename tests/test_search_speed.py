@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cbdnet import gf2
-from cbdnet.planes import to_matrix
-from cbdnet.search import rank_bound, search_scale
+from cbdnet.codec import gf2
+from cbdnet.codec.planes import to_matrix
+from cbdnet.codec.search import rank_bound, search_scale
 
 
 def plain_search(r2d: np.ndarray, bound: int) -> tuple[float, int, int]:
@@ -76,7 +76,7 @@ def test_line_count_bound_saves_eliminations():
 
 
 def test_distinct_positive_equals_numpy_unique():
-    from cbdnet.search import distinct_positive
+    from cbdnet.codec.search import distinct_positive
 
     rng = np.random.default_rng(2)
     cases = [np.abs(rng.standard_normal((300, 200))), np.round(rng.random((50, 40)), 2),

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import shared_file
 
-from cbdnet.compress import compress
-from cbdnet.data import SegmentationData, load_spec
-from cbdnet.metrics import evaluate_segmentation
-from cbdnet.models import build, load_weights
+from cbdnet import CBDConfig, compress
+from cbdnet.zoo.data import SegmentationData, load_spec
+from cbdnet.zoo.metrics import evaluate_segmentation
+from cbdnet.zoo.models import build, load_weights
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "segnet_basic_camvid.pt"
 
@@ -30,7 +30,7 @@ def test_trained_segnet_basic_float_and_cbd(camvid_val_subset):
     model = load_weights(build("segnet-basic"), WEIGHTS).eval()
     fp32 = evaluate_segmentation(model, camvid_val_subset, progress=False)
     assert fp32["miou"] > 0.30 and fp32["pixel_acc"] > 0.60  # chance is ~0.09 mIoU (11 classes)
-    model, report = compress(model, planes=5, bottleneck=0.3, progress=False)
+    model, report = compress(model, CBDConfig(planes=5, bottleneck=0.3), progress=False)
     assert 5.0 < report.bits_per_weight < 6.0
     assert not [row for row in report.float_layers if row["type"] == "Conv2d"]
     modes = {layer.name: layer.mode for layer in report.layers}

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cbdnet.data import VOC_CLASSES, load_spec
 from cbdnet.errors import DataError
-from cbdnet.metrics import (
+from cbdnet.zoo.data import VOC_CLASSES, load_spec
+from cbdnet.zoo.metrics import (
     confusion_matrix,
     evaluate_classification,
     evaluate_detection,

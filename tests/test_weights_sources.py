@@ -10,10 +10,10 @@ import re
 import pytest
 import torch
 
-from cbdnet import models
 from cbdnet.cli import main
 from cbdnet.errors import WeightError
-from cbdnet.models import _torchvision_default, build, load_weights, torchvision_weights_file
+from cbdnet.zoo import models
+from cbdnet.zoo.models import _torchvision_default, build, load_weights, torchvision_weights_file
 
 
 @pytest.mark.parametrize(("arch", "label", "file"), [

@@ -19,12 +19,11 @@ from torchvision import models as tv
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD
 
+from cbdnet import CBDConfig, compress, load, save, verify
 from cbdnet.cli import main
-from cbdnet.compress import compress
-from cbdnet.io import load, save, verify
-from cbdnet.models import build, load_weights, register
 from cbdnet.nn import COMPRESSIBLE, CBDModule
-from cbdnet.segnet import SegNet, SegNetBasic, _pool, _unpool
+from cbdnet.zoo.models import build, load_weights, register
+from cbdnet.zoo.segnet import SegNet, SegNetBasic, _pool, _unpool
 
 # ---------------------------------------------------------------- reduced test-only builds of the same structures
 
@@ -108,7 +107,7 @@ def test_compress_save_load_equals_decoded_float_model(tmp_path, arch, kwargs, s
     model = build(arch, **kwargs).eval()
     reference = copy.deepcopy(model)
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, COMPRESSIBLE))
-    model, report = compress(model, planes=5, bottleneck=0.3, progress=False)
+    model, report = compress(model, CBDConfig(planes=5, bottleneck=0.3), progress=False)
     assert report.params == weights  # every Conv2d (any groups, 1x1), ConvTranspose2d and Linear is coded
     path = tmp_path / f"{arch}.cbd"
     size = save(model, path)

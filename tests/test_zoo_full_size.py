@@ -12,9 +12,10 @@ import pytest
 import torch
 from test_zoo import _assert_same
 
+from cbdnet import load
 from cbdnet.cli import main
-from cbdnet.io import load, read
-from cbdnet.models import build
+from cbdnet.format import read
+from cbdnet.zoo.models import build
 
 INPUTS = {"resnet18": (1, 3, 64, 64), "vgg16": (1, 3, 64, 64), "densenet121": (1, 3, 64, 64),
           "ssd300": (3, 120, 160), "segnet": (1, 3, 64, 96)}

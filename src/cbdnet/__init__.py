@@ -1,10 +1,19 @@
-"""cbdnet: compress pretrained PyTorch CNNs without retraining by composite binary decomposition."""
+"""cbdnet: compress pretrained PyTorch CNNs without retraining by composite binary decomposition.
+
+The public API: the configs (:class:`CBDConfig`, :class:`UniformConfig`, :class:`RTNConfig`,
+:class:`BudgetConfig`, :class:`CalibrationConfig`), :func:`compress`, :func:`save`, :func:`load`,
+:func:`verify`, the :class:`Report` and the errors. Layers, bottom up: ``codec`` (numpy: GF(2), planes, codes)
+-> ``nn`` (modules, walker, report) -> ``calib`` (configs, calibration, budget, :func:`compress`) -> ``format``
+(the ``.cbd`` file) -> ``zoo`` (architectures, data, metrics) -> ``cli``.
+"""
 
 __version__ = "0.1.0"
 
-from .compress import Report, compress  # noqa: E402
+from .calib import BudgetConfig, CalibrationConfig, CBDConfig, RTNConfig, UniformConfig, compress  # noqa: E402
 from .errors import CBDError, DataError, FormatError, WeightError  # noqa: E402
-from .io import load, save, verify  # noqa: E402
+from .format import save, verify  # noqa: E402
+from .nn import Report  # noqa: E402
+from .zoo import load  # noqa: E402
 
-__all__ = ["compress", "Report", "save", "load", "verify", "CBDError", "FormatError", "WeightError", "DataError",
-           "__version__"]
+__all__ = ["CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig", "CalibrationConfig", "compress", "Report",
+           "save", "load", "verify", "CBDError", "FormatError", "WeightError", "DataError", "__version__"]

@@ -31,6 +31,7 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +41,15 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from torch import nn
 
-from . import __version__
-from .codec import MAX_PLANES, LayerCode, PlaneCode, plane_digest
-from .errors import CBDError, FormatError
-from .nn import COMPRESSIBLE, CBDModule, from_module
+from .. import __version__
+from ..codec import CODE_TYPES, MAX_PLANES, CodeError, LayerCode, PlaneCode, plane_digest
+from ..codec.bits import packed_size
+from ..errors import CBDError, FormatError
+from ..nn import COMPRESSIBLE, CBDModule, from_module
+from ..nn.walk import coded_keys
 
-__all__ = ["save", "load", "read", "parse", "verify", "atomic_write", "check_writable", "CBDFile", "FORMAT_VERSION",
+__all__ = ["save", "load", "read", "parse", "verify", "atomic_write", "check_writable", "check_fits", "CBDFile",
+           "FORMAT_VERSION",
            "MAGIC"]
 
 MAGIC = b"\x89CBD\r\n\x1a\n"
@@ -65,7 +69,6 @@ _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "I32"
 _FLOAT_STORED = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32, "float64": np.float64,
                  "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8,
                  "bool": np.bool_}
-MODES = ("cbd", "uniform", "zero", "grid")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64}
 
@@ -90,8 +93,7 @@ def _layer_meta(name: str, code: LayerCode, dtype: torch.dtype) -> dict:
         "plane_codes": [{"exponent": p.exponent, "storage": p.storage, "rank": p.rank, "sha256": p.digest}
                         for p in code.planes],
     }
-    if code.mode == "grid":
-        meta["groups"] = int(code.scales().size)
+    meta.update(code.meta())
     return meta
 
 
@@ -107,31 +109,59 @@ def _model_dtype(model: nn.Module) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _coded_layers(model: nn.Module) -> tuple[list[tuple[str, CBDModule]], list[dict]]:
+    """The CBD modules that carry a code of their own, and the tied ones (sharing an earlier module's weight),
+    each checked to still hold the weight its code decodes to."""
+    owners: dict[int, str] = {}
+    coded, tied = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, CBDModule):
+            continue
+        if not module.code_matches_weight():
+            raise CBDError(f"layer {name}: its weight was changed after compression, so its stored code no longer "
+                           "describes it; compress the model again to store the edit")
+        owner = owners.get(id(module.weight))
+        if owner is not None:
+            tied.append({"name": name, "owner": owner})
+        else:
+            owners[id(module.weight)] = name
+            coded.append((name, module))
+    return coded, tied
+
+
 def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict | None = None,
                 extra: dict | None = None) -> bytes:
-    """The bytes of the ``.cbd`` file for a compressed model."""
+    """The bytes of the ``.cbd`` file for a compressed model. ``extra`` defaults to the config that
+    :func:`cbdnet.compress` recorded on the model."""
     tensors: dict[str, np.ndarray] = {}
     layers = []
-    coded_keys = set()
-    for name, module in model.named_modules():
-        if isinstance(module, CBDModule):
-            layers.append(_layer_meta(name, module.code, module.weight.dtype))
-            coded_keys.add(f"{name}.weight")
-            for part, array in module.code.tensors().items():
-                tensors[f"cbd/{name}/{part}"] = np.ascontiguousarray(array)
-    if not layers:
+    coded, tied = _coded_layers(model)
+    if not coded:
         raise CBDError("the model has no compressed layers: run cbdnet.compress(model) first")
+    for name, module in coded:
+        layers.append(_layer_meta(name, module.code, module.weight.dtype))
+        for part, array in module.code.tensors().items():
+            tensors[f"cbd/{name}/{part}"] = np.ascontiguousarray(array)
+    skipped = coded_keys(model)
     floats = []
     for key, value in model.state_dict().items():
-        if key not in coded_keys:
+        if key not in skipped:
             tensors[f"float/{key}"] = _float_array(value)
             floats.append({"key": key, "dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)})
+    if extra is None:
+        config = getattr(model, "cbdnet_config", None)
+        extra = {"config": config} if config is not None else {}
+    for key in ("weights_sha256", "weights_source"):
+        if getattr(model, f"cbdnet_{key}", None) is not None and key not in extra:
+            extra = {**extra, key: getattr(model, f"cbdnet_{key}")}
     meta = {
         "format": "cbdnet", "format_version": FORMAT_VERSION, "cbdnet_version": __version__,
         "arch": arch if arch is not None else getattr(model, "cbdnet_arch", None),
         "arch_kwargs": arch_kwargs if arch_kwargs is not None else getattr(model, "cbdnet_arch_kwargs", {}),
-        "dtype": _model_dtype(model), "layers": layers, "floats": floats, "extra": extra or {},
+        "dtype": _model_dtype(model), "layers": layers, "floats": floats, "extra": extra,
     }
+    if tied:
+        meta["tied"] = tied
     payload = st_save(tensors, metadata={"cbdnet": json.dumps(meta, sort_keys=True)})
     head = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(payload)) + payload
     return head + hashlib.sha256(head).digest()
@@ -307,71 +337,64 @@ def _expect(tensors: dict, key: str, dtype, size: int) -> np.ndarray:
     return array
 
 
-def _packed(count: int) -> int:
-    return (count + 7) // 8
+def _planes(name: str, layer: dict, exponents: tuple[int, ...], h: int, w: int, tensors: dict, used: set
+            ) -> list[PlaneCode]:
+    planes = []
+    for index, (entry, exponent) in enumerate(zip(layer["plane_codes"], exponents, strict=True)):
+        _need(isinstance(entry, dict) and entry.get("exponent") == exponent, f"layer {name}: bad plane {index}")
+        storage, digest = entry.get("storage"), entry.get("sha256")
+        _need(isinstance(digest, str) and len(digest) == 64, f"layer {name}: plane {index} has no digest")
+        rank = _int(entry.get("rank"), f"{name}.plane{index}.rank", -1, min(h, w))
+        if storage == "packed":
+            parts = {"bits": packed_size(h * w)}
+        else:
+            _need(storage == "factored" and rank >= 0, f"layer {name}: plane {index} storage {storage!r}")
+            parts = {"B": packed_size(h * rank), "C": packed_size(rank * w)}
+        stored = {}
+        for part, size in parts.items():
+            key = f"cbd/{name}/p{index}.{part}"
+            stored[part] = _expect(tensors, key, np.uint8, size)
+            used.add(key)
+        planes.append(PlaneCode(exponent, storage, rank, stored, digest))
+    return planes
 
 
 def _layer_code(layer: dict, tensors: dict, used: set) -> tuple[str, LayerCode]:
+    """One layer's code: the common parts checked here, the kind's own parts by its class."""
     _need(isinstance(layer, dict) and isinstance(layer.get("name"), str), "corrupt layer entry")
     name = layer["name"]
     shape = layer.get("shape")
     _need(isinstance(shape, list) and len(shape) in (2, 4), f"layer {name}: bad shape {shape!r}")
     shape = tuple(_int(s, f"{name}.shape", 1, 1 << 31) for s in shape)
     _need(math.prod(shape) <= MAX_NUMEL, f"layer {name}: shape {shape} too large")
-    mode = layer.get("mode")
-    _need(mode in MODES, f"layer {name}: unknown mode {mode!r}")
+    kind = CODE_TYPES.get(layer.get("mode")) if isinstance(layer.get("mode"), str) else None
+    _need(kind is not None, f"layer {name}: unknown mode {layer.get('mode')!r}")
     num_planes = _int(layer.get("planes"), f"{name}.planes", 1, MAX_PLANES)
-    plane_meta = layer.get("plane_codes")
-    exponents = layer.get("exponents")
+    plane_meta, exponents = layer.get("plane_codes"), layer.get("exponents")
     _need(isinstance(plane_meta, list) and isinstance(exponents, list), f"layer {name}: no plane list")
-    _need(len(plane_meta) == len(exponents) == (0 if mode == "zero" else num_planes),
-          f"layer {name}: {len(plane_meta)} planes stored, {num_planes} expected")
+    _need(len(plane_meta) == len(exponents) == kind.expected_planes(num_planes),
+          f"layer {name}: {len(plane_meta)} planes stored, {kind.expected_planes(num_planes)} expected")
     exponents = tuple(_int(e, f"{name}.exponent", -MAX_EXPONENT, MAX_EXPONENT) for e in exponents)
-    if mode == "uniform":
-        _need(exponents == tuple(range(num_planes - 1, -1, -1)), f"layer {name}: bad uniform exponents")
-    if mode == "cbd":
-        _need(exponents == tuple(range(exponents[0], exponents[0] - num_planes, -1)),
-              f"layer {name}: composite exponents are not consecutive")
     layer_dtype = layer.get("dtype", "float32")
     _need(isinstance(layer_dtype, str) and layer_dtype in _DTYPES, f"layer {name}: bad dtype {layer_dtype!r}")
-    code = LayerCode(shape, mode, num_planes, 0.0, 0.0, 0.0, exponents, np.zeros(0, np.uint8), [],
-                     bound=_int(layer.get("bound", 0), f"{name}.bound", 0, 1 << 31),
-                     mask_rank=_int(layer.get("mask_rank", 0), f"{name}.mask_rank", 0, 1 << 31),
-                     reason=str(layer.get("reason", "")))
-    h, w = code.matrix_shape
+    h, w = (shape[0], shape[1]) if len(shape) == 2 else (shape[0] * shape[2], shape[1] * shape[3])
     prefix = f"cbd/{name}/"
-    groups = 3
-    if mode == "grid":
-        groups = _int(layer.get("groups"), f"{name}.groups", 1, shape[0])
-        _need(groups in (1, shape[0]), f"layer {name}: {groups} steps for {shape[0]} output channels")
-    scales = _expect(tensors, prefix + "scales", np.float32, groups)
-    _need(bool(np.isfinite(scales).all()), f"layer {name}: non-finite scales")
-    if mode == "grid":
-        code.steps = scales
-        _need(list(exponents) == list(range(num_planes - 1, -1, -1)), f"layer {name}: bad grid plane order")
-    else:
-        code.wmax, code.scale, code.step = (float(v) for v in scales)
-    used.add(prefix + "scales")
-    if mode != "zero":
-        code.sign = _expect(tensors, prefix + "sign", np.uint8, _packed(h * w))
-        used.add(prefix + "sign")
-    for index, (entry, exponent) in enumerate(zip(plane_meta, exponents, strict=True)):
-        _need(isinstance(entry, dict) and entry.get("exponent") == exponent, f"layer {name}: bad plane {index}")
-        storage, digest = entry.get("storage"), entry.get("sha256")
-        _need(isinstance(digest, str) and len(digest) == 64, f"layer {name}: plane {index} has no digest")
-        rank = _int(entry.get("rank"), f"{name}.plane{index}.rank", -1, min(h, w))
-        if storage == "packed":
-            parts = {"bits": _packed(h * w)}
-        else:
-            _need(storage == "factored" and rank >= 0, f"layer {name}: plane {index} storage {storage!r}")
-            parts = {"B": _packed(h * rank), "C": _packed(rank * w)}
-        stored = {}
-        for part, size in parts.items():
-            key = f"{prefix}p{index}.{part}"
-            stored[part] = _expect(tensors, key, np.uint8, size)
-            used.add(key)
-        code.planes.append(PlaneCode(exponent, storage, rank, stored, digest))
-    return name, code
+    try:
+        scales = _expect(tensors, prefix + "scales", np.float32, kind.scale_count(shape, layer))
+        _need(bool(np.isfinite(scales).all()), f"layer {name}: non-finite scales")
+        used.add(prefix + "scales")
+        sign = np.zeros(0, np.uint8)
+        if kind.stores_sign:
+            sign = _expect(tensors, prefix + "sign", np.uint8, packed_size(h * w))
+            used.add(prefix + "sign")
+        common = {"shape": shape, "num_planes": num_planes, "exponents": exponents, "sign": sign,
+                  "planes": _planes(name, layer, exponents, h, w, tensors, used),
+                  "reason": str(layer.get("reason", "")),
+                  "bound": _int(layer.get("bound", 0), f"{name}.bound", 0, 1 << 31),
+                  "mask_rank": _int(layer.get("mask_rank", 0), f"{name}.mask_rank", 0, 1 << 31)}
+        return name, kind.from_stored(common, scales, layer)
+    except CodeError as exc:
+        raise FormatError(f"layer {name}: {exc}") from None
 
 
 def read(path: str | os.PathLike) -> CBDFile:
@@ -416,7 +439,9 @@ def parse(data: bytes) -> CBDFile:
     _need(len(floats) == len(meta["floats"]), "duplicate float tensor keys")
     used.update("float/" + key for key in floats)
     _need(used == set(tensors), f"unexpected tensors in file: {sorted(set(tensors) - used)[:5]}")
-    return CBDFile(meta=meta, codes=codes, floats=floats, size=len(data))
+    parsed = CBDFile(meta=meta, codes=codes, floats=floats, size=len(data))
+    _tied(parsed)
+    return parsed
 
 
 def verify(path: str | os.PathLike) -> list[str]:
@@ -436,20 +461,35 @@ def verify(path: str | os.PathLike) -> list[str]:
     return problems
 
 
-def _check_fits(model: nn.Module, parsed: CBDFile) -> None:
+def _tied(parsed: CBDFile) -> dict[str, str]:
+    """Tied layer -> the coded layer whose weight it shares, as the file records it (checked)."""
+    entries = parsed.meta.get("tied", [])
+    _need(isinstance(entries, list), "corrupt cbdnet metadata: tied")
+    tied = {}
+    for entry in entries:
+        _need(isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry.get("owner") in parsed.codes
+              and entry["name"] not in parsed.codes and entry["name"] not in tied, "corrupt tied-layer entry")
+        tied[entry["name"]] = entry["owner"]
+    return tied
+
+
+def check_fits(model: nn.Module, parsed: CBDFile) -> None:
     """Every coded layer is a Conv2d/Linear of the model with the same weight shape, and the float tensors are
     exactly the rest of its state dict, shape for shape. Reads shapes only: works on a ``meta``-device model,
     so a file cannot make :func:`load` build (allocate) a model that it does not describe."""
     state = model.state_dict()
     coded = set()
-    for name, code in parsed.codes.items():
+    shapes = {name: code.shape for name, code in parsed.codes.items()}
+    shapes.update({name: parsed.codes[owner].shape for name, owner in _tied(parsed).items()})
+    for name, shape in shapes.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise CBDError(f"the file's layer {name} does not exist in the model") from None
-        if not isinstance(module, COMPRESSIBLE) or tuple(module.weight.shape) != tuple(code.shape):
-            raise CBDError(f"the file's layer {name} {tuple(code.shape)} does not fit the model's {module}")
-        coded.add(f"{name}.weight")
+        if not isinstance(module, COMPRESSIBLE) or tuple(module.weight.shape) != tuple(shape):
+            raise CBDError(f"the file's layer {name} {tuple(shape)} does not fit the model's {module}")
+        coded.update(f"{alias}.weight" if alias else "weight"
+                     for alias, m in model.named_modules(remove_duplicate=False) if m is module)
     expected = set(state) - coded
     missing, unexpected = sorted(expected - set(parsed.floats)), sorted(set(parsed.floats) - expected)
     if missing or unexpected:
@@ -459,56 +499,69 @@ def _check_fits(model: nn.Module, parsed: CBDFile) -> None:
         raise CBDError(f"the file does not fit the model: wrong shape for {wrong[:5]}")
 
 
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def _restore(model: nn.Module, parsed: CBDFile) -> nn.Module:
-    _check_fits(model, parsed)
+    check_fits(model, parsed)
     replacements = {}
     for name, code in parsed.codes.items():  # decode everything before touching the caller's model
         with np.errstate(over="ignore", invalid="ignore"):  # a corrupt scale may overflow: refused below
             replacements[name] = from_module(model.get_submodule(name), code)
         if not np.isfinite(replacements[name].weight.detach().float().numpy()).all():  # numpy: cheap on CPU
             raise FormatError(f"layer {name} decodes to non-finite weights: the file is corrupt")
-    for name, replacement in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+    tied = {}
+    for name, owner in _tied(parsed).items():
+        twin = from_module(model.get_submodule(name), parsed.codes[owner])
+        twin.weight = replacements[owner].weight
+        tied[name] = twin
+    for name, replacement in {**replacements, **tied}.items():
+        _set_submodule(model, name, replacement)
     state = {key: torch.from_numpy(np.array(value)) for key, value in parsed.floats.items()}
     model.load_state_dict(state, strict=False)
     return model
 
 
-def _skeleton(parsed: CBDFile) -> nn.Module:
-    """A fresh model of the file's registered architecture, built on the ``meta`` device first (no memory)
-    and checked against the file, so that ``arch_kwargs`` cannot ask for an arbitrarily large model."""
-    from .models import build  # the zoo (plain architectures) sits below the file format
+Builder = Callable[[str, dict], nn.Module]
 
+
+def _skeleton(parsed: CBDFile, builder: Builder | None) -> nn.Module:
+    """A fresh model of the file's architecture from ``builder(arch, arch_kwargs)``, built on the ``meta``
+    device first (no memory) and checked against the file, so that ``arch_kwargs`` cannot ask for an
+    arbitrarily large model."""
     arch = parsed.meta.get("arch")
-    if not isinstance(arch, str):
-        raise CBDError("the file names no registered architecture: pass the model skeleton, load(path, model)")
+    if not isinstance(arch, str) or builder is None:
+        raise CBDError("the file names no architecture this loader can build: pass the model skeleton, "
+                       "load(path, model)")
     kwargs = parsed.meta.get("arch_kwargs") or {}
     shapes_only = None
     try:
         if kwargs:  # without arguments the registry alone decides the size: nothing to fear from the file
             with torch.device("meta"):
-                shapes_only = build(arch, **kwargs)
+                shapes_only = builder(arch, kwargs)
     except CBDError:
         raise
     except Exception:  # an architecture that cannot be built on the meta device: the real build decides
         shapes_only = None
     if shapes_only is not None:
-        _check_fits(shapes_only, parsed)
+        check_fits(shapes_only, parsed)
     try:
-        return build(arch, **kwargs)
+        return builder(arch, kwargs)
     except CBDError:
         raise
     except Exception as exc:
         raise FormatError(f"cannot build {arch} with the file's arch_kwargs {kwargs}: {str(exc)[:200]}") from None
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Load a ``.cbd`` file into ``model`` (an uncompressed skeleton of the same architecture), or into a
-    fresh model of the file's registered architecture when ``model`` is None. Never unpickles anything."""
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, builder: Builder | None = None) -> nn.Module:
+    """Load a ``.cbd`` file into ``model`` (an uncompressed skeleton of the same architecture), or into
+    ``builder(arch, arch_kwargs)`` when ``model`` is None. Never unpickles anything. (``cbdnet.load`` passes
+    the zoo's builder, so files of registered architectures load by name.)"""
     parsed = read(path)
     if model is None:
-        model = _skeleton(parsed)
+        model = _skeleton(parsed, builder)
     dtype = parsed.meta.get("dtype", "float32")  # checked by read()
     model = _restore(model.to(_DTYPES[dtype]), parsed)
     model.eval()

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CBDError, WeightError
+from ..errors import CBDError, WeightError
 
 __all__ = ["ARCHS", "register", "build", "load_weights", "known_archs", "CifarResNet", "DigitsCNN",
-           "TORCHVISION_WEIGHTS", "torchvision_weights_file"]
+           "TORCHVISION_WEIGHTS", "torchvision_weights_file", "torchvision_builders", "import_factory", "file_sha256"]
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -41,11 +41,69 @@ def known_archs() -> list[str]:
     return sorted(ARCHS)
 
 
-def build(arch: str, **kwargs) -> nn.Module:
-    """A fresh (randomly initialised, float32) model of a registered architecture."""
-    if arch not in ARCHS:
-        raise CBDError(f"unknown architecture {arch!r}; known: {', '.join(known_archs())}")
-    model = ARCHS[arch](**kwargs)
+def torchvision_builders() -> dict[str, Callable[..., nn.Module]]:
+    """torchvision's classification and segmentation builders by name (``resnet50``, ``mobilenet_v2``,
+    ``deeplabv3_resnet50``, ...)."""
+    from torchvision import models as tv
+
+    names = tv.list_models(module=tv) + tv.list_models(module=tv.segmentation)
+    return {name: tv.get_model_builder(name) for name in names}
+
+
+def _torchvision(name: str, kwargs: dict) -> nn.Module:
+    builders = torchvision_builders()
+    if name not in builders:
+        close = sorted(n for n in builders if name.lower()[:4] in n)[:8]
+        raise CBDError(f"torchvision has no classification or segmentation model {name!r}"
+                       + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    options = {"weights": None, **({"weights_backbone": None} if name in _segmentation_names() else {}), **kwargs}
+    return builders[name](**options)
+
+
+def _segmentation_names() -> set[str]:
+    from torchvision import models as tv
+
+    return set(tv.list_models(module=tv.segmentation))
+
+
+def import_factory(spec: str) -> Callable[..., nn.Module]:
+    """The factory ``module.path:name`` of the user's own code. This imports (runs) that module: only for an
+    architecture named on the command line or in Python, never for one read from a file."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr or not all(part.isidentifier() for part in module_name.split(".") + attr.split(".")):
+        raise CBDError(f"--arch {spec!r}: expected a registered name, torchvision:NAME or module.path:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CBDError(f"--arch {spec}: cannot import {module_name} ({exc}); is it on PYTHONPATH?") from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory):
+        raise CBDError(f"--arch {spec}: {module_name} has no callable {attr}")
+    return factory
+
+
+def build(arch: str, *, allow_import: bool = False, **kwargs) -> nn.Module:
+    """A fresh (randomly initialised, float32) model of ``arch``: a registered name, ``torchvision:NAME`` (any
+    torchvision classification or segmentation builder, ``weights=None``) or, with ``allow_import``,
+    ``module.path:factory`` (the user's own code: imported, so never for a name read from a file)."""
+    if arch.startswith("torchvision:"):
+        model = _torchvision(arch.removeprefix("torchvision:"), kwargs)
+    elif ":" in arch:
+        if not allow_import:
+            raise CBDError(f"the architecture {arch!r} is the user's own code, which cbdnet does not import on a "
+                           f"file's word: pass --arch {arch} (or a model skeleton in Python)")
+        model = import_factory(arch)(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise CBDError(f"--arch {arch}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
+    elif arch in ARCHS:
+        model = ARCHS[arch](**kwargs)
+    else:
+        raise CBDError(f"unknown architecture {arch!r}; known: {', '.join(known_archs())}, torchvision:NAME "
+                       f"or module.path:factory")
     model.cbdnet_arch = arch
     model.cbdnet_arch_kwargs = dict(kwargs)
     return model
@@ -200,7 +258,17 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise WeightError(f"{path}: tensor {key} holds NaN/Inf values")
     model.load_state_dict(state, strict=False)
+    model.cbdnet_weights_sha256 = file_sha256(path)
     return model
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (what the ``.cbd`` file records of the checkpoint, not its path)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- torchvision's own weights, from the local cache

@@ -3,7 +3,7 @@
 Every layer gets a list of candidate codes (RTN grids of 2..8 bits per output channel, the composite code
 per channel, each rounded by GPTQ when calibration statistics are there), each with its exact stored size
 (:meth:`cbdnet.codec.LayerCode.bits`, what the file holds) and its predicted calibration-loss increase
-``0.5 * sum_o fisher[o] * dW[o] @ H @ dW[o]`` (:mod:`cbdnet.calibrate`). The choice minimises the summed
+``0.5 * sum_o fisher[o] * dW[o] @ H @ dW[o]`` (:mod:`cbdnet.calib.stats`). The choice minimises the summed
 predicted loss subject to ``sum bits <= X * params``: a Lagrangian sweep (each layer independently minimises
 ``loss + lam * bits``; bisection on ``lam``) followed by greedy upgrades, best loss saved per bit first, while
 they fit. Layers are never left in float: every weight is counted in ``bits_per_weight``.
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .calibrate import LayerStats, gptq_levels, output_error
-from .codec import LayerCode
-from .grid import composite_steps, grid_code, round_levels, rtn_steps
+from ..codec import LayerCode
+from ..codec.grid import composite_steps, grid_code, round_levels, rtn_steps
+from .stats import LayerStats, gptq_levels, output_error
 
 __all__ = ["Candidate", "layer_candidates", "choose", "CLIP_RATIOS", "RTN_BITS", "COMPOSITE_PLANES"]
 
@@ -57,6 +57,7 @@ def rtn_candidate(weight: np.ndarray, bits: int, stats: LayerStats | None, gptq:
         steps = (base * np.float32(ratio)).astype(np.float32)
         code = grid_code(_levels(weight, steps, bits - 1, stats, gptq), steps, bits - 1,
                          reason=f"rtn {bits} bits per channel, clip {ratio}{', gptq' if gptq and stats else ''}")
+        code.extra["label"] = f"rtn{bits}/ch"
         loss = _predicted_loss(weight, code, stats)
         if best is None or loss < best.loss:
             best = Candidate(f"rtn{bits}", code, code.bits(), loss)
@@ -68,6 +69,7 @@ def composite_candidate(weight: np.ndarray, planes: int, stats: LayerStats | Non
     steps, factor_from, _ = composite_steps(weight, planes, bottleneck, "channel")
     code = grid_code(_levels(weight, steps, planes, stats, gptq), steps, planes, factor_from=factor_from,
                      reason=f"composite J={planes} per channel{', gptq' if gptq and stats else ''}")
+    code.extra["label"] = f"cbd J={planes}/ch"
     return Candidate(f"cbd{planes}", code, code.bits(), _predicted_loss(weight, code, stats))
 
 

@@ -7,24 +7,50 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["evaluate_classification", "evaluate_segmentation", "evaluate_detection", "confusion_matrix",
+__all__ = ["iter_batches", "evaluate_classification", "evaluate_segmentation", "evaluate_detection", "confusion_matrix",
            "segmentation_scores", "voc_iou", "voc_ap", "voc_class_ap", "voc_map"]
+
+
+def iter_batches(data, batch_size: int):
+    """``(images, labels)`` batches of a cbdnet data set (its ``batches(size)``) or of any iterable of pairs
+    (a ``DataLoader``, a list)."""
+    if hasattr(data, "batches") and callable(data.batches):
+        yield from data.batches(batch_size)
+        return
+    for item in data:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError("evaluation data must yield (images, labels) pairs")
+        yield item[0], torch.as_tensor(item[1])
+
+
+def logits_of(output):
+    """The class scores of a model's output: the tensor itself, or the ``"out"`` entry of torchvision's
+    segmentation models' dict."""
+    return output["out"] if isinstance(output, dict) and "out" in output else output
+
+
+def _total(data) -> int | None:
+    try:
+        return len(data.dataset) if hasattr(data, "dataset") else len(data)
+    except TypeError:
+        return None
 
 
 @torch.no_grad()
 def evaluate_classification(model: nn.Module, data, batch_size: int = 500, progress: bool = True) -> dict:
-    """Top-1 and top-5 accuracy (fractions) of ``model`` on ``data`` (a ``ClassificationData``)."""
+    """Top-1 and top-5 accuracy (fractions) of ``model`` on ``data`` (a cbdnet data set or any iterable of
+    ``(images, labels)`` batches)."""
     model.eval()
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    top1 = top5 = 0
-    total = len(data)
-    bar = tqdm(total=total, desc="eval", unit="img", disable=None if progress else True, leave=False)
-    for images, labels in data.batches(batch_size):
-        logits = model(images.to(dtype)).float()
+    top1 = top5 = total = 0
+    bar = tqdm(total=_total(data), desc="eval", unit="img", disable=None if progress else True, leave=False)
+    for images, labels in iter_batches(data, batch_size):
+        logits = logits_of(model(images.to(dtype))).float()
         k = min(5, logits.shape[1])
         best = logits.topk(k, dim=1).indices
         top1 += int((best[:, 0] == labels).sum())
         top5 += int((best == labels[:, None]).any(dim=1).sum())
+        total += len(labels)
         bar.update(len(labels))
     bar.close()
     return {"top1": top1 / total if total else 0.0, "top5": top5 / total if total else 0.0, "n": total}
@@ -64,7 +90,7 @@ def evaluate_segmentation(model: nn.Module, data, batch_size: int = 8, progress:
     confusion = torch.zeros(data.num_classes, data.num_classes, dtype=torch.int64)
     bar = tqdm(total=len(data), desc="eval", unit="img", disable=None if progress else True, leave=False)
     for images, labels in data.batches(batch_size):
-        logits = model(images.to(dtype)).float()
+        logits = logits_of(model(images.to(dtype))).float()
         if logits.shape[-2:] != labels.shape[-2:]:
             raise ValueError(f"model output {tuple(logits.shape)} does not match labels {tuple(labels.shape)}")
         confusion += confusion_matrix(logits.argmax(1), labels, data.num_classes)

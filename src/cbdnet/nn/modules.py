@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .codec import LayerCode
+from ..codec import LayerCode
 
 __all__ = ["CBDConv2d", "CBDConvTranspose2d", "CBDLinear", "CBDModule", "from_module", "COMPRESSIBLE"]
 
@@ -19,17 +19,30 @@ COMPRESSIBLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
 class CBDModule:
-    """Mixin: a module whose weight is the decoding of ``self.code``."""
+    """Mixin: a module whose weight is the decoding of ``self.code`` (a :class:`cbdnet.codec.LayerCode`).
 
-    code: LayerCode
-    weight: nn.Parameter
+    The code is plain Python data beside the module's tensors: TorchScript ignores it, so
+    ``torch.jit.script`` compiles a loaded model like the float one."""
 
-    def _set_code(self, code: LayerCode, dtype: torch.dtype, device: torch.device) -> None:
+
+    def set_code(self, code: LayerCode, dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+        """Carry ``code`` and run with its decoding as the (frozen) weight."""
+        dtype = self.weight.dtype if dtype is None else dtype
+        device = self.weight.device if device is None else device
         if tuple(code.shape) != tuple(self.weight.shape):
             raise ValueError(f"code of shape {tuple(code.shape)} does not fit weight {tuple(self.weight.shape)}")
         self.code = code
         decoded = torch.from_numpy(code.decode()).to(device=device, dtype=dtype)
         self.weight = nn.Parameter(decoded, requires_grad=False)
+        self._coded_weight = [self.weight, self.weight._version]  # a list: not registered as a parameter
+
+    def code_matches_weight(self) -> bool:
+        """Whether the weight is still the decoding of ``self.code`` (not replaced or edited in place since)."""
+        coded = getattr(self, "_coded_weight", None)
+        if coded is not None and coded[0] is self.weight and coded[1] == self.weight._version:
+            return True
+        decoded = torch.from_numpy(self.code.decode()).to(self.weight)
+        return bool(torch.equal(self.weight.detach(), decoded))
 
     @classmethod
     def _twin(cls, original: nn.Module, code: LayerCode, *args, **kwargs):
@@ -38,7 +51,7 @@ class CBDModule:
         module.bias = None if original.bias is None else nn.Parameter(original.bias.detach().clone(),
                                                                       requires_grad=original.bias.requires_grad)
         module.weight = nn.Parameter(torch.empty_like(original.weight, device="cpu"), requires_grad=False)
-        module._set_code(code, original.weight.dtype, original.weight.device)
+        module.set_code(code, original.weight.dtype, original.weight.device)
         module.train(original.training)
         return module
 

@@ -3,7 +3,7 @@
 A *grid code* stores a weight as ``W_hat = sign * q * step[g]``: a sign plane, the ``B`` binary digits of the
 integer magnitude ``q`` in ``[0, 2^B - 1]`` (most significant first), and one float32 step per group ``g`` of
 output channels (``granularity='channel'``: one per output channel; ``'tensor'``: one for the whole layer).
-Every plane lives in the 2-D arrangement of :func:`cbdnet.planes.to_matrix` (rows ``(out, kh)``), so a group
+Every plane lives in the 2-D arrangement of :func:`cbdnet.codec.planes.to_matrix` (rows ``(out, kh)``), so a group
 of output channels is a block of consecutive rows. Each plane is stored packed, or as exact GF(2) factors
 where that is smaller (only tried on the planes from ``factor_from`` up: the sparse high planes).
 
@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codec import LayerCode, _store_plane, pack_bits, unpack_bits
-from .planes import composite_layout, from_matrix, to_matrix
+from .bits import pack_bits, store_plane
+from .code import GridCode, row_steps
+from .planes import composite_layout, to_matrix
 from .search import rank_bound, search_scale
 
 __all__ = ["GRANULARITIES", "group_count", "row_steps", "rtn_steps", "rtn_levels", "composite_steps",
-           "grid_code", "grid_decode", "encode_rtn", "encode_composite_grouped", "round_levels"]
+           "grid_code", "encode_rtn", "encode_composite_grouped", "round_levels"]
 
 GRANULARITIES = ("channel", "tensor")
 
@@ -42,12 +43,6 @@ def group_count(shape: tuple[int, ...], granularity: str) -> int:
 def _group_max(weight: np.ndarray, groups: int) -> np.ndarray:
     per_channel = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1)
     return per_channel if groups == weight.shape[0] else np.full(1, per_channel.max())
-
-
-def row_steps(shape: tuple[int, ...], steps: np.ndarray) -> np.ndarray:
-    """The step of every output channel (``[out]``), broadcasting a per-tensor step."""
-    steps = np.asarray(steps, dtype=np.float32).reshape(-1)
-    return np.broadcast_to(steps, (int(shape[0]),)) if steps.size == 1 else steps
 
 
 def rtn_steps(weight: np.ndarray, bits: int, granularity: str = "channel") -> np.ndarray:
@@ -109,7 +104,7 @@ def composite_steps(weight: np.ndarray, planes: int, bottleneck: float,
 
 
 def grid_code(levels: np.ndarray, steps: np.ndarray, mag_bits: int, *, factor_from: int | None = None,
-              reason: str = "") -> LayerCode:
+              reason: str = "") -> GridCode:
     """The stored code of signed integer ``levels`` (weight shape) on the grid ``steps``.
 
     ``factor_from``: planes of bit ``>= factor_from`` are stored as GF(2) factors where that is smaller;
@@ -130,36 +125,27 @@ def grid_code(levels: np.ndarray, steps: np.ndarray, mag_bits: int, *, factor_fr
     stored = []
     for bit in range(mag_bits - 1, -1, -1):
         plane = ((magnitude >> bit) & 1).astype(np.bool_)
-        stored.append(_store_plane(plane, bit, factor_from is not None and bit >= factor_from))
+        stored.append(store_plane(plane, bit, factor_from is not None and bit >= factor_from))
     peak = float(np.abs(levels).max(initial=0) * row_steps(shape, steps).max(initial=0))
-    return LayerCode(shape, "grid", mag_bits, peak, 0.0, 0.0, tuple(range(mag_bits - 1, -1, -1)),
-                     pack_bits(matrix < 0), stored, reason=reason, steps=steps)
+    return GridCode(shape, mag_bits, tuple(range(mag_bits - 1, -1, -1)), pack_bits(matrix < 0), stored,
+                    reason=reason, steps=steps, wmax=peak)
 
 
-def grid_decode(code: LayerCode) -> np.ndarray:
-    """``sign * q * step`` in the layer's shape, float32."""
-    h, w = code.matrix_shape
-    q = np.zeros((h, w), dtype=np.int64)
-    for plane, bit in zip(code.decode_planes(), code.exponents, strict=True):
-        q |= plane.astype(np.int64) << bit
-    signs = np.where(unpack_bits(code.sign, (h, w)), -1, 1)
-    levels = from_matrix(signs * q, code.shape)
-    per_out = row_steps(code.shape, code.steps).astype(np.float32)
-    return np.ascontiguousarray(levels.astype(np.float32) * per_out.reshape((-1,) + (1,) * (len(code.shape) - 1)))
-
-
-def encode_rtn(weight: np.ndarray, bits: int, granularity: str = "channel") -> LayerCode:
+def encode_rtn(weight: np.ndarray, bits: int, granularity: str = "channel") -> GridCode:
     """Honest K-bit RTN baseline (sign included), every plane packed."""
     levels, steps = rtn_levels(weight, bits, granularity)
-    return grid_code(levels, steps, bits - 1, reason=f"rtn {bits} bits per {granularity}")
+    code = grid_code(levels, steps, bits - 1, reason=f"rtn {bits} bits per {granularity}")
+    code.extra["label"] = f"rtn{bits}/{'ch' if granularity == 'channel' else 'tensor'}"
+    return code
 
 
 def encode_composite_grouped(weight: np.ndarray, planes: int = 5, bottleneck: float = 0.3,
-                             granularity: str = "channel", norm: str = "rms") -> LayerCode:
+                             granularity: str = "channel", norm: str = "rms") -> GridCode:
     """The composite code with per-channel (or per-tensor) scales: sign + J planes, high planes factored."""
     steps, factor_from, info = composite_steps(weight, planes, bottleneck, granularity, norm)
     levels = round_levels(weight, steps, planes)
     code = grid_code(levels, steps, planes, factor_from=factor_from,
                      reason=f"composite J={planes} per {granularity}")
     code.scale, code.bound, code.mask_rank = info["scale"], info["bound"], info["mask_rank"]
+    code.extra["label"] = f"cbd J={planes}/{'ch' if granularity == 'channel' else 'tensor'}"
     return code

@@ -13,16 +13,17 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 __all__ = ["ClassificationData", "ImageFolderData", "SegmentationData", "DetectionData", "load_spec", "SPEC_KINDS",
-           "CIFAR_MEAN", "CIFAR_STD", "CAMVID_CLASSES", "VOC_CLASSES"]
+           "CIFAR_MEAN", "CIFAR_STD", "CAMVID_CLASSES", "VOC_CLASSES", "calibration_data"]
 
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
@@ -266,3 +267,26 @@ def load_spec(spec: str):
     if kind == "voc":
         return _voc(rest)
     raise DataError(f"unknown data spec {spec!r}; expected one of: {', '.join(k + ':PATH' for k in SPEC_KINDS)}")
+
+
+def _is_test_split(spec: str, data) -> bool:
+    if re.search(r"(^|[^a-z])test", spec.rsplit("/", 1)[-1].lower()):
+        return True
+    return str(getattr(data, "name", "")).endswith(":test")  # e.g. camvid-npz:PATH, whose default split is test
+
+
+def calibration_data(spec: str):
+    """The data set of a spec, checked to be usable for calibration: labelled images (classification or
+    segmentation), not empty, and not test images (by file name or split)."""
+    if re.search(r"(^|[^a-z])test", spec.rsplit("/", 1)[-1].lower()):
+        raise DataError(f"refusing to calibrate on {spec}: calibration must not use test images")
+    data = load_spec(spec)
+    if _is_test_split(spec, data):
+        raise DataError(f"refusing to calibrate on {data.name}: calibration must not use test images; "
+                        f"name a training split (e.g. {spec}:train)")
+    if getattr(data, "task", "classification") not in ("classification", "segmentation"):
+        raise DataError(f"calibration needs labelled images (classification or segmentation data); {spec} is "
+                        f"{data.task} data")
+    if len(data) == 0:
+        raise DataError(f"calibration set {spec} is empty")
+    return data

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .compress import compress
-from .data import digits
-from .io import load, save
-from .metrics import evaluate_classification
-from .models import build
+from ..calib import CBDConfig, UniformConfig, compress
+from ..format import save
+from ..zoo import load
+from ..zoo.data import digits
+from ..zoo.metrics import evaluate_classification
+from ..zoo.models import build
 
 # (method, J, bottleneck, fallback rule): the paper's algorithm (size rule), cbdnet's default (distortion rule),
 # and the plain uniform baselines at about the same bits
@@ -70,8 +71,9 @@ def run_demo(out_dir: str | None = None, quiet: bool = False, seed: int = 0) -> 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for method, planes, bottleneck, fallback in SETTINGS:
-        compressed, report = compress(copy.deepcopy(model), planes=planes, bottleneck=bottleneck, fallback=fallback,
-                                      mode="uniform" if method == "uniform" else "auto", progress=not quiet)
+        config = UniformConfig(planes=planes) if method == "uniform" else \
+            CBDConfig(planes=planes, bottleneck=bottleneck, fallback=fallback)
+        compressed, report = compress(copy.deepcopy(model), config, progress=not quiet)
         uniform_layers = [layer for layer in report.layers if layer.mode == "uniform"]
         label = f"uniform J={planes} (baseline)" if method == "uniform" else \
             f"{'paper' if fallback == 'size' else 'cbdnet'} J={planes} b={bottleneck}"

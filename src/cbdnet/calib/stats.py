@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DataError
+from .batches import CalibrationSet, as_calibration_set
 
-__all__ = ["single_thread", "LayerStats", "collect_stats", "batch_size_for", "task_loss", "gptq_levels",
-           "output_error", "bias_correct", "bias_correct_if_better", "reestimate_bn", "following_bn",
-           "calibration_loss", "load_calibration"]
+__all__ = ["single_thread", "LayerStats", "collect_stats", "task_loss", "gptq_levels", "output_error",
+           "bias_correct", "bias_correct_if_better", "reestimate_bn", "following_bn", "calibration_loss"]
 
 
 @contextmanager
@@ -46,45 +45,42 @@ def single_thread():
         torch.set_num_threads(before)
 
 
-PIXELS_PER_BATCH = 100 * 32 * 32  # a CIFAR batch of 100; larger images go in proportionally smaller batches
 MAX_POSITIONS = 4096  # input patches per image and layer that enter the statistics (a seeded random subset)
 MAX_PATCH_ELEMENTS = 1 << 24  # unfolded patch elements materialised at once (64 MiB of float32)
 
 
-def batch_size_for(data, batch_size: int) -> int:
-    """``batch_size`` for 32x32 images, scaled down with the pixel count (240x180 CamVid frames: 2), so that
-    the activations kept for the backward pass stay small on a CPU machine."""
-    images = next(iter(data.batches(1)))[0]
-    pixels = int(images.shape[-1] * images.shape[-2]) if images.ndim >= 3 else 1
-    return max(1, min(batch_size, batch_size * PIXELS_PER_BATCH // (100 * max(pixels, 1))))
-
-
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, data) -> torch.Tensor:
+def task_loss(logits, labels: torch.Tensor, data: CalibrationSet) -> torch.Tensor:
     """Summed cross-entropy: per image (classification) or per labelled pixel, void ignored (segmentation)."""
-    return F.cross_entropy(logits, labels, reduction="sum", ignore_index=getattr(data, "ignore_index", -100))
+    if isinstance(logits, dict):  # torchvision's segmentation models: {"out": ..., "aux": ...}
+        logits = logits["out"]
+    return F.cross_entropy(logits, labels, reduction="sum", ignore_index=data.ignore_index)
 
 
 @dataclass
 class LayerStats:
-    hessian: torch.Tensor  # float64 [d, d], E[x x^T]
-    mean: torch.Tensor  # float64 [d], E[x]
+    """Per-layer statistics. A grouped (or depthwise) conv has one ``H`` and ``mean`` per group ``g`` of its
+    ``groups``: output channel ``o`` sees only the inputs of group ``o // (out / groups)``."""
+
+    hessian: torch.Tensor  # float64 [d, d] (or [groups, d, d]), E[x x^T]
+    mean: torch.Tensor  # float64 [d] (or [groups, d]), E[x]
     fisher: torch.Tensor  # float64 [out], E_n[sum_p g^2]
     samples: int = 0
 
+    @property
+    def groups(self) -> int:
+        return int(self.hessian.shape[0]) if self.hessian.ndim == 3 else 1
 
-def load_calibration(spec: str, limit: int | None = None):
-    """The calibration set of a data spec (optionally its first ``limit`` images)."""
-    from .data import load_spec
+    def group_of(self, out: int) -> list[slice]:
+        """The rows (output channels) of each group, for a weight with ``out`` output channels."""
+        size = out // self.groups
+        return [slice(g * size, (g + 1) * size) for g in range(self.groups)]
 
-    data = load_spec(spec)
-    if getattr(data, "task", "classification") not in ("classification", "segmentation"):
-        raise DataError(f"calibration needs labelled images (classification or segmentation data); {spec} is "
-                        f"{data.task} data")
-    if len(data) == 0:
-        raise DataError(f"calibration set {spec} is empty")
-    if limit is not None and limit < len(data):
-        data.images, data.labels = data.images[:limit], data.labels[:limit]
-    return data
+    def of_group(self, index: int) -> LayerStats:
+        """The statistics of one group, as those of an ungrouped layer."""
+        if self.groups == 1:
+            return self
+        rows = self.group_of(self.fisher.shape[0])[index]
+        return LayerStats(self.hessian[index], self.mean[index], self.fisher[rows], self.samples)
 
 
 def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -96,16 +92,17 @@ def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _supported(module: nn.Module) -> bool:
+    """Linear and Conv2d layers (grouped and depthwise ones included). Transposed convolutions and convs with
+    string or non-zero padding modes get no statistics: their codes are chosen by weight error."""
     if isinstance(module, nn.Linear):
         return True
-    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
-        and not isinstance(module.padding, str)
+    return isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
 def _patch_chunks(module: nn.Module, x: torch.Tensor, positions: int, generator: torch.Generator):
     """The input patches of ``x`` a few images at a time (at most ``MAX_PATCH_ELEMENTS`` unfolded at once),
     each image's ``positions`` rows thinned to a seeded random ``MAX_POSITIONS`` of them."""
-    d = int(module.weight[0].numel()) if not isinstance(module, nn.Linear) else int(x.shape[-1])
+    d = int(module.weight[0].numel()) * module.groups if not isinstance(module, nn.Linear) else int(x.shape[-1])
     images_per_chunk = max(1, MAX_PATCH_ELEMENTS // max(1, positions * d))
     for start in range(0, x.shape[0], images_per_chunk):
         part = x[start:start + images_per_chunk]
@@ -125,6 +122,7 @@ def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, b
     Large images are memory-bounded: the batch shrinks with the pixel count (:func:`batch_size_for`), patches
     are unfolded a few images at a time, and at most ``MAX_POSITIONS`` patches per image and layer (a seeded
     random subset) enter ``H`` and ``mean``, which are averages and stay unbiased."""
+    data = as_calibration_set(data)
     stats: dict[str, LayerStats] = {}
     handles = []
     count = {"n": 0}
@@ -134,15 +132,21 @@ def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, b
         def hook(module, inputs, output):
             x = inputs[0].detach().float()
             positions = int(output[0, 0].numel()) if output.ndim == 4 else 1
+            groups = getattr(module, "groups", 1)
             for cols in _patch_chunks(module, x, positions, generator):
                 entry = stats.get(name)
                 if entry is None:
-                    d, out = cols.shape[1], module.weight.shape[0]
-                    entry = stats[name] = LayerStats(torch.zeros(d, d, dtype=torch.float64),
-                                                     torch.zeros(d, dtype=torch.float64),
+                    d, out = cols.shape[1] // groups, module.weight.shape[0]
+                    shape = (d,) if groups == 1 else (groups, d)
+                    entry = stats[name] = LayerStats(torch.zeros(*shape, d, dtype=torch.float64),
+                                                     torch.zeros(*shape, dtype=torch.float64),
                                                      torch.zeros(out, dtype=torch.float64))
-                entry.hessian += (cols.T @ cols).double()
-                entry.mean += cols.sum(0).double()
+                if groups == 1:
+                    entry.hessian += (cols.T @ cols).double()
+                else:  # the unfolded columns are channel-major: each group's inputs are one contiguous block
+                    per_group = cols.reshape(cols.shape[0], groups, -1).transpose(0, 1)
+                    entry.hessian += torch.bmm(per_group.transpose(1, 2), per_group).double()
+                entry.mean += cols.sum(0).double().reshape(entry.mean.shape)
                 entry.samples += cols.shape[0]
             if output.requires_grad:
                 output.register_hook(grad_hook(name))
@@ -162,7 +166,7 @@ def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, b
     model.eval()
     try:
         with torch.enable_grad():
-            for images, labels in data.batches(batch_size_for(data, batch_size)):
+            for images, labels in data.batches(data.batch_size_for(batch_size)):
                 images = images.requires_grad_(True)  # so every layer output carries a gradient
                 task_loss(model(images), labels, data).backward()
                 count["n"] += len(labels)
@@ -180,6 +184,19 @@ def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, b
 
 def gptq_levels(weight: np.ndarray, steps: np.ndarray, mag_bits: int, hessian: torch.Tensor,
                 damp: float = 0.01) -> np.ndarray:
+    """Signed integer levels on the per-output-channel grid ``steps`` chosen by GPTQ (act order); a grouped
+    layer's ``hessian`` ``[groups, d, d]`` is applied to each group's output channels in turn."""
+    if hessian.ndim == 3:
+        out, groups = weight.shape[0], hessian.shape[0]
+        per_out = np.broadcast_to(np.asarray(steps, np.float64).reshape(-1), (out,))
+        size = out // groups
+        return np.concatenate([_gptq_levels(weight[g * size:(g + 1) * size], per_out[g * size:(g + 1) * size],
+                                            mag_bits, hessian[g], damp) for g in range(groups)])
+    return _gptq_levels(weight, steps, mag_bits, hessian, damp)
+
+
+def _gptq_levels(weight: np.ndarray, steps: np.ndarray, mag_bits: int, hessian: torch.Tensor,
+                 damp: float = 0.01) -> np.ndarray:
     """Signed integer levels on the per-output-channel grid ``steps`` chosen by GPTQ (act order).
 
     Columns are quantised one by one, in order of decreasing ``H`` diagonal; each column's rounding error
@@ -211,6 +228,9 @@ def gptq_levels(weight: np.ndarray, steps: np.ndarray, mag_bits: int, hessian: t
 
 def output_error(delta: np.ndarray, stats: LayerStats) -> np.ndarray:
     """Per output channel ``dW[o] @ H @ dW[o]``: the mean squared output error the weight error causes."""
+    if stats.groups > 1:
+        rows = stats.group_of(delta.shape[0])
+        return np.concatenate([output_error(delta[r], stats.of_group(g)) for g, r in enumerate(rows)])
     d = torch.from_numpy(np.asarray(delta, np.float64).reshape(delta.shape[0], -1))
     return ((d @ stats.hessian) * d).sum(1).numpy()
 
@@ -227,6 +247,14 @@ def following_bn(model: nn.Module) -> dict[str, str]:
     return pairs
 
 
+def _mean_shift(delta: np.ndarray, stats: LayerStats) -> np.ndarray:
+    """``dW[o] @ E[x]`` per output channel (each group's channels against its own inputs' mean)."""
+    flat = delta.reshape(delta.shape[0], -1)
+    if stats.groups == 1:
+        return flat @ stats.mean.numpy()
+    return np.concatenate([flat[r] @ stats.mean[g].numpy() for g, r in enumerate(stats.group_of(flat.shape[0]))])
+
+
 @torch.no_grad()
 def bias_correct(model: nn.Module, original: dict[str, np.ndarray], stats: dict[str, LayerStats]) -> list[str]:
     """Remove the mean output shift ``(W_hat - W) @ E[x]`` of every compressed layer; returns the layers
@@ -239,7 +267,7 @@ def bias_correct(model: nn.Module, original: dict[str, np.ndarray], stats: dict[
             continue
         module = model.get_submodule(name)
         delta = module.weight.detach().double().cpu().numpy() - weight
-        shift = torch.from_numpy(delta.reshape(delta.shape[0], -1) @ stats[name].mean.numpy())
+        shift = torch.from_numpy(_mean_shift(delta, stats[name]))
         if name in bns:
             bn = model.get_submodule(bns[name])
             bn.running_mean += shift.to(bn.running_mean)
@@ -255,6 +283,7 @@ def bias_correct(model: nn.Module, original: dict[str, np.ndarray], stats: dict[
 def bias_correct_if_better(model: nn.Module, original: dict[str, np.ndarray], stats: dict[str, LayerStats],
                            data, loss_now: float | None = None) -> list[str]:
     """:func:`bias_correct`, undone unless it lowers the calibration loss on ``data``."""
+    data = as_calibration_set(data)
     loss_now = calibration_loss(model, data) if loss_now is None else loss_now
     kept = {key: value.clone() for key, value in model.state_dict().items()}
     corrected = bias_correct(model, original, stats)
@@ -268,6 +297,7 @@ def bias_correct_if_better(model: nn.Module, original: dict[str, np.ndarray], st
 def reestimate_bn(model: nn.Module, data, batch_size: int = 100) -> int:
     """Recompute every BatchNorm's running mean/variance on ``data`` (cumulative average, the model's
     current weights); returns how many BatchNorm layers were updated."""
+    data = as_calibration_set(data)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
@@ -279,7 +309,7 @@ def reestimate_bn(model: nn.Module, data, batch_size: int = 100) -> int:
         bn.momentum = None
         bn.train()
     try:
-        for images, _ in data.batches(batch_size_for(data, batch_size)):
+        for images, _ in data.batches(data.batch_size_for(batch_size)):
             model(images)
     finally:
         for bn, momentum in zip(bns, momenta, strict=True):
@@ -291,8 +321,9 @@ def reestimate_bn(model: nn.Module, data, batch_size: int = 100) -> int:
 @torch.no_grad()
 def calibration_loss(model: nn.Module, data, batch_size: int = 250) -> float:
     """Mean cross-entropy of ``model`` on ``data`` (per image: summed over its labelled pixels for segmentation)."""
+    data = as_calibration_set(data)
     model.eval()
     total = 0.0
-    for images, labels in data.batches(batch_size_for(data, batch_size)):
+    for images, labels in data.batches(data.batch_size_for(batch_size)):
         total += float(task_loss(model(images), labels, data))
     return total / len(data)

@@ -15,15 +15,17 @@ from typing import NoReturn
 
 import torch
 
-from . import __version__
-from .codec import FALLBACK_RULES
-from .compress import compress
-from .data import load_spec
-from .errors import CBDError
-from .io import atomic_write, check_writable, load, read, save, verify
-from .methods import add_method_args, build_encoder, finish_model
-from .metrics import evaluate_classification, evaluate_detection, evaluate_segmentation
-from .models import build, known_archs, load_weights, torchvision_weights_file
+from .. import __version__
+from ..calib import BudgetConfig, CalibrationConfig, CBDConfig, RTNConfig, UniformConfig, compress
+from ..calib.configs import ConfigError
+from ..codec import FALLBACK_RULES, GRANULARITIES
+from ..errors import CBDError
+from ..format import atomic_write, check_writable, read, save, verify
+from ..format.cbdfile import check_fits
+from ..zoo import load
+from ..zoo.data import calibration_data, load_spec
+from ..zoo.metrics import evaluate_classification, evaluate_detection, evaluate_segmentation
+from ..zoo.models import build, known_archs, load_weights, torchvision_weights_file
 
 __all__ = ["main", "build_parser"]
 
@@ -49,18 +51,24 @@ def _model_from_args(args) -> tuple[torch.nn.Module, str]:
     random_init = args.weights in (None, "random")
     if random_init:
         torch.manual_seed(args.seed)  # before the one build: its initialisation is the model's weights
-    try:
-        model = build(args.arch, **kwargs)
-    except TypeError as exc:
-        raise UsageError(f"--num-classes does not apply to {args.arch}: {exc}") from None
+    model = _build(args.arch, kwargs)
     if random_init:
-        return model.eval(), f"random (seed {args.seed})"
+        model.cbdnet_weights_source = f"random (seed {args.seed})"
+        return model.eval(), model.cbdnet_weights_source
     if args.weights == "torchvision":
         path, label = torchvision_weights_file(args.arch)
         load_weights(model, path)
+        model.cbdnet_weights_source = f"torchvision {label}"
         return model.eval(), f"torchvision {label} ({path})"
     load_weights(model, args.weights)
     return model.eval(), args.weights
+
+
+def _build(arch: str, kwargs: dict) -> torch.nn.Module:
+    try:
+        return build(arch, allow_import=True, **kwargs)
+    except TypeError as exc:
+        raise UsageError(f"--num-classes does not apply to {arch}: {exc}") from None
 
 
 def _evaluate(model, spec: str | None, args) -> dict | None:
@@ -87,37 +95,90 @@ def _headline(result: dict) -> str:
     return f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}"
 
 
+def _given(args, *names: str) -> list[str]:
+    """The flags among ``names`` that the user set (their defaults are None)."""
+    return ["--" + name.replace("_", "-") for name in names if getattr(args, name) is not None]
+
+
+def _refuse(given: list[str], why: str) -> None:
+    if given:
+        raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: {why}")
+
+
+def compress_config(args):
+    """The config object of the ``compress`` flags; a flag that the chosen method would ignore is an error."""
+    if args.target_bits is not None:
+        _refuse(_given(args, "method", "bits", "planes", "bottleneck", "fallback", "granularity"),
+                "--target-bits chooses every layer's code itself")
+        return BudgetConfig(target_bits=args.target_bits)
+    method = args.method or "cbd"
+    if method == "rtn":
+        _refuse(_given(args, "planes", "bottleneck", "fallback"), "--method rtn takes --bits and --granularity")
+        return RTNConfig(bits=4 if args.bits is None else args.bits, granularity=args.granularity or "channel")
+    _refuse(_given(args, "bits"), f"--bits is for --method rtn; --method {method} takes --planes")
+    planes = 5 if args.planes is None else args.planes
+    if method == "uniform":
+        _refuse(_given(args, "bottleneck", "fallback"), "--method uniform has no scale search")
+        if args.granularity == "channel":
+            raise UsageError("--granularity channel is not available for --method uniform")
+        return UniformConfig(planes=planes)
+    return CBDConfig(planes=planes, bottleneck=0.3 if args.bottleneck is None else args.bottleneck,
+                     fallback=args.fallback, granularity=args.granularity or "tensor")
+
+
+def calibration_settings(args, config) -> CalibrationConfig:
+    """The calibration config of the flags; calibration flags without --calib, or GPTQ where no code uses it,
+    are errors."""
+    if not args.calib:
+        _refuse(_given(args, "calib_images", "gptq", "bias_correction", "bn_reestimate"), "they need --calib")
+        return CalibrationConfig()
+    gptq_used = isinstance(config, BudgetConfig) or isinstance(config, RTNConfig) and config.granularity == "channel"
+    if args.gptq is not None and not gptq_used:
+        raise UsageError("--gptq/--no-gptq apply to --method rtn per channel and --target-bits only")
+    return CalibrationConfig(images=args.calib_images, gptq=True if args.gptq is None else args.gptq,
+                             bias_correction="auto" if args.bias_correction is None else args.bias_correction,
+                             bn_reestimate=False if args.bn_reestimate is None else args.bn_reestimate)
+
+
+def _config_line(config, report) -> str:
+    fields = ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if k != "method")
+    calib = report.config.get("calibration")
+    return f"{config.method} ({fields})" + (f", calibrated on {report.extra['calibration']['spec']}"
+                                            f" ({report.extra['calibration']['images']} images, "
+                                            f"gptq={calib['gptq']})" if calib else "")
+
+
+_FLAGS = {"images": "--calib-images", "target_bits": "--target-bits"}
+
+
 def cmd_compress(args) -> int:
+    try:  # before any work: a bad flag costs nothing
+        config = compress_config(args)
+        settings = calibration_settings(args, config)
+    except ConfigError as exc:
+        raise UsageError(f"{_FLAGS.get(exc.field, '--' + exc.field.replace('_', '-'))}: {exc}") from None
     if args.output:  # refuse before any work; the file itself is only replaced at the very end
         check_writable(args.output, overwrite=args.force)
     if args.json:
         check_writable(args.json)
-    if not 1 <= args.planes <= 16:
-        raise UsageError(f"--planes must be in 1..16, got {args.planes}")
-    if not 0.0 <= args.bottleneck <= 1.0:
-        raise UsageError(f"--bottleneck must be in [0, 1], got {args.bottleneck}")
+    calib = calibration_data(args.calib) if args.calib else None
     model, source = _model_from_args(args)
     before = _evaluate(model, args.data, args)
-    plan = build_encoder(args, model)
-    encoder = plan.encoder
-    model, report = compress(model, planes=args.planes, bottleneck=args.bottleneck, skip=args.skip or (),
-                             mode="uniform" if args.method == "uniform" else "auto", fallback=args.fallback,
-                             progress=not args.quiet, workers=args.workers, encoder=encoder)
-    report.config.update(plan.config)
-    finish_model(args, plan, model, report)
+    model, report = compress(model, config, calibration=calib, calibration_config=settings, skip=args.skip or (),
+                             progress=not args.quiet, workers=args.workers)
     report.extra.update({"arch": args.arch, "weights": source, "cbdnet_version": __version__})
     after = _evaluate(model, args.data, args)  # before writing: a failure here leaves any old output as it was
     if args.output:
-        report.file_bytes = save(model, args.output, arch=args.arch, overwrite=True,
-                                 extra={"weights": source, "config": report.config})
+        report.file_bytes = save(model, args.output, overwrite=True)
     if before is not None:
         report.extra.update({"data": args.data, "eval_before": before, "eval_after": after})
-    rule = f", fallback={args.fallback}" if args.method == "cbd" and encoder is None else ""
-    _say(args, f"cbdnet {__version__}: {args.arch} ({source}), J={args.planes}, bottleneck={args.bottleneck}{rule}")
+    _say(args, f"cbdnet {__version__}: {args.arch} ({source}): {_config_line(config, report)}")
     _say(args, report.table())
     if report.file_bytes is not None:
         _say(args, f"wrote {args.output}: {report.file_bytes:,} bytes "
                    f"(payload {report.total_bits / 8:,.0f} bytes + header) in {report.seconds:.1f} s")
+    else:
+        _say(args, "no -o given: nothing was written (pass -o FILE.cbd to save the compressed model)")
     if before is not None and "top1" in before:
         _say(args, f"top-1 before {before['top1']:.4f}  after {after['top1']:.4f}  "
                    f"(top-5 {before['top5']:.4f} -> {after['top5']:.4f}, n={after['n']})")
@@ -127,11 +188,20 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def _skeleton(args) -> torch.nn.Module | None:
+    if args.arch is None:
+        return None
+    kwargs = {} if getattr(args, "num_classes", None) is None else {"num_classes": args.num_classes}
+    return _build(args.arch, kwargs)
+
+
 def cmd_eval(args) -> int:
     if args.json:
         check_writable(args.json)
     if args.file:
-        model, source = load(args.file), args.file
+        if args.weights is not None:
+            raise UsageError("--weights does not apply to a .cbd file (its weights are in the file)")
+        model, source = load(args.file, _skeleton(args)), args.file
     else:
         model, source = _model_from_args(args)
     start = time.perf_counter()
@@ -161,6 +231,10 @@ def _info_dict(path: str) -> dict:
 
 def cmd_info(args) -> int:
     info = _info_dict(args.file)
+    if args.arch is not None:
+        with torch.device("meta"):
+            check_fits(_skeleton(args), read(args.file))
+        info["fits_arch"] = args.arch
     if args.verify:
         problems = verify(args.file)
         info["verify"] = {"ok": not problems, "problems": problems}
@@ -199,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_args(p):
-        p.add_argument("--arch", help="architecture: " + ", ".join(known_archs()))
+        p.add_argument("--arch", help="architecture: " + ", ".join(known_archs()) + ", torchvision:NAME (any "
+                       "torchvision classification or segmentation model) or module.path:factory (your own code)")
         p.add_argument("--weights", help="checkpoint (state dict) path, 'random' (seeded), or 'torchvision' (the "
                        "default torchvision weights of resnet18/vgg16/densenet121/ssd300 from torch's local cache; "
                        "never downloaded)")
@@ -211,16 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", parents=[common], help="compress a model to a .cbd file")
     model_args(p)
-    p.add_argument("--planes", "-J", type=int, default=5, help="bit planes J (default 5)")
-    p.add_argument("--bottleneck", "-b", type=float, default=0.3, help="rank bound / min(h, w) (default 0.3)")
-    p.add_argument("--method", choices=("cbd", "uniform", "rtn"), default="cbd",
+    p.add_argument("--planes", "-J", type=int, default=None, help="bit planes J (default 5)")
+    p.add_argument("--bottleneck", "-b", type=float, default=None, help="rank bound / min(h, w) (default 0.3)")
+    p.add_argument("--method", choices=("cbd", "uniform", "rtn"), default=None,
                    help="cbd (composite planes + GF(2) factors), uniform (plain J-bit code, the baseline) or "
                         "rtn (K-bit symmetric round-to-nearest, sign included, the usual baseline)")
-    p.add_argument("--fallback", choices=FALLBACK_RULES, default="distortion",
+    p.add_argument("--fallback", choices=FALLBACK_RULES, default=None,
                    help="when a layer's composite code is replaced by the uniform J-plane code: 'distortion' "
                         "(default: where its squared error x 4^(bits/weight) is higher) or 'size' (the paper: only "
                         "where it takes no fewer bits)")
-    add_method_args(p)
+    _method_args(p)
     p.add_argument("--skip", nargs="*", help="layer names to keep in float")
     p.add_argument("--workers", type=int, default=None,
                    help="layers encoded at once in threads (default 1, or $CBDNET_WORKERS); same result")
@@ -239,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", parents=[common], help="show (and --verify) a .cbd file")
     p.add_argument("file")
+    p.add_argument("--arch", help="check that the file fits this architecture (registered, torchvision:NAME or "
+                                  "module.path:factory)")
+    p.add_argument("--num-classes", type=int, default=None, help="class count of the architecture's head")
     p.add_argument("--verify", action="store_true", help="re-check every checksum and factorisation")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
@@ -248,6 +326,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _method_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bits", type=int, default=None,
+                        help="--method rtn: bits per weight K, sign included (2^(K-1)-1 levels per side; default 4)")
+    parser.add_argument("--granularity", choices=GRANULARITIES, default=None,
+                        help="one scale per output channel or per tensor (default: channel for rtn, tensor "
+                             "for cbd, i.e. the paper's code)")
+    parser.add_argument("--calib", help="calibration data spec (training images only), e.g. "
+                                        "cifar10-npz:../shared/data/cifar10_calib1000.npz")
+    parser.add_argument("--calib-images", type=int, default=None, help="use only the first N calibration images")
+    parser.add_argument("--target-bits", type=float, default=None,
+                        help="choose per-layer settings to fit X bits/weight (as stored), by predicted --calib loss "
+                             "(without --calib: by weight squared error)")
+    parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --calib: error-compensating rounding (GPTQ) instead of round-to-nearest "
+                             "(default on; rtn per channel and --target-bits)")
+    parser.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --calib: remove each layer's mean output shift (default: kept where it "
+                             "lowers the calibration loss)")
+    parser.add_argument("--bn-reestimate", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --calib: recompute BatchNorm statistics on the calibration images (default off)")
 
 
 class _Parser(argparse.ArgumentParser):

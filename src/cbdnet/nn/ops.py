@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .codec import LayerCode
-from .nn import COMPRESSIBLE
+from ..codec import LayerCode
+from .modules import COMPRESSIBLE
 
 __all__ = ["plane_popcounts", "output_positions", "layer_ops"]
 

@@ -1,0 +1,141 @@
+"""Calibration data: any iterable of batches, materialised once into :class:`CalibrationSet`.
+
+Accepted (like nncf's ``dataset=``): a ``DataLoader``, a list or generator of image tensors ``[N, C, H, W]``
+(or single images ``[C, H, W]``), or of ``(images, labels)`` pairs, or an object with a ``batches(size)``
+method (cbdnet's own data sets). Labels are integer class indices ``[N]`` (classification) or per-pixel maps
+``[N, H, W]`` (segmentation, ``ignore_index`` marking void pixels). Where no labels are given, the float
+model's own predictions are used (its argmax), computed once before anything is compressed: the calibration
+loss then measures how far the compressed model moves from the float one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import DataError
+
+__all__ = ["CalibrationSet", "as_calibration_set", "PIXELS_PER_BATCH"]
+
+PIXELS_PER_BATCH = 100 * 32 * 32  # a CIFAR batch of 100; larger images go in proportionally smaller batches
+
+
+@dataclass
+class CalibrationSet:
+    """Calibration images and labels held in memory (CPU tensors), re-batched on demand."""
+
+    images: torch.Tensor  # float32 [N, C, H, W], as the model takes them
+    labels: torch.Tensor  # int64 [N] or [N, H, W]
+    name: str = "calibration data"
+    ignore_index: int = -100
+    pseudo_labels: bool = False
+
+    @property
+    def task(self) -> str:
+        return "segmentation" if self.labels.ndim == 3 else "classification"
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self), batch_size):
+            yield self.images[start:start + batch_size], self.labels[start:start + batch_size]
+
+    def batch_size_for(self, batch_size: int) -> int:
+        """``batch_size`` for 32x32 images, scaled down with the pixel count (240x180 CamVid frames: 2), so
+        that the activations kept for the backward pass stay small on a CPU machine."""
+        pixels = int(self.images.shape[-1] * self.images.shape[-2]) if self.images.ndim >= 3 else 1
+        return max(1, min(batch_size, batch_size * PIXELS_PER_BATCH // (100 * max(pixels, 1))))
+
+
+def _pairs(data) -> Iterator:
+    if hasattr(data, "batches") and callable(data.batches):
+        yield from data.batches(100)
+        return
+    if isinstance(data, torch.Tensor):
+        yield data
+        return
+    if not isinstance(data, Iterable):
+        raise DataError(f"calibration data must be an iterable of batches (a DataLoader, a list of tensors or of "
+                        f"(images, labels) pairs); got {type(data).__name__}")
+    yield from data
+
+
+def _split(item, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(item, dict):
+        item = (item.get("images", item.get("image", item.get("input"))), item.get("labels", item.get("label")))
+    if isinstance(item, (tuple, list)):
+        if len(item) != 2:
+            raise DataError(f"calibration batch {index}: expected images or (images, labels), got a "
+                            f"{type(item).__name__} of {len(item)} items")
+        images, labels = item
+    else:
+        images, labels = item, None
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        raise DataError(f"calibration batch {index}: images must be a float tensor, got "
+                        f"{getattr(images, 'dtype', type(images).__name__)}")
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+        labels = None if labels is None else torch.as_tensor(labels).reshape(1, *torch.as_tensor(labels).shape)
+    if images.ndim != 4:
+        raise DataError(f"calibration batch {index}: images must be [N, C, H, W] or [C, H, W], got "
+                        f"{list(images.shape)}")
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.shape[0] != images.shape[0] \
+                or labels.ndim not in (1, 3):
+            raise DataError(f"calibration batch {index}: labels must be integers [N] or [N, H, W] matching "
+                            f"{images.shape[0]} images, got {labels.dtype} {list(labels.shape)}")
+    return images.detach().to("cpu", torch.float32), None if labels is None else labels.to("cpu", torch.int64)
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(images)
+    finally:
+        model.train(was_training)
+    if isinstance(out, dict):
+        out = out.get("out", next(iter(out.values())))
+    if not isinstance(out, torch.Tensor) or out.ndim not in (2, 4):
+        raise DataError("calibration without labels needs a model that returns class scores [N, K] or "
+                        "[N, K, H, W]")
+    return out.argmax(1)
+
+
+def as_calibration_set(data, model: nn.Module | None = None, *, limit: int | None = None,
+                       ignore_index: int | None = None, name: str | None = None) -> CalibrationSet:
+    """Materialise ``data`` (see the module docstring) into a :class:`CalibrationSet` of at most ``limit``
+    images. Batches without labels get the float ``model``'s predictions."""
+    if isinstance(data, CalibrationSet) and limit is None:
+        return data
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"the calibration image limit must be a positive integer, got {limit!r}")
+    images, labels, unlabelled = [], [], False
+    count = 0
+    for index, item in enumerate(_pairs(data)):
+        x, y = _split(item, index)
+        if limit is not None:
+            x, y = x[:limit - count], None if y is None else y[:limit - count]
+        if y is None:
+            if model is None:
+                raise DataError("calibration batches without labels need the float model to label them")
+            y, unlabelled = _predict(model, x), True
+        if images and (x.shape[1:] != images[0].shape[1:] or y.ndim != labels[0].ndim):
+            raise DataError(f"calibration batch {index} has images {list(x.shape[1:])}; earlier batches had "
+                            f"{list(images[0].shape[1:])} (all calibration images must have one size)")
+        images.append(x)
+        labels.append(y)
+        count += x.shape[0]
+        if limit is not None and count >= limit:
+            break
+    if count == 0:
+        raise DataError("the calibration data is empty")
+    ignore = getattr(data, "ignore_index", -100) if ignore_index is None else ignore_index
+    label = name or str(getattr(data, "name", "calibration data"))
+    return CalibrationSet(torch.cat(images), torch.cat(labels), label, int(ignore), unlabelled)

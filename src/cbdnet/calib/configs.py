@@ -1,0 +1,186 @@
+"""One frozen, self-validating config per compression workflow (like torchao's ``quantize_(model, config)``).
+
+Each config checks its own fields in ``__post_init__`` (a bad value is a :class:`cbdnet.CBDError` naming the
+argument) and serialises to ``{"method": ..., **fields}`` (:meth:`to_dict`), which is what the report and the
+``.cbd`` file record. :func:`config_from_dict` reads it back.
+
+- :class:`CBDConfig`: the paper's composite code (``granularity="tensor"``) or its per-channel variant;
+- :class:`UniformConfig`: the paper's plain J-bit fallback code on every layer;
+- :class:`RTNConfig`: round-to-nearest, the usual baseline (rounded by GPTQ where calibration data is given);
+- :class:`BudgetConfig`: the best code per layer under a whole-model bits/weight budget;
+- :class:`CalibrationConfig`: what calibration data is used for (GPTQ, bias correction, BN re-estimation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+from ..codec import FALLBACK_RULES, GRANULARITIES, MAX_PLANES
+from ..errors import CBDError
+from .budget import COMPOSITE_PLANES, RTN_BITS
+
+__all__ = ["ConfigError", "CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig", "CalibrationConfig",
+           "CompressConfig",
+           "config_from_dict", "METHODS"]
+
+
+class ConfigError(CBDError, ValueError):
+    """A config field out of range or of the wrong type; ``field`` names it."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field or message.split(" ", 1)[0]
+
+
+def _int_in(value, name: str, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+
+
+def _choice(value, name: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+
+
+class _Config:
+    method: ClassVar[str]
+
+    def to_dict(self) -> dict:
+        """``{"method": ..., **fields}``, JSON-serialisable."""
+        values = {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        return {"method": self.method, **values}
+
+
+@dataclass(frozen=True)
+class CBDConfig(_Config):
+    """The composite binary code: ``planes`` (J) magnitude bit planes, the GF(2) rank of the mask of large
+    entries bounded by ``bottleneck * min(h, w)``. ``granularity="tensor"`` is the paper's per-layer code, with
+    ``fallback`` the rule that keeps it or stores the uniform code (``"distortion"``, cbdnet's default, or the
+    paper's ``"size"``); ``"channel"`` normalises each output channel (no fallback rule applies)."""
+
+    method: ClassVar[str] = "cbd"
+    planes: int = 5
+    bottleneck: float = 0.3
+    fallback: str | None = None
+    granularity: str = "tensor"
+
+    def __post_init__(self) -> None:
+        _int_in(self.planes, "planes", 1, MAX_PLANES)
+        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, (int, float)) \
+                or not 0.0 <= self.bottleneck <= 1.0:
+            raise ConfigError(f"bottleneck must be a number in [0, 1], got {self.bottleneck!r}")
+        _choice(self.granularity, "granularity", GRANULARITIES)
+        if self.granularity == "channel" and self.fallback is not None:
+            raise ConfigError("fallback applies to the per-tensor composite code only (granularity='tensor')")
+        if self.granularity == "tensor":
+            object.__setattr__(self, "fallback", "distortion" if self.fallback is None else self.fallback)
+            _choice(self.fallback, "fallback", FALLBACK_RULES)
+        object.__setattr__(self, "bottleneck", float(self.bottleneck))
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if out["fallback"] is None:
+            del out["fallback"]
+        return out
+
+
+@dataclass(frozen=True)
+class UniformConfig(_Config):
+    """The paper's plain uniform code on every layer: sign + ``planes`` (J) magnitude bits, per tensor."""
+
+    method: ClassVar[str] = "uniform"
+    planes: int = 5
+
+    def __post_init__(self) -> None:
+        _int_in(self.planes, "planes", 1, MAX_PLANES)
+
+
+@dataclass(frozen=True)
+class RTNConfig(_Config):
+    """Symmetric round-to-nearest with ``bits`` bits per weight, sign included (``2^(bits-1) - 1`` levels per
+    side), one step per output channel or per tensor. With calibration data (per channel), GPTQ rounds."""
+
+    method: ClassVar[str] = "rtn"
+    bits: int = 4
+    granularity: str = "channel"
+
+    def __post_init__(self) -> None:
+        _int_in(self.bits, "bits", 2, 17)
+        _choice(self.granularity, "granularity", GRANULARITIES)
+
+
+@dataclass(frozen=True)
+class BudgetConfig(_Config):
+    """The code of every layer chosen among candidates (per-channel RTN with ``rtn_bits`` bits, per-channel
+    composite codes with ``composite_planes`` planes) to minimise the predicted loss, with the stored bits of
+    all coded layers at most ``target_bits`` per weight. The loss is predicted from calibration data where it
+    is given, else from the weights' squared error."""
+
+    method: ClassVar[str] = "target-bits"
+    target_bits: float = 4.0
+    rtn_bits: tuple[int, ...] = RTN_BITS
+    composite_planes: tuple[int, ...] = COMPOSITE_PLANES
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_bits, bool) or not isinstance(self.target_bits, (int, float)) \
+                or not math.isfinite(self.target_bits) or not 1.0 < self.target_bits <= 32.0:
+            raise ConfigError(f"target_bits must be a number in (1, 32], got {self.target_bits!r}")
+        object.__setattr__(self, "target_bits", float(self.target_bits))
+        object.__setattr__(self, "rtn_bits", tuple(self.rtn_bits))
+        object.__setattr__(self, "composite_planes", tuple(self.composite_planes))
+        if not self.rtn_bits and not self.composite_planes:
+            raise ConfigError("BudgetConfig needs at least one candidate code (rtn_bits or composite_planes)")
+        for bits in self.rtn_bits:
+            _int_in(bits, "rtn_bits", 2, 17)
+        for planes in self.composite_planes:
+            _int_in(planes, "composite_planes", 1, MAX_PLANES)
+
+
+BIAS_CORRECTION = (True, False, "auto")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig(_Config):
+    """What calibration data is used for. ``images``: use only the first N images (``None``: all).
+    ``gptq``: error-compensating rounding for RTN and budgeted codes. ``bias_correction``: remove each layer's
+    mean output shift (``"auto"``: kept only where it lowers the calibration loss). ``bn_reestimate``:
+    recompute BatchNorm statistics on the calibration images (off by default: from 1,000 images it re-fits
+    noisy statistics and raised the loss where measured)."""
+
+    method: ClassVar[str] = "calibration"
+    images: int | None = None
+    gptq: bool = True
+    bias_correction: bool | str = "auto"
+    bn_reestimate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.images is not None:
+            _int_in(self.images, "images", 1, 1 << 31)
+        for name in ("gptq", "bn_reestimate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.bias_correction not in BIAS_CORRECTION or isinstance(self.bias_correction, int) \
+                and not isinstance(self.bias_correction, bool):
+            raise ConfigError(f"bias_correction must be True, False or 'auto', got {self.bias_correction!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CompressConfig = CBDConfig | UniformConfig | RTNConfig | BudgetConfig
+METHODS: dict[str, type] = {cls.method: cls for cls in (CBDConfig, UniformConfig, RTNConfig, BudgetConfig)}
+
+
+def config_from_dict(entry: dict) -> CompressConfig:
+    """The config that :meth:`to_dict` wrote (unknown methods or fields are a :class:`ConfigError`)."""
+    if not isinstance(entry, dict) or entry.get("method") not in METHODS:
+        raise ConfigError(f"unknown compression method {entry.get('method') if isinstance(entry, dict) else entry!r}"
+                          f"; expected one of {', '.join(METHODS)}")
+    cls = METHODS[entry["method"]]
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(entry) - names - {"method"})
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {unknown}")
+    return cls(**{key: value for key, value in entry.items() if key in names})

@@ -1,0 +1,171 @@
+"""``cbdnet.compress(model, config, calibration=data)``: one entry point for every method.
+
+The config says which code each layer gets (:mod:`cbdnet.calib.configs`); calibration data, when given, is
+used for GPTQ rounding, the per-layer budget's loss estimates and the corrections applied to the compressed
+model (bias correction, BatchNorm re-estimation). Calibrated and budgeted codes are all computed before the
+walker runs, so the per-layer encoder it calls only looks them up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from ..codec import LayerCode, check_finite, encode_composite_grouped, encode_rtn, encode_uniform, encode_weight
+from ..errors import CBDError
+from ..nn.report import Report
+from ..nn.walk import Encoder, check_skip, compress_layers, compressible_layers
+from .batches import CalibrationSet, as_calibration_set
+from .budget import choose, layer_candidates, rtn_candidate
+from .configs import BudgetConfig, CalibrationConfig, CBDConfig, CompressConfig, RTNConfig, UniformConfig
+from .stats import (
+    LayerStats,
+    bias_correct,
+    bias_correct_if_better,
+    calibration_loss,
+    collect_stats,
+    reestimate_bn,
+    single_thread,
+)
+
+__all__ = ["compress"]
+
+
+@dataclass
+class _Calibration:
+    """The float model's calibration state: statistics per layer, and the data they came from."""
+
+    data: CalibrationSet | None = None
+    stats: dict[str, LayerStats] = field(default_factory=dict)
+    loss_before: float | None = None
+    seconds: float = 0.0
+
+
+def _calibrate(model: nn.Module, layers, calibration, settings: CalibrationConfig) -> _Calibration:
+    if calibration is None:
+        if settings.bias_correction is True or settings.bn_reestimate:
+            raise CBDError("bias correction and BatchNorm re-estimation need calibration data")
+        return _Calibration()
+    start = time.perf_counter()
+    data = as_calibration_set(calibration, model, limit=settings.images)
+    with single_thread():
+        stats = collect_stats(model, layers, data)
+    return _Calibration(data, stats, calibration_loss(model, data), time.perf_counter() - start)
+
+
+def _checked(encode) -> Encoder:
+    def encoder(name: str, weight: np.ndarray) -> LayerCode:
+        check_finite(weight, name)
+        return encode(name, weight)
+    return encoder
+
+
+def _rtn_encoder(config: RTNConfig, originals: dict, calib: _Calibration, gptq: bool) -> Encoder:
+    calibrated = {}  # GPTQ codes computed here, up front: the encoder only looks them up
+    if config.granularity == "channel" and calib.stats:
+        with single_thread():
+            for name, weight in originals.items():
+                if name in calib.stats:
+                    check_finite(weight, name)
+                    calibrated[name] = rtn_candidate(weight.astype(np.float32), config.bits, calib.stats[name],
+                                                     gptq=gptq).code
+    return _checked(lambda name, weight: calibrated[name] if name in calibrated
+                    else encode_rtn(weight, config.bits, config.granularity))
+
+
+def _budget_encoder(config: BudgetConfig, originals: dict, calib: _Calibration, gptq: bool) -> tuple[Encoder, dict]:
+    candidates = {}
+    for name, weight in originals.items():
+        check_finite(weight, name)
+        with single_thread():
+            candidates[name] = layer_candidates(weight.astype(np.float32), calib.stats.get(name), gptq=gptq,
+                                                rtn_bits=config.rtn_bits, composite_planes=config.composite_planes)
+    params = sum(weight.size for weight in originals.values())
+    try:
+        chosen = choose(candidates, config.target_bits * params)
+    except ValueError as exc:
+        raise CBDError(f"target_bits {config.target_bits}: {exc}") from None
+    summary = {"chosen": {name: c.label for name, c in chosen.items()},
+               "predicted_loss_increase": sum(c.loss for c in chosen.values())}
+    return (lambda name, weight: chosen[name].code), summary
+
+
+def _encoder(config: CompressConfig, originals: dict, calib: _Calibration, gptq: bool) -> tuple[Encoder, dict]:
+    if isinstance(config, BudgetConfig):
+        return _budget_encoder(config, originals, calib, gptq)
+    if isinstance(config, RTNConfig):
+        return _rtn_encoder(config, originals, calib, gptq), {}
+    if isinstance(config, UniformConfig):
+        return (lambda name, weight: encode_uniform(weight, config.planes, name)), {}
+    if config.granularity == "channel":
+        return _checked(lambda name, weight: encode_composite_grouped(weight, config.planes, config.bottleneck,
+                                                                      config.granularity)), {}
+    return (lambda name, weight: encode_weight(weight, config.planes, config.bottleneck, name=name,
+                                               fallback=config.fallback)), {}
+
+
+def _correct(model: nn.Module, originals: dict, calib: _Calibration, settings: CalibrationConfig) -> dict:
+    """Corrections applied to the compressed model, and the calibration figures for the report."""
+    data = calib.data
+    loss_compressed = calibration_loss(model, data)
+    corrected = []
+    if settings.bias_correction == "auto":
+        corrected = bias_correct_if_better(model, originals, calib.stats, data, loss_compressed)
+    elif settings.bias_correction:
+        corrected = bias_correct(model, originals, calib.stats)
+    bns = reestimate_bn(model, data) if settings.bn_reestimate else 0
+    return {"spec": data.name, "images": len(data), "pseudo_labels": data.pseudo_labels,
+            "seconds_stats": round(calib.seconds, 2), "loss_compressed": loss_compressed,
+            "bias_corrected_layers": len(corrected), "bn_reestimated": bns, "loss_before": calib.loss_before,
+            "loss_after": calibration_loss(model, data)}
+
+
+def _check_config(config) -> CompressConfig:
+    if config is None:
+        return CBDConfig()
+    if not isinstance(config, (CBDConfig, UniformConfig, RTNConfig, BudgetConfig)):
+        raise CBDError(f"config must be a CBDConfig, UniformConfig, RTNConfig or BudgetConfig, got "
+                       f"{type(config).__name__}")
+    return config
+
+
+def compress(model: nn.Module, config: CompressConfig | None = None, *, calibration: Iterable | None = None,
+             calibration_config: CalibrationConfig | None = None, skip: Iterable[str] = (), progress: bool = True,
+             workers: int | None = None, input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, Report]:
+    """Compress every Conv2d/ConvTranspose2d/Linear of ``model`` in place; returns ``(model, report)``.
+
+    ``config``: :class:`CBDConfig` (default: the paper's code, J=5, bottleneck 0.3), :class:`UniformConfig`,
+    :class:`RTNConfig` or :class:`BudgetConfig`. ``calibration``: any iterable of image batches or
+    ``(images, labels)`` pairs (a ``DataLoader``, a list of tensors; training images, never test images), used
+    as ``calibration_config`` says. ``skip`` names layers to keep in float (each must be a layer of the model).
+    ``workers`` layers are encoded at once in threads; the result does not depend on it. ``input_shape`` adds
+    per-sample operation counts to the report. The model remembers the config, so :func:`cbdnet.save` records
+    it in the file.
+    """
+    start = time.perf_counter()
+    config = _check_config(config)
+    settings = calibration_config or CalibrationConfig()
+    if not isinstance(settings, CalibrationConfig):
+        raise CBDError(f"calibration_config must be a CalibrationConfig, got {type(settings).__name__}")
+    skip = check_skip(model, skip)
+    layers = compressible_layers(model, skip)
+    originals = {name: m.weight.detach().double().cpu().numpy() for name, m in layers}
+    calib = _calibrate(model, layers, calibration, settings)
+    gptq = bool(settings.gptq and calib.stats)
+    encoder, chosen = _encoder(config, originals, calib, gptq)
+    recorded = {**config.to_dict(), "skip": skip}
+    if calib.data is not None:
+        recorded["calibration"] = {**settings.to_dict(), "gptq": gptq}
+    model, report = compress_layers(model, encoder, skip=skip, config=recorded, progress=progress, workers=workers,
+                                    input_shape=input_shape)
+    if calib.data is not None:
+        report.extra["calibration"] = {**_correct(model, originals, calib, settings), **chosen}
+    elif chosen:
+        report.extra["budget"] = chosen
+    report.seconds = time.perf_counter() - start
+    model.cbdnet_config = recorded
+    return model, report

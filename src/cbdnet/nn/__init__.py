@@ -1,0 +1,9 @@
+"""Floor 2 of cbdnet: PyTorch modules that carry a layer code (:mod:`.modules`), the model walker that swaps
+them in (:mod:`.walk`), the report (:mod:`.report`) and operation counts (:mod:`.ops`)."""
+
+from .modules import COMPRESSIBLE, CBDConv2d, CBDConvTranspose2d, CBDLinear, CBDModule, from_module
+from .report import LayerReport, Report
+from .walk import compress_layers, compressible_layers
+
+__all__ = ["COMPRESSIBLE", "CBDModule", "CBDConv2d", "CBDConvTranspose2d", "CBDLinear", "from_module",
+           "LayerReport", "Report", "compress_layers", "compressible_layers"]
