@@ -9,7 +9,7 @@ Conv2d/Linear layer ``l`` with its input patches ``x`` (``F.unfold`` columns, in
 - ``fisher[o] = E_n[sum_p (d loss_n / d y[n, o, p])^2]``, the squared per-sample loss gradient at each output
   channel. With a small weight error ``dW`` the calibration loss grows by about
   ``0.5 * sum_o fisher[o] * dW[o] @ H @ dW[o]`` (diagonal Gauss-Newton on the outputs): the per-layer
-  sensitivity that :mod:`cbdnet.budget` trades against bits.
+  sensitivity that :mod:`cbdnet.calib.budget` trades against bits.
 
 Corrections (each optional): :func:`gptq_levels` (quantise columns in order of decreasing ``H`` diagonal and
 push each column's error onto the columns not yet quantised, Frantar et al. 2022), :func:`bias_correct`

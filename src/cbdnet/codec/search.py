@@ -8,7 +8,7 @@ usually equal to it. Very dense masks have a low rank again (the all-ones matrix
 starts from the sparse end and never accepts the densest candidate without bisecting towards it.
 
 Each probe only needs to know whether the rank exceeds ``bound``, so the elimination stops at ``bound + 1``
-pivots (:func:`cbdnet.gf2.threshold_rank` with ``limit``), works on the mask packed straight from ``r``
+pivots (:func:`cbdnet.codec.gf2.threshold_rank` with ``limit``), works on the mask packed straight from ``r``
 (no 0/1 matrix is built) with all-zero rows and columns dropped, and is skipped altogether when the mask has
 at most ``bound`` non-zero rows or columns (then its rank cannot exceed ``bound``). Every probe gets the
 same answer as a full rank computation would give, so the search visits the same thresholds and returns the

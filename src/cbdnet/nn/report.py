@@ -37,7 +37,7 @@ class LayerReport:
     rel_error: float
     rank_calls: int
     seconds: float
-    # operation counts (see cbdnet.ops): a factored plane saves storage, not arithmetic on float inputs
+    # operation counts (see cbdnet.nn.ops): a factored plane saves storage, not arithmetic on float inputs
     plane_popcounts: list[int] = field(default_factory=list)  # 1s per plane
     macs_per_position: int = 0  # dense conv/linear on the decoded weight: h * w
     bitserial_adds_per_position: int = 0  # signed adds over the 0/1 planes: sum of plane_popcounts

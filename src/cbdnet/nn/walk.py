@@ -78,7 +78,7 @@ def float_layers(model: nn.Module, skip: Iterable[str] = ()) -> list[dict]:
         if not own:
             continue
         if name in skipped:
-            reason = "skipped on request (--skip)"
+            reason = "skipped on request (skip)"
         else:
             reason = next((text for kind, text in _FLOAT_REASONS if isinstance(module, kind)),
                           f"{type(module).__name__} parameters ({', '.join(own)}): not a Conv2d/Linear weight, "

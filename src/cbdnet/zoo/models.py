@@ -73,16 +73,16 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
 
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr or not all(part.isidentifier() for part in module_name.split(".") + attr.split(".")):
-        raise CBDError(f"--arch {spec!r}: expected a registered name, torchvision:NAME or module.path:factory")
+        raise CBDError(f"architecture {spec!r}: expected a registered name, torchvision:NAME or module.path:factory")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise CBDError(f"--arch {spec}: cannot import {module_name} ({exc}); is it on PYTHONPATH?") from None
+        raise CBDError(f"architecture {spec}: cannot import {module_name} ({exc}); is it on PYTHONPATH?") from None
     factory = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
     if not callable(factory):
-        raise CBDError(f"--arch {spec}: {module_name} has no callable {attr}")
+        raise CBDError(f"architecture {spec}: {module_name} has no callable {attr}")
     return factory
 
 
@@ -95,10 +95,11 @@ def build(arch: str, *, allow_import: bool = False, **kwargs) -> nn.Module:
     elif ":" in arch:
         if not allow_import:
             raise CBDError(f"the architecture {arch!r} is the user's own code, which cbdnet does not import on a "
-                           f"file's word: pass --arch {arch} (or a model skeleton in Python)")
+                           f"file's word: name it yourself (--arch {arch} on the command line, or pass a model "
+                           f"skeleton)")
         model = import_factory(arch)(**kwargs)
         if not isinstance(model, nn.Module):
-            raise CBDError(f"--arch {arch}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
+            raise CBDError(f"architecture {arch}: the factory returned a {type(model).__name__}, not a torch.nn.Module")
     elif arch in ARCHS:
         model = ARCHS[arch](**kwargs)
     else:
@@ -293,13 +294,13 @@ def torchvision_weights_file(arch: str) -> tuple[Path, str]:
     after ``torchvision.models.resnet18(weights="DEFAULT")`` on a machine with network access). The file name
     carries the first hex digits of its SHA-256, which are checked, so a truncated copy is refused."""
     if arch not in TORCHVISION_WEIGHTS:
-        raise CBDError(f"--weights torchvision: torchvision publishes no weights for {arch!r} (it does for "
-                       f"{', '.join(sorted(TORCHVISION_WEIGHTS))}); pass --weights PATH")
+        raise CBDError(f"torchvision weights: torchvision publishes no weights for {arch!r} (it does for "
+                       f"{', '.join(sorted(TORCHVISION_WEIGHTS))}); give a checkpoint path instead")
     label, url = _torchvision_default(arch)
     path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
     if not path.is_file():
         raise WeightError(f"torchvision's {label} weights are not in the local cache ({path}) and cbdnet never "
-                          f"downloads: copy {url} there, or pass --weights PATH")
+                          f"downloads: copy {url} there, or give a checkpoint path instead")
     prefix = re.search(r"-([a-f0-9]+)\.", path.name)
     if prefix:
         digest = hashlib.sha256()
