@@ -70,6 +70,12 @@ CASES = {
     "paper": (["--planes", "4", "--bottleneck", "0.3", "--fallback", "size"],
               lambda: cbdnet.CBDConfig(planes=4, bottleneck=0.3, fallback="size"), False),
     "budget": (["--target-bits", "4.0", "--calib", "digits:train"], lambda: cbdnet.BudgetConfig(target_bits=4.0), True),
+    "default": ([], lambda: cbdnet.CBDConfig(), False),
+    "uniform": (["--method", "uniform", "--planes", "3"], lambda: cbdnet.UniformConfig(planes=3), False),
+    "cbd-channel": (["--granularity", "channel", "-J", "4"], lambda: cbdnet.CBDConfig(planes=4, granularity="channel"),
+                    False),
+    "rtn-gptq": (["--method", "rtn", "--bits", "3", "--calib", "digits:train", "--calib-images", "300"],
+                 lambda: cbdnet.RTNConfig(bits=3), True),
 }
 
 
@@ -81,8 +87,9 @@ def test_cli_and_python_api_write_byte_identical_files(case, checkpoint, tmp_pat
                  "--quiet"]) == 0
     train = digits("train")
     loader = DataLoader(TensorDataset(train.images, train.labels), batch_size=64)  # any iterable of batches
+    settings = cbdnet.CalibrationConfig(images=300) if "--calib-images" in flags else None
     model, report = cbdnet.compress(_model(checkpoint), make_config(), calibration=loader if calibrated else None,
-                                    progress=False)
+                                    calibration_config=settings, progress=False)
     cbdnet.save(model, api_file)
     assert api_file.read_bytes() == cli_file.read_bytes()
     meta = cbdnet.format.read(api_file).meta
