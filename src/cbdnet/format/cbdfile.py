@@ -30,10 +30,8 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +43,7 @@ from .. import __version__
 from ..codec import CODE_TYPES, MAX_PLANES, CodeError, LayerCode, PlaneCode, plane_digest
 from ..codec.bits import packed_size
 from ..errors import CBDError, FormatError
+from ..fileio import OutputSet, read_regular_file
 from ..nn import COMPRESSIBLE, CBDModule, from_module
 from ..nn.walk import coded_keys
 
@@ -56,6 +55,7 @@ MAGIC = b"\x89CBD\r\n\x1a\n"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sIIQ")
 _DIGEST = 32
+MAX_FILE_BYTES = 4 << 30  # a whole .cbd file (VGG-16 at 32 bits/weight would be 0.55 GB)
 MAX_HEADER_BYTES = 16 << 20  # safetensors JSON header (ResNet-110's is ~0.2 MB)
 MAX_TENSORS = 200_000
 MAX_NUMEL = 1 << 34
@@ -168,51 +168,24 @@ def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict 
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename: ``path`` is never half-written."""
-    target = Path(path)
-    check_writable(target, overwrite=overwrite)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise CBDError(f"cannot write {target}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), _file_mode(target))  # mkstemp gives 0600: use the old file's or umask's
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise CBDError(f"cannot write {target}: {exc.strerror or exc}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _file_mode(target: Path) -> int:
-    if target.exists():
-        return target.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    """Write ``data`` to ``path`` under the output policy (:class:`cbdnet.fileio.OutputSet`): a temporary file
+    beside it, then an exclusive link (or, with ``overwrite``, a rename). ``path`` is never half-written; a
+    symbolic link, device, FIFO or directory there is refused, and so is an existing file without ``overwrite``."""
+    with OutputSet(force=overwrite) as out:
+        target = out.add(path, what="output file")
+        out.write(target, data)
+        out.commit()
 
 
 def check_writable(path: str | os.PathLike, *, overwrite: bool = True) -> None:
-    """Refuse an output path early (before any work): an existing file without ``overwrite``, a directory,
-    or a folder that does not exist."""
-    target = Path(path)
-    if target.is_dir():
-        raise CBDError(f"{target} is a directory; give a file name")
-    if target.exists() and not overwrite:
-        raise CBDError(f"{target} exists; pass --force to overwrite it")
-    if not target.parent.is_dir():
-        raise CBDError(f"output directory {target.parent} does not exist")
+    """Refuse an output path early (before any work), by the rules of :meth:`cbdnet.fileio.OutputSet.add`."""
+    OutputSet(force=overwrite).add(path, what="output file")
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None,
          extra: dict | None = None, overwrite: bool = True) -> int:
-    """Write a compressed model to ``path`` (atomically); returns the file size in bytes."""
+    """Write a compressed model to ``path`` (atomically, see :func:`atomic_write`: an existing regular file is
+    replaced only with ``overwrite``; a symlink, device, FIFO or directory never); returns the file size."""
     data = encode_file(model, arch=arch, arch_kwargs=arch_kwargs, extra=extra)
     atomic_write(path, data, overwrite=overwrite)
     return len(data)
@@ -398,16 +371,9 @@ def _layer_code(layer: dict, tensors: dict, used: set) -> tuple[str, LayerCode]:
 
 
 def read(path: str | os.PathLike) -> CBDFile:
-    """Parse and validate a ``.cbd`` file (checksum, metadata, every tensor's dtype and size)."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise CBDError(f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise CBDError(f"{path} is a directory, not a .cbd file") from None
-    except OSError as exc:
-        raise CBDError(f"cannot read {path}: {exc.strerror}") from None
-    return parse(data)
+    """Parse and validate a ``.cbd`` file (checksum, metadata, every tensor's dtype and size). Only a regular
+    file of at most :data:`MAX_FILE_BYTES` is opened: a FIFO, device or symlink to one is refused unread."""
+    return parse(read_regular_file(path, what=".cbd file", max_bytes=MAX_FILE_BYTES))
 
 
 def _float_tensor(entry, tensors: dict) -> tuple[str, np.ndarray]:
