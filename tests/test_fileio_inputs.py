@@ -18,8 +18,17 @@ from hypothesis import strategies as st
 
 HERE = Path(__file__).resolve().parents[1] / "src" / "cbdnet"  # children import cbdnet.fileio without torch
 
-from cbdnet.fileio.inputs import (InputError, check_image_size, check_regular_file, escape_name, json_safe,  # noqa: E402
-                    open_image_bounded, parse_positive_int, read_regular_file, walk_files)
+from cbdnet.fileio.inputs import (  # noqa: E402
+    InputError,
+    check_image_size,
+    check_regular_file,
+    escape_name,
+    json_safe,
+    open_image_bounded,
+    parse_positive_int,
+    read_regular_file,
+    walk_files,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -229,7 +238,7 @@ def test_pillow_bomb_becomes_input_error(tmp_path):
     filters = list(warnings.filters)
     with pytest.raises(InputError, match="too large to decode safely"):
         open_image_bounded(path, 10**9, max_aspect=10)  # our limit is generous: Pillow's check speaks
-    assert Image.MAX_IMAGE_PIXELS == before and warnings.filters == filters
+    assert before == Image.MAX_IMAGE_PIXELS and warnings.filters == filters
 
 
 def test_image_refusals(tmp_path):

@@ -234,12 +234,11 @@ def test_permission_bits_kept_on_replace(tmp_path):
 def test_exception_leaves_old_files_and_no_temps(tmp_path):
     model, report = tmp_path / "m.cbd", tmp_path / "r.json"
     model.write_bytes(b"old model")
-    with pytest.raises(RuntimeError):
-        with OutputSet(force=True) as out:
-            out.add(model, what="compressed model")
-            out.add(report, what="JSON report")
-            out.write(model, b"new model")
-            raise RuntimeError("report generation failed")
+    with pytest.raises(RuntimeError), OutputSet(force=True) as out:
+        out.add(model, what="compressed model")
+        out.add(report, what="JSON report")
+        out.write(model, b"new model")
+        raise RuntimeError("report generation failed")
     assert model.read_bytes() == b"old model" and not report.exists() and temps(tmp_path) == []
 
 
@@ -262,14 +261,14 @@ def test_failure_staging_second_output(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    with pytest.raises(OutputError, match=r"cannot write JSON report .*r\.json: No space left"):
-        with OutputSet(force=True) as out:
-            out.add(model, what="compressed model")
-            out.add(report, what="JSON report")
-            out.write(model, b"new model")
-            monkeypatch.setattr(outputs.os, "fsync", failing_fsync)
-            out.write(report, b"{}")
-            out.commit()
+    with pytest.raises(OutputError, match=r"cannot write JSON report .*r\.json: No space left"), \
+            OutputSet(force=True) as out:
+        out.add(model, what="compressed model")
+        out.add(report, what="JSON report")
+        out.write(model, b"new model")
+        monkeypatch.setattr(outputs.os, "fsync", failing_fsync)
+        out.write(report, b"{}")
+        out.commit()
     assert model.read_bytes() == b"old model" and not report.exists() and temps(tmp_path) == []
 
 
@@ -285,13 +284,12 @@ def test_failure_publishing_second_output_says_so(tmp_path, monkeypatch):
         real_replace(src, dst)
 
     monkeypatch.setattr(outputs.os, "replace", replace)
-    with pytest.raises(OutputError) as info:
-        with OutputSet(force=True) as out:
-            out.add(model, what="compressed model")
-            out.add(report, what="JSON report")
-            out.write(model, b"new model")
-            out.write(report, b"new report")
-            out.commit()
+    with pytest.raises(OutputError) as info, OutputSet(force=True) as out:
+        out.add(model, what="compressed model")
+        out.add(report, what="JSON report")
+        out.write(model, b"new model")
+        out.write(report, b"new report")
+        out.commit()
     message = str(info.value)
     assert "cannot write JSON report" in message and "already written: compressed model" in message
     assert "\n" not in message

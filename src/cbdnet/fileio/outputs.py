@@ -401,6 +401,13 @@ class OutputSet:
     def committed(self) -> bool:
         return self._committed
 
+    def staged(self, path) -> Path:
+        """The temporary file that holds ``path``'s staged bytes (to read them back before the commit)."""
+        entry = self._entry(path)
+        if entry.tmp is None:
+            raise OutputError(f"internal error: {entry.what} {entry.shown} is not staged")
+        return Path(entry.tmp)
+
     def temp_files(self) -> list[str]:
         """The temporary files staged now (for tests and diagnostics)."""
         return [entry.tmp for entry in self._outputs.values() if entry.tmp is not None]
