@@ -20,6 +20,7 @@ from ..errors import DataError
 __all__ = ["InputError", "read_regular_file", "check_regular_file", "walk_files", "check_image_size",
            "open_image_bounded", "parse_positive_int", "escape_name", "json_safe"]
 
+PathLike = str | os.PathLike
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 
 
@@ -63,7 +64,7 @@ def _stat_error(path, what: str, exc: OSError) -> InputError:
     return InputError(f"cannot read {what} {_shown(path)}: {exc.strerror or exc}")
 
 
-def check_regular_file(path, *, what: str) -> Path:
+def check_regular_file(path: PathLike | None, *, what: str) -> Path:
     """``path`` as a Path if it is (or is a symlink to) an existing regular file; InputError otherwise.
     Never opens it."""
     text = "" if path is None else os.fspath(path)
@@ -106,7 +107,7 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def read_regular_file(path, *, what: str, max_bytes: int) -> bytes:
+def read_regular_file(path: PathLike, *, what: str, max_bytes: int) -> bytes:
     """The bytes of a regular file (a symlink is followed only to a regular file). FIFOs, devices, sockets,
     directories and missing files are refused before reading; so is a file over ``max_bytes``. At most
     ``max_bytes + 1`` bytes are ever read: a file that grows (or shrinks) while read is refused."""
@@ -139,7 +140,8 @@ def read_regular_file(path, *, what: str, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def walk_files(root, *, suffixes, max_files: int, max_depth: int = 64) -> list[Path]:
+def walk_files(root: PathLike, *, suffixes: str | tuple[str, ...], max_files: int, max_depth: int = 64
+               ) -> list[Path]:
     """Regular files under ``root`` whose names end with one of ``suffixes`` (case-insensitive), sorted.
 
     Symbolic links to directories are followed (data sets are often built from links) but every directory
@@ -194,7 +196,7 @@ def walk_files(root, *, suffixes, max_files: int, max_depth: int = 64) -> list[P
     return found
 
 
-def check_image_size(width, height, *, max_pixels: int = 64_000_000, max_aspect: float = 50.0,
+def check_image_size(width: int, height: int, *, max_pixels: int = 64_000_000, max_aspect: float = 50.0,
                      what: str = "") -> None:
     """Refuse absurd image sizes before decoding or resizing (a 97-byte 1x6000 PNG resized to a short side of
     256 is 256x1,536,000 pixels = 2.5 GB as float32 RGB)."""
@@ -211,7 +213,7 @@ def check_image_size(width, height, *, max_pixels: int = 64_000_000, max_aspect:
                          f"of {max_aspect:g}:1")
 
 
-def open_image_bounded(path, max_pixels: int = 64_000_000, *, max_aspect: float = 50.0, what: str = "image"):
+def open_image_bounded(path: PathLike, max_pixels: int = 64_000_000, *, max_aspect: float = 50.0, what: str = "image"):
     """Open and decode an image with Pillow, its size checked from the header BEFORE any pixel is decoded.
     Pillow's decompression-bomb warning/error become InputError (a local warnings filter; Pillow's global
     MAX_IMAGE_PIXELS is left alone). Returns a loaded ``PIL.Image.Image`` (its file already closed).

@@ -46,6 +46,7 @@ from ..errors import CBDError
 
 __all__ = ["OutputError", "OutputSet", "is_stdout", "file_kind"]
 
+PathLike = str | os.PathLike
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 _STDOUT_ALIASES = {"/dev/stdout", "/dev/stderr", "/dev/fd/1", "/dev/fd/2", "/proc/self/fd/1", "/proc/self/fd/2"}
 
@@ -54,7 +55,7 @@ class OutputError(CBDError):
     """An output path that cannot be used, or a write/publish that failed (a user error: exit code 2)."""
 
 
-def is_stdout(path) -> bool:
+def is_stdout(path: PathLike | None) -> bool:
     """True for ``-`` (print to standard output instead of writing a file). ``/dev/stdout`` and the like are
     refused with a pointer to ``-``: as a file they would be replaced (or refused as a device node)."""
     if path is None:
@@ -108,7 +109,7 @@ class _Output:
 class OutputSet:
     """A set of output files that are checked early, staged, and published together (see the module doc)."""
 
-    def __init__(self, *, inputs: Iterable = (), force: bool = False) -> None:
+    def __init__(self, *, inputs: Iterable[PathLike | None] = (), force: bool = False) -> None:
         self.force = bool(force)
         self._inputs: list[tuple[str, str, tuple[int, int] | None]] = []  # (shown, realpath, (dev, ino))
         for item in inputs:
@@ -151,7 +152,7 @@ class OutputSet:
                 raise OutputError(f"{what} {shown} is the same file as the {other.what} {other.shown}; "
                                   "give each output its own path")
 
-    def add(self, path, *, what: str) -> Path:
+    def add(self, path: PathLike | None, *, what: str) -> Path:
         """Register an output file; all checks happen now (call before any long work). Returns its path."""
         with self._lock:
             self._open_check()
@@ -201,7 +202,7 @@ class OutputSet:
             self._outputs[target] = _Output(target, shown, what, real)
             return target
 
-    def add_dir(self, path, *, what: str) -> Path:
+    def add_dir(self, path: PathLike | None, *, what: str) -> Path:
         """Register (and create, if missing) an output directory. An existing one must be a real directory,
         not a symbolic link, and no input. Its parent must exist. Files inside are registered with add()."""
         with self._lock:
@@ -249,14 +250,14 @@ class OutputSet:
             return target
 
     # ------------------------------------------------------------ staging
-    def _entry(self, path) -> _Output:
+    def _entry(self, path: PathLike) -> _Output:
         key = Path(os.path.abspath(os.fspath(path)))
         entry = self._outputs.get(key)
         if entry is None:
             raise OutputError(f"internal error: output {os.fspath(path)} was not registered with add()")
         return entry
 
-    def write(self, path, data: bytes) -> None:
+    def write(self, path: PathLike, data: bytes) -> None:
         """Stage ``data`` for ``path`` (registered with add()): a temp file in the same directory, fsynced.
         Staging the same path again replaces the earlier staged bytes."""
         with self._lock:
@@ -401,7 +402,7 @@ class OutputSet:
     def committed(self) -> bool:
         return self._committed
 
-    def staged(self, path) -> Path:
+    def staged(self, path: PathLike) -> Path:
         """The temporary file that holds ``path``'s staged bytes (to read them back before the commit)."""
         entry = self._entry(path)
         if entry.tmp is None:
