@@ -27,7 +27,7 @@ from cbdnet.errors import DataError
 from cbdnet.zoo.data import load_spec
 from cbdnet.zoo.models import build
 
-COMPRESS = ["compress", "--arch", "digits-cnn", "--weights", "random", "-J", "3", "--quiet"]
+COMPRESS = ["compress", "--arch", "cbd_mutations:tiny_model", "--weights", "random", "-J", "3", "--quiet"]
 OLD = b"a good file the user wants to keep\n"
 
 
@@ -285,6 +285,7 @@ def _checkpoints(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 def test_odd_checkpoints_are_weight_errors(tmp_path, capsys):
     for name, path in _checkpoints(tmp_path).items():
         err = refused(["compress", "--arch", "digits-cnn", "--weights", str(path), "--quiet"], capsys, str(path))
