@@ -251,6 +251,17 @@ def test_data_that_does_not_fit_the_model(tmp_path, capsys):
     refused([*resnet, f"camvid-npz:{camvid}"], capsys, "segmentation data")
     refused(["compress", "--arch", "cifar-resnet20", "--weights", "random", "--quiet", "--data",
              f"camvid-npz:{camvid}"], capsys, "segmentation data")
+    voc = tmp_path / "voc"
+    for folder in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (voc / folder).mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(voc / "JPEGImages" / "a.jpg")
+    (voc / "Annotations" / "a.xml").write_text("<annotation><object><name>dog</name><bndbox><xmin>1</xmin>"
+                                               "<ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object>"
+                                               "</annotation>")
+    (voc / "ImageSets" / "Main" / "test.txt").write_text("a\n")
+    refused([*resnet, f"voc:{voc}"], capsys, "detection data")
 
 
 def test_numeric_ranges_are_usage_errors(capsys, monkeypatch):
