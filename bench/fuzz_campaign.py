@@ -11,9 +11,15 @@ on). Targets, each run in rounds of ``--examples`` cases with a fresh seed until
 - ``header``      random dtype/shape/offsets/entries in the safetensors header, re-signed
 - ``pickle``      pickles (protocols 0-5) whose unpickling would create a marker file, raw, renamed, embedded
 - ``torch-save``  ``torch.save`` files (state dicts, tensors, whole modules) renamed ``.cbd``
+- ``outputs``     the output policy (issue 13): ``compress``/``eval``/``info``/``demo`` runs whose ``-o``,
+                  ``--json`` and ``--out-dir`` are drawn from a sandbox of awkward targets (the run's own
+                  inputs, hard links and symlinks to them, existing files, a FIFO, a directory, /dev/null, ``-``,
+                  an empty name, a missing folder, the same path twice), with and without ``--force``
 
 Every case must end as ``refused`` (a CBDError) or ``accepted`` (a well-formed file that loads and verifies);
-anything else is a ``crash``. The marker file must never exist. Usage::
+anything else is a ``crash``. The marker file must never exist. An ``outputs`` case is a crash unless it exits
+0 or 2, leaves every input, link, device and (without ``--force``) existing file byte for byte as it was, leaves
+no temporary file, and (exit 0) wrote a verifying ``.cbd`` and strict JSON. Usage::
 
     PYTHONPATH=src python bench/fuzz_campaign.py --minutes 5
 """
@@ -22,11 +28,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import io
 import json
+import os
 import pickle
 import platform
+import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -55,6 +65,10 @@ from cbd_mutations import (  # noqa: E402
     with_header,
 )
 
+import cbdnet  # noqa: E402
+from cbdnet.cli import commands as cli  # noqa: E402
+from cbdnet.cli import demo  # noqa: E402
+
 JSON_SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(),
                         st.text(max_size=16), st.sampled_from(["cbd", "uniform", "zero", "packed", "factored",
                                                                "float32", "bfloat16", "digits-cnn"]))
@@ -70,6 +84,19 @@ class Campaign:
         self.marker = folder / "UNPICKLED"
         self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.crashes: list[str] = []
+        buffer = io.BytesIO()
+        torch.save(tiny_model().state_dict(), buffer)
+        self.weights = buffer.getvalue()
+
+    def record_outputs(self, draw_data) -> None:
+        try:
+            result, problems = _draw_outputs_case(self, draw_data)
+        except Exception as exc:  # an exception escaping cli.main is a crash of the CLI
+            result, problems = "crash", [f"{type(exc).__name__}: {str(exc)[:200]}"]
+        if problems:
+            result = "crash"
+            self.crashes.extend(f"outputs: {p}" for p in problems[: max(0, 20 - len(self.crashes))])
+        self.counts["outputs"][result] += 1
 
     def record(self, target: str, make_case) -> None:
         data = make_case()  # a failure here is a bug of the campaign itself: let it raise
@@ -175,7 +202,8 @@ class Campaign:
             return buffer.getvalue()
 
         return {"flip": flip, "truncate": truncate, "garbage": garbage, "resigned": resigned,
-                "metadata": metadata, "header": header, "pickle": pickled, "torch-save": torch_saved}
+                "metadata": metadata, "header": header, "pickle": pickled, "torch-save": torch_saved,
+                "outputs": None}
 
     def round(self, examples: int, round_seed: int, only: list[str] | None) -> None:
         config = settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
@@ -191,9 +219,120 @@ class Campaign:
         @config
         @given(st.data())
         def run(draw_data):
-            self.record(name, lambda: make(draw_data))
+            if make is None:
+                self.record_outputs(draw_data)
+            else:
+                self.record(name, lambda: make(draw_data))
 
         run()
+
+
+# ---------------------------------------------------------------- the output policy (issue 13)
+
+TARGETS = ("new.cbd", "new.json", "old.txt", "model.cbd", "w.pt", "hard.cbd", "link.cbd", "dangling", "fifo",
+           "folder", "missing/x.cbd", "/dev/null", "-", "", "/dev/stdout")
+
+
+def _sandbox(folder: Path, cbd: bytes, weights: bytes) -> None:
+    (folder / "model.cbd").write_bytes(cbd)
+    (folder / "w.pt").write_bytes(weights)
+    (folder / "old.txt").write_bytes(b"keep me\n")
+    os.link(folder / "model.cbd", folder / "hard.cbd")
+    (folder / "link.cbd").symlink_to(folder / "old.txt")
+    (folder / "dangling").symlink_to(folder / "nowhere")
+    os.mkfifo(folder / "fifo")
+    (folder / "folder").mkdir()
+
+
+def _snapshot(folder: Path) -> dict[str, object]:
+    state: dict[str, object] = {}
+    for entry in sorted(folder.rglob("*")):
+        info = os.lstat(entry)
+        content = entry.read_bytes() if stat.S_ISREG(info.st_mode) else os.readlink(entry) \
+            if stat.S_ISLNK(info.st_mode) else stat.S_IFMT(info.st_mode)
+        state[str(entry.relative_to(folder))] = content
+    return state
+
+
+def _argv(draw_data, folder: Path) -> tuple[list[str], dict[str, str]]:
+    """A command line and the outputs it may create or (with --force) replace: path -> 'cbd', 'json' or 'dir'."""
+    def target() -> str:
+        name = draw_data.draw(st.sampled_from(TARGETS))
+        return name if name in ("", "-") or name.startswith("/") else str(folder / name)
+
+    force = ["--force"] if draw_data.draw(st.booleans()) else []
+    command = draw_data.draw(st.sampled_from(["compress", "eval", "info", "demo"]))
+    outputs: dict[str, str] = {}
+    if command == "compress":
+        argv = ["compress", "--arch", "cbd_mutations:tiny_model", "--weights",
+                draw_data.draw(st.sampled_from(["random", str(folder / "w.pt")])), "-J", "2", "--quiet", *force]
+        for flag, kind in (("-o", "cbd"), ("--json", "json")):
+            if draw_data.draw(st.booleans()):
+                path = target()
+                outputs[path] = kind
+                argv += [flag, path]
+    elif command == "eval":
+        path = target()
+        outputs[path] = "json"
+        argv = ["eval", str(folder / "model.cbd"), "--data", "digits", "--quiet", "--json", path, *force]
+    elif command == "info":
+        argv = ["info", str(folder / "model.cbd"), "--json", "--verify", "--quiet"]
+    else:
+        path = target()
+        outputs[path] = "dir"
+        argv = ["demo", "--out-dir", path, "--quiet", *force]
+    return argv, outputs
+
+
+def _violations(before: dict, after: dict, outputs: dict[str, str], folder: Path, code: int, forced: bool
+                ) -> list[str]:
+    """What the run did wrong to the sandbox (see the module doc); [] when nothing."""
+    problems = [f"exit code {code}"] if code not in (0, 2) else []
+    kinds = {str(Path(o).relative_to(folder)): kind for o, kind in outputs.items() if o.startswith(str(folder))}
+    touched = set(kinds)
+    replaceable = touched if forced and code == 0 else set()
+    for name, content in before.items():
+        now = after.get(name)
+        if now != content and not (name in replaceable and isinstance(content, bytes) and isinstance(now, bytes)):
+            problems.append(f"{name} changed")
+    problems += [f"temporary file {name} left" for name in after if name.endswith(".tmp")]
+    new = set(after) - set(before)
+    if code != 0:  # a refused run creates no file (an --out-dir it created may stay, empty)
+        problems += [f"{name} created by a refused run" for name in new if isinstance(after[name], bytes)]
+        return problems
+    for name in sorted((new | replaceable) & touched):
+        data, kind = after.get(name), kinds[name]
+        if kind == "cbd" and (not isinstance(data, bytes) or cbdnet.verify(folder / name)):
+            problems.append(f"{name}: not a verifying .cbd")
+        if kind == "dir" and any(cbdnet.verify(f) for f in (folder / name).glob("*.cbd")):
+            problems.append(f"{name}: a demo file does not verify")
+        if kind == "json":
+            bare = []
+            json.loads(data, parse_constant=bare.append)
+            problems += [f"{name}: bare {c} in JSON" for c in bare]
+    return problems
+
+
+def _draw_outputs_case(campaign: Campaign, draw_data) -> tuple[str, list[str]]:
+    folder = Path(tempfile.mkdtemp(dir=campaign.folder))
+    try:
+        _sandbox(folder, campaign.files[0], campaign.weights)
+        argv, outputs = _argv(draw_data, folder)
+        before = _snapshot(folder)
+        devnull = os.stat(os.devnull)
+        here = os.getcwd()
+        os.chdir(folder)  # relative names ("-" as a folder) land in the sandbox
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                code = cli.main(argv)
+        finally:
+            os.chdir(here)
+        problems = _violations(before, _snapshot(folder), outputs, folder, code, "--force" in argv)
+        if not stat.S_ISCHR(os.stat(os.devnull).st_mode) or os.stat(os.devnull).st_ino != devnull.st_ino:
+            problems.append("/dev/null replaced")
+        return ("accepted" if code == 0 else "refused"), [f"{' '.join(argv)}: {p}" for p in problems]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the counts as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    demo.SETTINGS = demo.SETTINGS[:1]  # the outputs target: the demo's policy, not its 12 training epochs
+    demo.train_digits_cnn = lambda seed, quiet: tiny_model(seed)
     start = time.perf_counter()
     files = [tiny_file(planes=3, bottleneck=0.3), tiny_file(planes=5, bottleneck=0.5), tiny_file(planes=1)]
     with tempfile.TemporaryDirectory(prefix="cbd-fuzz-") as tmp:

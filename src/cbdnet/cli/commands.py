@@ -7,6 +7,7 @@ Every failure ends in one line on stderr: exit code 2 for bad input or usage, 1 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -20,11 +21,12 @@ from ..calib import BudgetConfig, CalibrationConfig, CBDConfig, RTNConfig, Unifo
 from ..calib.configs import ConfigError
 from ..codec import FALLBACK_RULES, GRANULARITIES
 from ..errors import CBDError
-from ..format import atomic_write, check_writable, read, save, verify
-from ..format.cbdfile import check_fits
+from ..fileio import OutputSet, escape_name, is_stdout, json_safe, parse_positive_int
+from ..format import encode_file, read, verify
+from ..format.cbdfile import MAX_ARCH_ARG, check_fits
 from ..zoo import load
-from ..zoo.data import calibration_data, load_spec
-from ..zoo.metrics import evaluate_classification, evaluate_detection, evaluate_segmentation
+from ..zoo.data import calibration_data, load_spec, spec_path
+from ..zoo.metrics import check_data_fits, evaluate_classification, evaluate_detection, evaluate_segmentation
 from ..zoo.models import build, known_archs, load_weights, torchvision_weights_file
 
 __all__ = ["main", "build_parser"]
@@ -35,13 +37,55 @@ class UsageError(CBDError):
 
 
 def _say(args, *text) -> None:
-    if not args.quiet:
-        print(*text, flush=True)
+    if not args.quiet:  # with --json -, standard output is the JSON document alone: the text goes to stderr
+        stream = sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
+        print(*text, flush=True, file=stream)
 
 
-def _write_json(path: str | None, payload: dict) -> None:
-    if path:
-        atomic_write(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+def json_bytes(payload: dict) -> bytes:
+    """A report as strict JSON (NaN/Inf become null: no bare NaN), UTF-8, one trailing newline."""
+    return (json.dumps(json_safe(payload), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def run_inputs(args) -> list[str]:
+    """The files a run reads (checkpoint, .cbd, data paths of the specs): no output may be one of them."""
+    paths = [getattr(args, "file", None)]
+    weights = getattr(args, "weights", None)
+    if weights not in (None, "random", "torchvision"):
+        paths.append(weights)
+    elif weights == "torchvision" and getattr(args, "arch", None):
+        with contextlib.suppress(CBDError):  # reported when the weights are loaded
+            paths.append(str(torchvision_weights_file(args.arch)[0]))
+    paths += [spec_path(spec) for spec in (getattr(args, "data", None), getattr(args, "calib", None)) if spec]
+    return [p for p in paths if p]
+
+
+def open_outputs(args, files: list[tuple[str | None, str]]) -> tuple[OutputSet, list]:
+    """The one output policy of the CLI, in one call, before any work: an :class:`OutputSet` over the run's
+    inputs (:func:`run_inputs`) with ``--force``, and each ``(path, what)`` of ``files`` registered in order
+    (None: not asked for -> None; ``-`` for a JSON report: standard output -> ``"-"``). Use it as a context
+    manager; ``out.write(path, bytes)`` each output, then :func:`finish`. (``export``/``sweep`` adopt it so.)"""
+    out = OutputSet(inputs=run_inputs(args), force=getattr(args, "force", False))
+    targets = []
+    for path, what in files:
+        if path is None:
+            targets.append(None)
+        elif what == "JSON report" and is_stdout(path):
+            targets.append("-")
+        else:
+            targets.append(out.add(path, what=what))
+    return out, targets
+
+
+def finish(out: OutputSet, json_target, payload: dict | None) -> None:
+    """Stage the JSON report (a file, or ``-``: printed after the files), then publish every output at once."""
+    data = json_bytes(payload) if json_target is not None and payload is not None else None
+    if data is not None and json_target != "-":
+        out.write(json_target, data)
+    out.commit()
+    if data is not None and json_target == "-":
+        sys.stdout.write(data.decode())
+        sys.stdout.flush()
 
 
 def _model_from_args(args) -> tuple[torch.nn.Module, str]:
@@ -71,10 +115,10 @@ def _build(arch: str, kwargs: dict) -> torch.nn.Module:
         raise UsageError(f"--num-classes does not apply to {arch}: {exc}") from None
 
 
-def _evaluate(model, spec: str | None, args) -> dict | None:
+def _evaluate(model, spec: str | None, args, data=None) -> dict | None:
     if not spec:
         return None
-    data = load_spec(spec)
+    data = load_spec(spec) if data is None else data
     task = getattr(data, "task", "classification")
     try:
         if task == "segmentation":
@@ -157,25 +201,37 @@ def cmd_compress(args) -> int:
         settings = calibration_settings(args, config)
     except ConfigError as exc:
         raise UsageError(f"{_FLAGS.get(exc.field, '--' + exc.field.replace('_', '-'))}: {exc}") from None
-    if args.output:  # refuse before any work; the file itself is only replaced at the very end
-        check_writable(args.output, overwrite=args.force)
-    if args.json:
-        check_writable(args.json)
-    calib = calibration_data(args.calib) if args.calib else None
+    out, (model_path, json_target) = open_outputs(args, [(args.output, "compressed model"),
+                                                         (args.json, "JSON report")])
+    with out:  # refused before any work; nothing is published before everything is staged
+        _compress_run(args, config, settings, out, model_path, json_target)
+    return 0
+
+
+def _compress_run(args, config, settings, out: OutputSet, model_path, json_target) -> None:
+    calib = calibration_data(args.calib) if args.calib else None  # the data first: cheap to refuse
+    data = load_spec(args.data) if args.data else None
     model, source = _model_from_args(args)
-    before = _evaluate(model, args.data, args)
+    for spec, checked in ((args.calib, calib), (args.data, data)):
+        if checked is not None:
+            check_data_fits(model, checked, spec)
+    before = _evaluate(model, args.data, args, data)
     model, report = compress(model, config, calibration=calib, calibration_config=settings, skip=args.skip or (),
                              progress=not args.quiet, workers=args.workers)
     report.extra.update({"arch": args.arch, "weights": source, "cbdnet_version": __version__})
-    after = _evaluate(model, args.data, args)  # before writing: a failure here leaves any old output as it was
-    if args.output:
-        report.file_bytes = save(model, args.output, overwrite=True)
+    after = _evaluate(model, args.data, args, data)  # before writing: a failure here leaves any old output as it was
+    if model_path is not None:
+        encoded = encode_file(model)
+        out.write(model_path, encoded)
+        report.file_bytes = len(encoded)
     if before is not None:
         report.extra.update({"data": args.data, "eval_before": before, "eval_after": after})
-    _say(args, f"cbdnet {__version__}: {args.arch} ({source}): {_config_line(config, report)}")
+    finish(out, json_target, report.to_dict())  # every output published (or none) before the summary says so
+    _say(args, f"cbdnet {__version__}: {escape_name(args.arch)} ({escape_name(source)}): "
+               f"{_config_line(config, report)}")
     _say(args, report.table())
     if report.file_bytes is not None:
-        _say(args, f"wrote {args.output}: {report.file_bytes:,} bytes "
+        _say(args, f"wrote {escape_name(args.output)}: {report.file_bytes:,} bytes "
                    f"(payload {report.total_bits / 8:,.0f} bytes + header) in {report.seconds:.1f} s")
     else:
         _say(args, "no -o given: nothing was written (pass -o FILE.cbd to save the compressed model)")
@@ -184,8 +240,6 @@ def cmd_compress(args) -> int:
                    f"(top-5 {before['top5']:.4f} -> {after['top5']:.4f}, n={after['n']})")
     elif before is not None:
         _say(args, f"before: {_headline(before)}  after: {_headline(after)}  (n={after['n']})")
-    _write_json(args.json, report.to_dict())
-    return 0
 
 
 def _skeleton(args) -> torch.nn.Module | None:
@@ -196,19 +250,21 @@ def _skeleton(args) -> torch.nn.Module | None:
 
 
 def cmd_eval(args) -> int:
-    if args.json:
-        check_writable(args.json)
-    if args.file:
-        if args.weights is not None:
-            raise UsageError("--weights does not apply to a .cbd file (its weights are in the file)")
-        model, source = load(args.file, _skeleton(args)), args.file
-    else:
-        model, source = _model_from_args(args)
-    start = time.perf_counter()
-    result = _evaluate(model, args.data, args)
-    result.update({"model": source, "data": args.data, "seconds": time.perf_counter() - start})
-    _say(args, f"{source} on {args.data}: {_headline(result)}  (n={result['n']})")
-    _write_json(args.json, result)
+    if args.file and args.weights is not None:
+        raise UsageError("--weights does not apply to a .cbd file (its weights are in the file)")
+    out, (json_target,) = open_outputs(args, [(args.json, "JSON report")])
+    with out:
+        data = load_spec(args.data)  # the data first: cheap to refuse
+        if args.file:
+            model, source = load(args.file, _skeleton(args)), args.file
+        else:
+            model, source = _model_from_args(args)
+        check_data_fits(model, data, args.data)
+        start = time.perf_counter()
+        result = _evaluate(model, args.data, args, data)
+        result.update({"model": source, "data": args.data, "seconds": time.perf_counter() - start})
+        _say(args, f"{escape_name(source)} on {escape_name(args.data)}: {_headline(result)}  (n={result['n']})")
+        finish(out, json_target, result)
     return 0
 
 
@@ -239,27 +295,29 @@ def cmd_info(args) -> int:
         problems = verify(args.file)
         info["verify"] = {"ok": not problems, "problems": problems}
     if args.json:
-        print(json.dumps(info, indent=2, sort_keys=True))
+        sys.stdout.write(json_bytes(info).decode())
     else:
-        _say(args, f"{info['file']}: .cbd format v{info['format_version']}, arch {info['arch']}, "
+        _say(args, f"{escape_name(info['file'])}: .cbd format v{info['format_version']}, "
+                   f"arch {escape_name(info['arch'])}, "
                    f"{info['file_bytes']:,} bytes, {len(info['layers'])} compressed layers, "
                    f"{info['params']:,} weights at {info['bits_per_weight']:.3f} bits/weight")
         for layer in info["layers"]:
             storage = "".join("F" if s == "factored" else "p" for s in layer["plane_storage"])
-            _say(args, f"  {layer['name']:<28} {'x'.join(map(str, layer['shape'])):<16} {layer['mode']:<7} "
+            shape = "x".join(map(str, layer["shape"]))
+            _say(args, f"  {escape_name(layer['name']):<28} {shape:<16} {layer['mode']:<7} "
                        f"planes {storage:<8} ranks {layer['plane_ranks']} {layer['bits_per_weight']:.3f} b/w")
         if args.verify:
             status = "OK: checksum and every plane verified" if not problems else "FAILED"
             _say(args, f"verify: {status}")
-    for problem in info.get("verify", {}).get("problems", []):
-        print(f"cbdnet: verify: {problem}", file=sys.stderr)
+    for problem in info.get("verify", {}).get("problems", []):  # at most one line per layer, names escaped
+        print(f"cbdnet: verify: {escape_name(problem, max_len=400)}", file=sys.stderr)
     return 0 if not info.get("verify") or info["verify"]["ok"] else 1
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out_dir, quiet=args.quiet, seed=args.seed)
+    run_demo(out_dir=args.out_dir, quiet=args.quiet, seed=args.seed, force=args.force)
     return 0
 
 
@@ -278,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", help="checkpoint (state dict) path, 'random' (seeded), or 'torchvision' (the "
                        "default torchvision weights of resnet18/vgg16/densenet121/ssd300 from torch's local cache; "
                        "never downloaded)")
-        p.add_argument("--seed", type=int, default=0, help="seed for --weights random")
-        p.add_argument("--batch-size", type=int, default=500)
-        p.add_argument("--num-classes", type=int, default=None,
+        p.add_argument("--seed", type=_bounded("--seed", 0, MAX_SEED), default=0, help="seed for --weights random")
+        p.add_argument("--batch-size", type=_bounded("--batch-size", 1, MAX_BATCH), default=500)
+        p.add_argument("--num-classes", type=_bounded("--num-classes", 1, MAX_ARCH_ARG), default=None,
                        help="class count of the checkpoint's head (e.g. 21 for a VOC-trained ssd300; default: the "
                             "architecture's own: 1000 ImageNet, 91 COCO for ssd300, 11 CamVid for segnet)")
 
@@ -297,11 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "where it takes no fewer bits)")
     _method_args(p)
     p.add_argument("--skip", nargs="*", help="layer names to keep in float")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=_bounded("--workers", 1, 256), default=None,
                    help="layers encoded at once in threads (default 1, or $CBDNET_WORKERS); same result")
     p.add_argument("--data", help="evaluate before and after on this data spec, e.g. cifar10-npz:PATH")
     p.add_argument("-o", "--output", help="output .cbd file")
-    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--json", help="write the report as JSON here ('-': standard output)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_compress)
 
@@ -309,21 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", help=".cbd file (or give --arch/--weights)")
     model_args(p)
     p.add_argument("--data", required=True, help="data spec, e.g. cifar10-npz:PATH")
-    p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--json", help="write the result as JSON here ('-': standard output)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", parents=[common], help="show (and --verify) a .cbd file")
     p.add_argument("file")
     p.add_argument("--arch", help="check that the file fits this architecture (registered, torchvision:NAME or "
                                   "module.path:factory)")
-    p.add_argument("--num-classes", type=int, default=None, help="class count of the architecture's head")
+    p.add_argument("--num-classes", type=_bounded("--num-classes", 1, MAX_ARCH_ARG), default=None,
+                   help="class count of the architecture's head")
     p.add_argument("--verify", action="store_true", help="re-check every checksum and factorisation")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("demo", parents=[common], help="train a small CNN on digits, compress it, report")
     p.add_argument("--out-dir", default=None, help="where to write the demo's .cbd files (default: a temp dir)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_bounded("--seed", 0, MAX_SEED), default=0)
+    p.add_argument("--force", action="store_true", help="overwrite the demo's existing .cbd files in --out-dir")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -348,6 +409,22 @@ def _method_args(parser: argparse.ArgumentParser) -> None:
                              "lowers the calibration loss)")
     parser.add_argument("--bn-reestimate", action=argparse.BooleanOptionalAction, default=None,
                         help="with --calib: recompute BatchNorm statistics on the calibration images (default off)")
+
+
+MAX_SEED = 2**63 - 1
+MAX_BATCH = 1 << 20
+
+
+def _bounded(flag: str, low: int, high: int):
+    """An argparse type: a whole number in ``[low, high]`` (a usage error, exit 2, naming the flag otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            return parse_positive_int(text, name=flag, low=low, high=high)
+        except CBDError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = flag
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):

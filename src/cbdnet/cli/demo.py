@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..calib import CBDConfig, UniformConfig, compress
-from ..format import save
+from ..fileio import OutputSet
+from ..format import encode_file
 from ..zoo import load
 from ..zoo.data import digits
 from ..zoo.metrics import evaluate_classification
@@ -56,7 +57,24 @@ def _fit(model, train, optimiser, generator, epochs: int, quiet: bool) -> None:
             print(f"  epoch {epoch + 1:2d}/{epochs}: train loss {total / len(train):.4f}", flush=True)
 
 
-def run_demo(out_dir: str | None = None, quiet: bool = False, seed: int = 0) -> list[dict]:
+def run_demo(out_dir: str | None = None, quiet: bool = False, seed: int = 0, force: bool = False) -> list[dict]:
+    """Train, compress at each setting and report. The ``.cbd`` files go to ``out_dir`` (default: a new temp
+    dir) under the output policy (:class:`cbdnet.fileio.OutputSet`): all checked before training, all published
+    together at the end; existing files are replaced only with ``force``."""
+    folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="cbdnet-demo-"))
+    with OutputSet(force=force) as out:
+        out.add_dir(folder, what="demo output directory")
+        paths = [out.add(folder / _file_name(*setting), what="demo model") for setting in SETTINGS]
+        rows = _run(out, paths, folder, quiet, seed)
+        out.commit()
+    return rows
+
+
+def _file_name(method: str, planes: int, bottleneck: float, fallback: str) -> str:
+    return f"digits_{method}_J{planes}_b{bottleneck}_{fallback}.cbd"
+
+
+def _run(out: OutputSet, paths: list[Path], folder: Path, quiet: bool, seed: int) -> list[dict]:
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     start = time.perf_counter()
     say("cbdnet demo: training a small CNN on scikit-learn's 8x8 digits (1,257 train / 540 test images)")
@@ -67,19 +85,18 @@ def run_demo(out_dir: str | None = None, quiet: bool = False, seed: int = 0) -> 
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters()) + 4 * sum(b.numel() for b in model.buffers())
     say(f"float32 model: top-1 {fp32['top1']:.4f}, {fp32_bytes:,} bytes of float32 tensors "
         f"(trained in {time.perf_counter() - start:.1f} s)")
-    folder = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="cbdnet-demo-"))
-    folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for method, planes, bottleneck, fallback in SETTINGS:
+    for (method, planes, bottleneck, fallback), path in zip(SETTINGS, paths, strict=True):
         config = UniformConfig(planes=planes) if method == "uniform" else \
             CBDConfig(planes=planes, bottleneck=bottleneck, fallback=fallback)
         compressed, report = compress(copy.deepcopy(model), config, progress=not quiet)
         uniform_layers = [layer for layer in report.layers if layer.mode == "uniform"]
         label = f"uniform J={planes} (baseline)" if method == "uniform" else \
             f"{'paper' if fallback == 'size' else 'cbdnet'} J={planes} b={bottleneck}"
-        path = folder / (f"digits_{method}_J{planes}_b{bottleneck}_{fallback}.cbd")
-        size = save(compressed, path)
-        reloaded = load(path)
+        encoded = encode_file(compressed)
+        out.write(path, encoded)
+        size = len(encoded)
+        reloaded = load(out.staged(path))  # the very bytes that will be published
         with torch.no_grad():
             result = evaluate_classification(reloaded, test, progress=False)
         if (method, planes, fallback) == ("cbd", 5, "size"):

@@ -24,7 +24,7 @@ import numpy as np
 
 from .bits import pack_bits, store_plane
 from .code import GridCode, row_steps
-from .planes import composite_layout, to_matrix
+from .planes import composite_layout, min_scale, to_matrix
 from .search import rank_bound, search_scale
 
 __all__ = ["GRANULARITIES", "group_count", "row_steps", "rtn_steps", "rtn_levels", "composite_steps",
@@ -95,7 +95,8 @@ def composite_steps(weight: np.ndarray, planes: int, bottleneck: float,
     if not search.scale < r2d.max():  # nothing above the scale: a plain uniform grid over [0, 1]
         return (peak / ((1 << planes) - 1)).astype(np.float32), planes, {"scale": 0.0, "bound": search.bound,
                                                                           "mask_rank": 0}
-    layout = composite_layout(search.scale, planes, top=float(r2d.max()))
+    r_top = float(r2d.max())  # a scale so small that J planes cannot span [a, top] is raised to the smallest that can
+    layout = composite_layout(max(search.scale, min_scale(planes, r_top)), planes, top=r_top)
     low = layout.exponents[-1]
     steps = (peak * layout.step * 2.0**low).astype(np.float32)
     info = {"scale": float(search.scale), "bound": search.bound, "mask_rank": search.mask_rank,

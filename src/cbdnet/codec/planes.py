@@ -34,6 +34,7 @@ __all__ = [
     "CompositeLayout",
     "composite_layout",
     "min_scale",
+    "top_exponent",
     "composite_encode",
     "composite_decode",
     "uniform_encode",
@@ -83,7 +84,7 @@ def composite_layout(scale: float, planes: int, top: float = 1.0) -> CompositeLa
         raise ValueError(f"scale must be positive, got {scale}")
     if planes < 1:
         raise ValueError(f"need at least one plane, got {planes}")
-    high = math.floor(math.log2(top / scale))
+    high = top_exponent(scale, top)
     low = high - planes + 1
     if low > 0:
         raise ValueError(f"scale {scale} is below top * 2^-J = {top * 2.0 ** -planes}: the J={planes} planes "
@@ -91,6 +92,17 @@ def composite_layout(scale: float, planes: int, top: float = 1.0) -> CompositeLa
     half = 2.0 ** (low - 1)
     shift = half / (1.0 - half) * scale
     return CompositeLayout(scale=scale, step=scale + shift, exponents=tuple(range(high, low - 1, -1)))
+
+
+def top_exponent(scale: float, top: float) -> int:
+    """``a_s = floor(log2(top / a))``, exactly: the largest ``s`` with ``a * 2^s <= top``. (``math.log2`` of a
+    ratio just under a power of two can round up to it: ``a`` = min_scale(5) gave 5 instead of 4.)"""
+    high = math.frexp(top / scale)[1] - 1
+    while math.ldexp(scale, high) > top:
+        high -= 1
+    while math.ldexp(scale, high + 1) <= top:
+        high += 1
+    return high
 
 
 def min_scale(planes: int, top: float = 1.0) -> float:

@@ -30,10 +30,8 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +43,7 @@ from .. import __version__
 from ..codec import CODE_TYPES, MAX_PLANES, CodeError, LayerCode, PlaneCode, plane_digest
 from ..codec.bits import packed_size
 from ..errors import CBDError, FormatError
+from ..fileio import OutputSet, escape_name, read_regular_file
 from ..nn import COMPRESSIBLE, CBDModule, from_module
 from ..nn.walk import coded_keys
 
@@ -56,6 +55,9 @@ MAGIC = b"\x89CBD\r\n\x1a\n"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sIIQ")
 _DIGEST = 32
+MAX_FILE_BYTES = 4 << 30  # a whole .cbd file (VGG-16 at 32 bits/weight would be 0.55 GB)
+MAX_ARCH_ARG = 100_000  # |numeric architecture argument| a file may carry, e.g. num_classes
+MAX_ARCH_KWARGS = 32
 MAX_HEADER_BYTES = 16 << 20  # safetensors JSON header (ResNet-110's is ~0.2 MB)
 MAX_TENSORS = 200_000
 MAX_NUMEL = 1 << 34
@@ -168,51 +170,24 @@ def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict 
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename: ``path`` is never half-written."""
-    target = Path(path)
-    check_writable(target, overwrite=overwrite)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise CBDError(f"cannot write {target}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), _file_mode(target))  # mkstemp gives 0600: use the old file's or umask's
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise CBDError(f"cannot write {target}: {exc.strerror or exc}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _file_mode(target: Path) -> int:
-    if target.exists():
-        return target.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    """Write ``data`` to ``path`` under the output policy (:class:`cbdnet.fileio.OutputSet`): a temporary file
+    beside it, then an exclusive link (or, with ``overwrite``, a rename). ``path`` is never half-written; a
+    symbolic link, device, FIFO or directory there is refused, and so is an existing file without ``overwrite``."""
+    with OutputSet(force=overwrite) as out:
+        target = out.add(path, what="output file")
+        out.write(target, data)
+        out.commit()
 
 
 def check_writable(path: str | os.PathLike, *, overwrite: bool = True) -> None:
-    """Refuse an output path early (before any work): an existing file without ``overwrite``, a directory,
-    or a folder that does not exist."""
-    target = Path(path)
-    if target.is_dir():
-        raise CBDError(f"{target} is a directory; give a file name")
-    if target.exists() and not overwrite:
-        raise CBDError(f"{target} exists; pass --force to overwrite it")
-    if not target.parent.is_dir():
-        raise CBDError(f"output directory {target.parent} does not exist")
+    """Refuse an output path early (before any work), by the rules of :meth:`cbdnet.fileio.OutputSet.add`."""
+    OutputSet(force=overwrite).add(path, what="output file")
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None,
          extra: dict | None = None, overwrite: bool = True) -> int:
-    """Write a compressed model to ``path`` (atomically); returns the file size in bytes."""
+    """Write a compressed model to ``path`` (atomically, see :func:`atomic_write`: an existing regular file is
+    replaced only with ``overwrite``; a symlink, device, FIFO or directory never); returns the file size."""
     data = encode_file(model, arch=arch, arch_kwargs=arch_kwargs, extra=extra)
     atomic_write(path, data, overwrite=overwrite)
     return len(data)
@@ -326,7 +301,22 @@ def _parse_meta(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     kwargs = meta.get("arch_kwargs") or {}
     _need(isinstance(kwargs, dict) and all(isinstance(v, (int, float, str, bool)) for v in kwargs.values()),
           "corrupt cbdnet metadata: arch_kwargs must map names to numbers or strings")
+    _check_arch_kwargs(kwargs)
     return meta, tensors
+
+
+def _check_arch_kwargs(kwargs: dict) -> None:
+    """Bound the architecture arguments a file may carry, so that it cannot describe a huge model: at most
+    :data:`MAX_ARCH_KWARGS` of them, numbers within ``±MAX_ARCH_ARG`` (e.g. ``num_classes``), short strings."""
+    _need(len(kwargs) <= MAX_ARCH_KWARGS, f"corrupt cbdnet metadata: {len(kwargs)} arch_kwargs (> {MAX_ARCH_KWARGS})")
+    for key, value in kwargs.items():
+        shown = escape_name(key, max_len=60)
+        if isinstance(value, str):
+            _need(len(value) <= 200, f"arch_kwargs {shown}: a string of {len(value)} characters (limit 200)")
+        elif not isinstance(value, bool):
+            _need(math.isfinite(value) and abs(value) <= MAX_ARCH_ARG,
+                  f"arch_kwargs {shown} = {value!r} is out of range (|value| <= {MAX_ARCH_ARG:,}): refusing to build "
+                  "the model it describes")
 
 
 def _expect(tensors: dict, key: str, dtype, size: int) -> np.ndarray:
@@ -398,16 +388,9 @@ def _layer_code(layer: dict, tensors: dict, used: set) -> tuple[str, LayerCode]:
 
 
 def read(path: str | os.PathLike) -> CBDFile:
-    """Parse and validate a ``.cbd`` file (checksum, metadata, every tensor's dtype and size)."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise CBDError(f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise CBDError(f"{path} is a directory, not a .cbd file") from None
-    except OSError as exc:
-        raise CBDError(f"cannot read {path}: {exc.strerror}") from None
-    return parse(data)
+    """Parse and validate a ``.cbd`` file (checksum, metadata, every tensor's dtype and size). Only a regular
+    file of at most :data:`MAX_FILE_BYTES` is opened: a FIFO, device or symlink to one is refused unread."""
+    return parse(read_regular_file(path, what="file", max_bytes=MAX_FILE_BYTES))
 
 
 def _float_tensor(entry, tensors: dict) -> tuple[str, np.ndarray]:
@@ -446,19 +429,30 @@ def parse(data: bytes) -> CBDFile:
 
 def verify(path: str | os.PathLike) -> list[str]:
     """Re-check a file: container checksum (on read), then every plane, decoded (``B @ C`` for factored
-    planes), against its stored SHA-256. Returns the problems found (empty when all is well)."""
+    planes), against its stored SHA-256, the decoded weights, and every float tensor (BatchNorm statistics,
+    biases) for NaN/Inf. Returns the problems found, at most one line per layer or tensor, names escaped
+    (empty when all is well)."""
     parsed = read(path)
-    problems = []
-    for name, code in parsed.codes.items():
-        h, w = code.matrix_shape
-        for index, plane in enumerate(code.planes):
-            if plane_digest(plane.decode(h, w)) != plane.digest:
-                problems.append(f"{name}: plane {index} ({plane.storage}) does not match its digest")
-        with np.errstate(over="ignore", invalid="ignore"):  # a corrupt scale may overflow: reported below
-            finite = code.mode == "zero" or bool(np.isfinite(code.decode()).all())
-        if not finite:
-            problems.append(f"{name}: decodes to non-finite weights")
-    return problems
+    problems = [_layer_problem(name, code) for name, code in parsed.codes.items()]
+    for key, array in parsed.floats.items():
+        if array.dtype.kind == "f" and not bool(np.isfinite(array).all()):
+            problems.append(f"float tensor {escape_name(key)} holds NaN/Inf values")
+    return [problem for problem in problems if problem]
+
+
+def _layer_problem(name: str, code: LayerCode) -> str:
+    """One line saying what is wrong with a layer's code ('' when nothing is)."""
+    h, w = code.matrix_shape
+    wrong = [index for index, plane in enumerate(code.planes) if plane_digest(plane.decode(h, w)) != plane.digest]
+    parts = []
+    if wrong:
+        listed = ", ".join(map(str, wrong[:8])) + (" ..." if len(wrong) > 8 else "")
+        parts.append(f"planes {listed} of {len(code.planes)}: the decoded data does not match its digest")
+    with np.errstate(over="ignore", invalid="ignore"):  # a corrupt scale may overflow: reported here
+        finite = code.mode == "zero" or bool(np.isfinite(code.decode()).all())
+    if not finite:
+        parts.append("decodes to non-finite weights")
+    return f"layer {escape_name(name)}: " + "; ".join(parts) if parts else ""
 
 
 def _tied(parsed: CBDFile) -> dict[str, str]:

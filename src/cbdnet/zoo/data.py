@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +23,16 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..fileio import escape_name, open_image_bounded, read_regular_file, walk_files
 
 __all__ = ["ClassificationData", "ImageFolderData", "SegmentationData", "DetectionData", "load_spec", "SPEC_KINDS",
-           "CIFAR_MEAN", "CIFAR_STD", "CAMVID_CLASSES", "VOC_CLASSES", "calibration_data"]
+           "CIFAR_MEAN", "CIFAR_STD", "CAMVID_CLASSES", "VOC_CLASSES", "calibration_data", "spec_path"]
 
+MAX_DATA_BYTES = 8 << 30  # one .npz data file
+MAX_IMAGE_PIXELS = 64_000_000  # one decoded image (8000 x 8000)
+MAX_IMAGE_ASPECT = 50.0  # longest side / shortest side, checked before resizing (1 x 6000 would resize to 256 x 1.5M)
+MAX_IMAGES = 10_000_000  # files in an image folder
+MAX_LIST_BYTES = 64 << 20  # a VOC image list or annotation
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
 SPEC_KINDS = ("cifar10-npz", "digits", "imagefolder", "camvid-npz", "voc")
@@ -55,11 +63,11 @@ CIFAR_LAYOUT = "an .npz with 'images' uint8 [N,32,32,3] RGB and 'labels' integer
 
 
 def _open_npz(path: str, required: dict[str, tuple], layout: str = "") -> dict[str, np.ndarray]:
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"data file not found: {path}" + (f" (expected {layout})" if layout else ""))
+    if not os.path.lexists(path):
+        raise DataError(f"data file not found: {escape_name(path)}" + (f" (expected {layout})" if layout else ""))
+    data = read_regular_file(path, what="data file", max_bytes=MAX_DATA_BYTES)  # no FIFO/device, bounded
     try:
-        with np.load(file, allow_pickle=False) as npz:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             missing = [key for key in required if key not in npz.files]
             if missing:
                 raise DataError(f"{path}: missing array(s) {missing}; expected {layout or sorted(required)}")
@@ -99,38 +107,48 @@ def digits(split: str = "test") -> ClassificationData:
     return ClassificationData(x, torch.from_numpy(bunch.target[index].astype(np.int64)), f"digits:{split}")
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
 class ImageFolderData:
-    """An ImageNet-style folder, decoded lazily batch by batch (256 resize, 224 centre crop, mean/std)."""
+    """An ImageNet-style folder, decoded lazily batch by batch (256 resize, 224 centre crop, mean/std). Files
+    are found without following a symbolic-link loop (:func:`cbdnet.fileio.walk_files`); each image's size and
+    aspect ratio are checked from its header before it is decoded or resized, and Pillow's decompression-bomb
+    checks become :class:`DataError`."""
 
     task = "classification"
 
     def __init__(self, root: str) -> None:
-        from torchvision import datasets, transforms
+        from torchvision import transforms
 
-        folder = Path(root)
-        if not folder.is_dir():
-            raise DataError(f"imagefolder: {root} is not a directory")
-        transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-                                        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        try:
-            self.dataset = datasets.ImageFolder(str(folder), transform=transform)
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise DataError(f"imagefolder: {root}: {exc}") from None
+        if not os.path.isdir(root):
+            raise DataError(f"imagefolder: {escape_name(root)} is not a directory")
+        self.classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        if not self.classes:
+            raise DataError(f"imagefolder: {escape_name(root)} has no class sub-folders")
+        self.samples: list[tuple[str, int]] = []
+        for label, name in enumerate(self.classes):
+            files = walk_files(os.path.join(root, name), suffixes=IMAGE_SUFFIXES, max_files=MAX_IMAGES)
+            self.samples += [(os.fspath(f), label) for f in files]
+            if len(self.samples) > MAX_IMAGES:
+                raise DataError(f"imagefolder: {escape_name(root)} holds more than {MAX_IMAGES:,} images")
+        self.transform = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                                             transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
         self.name = f"imagefolder:{root}"
-        self.classes = list(self.dataset.classes)
+        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.samples)
+
+    def image(self, index: int) -> torch.Tensor:
+        path = self.samples[index][0]
+        picture = open_image_bounded(path, MAX_IMAGE_PIXELS, max_aspect=MAX_IMAGE_ASPECT)
+        return self.transform(picture.convert("RGB"))
 
     def batches(self, batch_size: int):
         for start in range(0, len(self), batch_size):
-            items = []
-            for index in range(start, min(start + batch_size, len(self))):
-                try:
-                    items.append(self.dataset[index])
-                except OSError as exc:
-                    raise DataError(f"cannot read {self.dataset.samples[index][0]}: {exc}") from None
-            yield torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
+            index = range(start, min(start + batch_size, len(self)))
+            yield torch.stack([self.image(i) for i in index]), self.labels[start:index.stop]
 
 
 @dataclass
@@ -195,14 +213,9 @@ class DetectionData:
         return len(self.ids)
 
     def image(self, index: int) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
-
         path = self.root / "JPEGImages" / f"{self.ids[index]}.jpg"
-        try:
-            with Image.open(path) as picture:
-                array = np.asarray(picture.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"cannot read image {path}: {exc}") from None
+        picture = open_image_bounded(path, MAX_IMAGE_PIXELS, max_aspect=MAX_IMAGE_ASPECT)
+        array = np.asarray(picture.convert("RGB"))
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
     def batches(self, batch_size: int):
@@ -214,9 +227,10 @@ class DetectionData:
 def _voc_annotation(path: Path, classes: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import xml.etree.ElementTree as ET
 
+    raw = read_regular_file(path, what="VOC annotation", max_bytes=MAX_LIST_BYTES)
     try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError) as exc:
+        root = ET.fromstring(raw)
+    except ET.ParseError as exc:
         raise DataError(f"cannot read annotation {path}: {exc}") from None
     boxes, labels, difficult = [], [], []
     for obj in root.iter("object"):
@@ -238,15 +252,29 @@ def _voc_annotation(path: Path, classes: tuple[str, ...]) -> tuple[np.ndarray, n
 def _voc(rest: str) -> DetectionData:
     root = Path(rest)
     listing = root / "ImageSets" / "Main" / "test.txt"
-    if not listing.is_file():
+    if not os.path.lexists(listing):
         raise DataError(f"voc: {listing} not found (expected a VOCdevkit-style folder: JPEGImages, Annotations, "
                         "ImageSets/Main/test.txt)")
-    ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+    raw = read_regular_file(listing, what="VOC image list", max_bytes=MAX_LIST_BYTES)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"voc: {escape_name(os.fspath(listing))} is not UTF-8 text (byte {exc.start})") from None
+    ids = [line.split()[0] for line in text.splitlines() if line.strip()]
     if not ids:
         raise DataError(f"voc: {listing} lists no images")
     parsed = [_voc_annotation(root / "Annotations" / f"{i}.xml", VOC_CLASSES) for i in ids]
     return DetectionData(root, ids, [p[0] for p in parsed], [p[1] for p in parsed], [p[2] for p in parsed],
                          VOC_CLASSES, f"voc:{rest}")
+
+
+def spec_path(spec: str) -> str | None:
+    """The file or folder a data spec reads (None for the bundled digits): an input no output may replace."""
+    kind, _, rest = spec.partition(":")
+    if kind == "camvid-npz":
+        head, _, tail = rest.rpartition(":")
+        return head if head and tail in ("train", "val", "test") else rest or None
+    return rest or None if kind in SPEC_KINDS and kind != "digits" else None
 
 
 def load_spec(spec: str):

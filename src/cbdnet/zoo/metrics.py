@@ -7,8 +7,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import DataError
+
 __all__ = ["iter_batches", "evaluate_classification", "evaluate_segmentation", "evaluate_detection", "confusion_matrix",
-           "segmentation_scores", "voc_iou", "voc_ap", "voc_class_ap", "voc_map"]
+           "segmentation_scores", "voc_iou", "voc_ap", "voc_class_ap", "voc_map", "check_data_fits"]
 
 
 def iter_batches(data, batch_size: int):
@@ -200,3 +202,72 @@ def evaluate_detection(model: nn.Module, data, batch_size: int = 8, progress: bo
         bar.update(len(index))
     bar.close()
     return voc_map(predictions, data, eleven_point=eleven_point)
+
+
+# ---------------------------------------------------------------- does the data fit the model? (before any work)
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if conv is None else int(conv.in_channels)
+
+
+def _label_range(data) -> tuple[int, int] | None:
+    labels = getattr(data, "labels", None)
+    if isinstance(labels, torch.Tensor) and labels.numel():
+        return int(labels.min()), int(labels.max())
+    return None
+
+
+@torch.no_grad()
+def check_data_fits(model: nn.Module, data, name: str) -> None:
+    """Refuse data that does not fit ``model`` before any work, with a :class:`DataError` naming the problem:
+    an empty set, a channel count the first convolution does not take, a task the model's output does not
+    serve (a classifier on segmentation or detection data), labels that are negative or not below the model's
+    class count. Runs the model once on (at most) two images."""
+    if len(data) == 0:
+        raise DataError(f"the data {name} is empty: nothing to evaluate or calibrate on")
+    task = getattr(data, "task", "classification")
+    if task == "detection":
+        _check_detection(model, data, name)
+        return
+    images, _ = next(iter(iter_batches(data, 2)))
+    channels, wanted = int(images.shape[1]), _first_conv_channels(model)
+    if wanted is not None and channels != wanted:
+        raise DataError(f"the data {name} does not fit the model: it has {channels}-channel images; the model's "
+                        f"first convolution takes {wanted} channels")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    try:
+        output = logits_of(model(images.to(dtype)))
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"the data {name} does not fit the model: {first}") from None
+    want_dims = 2 if task == "classification" else 4
+    if not isinstance(output, torch.Tensor) or output.ndim != want_dims:
+        got = f"{output.ndim}-d output" if isinstance(output, torch.Tensor) else type(output).__name__
+        kind = "a classifier" if isinstance(output, torch.Tensor) and output.ndim == 2 else "this model"
+        raise DataError(f"the data {name} is {task} data, but {kind} gives {got}; a {task} model needs "
+                        f"{'[N, classes]' if want_dims == 2 else '[N, classes, H, W]'}")
+    classes = int(output.shape[1])
+    span = _label_range(data)
+    if span is not None and span[0] < 0 and task == "classification":
+        raise DataError(f"the data {name} has a negative label ({span[0]})")
+    if span is not None and task == "classification" and span[1] >= classes:
+        raise DataError(f"the data {name} has label {span[1]}, but the model has {classes} classes (0..{classes - 1})")
+    listed = getattr(data, "classes", None)
+    if task == "classification" and listed is not None and len(listed) > classes:
+        raise DataError(f"the data {name} has {len(listed)} classes, but the model has {classes}")
+    if task == "segmentation" and getattr(data, "num_classes", classes) > classes:
+        raise DataError(f"the data {name} has {data.num_classes} classes, but the model gives {classes}")
+
+
+def _check_detection(model: nn.Module, data, name: str) -> None:
+    image = data.image(0)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    try:
+        output = model([image.to(dtype)])
+    except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"the data {name} is detection data, which the model does not take: {first}") from None
+    if not (isinstance(output, list) and output and isinstance(output[0], dict) and "boxes" in output[0]):
+        raise DataError(f"the data {name} is detection data, but the model does not give boxes (a classifier?); "
+                        "a detection model (e.g. ssd300) is needed")

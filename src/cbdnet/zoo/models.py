@@ -9,11 +9,11 @@ checkpoint with ``torch.load(weights_only=True)``: a bare state dict or a dict w
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import re
 import warnings
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CBDError, WeightError
+from ..fileio import escape_name, read_regular_file
 
 __all__ = ["ARCHS", "register", "build", "load_weights", "known_archs", "CifarResNet", "DigitsCNN",
            "TORCHVISION_WEIGHTS", "torchvision_weights_file", "torchvision_builders", "import_factory", "file_sha256"]
@@ -189,20 +190,24 @@ register("digits-cnn")(DigitsCNN)
 
 # ---------------------------------------------------------------- checkpoints
 
-def _read_checkpoint(path: str | os.PathLike) -> object:
-    file = Path(path)
-    if not file.exists():
-        raise CBDError(f"no such weights file: {file}")
-    if file.is_dir():
-        raise CBDError(f"{file} is a directory, not a weights file")
-    with open(file, "rb") as handle:
-        head = handle.read(4)
-    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch zip archive / legacy pickle
+MAX_CHECKPOINT_BYTES = 8 << 30  # VGG-16's float32 checkpoint is 0.55 GB
+# the tensor dtypes a state dict may hold (what the .cbd file can store); sparse, quantized, complex, float8 and
+# meta tensors are refused by name
+CHECKPOINT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+                     torch.int16, torch.int8, torch.uint8, torch.bool)
+
+
+def _read_checkpoint(path: str | os.PathLike) -> tuple[object, str]:
+    """The unpickled (``weights_only``) checkpoint and the SHA-256 of its bytes. Only a regular file of at most
+    :data:`MAX_CHECKPOINT_BYTES` is read, once: no FIFO or device is opened, and the digest is of what was read."""
+    data = read_regular_file(path, what="weights file", max_bytes=MAX_CHECKPOINT_BYTES)
+    file = escape_name(os.fspath(path))
+    if not (data.startswith(b"PK\x03\x04") or data.startswith(b"\x80")):  # torch zip archive / legacy pickle
         raise WeightError(f"{file} is not a PyTorch checkpoint (expected a state dict written by torch.save)")
     try:
         with warnings.catch_warnings():  # e.g. "pickle protocol 4": the one-line error below says what matters
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(file, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f"Python objects ({found.group(1)})" if found else "Python objects"
@@ -210,8 +215,21 @@ def _read_checkpoint(path: str | os.PathLike) -> object:
             f"{file} is not a plain state dict: it pickles {what}, e.g. a whole model saved with torch.save(model); "
             f"loading it would need full unpickling, which can run arbitrary code, so it is refused. "
             f"Save model.state_dict() instead") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise WeightError(f"cannot read weights {file}: {str(exc).splitlines()[0][:200]}") from None
+    except Exception as exc:  # noqa: BLE001 - any failure of torch's reader on these bytes is a bad file
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise WeightError(f"cannot read weights {file}: {escape_name(first)}") from None
+    return checkpoint, hashlib.sha256(data).hexdigest()
+
+
+def _check_tensor(key: str, value: torch.Tensor, source: str) -> None:
+    """Refuse what a state dict of a float CNN cannot hold: sparse, quantized, meta, complex, float8 tensors."""
+    kind = ("sparse" if value.layout != torch.strided else "quantized" if value.is_quantized else
+            "meta (data-less)" if value.is_meta else None)
+    if kind is None and value.dtype not in CHECKPOINT_DTYPES:
+        kind = str(value.dtype).removeprefix("torch.")
+    if kind is not None:
+        raise WeightError(f"{source}: tensor {escape_name(key)} is a {kind} tensor; cbdnet reads dense float or "
+                          "integer tensors only")
 
 
 # torchvision's published DenseNet files predate its module names: "denselayer1.norm.1.weight" for "norm1.weight"
@@ -237,13 +255,20 @@ def _state_dict_of(checkpoint: object, source: str) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise WeightError(f"{source} holds no state dict (expected a dict of tensors or a dict with 'state_dict')")
+    odd = next((k for k in checkpoint if not isinstance(k, str)), None)
+    if odd is not None:
+        raise WeightError(f"{source}: state-dict key {escape_name(repr(odd))} is a {type(odd).__name__}, not a "
+                          "string")
+    for key, value in checkpoint.items():
+        _check_tensor(key, value, source)
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a checkpoint into ``model`` strictly, listing missing/unexpected keys when it does not fit."""
     expected = model.state_dict()
-    state = _modernise_keys(_state_dict_of(_read_checkpoint(path), str(path)), expected)
+    checkpoint, digest = _read_checkpoint(path)
+    state = _modernise_keys(_state_dict_of(checkpoint, escape_name(os.fspath(path))), expected)
     # old checkpoints predate BatchNorm's num_batches_tracked counter, which inference never reads
     missing = sorted(k for k in set(expected) - set(state) if not k.endswith("num_batches_tracked"))
     unexpected = sorted(set(state) - set(expected))
@@ -259,7 +284,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise WeightError(f"{path}: tensor {key} holds NaN/Inf values")
     model.load_state_dict(state, strict=False)
-    model.cbdnet_weights_sha256 = file_sha256(path)
+    model.cbdnet_weights_sha256 = digest
     return model
 
 
