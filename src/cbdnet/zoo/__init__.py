@@ -5,10 +5,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from torch import nn
 
+from ..errors import CBDError
 from ..format import cbdfile
+from ..runtime import to_int8
 from .models import build, known_archs, load_weights, register
 
 __all__ = ["build", "known_archs", "load_weights", "register", "load"]
@@ -18,8 +21,27 @@ def _build_named(arch: str, kwargs: dict) -> nn.Module:
     return build(arch, **kwargs)
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+RUNTIMES = ("float", "int8")
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, runtime: str = "float",
+         calibration: Iterable | None = None) -> nn.Module:
     """Load a ``.cbd`` file into ``model`` (an uncompressed skeleton of the same layout), or, when ``model`` is
     None, into a fresh model of the architecture the file names (registered or ``torchvision:NAME``; a user's
-    ``module:factory`` is never imported on a file's word). Never unpickles anything."""
-    return cbdfile.load(path, model, builder=_build_named)
+    ``module:factory`` is never imported on a file's word). Never unpickles anything.
+
+    ``runtime="float"`` (default): the decoded FP32 model, each layer carrying its code. ``runtime="int8"``:
+    the stored integer codes run on PyTorch's int8 CPU kernels (:func:`cbdnet.runtime.to_int8`); it needs
+    ``calibration`` images (training images) for the activation scales. Its report is ``model.cbdnet_int8_report``.
+    """
+    if runtime not in RUNTIMES:
+        raise CBDError(f"unknown runtime {runtime!r}; expected one of: {', '.join(RUNTIMES)}")
+    if runtime == "int8" and calibration is None:
+        raise CBDError("runtime='int8' needs calibration images (training images) to set the activation scales: "
+                       "pass calibration=...")
+    loaded = cbdfile.load(path, model, builder=_build_named)
+    if runtime == "float":
+        return loaded
+    qmodel, report = to_int8(loaded, calibration)
+    qmodel.cbdnet_int8_report = report
+    return qmodel
