@@ -50,6 +50,7 @@ from ..nn import COMPRESSIBLE, CBDModule, from_module
 from ..nn.walk import coded_keys
 
 __all__ = ["save", "load", "read", "parse", "verify", "atomic_write", "check_writable", "check_fits", "CBDFile",
+           "release_free_memory",
            "FORMAT_VERSION",
            "MAGIC"]
 
@@ -681,11 +682,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, builder: Bu
     _remember(model, parsed.meta)
     model.eval()
     del parsed
-    _return_free_memory()
+    release_free_memory()
     return model
 
 
-def _return_free_memory() -> None:
+def release_free_memory() -> None:
     """Give the heap pages freed by parsing and decoding (the file's bytes, per-layer temporaries) back to the
     OS: glibc keeps them otherwise, and the process would hold ~2x the model's bytes after a load."""
     try:

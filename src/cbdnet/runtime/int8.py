@@ -43,6 +43,7 @@ __all__ = ["to_int8", "Int8Report", "Int8Layer", "model_bytes", "INT8_MIN", "INT
 INT8_MIN, INT8_MAX = -128, 127
 BACKEND = "x86"
 _PLAIN = {CBDConv2d: nn.Conv2d, CBDLinear: nn.Linear, CBDConvTranspose2d: nn.ConvTranspose2d}
+_CODE_ATTRIBUTES = ("_code", "code_source", "_coded_weight")  # what a CBD module keeps beside nn.Module's state
 _QPARAM_BYTES = 16  # per output channel: a float64 scale and an int64 zero point, as torch stores them
 
 
@@ -137,13 +138,14 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     memo: dict[int, object] = {}
     for module in model.modules():
         if isinstance(module, CBDModule):
-            memo[id(getattr(module, "code", None))] = None
-            memo[id(getattr(module, "_coded_weight", None))] = None
+            for attribute in _CODE_ATTRIBUTES:
+                if module.__dict__.get(attribute) is not None:
+                    memo[id(module.__dict__[attribute])] = None
     plain = copy.deepcopy(model, memo).eval()
     for module in plain.modules():
         if type(module) in _PLAIN:
             module.__class__ = _PLAIN[type(module)]
-            for attribute in ("code", "_coded_weight"):
+            for attribute in _CODE_ATTRIBUTES:
                 module.__dict__.pop(attribute, None)
     return plain
 

@@ -30,7 +30,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, runtime: st
     None, into a fresh model of the architecture the file names (registered or ``torchvision:NAME``; a user's
     ``module:factory`` is never imported on a file's word). Never unpickles anything.
 
-    ``runtime="float"`` (default): the decoded FP32 model, each layer carrying its code. ``runtime="int8"``:
+    ``runtime="float"`` (default): the decoded FP32 model; each layer's code is re-read from ``path`` when it
+    is needed (``cbdnet.save``), so the model holds no more memory than the FP32 one. ``runtime="int8"``:
     the stored integer codes run on PyTorch's int8 CPU kernels (:func:`cbdnet.runtime.to_int8`); it needs
     ``calibration`` images (training images) for the activation scales. Its report is ``model.cbdnet_int8_report``.
     """
@@ -39,9 +40,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, runtime: st
     if runtime == "int8" and calibration is None:
         raise CBDError("runtime='int8' needs calibration images (training images) to set the activation scales: "
                        "pass calibration=...")
-    loaded = cbdfile.load(path, model, builder=_build_named)
     if runtime == "float":
-        return loaded
+        return cbdfile.load(path, model, builder=_build_named)
+    loaded = cbdfile.load(path, model, builder=_build_named, keep_codes=True)  # read once, not per layer
     qmodel, report = to_int8(loaded, calibration)
+    del loaded
+    cbdfile.release_free_memory()  # the float model and the calibration temporaries
     qmodel.cbdnet_int8_report = report
     return qmodel
