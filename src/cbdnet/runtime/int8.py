@@ -306,7 +306,24 @@ def _convert(plain: nn.Module, float_names: list[str], images: torch.Tensor, exa
     with torch.no_grad():
         for start in range(0, images.shape[0], batch):
             prepared(images[start:start + batch])
-    return convert_fx(prepared)
+    qmodel = convert_fx(prepared)
+    _forget_traced_models(qmodel)
+    return qmodel
+
+
+def _forget_traced_models(qmodel: nn.Module) -> None:
+    """Drop what ties the int8 model to the float one. Each graph node's ``target_dtype_info`` (used by
+    prepare/convert only) holds observer constructors whose closures reference the float modules, and torch.ao
+    memoises ``assert_and_get_unique_device(module)`` in an unbounded ``lru_cache``: either would keep the
+    observed float model (FP32 weights, histogram observers) alive as long as the int8 model."""
+    for node in qmodel.graph.nodes:
+        node.meta.pop("target_dtype_info", None)
+    try:
+        from torch.ao.quantization.fx import utils as fx_utils
+
+        fx_utils.assert_and_get_unique_device.cache_clear()
+    except (ImportError, AttributeError):  # a torch without that cache: nothing held
+        pass
 
 
 def _finish_layer(layer: Int8Layer, qmodule: nn.Module | None, plan: _Plan, factor: np.ndarray | None) -> None:

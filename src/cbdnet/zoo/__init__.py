@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable
 
@@ -45,6 +46,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, runtime: st
     loaded = cbdfile.load(path, model, builder=_build_named, keep_codes=True)  # read once, not per layer
     qmodel, report = to_int8(loaded, calibration)
     del loaded
-    cbdfile.release_free_memory()  # the float model and the calibration temporaries
+    gc.collect()  # torch.ao's graph objects form reference cycles: free the float model's tensors now
+    cbdfile.release_free_memory()  # and give the freed pages (float model, calibration temporaries) back
     qmodel.cbdnet_int8_report = report
     return qmodel
