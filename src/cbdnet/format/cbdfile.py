@@ -30,8 +30,10 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,6 +50,7 @@ from ..nn import COMPRESSIBLE, CBDModule, from_module
 from ..nn.walk import coded_keys
 
 __all__ = ["save", "load", "read", "parse", "verify", "atomic_write", "check_writable", "check_fits", "CBDFile",
+           "release_free_memory",
            "FORMAT_VERSION",
            "MAGIC"]
 
@@ -140,10 +143,12 @@ def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict 
     coded, tied = _coded_layers(model)
     if not coded:
         raise CBDError("the model has no compressed layers: run cbdnet.compress(model) first")
-    for name, module in coded:
-        layers.append(_layer_meta(name, module.code, module.weight.dtype))
-        for part, array in module.code.tensors().items():
-            tensors[f"cbd/{name}/{part}"] = np.ascontiguousarray(array)
+    with _codes_held(module for _, module in coded):
+        for name, module in coded:
+            code = module.code
+            layers.append(_layer_meta(name, code, module.weight.dtype))
+            for part, array in code.tensors().items():
+                tensors[f"cbd/{name}/{part}"] = np.ascontiguousarray(array)
     skipped = coded_keys(model)
     floats = []
     for key, value in model.state_dict().items():
@@ -498,13 +503,21 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _restore(model: nn.Module, parsed: CBDFile) -> nn.Module:
+def _finite(weight: torch.Tensor) -> bool:
+    """All entries finite, without a temporary the size of the weight: a float64 sum of finite float32/16
+    values cannot overflow, and any NaN or Inf makes it non-finite."""
+    return bool(torch.isfinite(weight.detach().sum(dtype=torch.float64)))
+
+
+def _restore(model: nn.Module, parsed: CBDFile, *, assign: bool = False) -> nn.Module:
+    """Decode the codes into CBD modules and fill the float tensors. ``assign``: ``model`` is a ``meta``-device
+    skeleton whose tensors are all in the file; they are set to the file's tensors, never allocated twice."""
     check_fits(model, parsed)
     replacements = {}
     for name, code in parsed.codes.items():  # decode everything before touching the caller's model
         with np.errstate(over="ignore", invalid="ignore"):  # a corrupt scale may overflow: refused below
             replacements[name] = from_module(model.get_submodule(name), code)
-        if not np.isfinite(replacements[name].weight.detach().float().numpy()).all():  # numpy: cheap on CPU
+        if not _finite(replacements[name].weight):
             raise FormatError(f"layer {name} decodes to non-finite weights: the file is corrupt")
     tied = {}
     for name, owner in _tied(parsed).items():
@@ -513,50 +526,195 @@ def _restore(model: nn.Module, parsed: CBDFile) -> nn.Module:
         tied[name] = twin
     for name, replacement in {**replacements, **tied}.items():
         _set_submodule(model, name, replacement)
-    state = {key: torch.from_numpy(np.array(value)) for key, value in parsed.floats.items()}
-    model.load_state_dict(state, strict=False)
+    if assign:
+        dtypes = {key: value.dtype for key, value in model.state_dict().items()}
+        state = {key: torch.from_numpy(np.array(value)).to(dtypes[key]) for key, value in parsed.floats.items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            raise RuntimeError("cbdnet.load: a tensor of the model was not filled from the file")
+    else:
+        state = {key: torch.from_numpy(np.array(value)) for key, value in parsed.floats.items()}
+        model.load_state_dict(state, strict=False)
     return model
+
+
+class _FileCodes:
+    """The layer codes of a loaded model, re-read from its ``.cbd`` file on demand instead of kept in memory
+    (a code is ~bits/32 of its float weight): the file must still be the one loaded (its SHA-256 is checked)."""
+
+    def __init__(self, path: str | os.PathLike, digest: bytes) -> None:
+        self.path = Path(path).resolve()
+        self.digest = digest
+        self._held: CBDFile | None = None
+        self._holders = 0
+
+    def parsed(self) -> CBDFile:
+        if self._held is not None:
+            return self._held
+        try:
+            data = read_regular_file(self.path, what="file", max_bytes=MAX_FILE_BYTES)
+        except CBDError as exc:
+            raise CBDError(f"the layer codes of this model are read from {self.path} on demand, and it cannot "
+                           f"be read now ({exc}): load the model again") from None
+        if data[-_DIGEST:] != self.digest:
+            raise CBDError(f"{self.path} changed since this model was loaded from it; its layer codes are read "
+                           "from that file on demand: load the model again")
+        return parse(data)
+
+    def hold(self) -> None:
+        if self._holders == 0:
+            self._held = self.parsed()
+        self._holders += 1
+
+    def release(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            self._held = None
+
+
+@dataclass
+class _LayerSource:
+    """``code_source`` of one loaded layer: its code, read from the file."""
+
+    file: _FileCodes
+    name: str
+
+    def __call__(self) -> LayerCode:
+        return self.file.parsed().codes[self.name]
+
+    def __deepcopy__(self, memo: dict) -> _LayerSource:
+        return self  # read-only: a copied model reads the same file
+
+
+@contextmanager
+def _codes_held(modules) -> Iterator[None]:
+    """While inside, the files that lazily loaded modules read their codes from are parsed once, not per layer."""
+    files = {id(s.file): s.file for m in modules if isinstance(s := m.__dict__.get("code_source"), _LayerSource)}
+    for file in files.values():
+        file.hold()
+    try:
+        yield
+    finally:
+        for file in files.values():
+            file.release()
+
+
+def _release_codes(model: nn.Module, path: str | os.PathLike, digest: bytes) -> None:
+    source = _FileCodes(path, digest)
+    for name, module in model.named_modules():
+        if isinstance(module, CBDModule):
+            module.release_code(_LayerSource(source, name))
 
 
 Builder = Callable[[str, dict], nn.Module]
 
 
-def _skeleton(parsed: CBDFile, builder: Builder | None) -> nn.Module:
+def _meta_build(builder: Builder, arch: str, kwargs: dict) -> nn.Module | None:
+    try:
+        with torch.device("meta"):
+            return builder(arch, kwargs)
+    except CBDError:
+        raise
+    except Exception:  # an architecture that cannot be built on the meta device: the real build decides
+        return None
+
+
+def _fills_everything(model: nn.Module, parsed: CBDFile) -> bool:
+    """Whether the file gives every tensor of the (meta) model: no non-persistent buffers (set by its
+    constructor only) and no tensor shared between state-dict keys other than tied coded weights."""
+    state = model.state_dict(keep_vars=True)
+    if {name for name, _ in model.named_buffers(remove_duplicate=False)} - set(state):
+        return False
+    coded = {f"{name}.weight" for name in (*parsed.codes, *_tied(parsed))}
+    keys: dict[int, list[str]] = {}
+    for key, value in state.items():
+        keys.setdefault(id(value), []).append(key)
+    return all(len(group) == 1 or set(group) <= coded for group in keys.values())
+
+
+def _skeleton(parsed: CBDFile, builder: Builder | None) -> tuple[nn.Module, bool]:
     """A fresh model of the file's architecture from ``builder(arch, arch_kwargs)``, built on the ``meta``
     device first (no memory) and checked against the file, so that ``arch_kwargs`` cannot ask for an
-    arbitrarily large model."""
+    arbitrarily large model. Returns ``(model, on_meta)``: the meta model itself where the file fills every
+    tensor of it (no FP32 weights are allocated only to be replaced), else a real build."""
     arch = parsed.meta.get("arch")
     if not isinstance(arch, str) or builder is None:
         raise CBDError("the file names no architecture this loader can build: pass the model skeleton, "
                        "load(path, model)")
     kwargs = parsed.meta.get("arch_kwargs") or {}
-    shapes_only = None
-    try:
-        if kwargs:  # without arguments the registry alone decides the size: nothing to fear from the file
-            with torch.device("meta"):
-                shapes_only = builder(arch, kwargs)
-    except CBDError:
-        raise
-    except Exception:  # an architecture that cannot be built on the meta device: the real build decides
-        shapes_only = None
+    shapes_only = _meta_build(builder, arch, kwargs)
     if shapes_only is not None:
         check_fits(shapes_only, parsed)
+        if _fills_everything(shapes_only, parsed):
+            return shapes_only, True
     try:
-        return builder(arch, kwargs)
+        return builder(arch, kwargs), False
     except CBDError:
         raise
     except Exception as exc:
         raise FormatError(f"cannot build {arch} with the file's arch_kwargs {kwargs}: {str(exc)[:200]}") from None
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, *, builder: Builder | None = None) -> nn.Module:
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, builder: Builder | None = None,
+         keep_codes: bool = False) -> nn.Module:
     """Load a ``.cbd`` file into ``model`` (an uncompressed skeleton of the same architecture), or into
     ``builder(arch, arch_kwargs)`` when ``model`` is None. Never unpickles anything. (``cbdnet.load`` passes
-    the zoo's builder, so files of registered architectures load by name.)"""
+    the zoo's builder, so files of registered architectures load by name.)
+
+    Memory: a skeleton built here lives on the ``meta`` device until the file's tensors are assigned to it,
+    and the layer codes are not kept beside the decoded weights: each CBD module re-reads its code from
+    ``path`` when ``.code`` is needed (``cbdnet.save``, reports), checking that the file is unchanged; so the
+    loaded model holds no more than the FP32 model. ``keep_codes=True`` keeps them in memory instead."""
+    digest = _file_digest(path)  # before reading: a file replaced in between fails the later check, safely
     parsed = read(path)
+    on_meta = False
     if model is None:
-        model = _skeleton(parsed, builder)
+        model, on_meta = _skeleton(parsed, builder)
     dtype = parsed.meta.get("dtype", "float32")  # checked by read()
-    model = _restore(model.to(_DTYPES[dtype]), parsed)
+    model = _restore(model.to(_DTYPES[dtype]), parsed, assign=on_meta)
+    if not keep_codes:
+        _release_codes(model, path, digest)
+    _remember(model, parsed.meta)
     model.eval()
+    del parsed
+    release_free_memory()
     return model
+
+
+def release_free_memory() -> None:
+    """Give the heap pages freed by parsing and decoding (the file's bytes, per-layer temporaries) back to the
+    OS: glibc keeps them otherwise, and the process would hold ~2x the model's bytes after a load."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _remember(model: nn.Module, meta: dict) -> None:
+    """What ``save`` records beside the codes (architecture, config, weights' origin), so that saving a loaded
+    model writes the same bytes."""
+    extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+    if isinstance(meta.get("arch"), str) and getattr(model, "cbdnet_arch", None) is None:
+        model.cbdnet_arch = meta["arch"]
+        model.cbdnet_arch_kwargs = dict(meta.get("arch_kwargs") or {})
+    if "config" in extra:
+        model.cbdnet_config = extra["config"]
+    for key in ("weights_sha256", "weights_source"):
+        if key in extra:
+            setattr(model, f"cbdnet_{key}", extra[key])
+
+
+def _file_digest(path: str | os.PathLike) -> bytes:
+    """The SHA-256 stored at the end of a ``.cbd`` file (``read`` checks it against the contents; a file that
+    cannot be read or is too short gets ``read``'s own error message)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() < _DIGEST:
+                return b""
+            handle.seek(-_DIGEST, os.SEEK_END)
+            return handle.read(_DIGEST)
+    except OSError:
+        return b""

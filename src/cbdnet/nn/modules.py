@@ -8,6 +8,8 @@ from the code, so a compressed model runs at the speed of the float model. The c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -22,8 +24,28 @@ class CBDModule:
     """Mixin: a module whose weight is the decoding of ``self.code`` (a :class:`cbdnet.codec.LayerCode`).
 
     The code is plain Python data beside the module's tensors: TorchScript ignores it, so
-    ``torch.jit.script`` compiles a loaded model like the float one."""
+    ``torch.jit.script`` compiles a loaded model like the float one. A module may also hold no code in memory
+    but a ``code_source`` (a callable that rebuilds it, e.g. by re-reading the ``.cbd`` file it was loaded
+    from, see :meth:`release_code`): then ``.code`` is rebuilt on each access."""
 
+    __jit_unused_properties__ = ["code"]
+
+    @property
+    def code(self) -> LayerCode | None:
+        code = self.__dict__.get("_code")
+        if code is None and self.__dict__.get("code_source") is not None:
+            return self.__dict__["code_source"]()
+        return code
+
+    @code.setter
+    def code(self, value: LayerCode) -> None:
+        self.__dict__["_code"] = value
+        self.__dict__.pop("code_source", None)
+
+    def release_code(self, source: Callable[[], LayerCode]) -> None:
+        """Drop the in-memory code; ``source()`` rebuilds it whenever ``.code`` is read."""
+        self.__dict__.pop("_code", None)
+        self.__dict__["code_source"] = source
 
     def set_code(self, code: LayerCode, dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
         """Carry ``code`` and run with its decoding as the (frozen) weight."""
@@ -46,12 +68,13 @@ class CBDModule:
 
     @classmethod
     def _twin(cls, original: nn.Module, code: LayerCode, *args, **kwargs):
-        """Build on the meta device, copy the bias, then set the decoded weight (no float weight allocated)."""
+        """Build on the meta device, copy the bias, then set the decoded weight (no float weight allocated). The
+        original may itself be on the meta device (its bias is then filled by the caller)."""
         module = cls(*args, bias=original.bias is not None, device="meta", **kwargs)
         module.bias = None if original.bias is None else nn.Parameter(original.bias.detach().clone(),
                                                                       requires_grad=original.bias.requires_grad)
-        module.weight = nn.Parameter(torch.empty_like(original.weight, device="cpu"), requires_grad=False)
-        module.set_code(code, original.weight.dtype, original.weight.device)
+        device = torch.device("cpu") if original.weight.is_meta else original.weight.device  # a meta skeleton
+        module.set_code(code, original.weight.dtype, device)  # shape checked against the meta weight
         module.train(original.training)
         return module
 
