@@ -1,4 +1,4 @@
-"""The ``cbdnet`` command line: ``compress``, ``eval``, ``info`` and ``demo``.
+"""The ``cbdnet`` command line: ``compress``, ``eval``, ``export``, ``info`` and ``demo``.
 
 Every failure ends in one line on stderr: exit code 2 for bad input or usage, 1 for an internal error;
 ``--debug`` shows the traceback instead.
@@ -26,6 +26,7 @@ from ..zoo import load
 from ..zoo.data import calibration_data, load_spec
 from ..zoo.metrics import evaluate_classification, evaluate_detection, evaluate_segmentation
 from ..zoo.models import build, known_archs, load_weights, torchvision_weights_file
+from .export_cmd import add_export_parser, is_onnx, onnx_model
 
 __all__ = ["main", "build_parser"]
 
@@ -198,7 +199,12 @@ def _skeleton(args) -> torch.nn.Module | None:
 def cmd_eval(args) -> int:
     if args.json:
         check_writable(args.json)
-    if args.file:
+    if not is_onnx(args.file):
+        _refuse(_given(args, "threads"), "--threads is for .onnx files (ONNX Runtime)")
+    if is_onnx(args.file):
+        _refuse(_given(args, "arch", "weights", "num_classes"), "an .onnx file holds its model")
+        model, source = onnx_model(args.file, args.threads), args.file
+    elif args.file:
         if args.weights is not None:
             raise UsageError("--weights does not apply to a .cbd file (its weights are in the file)")
         model, source = load(args.file, _skeleton(args)), args.file
@@ -306,11 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", parents=[common], help="accuracy of a .cbd file or a float model")
-    p.add_argument("file", nargs="?", help=".cbd file (or give --arch/--weights)")
+    p.add_argument("file", nargs="?", help=".cbd or .onnx file (or give --arch/--weights)")
     model_args(p)
+    p.add_argument("--threads", type=int, default=None, help=".onnx: ONNX Runtime intra-op threads (default 1)")
     p.add_argument("--data", required=True, help="data spec, e.g. cifar10-npz:PATH")
     p.add_argument("--json", help="write the result as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    add_export_parser(sub, common)
 
     p = sub.add_parser("info", parents=[common], help="show (and --verify) a .cbd file")
     p.add_argument("file")
