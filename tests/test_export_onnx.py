@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -113,9 +114,9 @@ def test_int8_activations_run_integer_kernels_close_to_torch(tmp_path, small):
     inits = _inits(path)
     levels, _ = small.conv2.code.levels()
     assert np.array_equal(inits["conv2.weight_quantized"], levels)
-    options = __import__("onnxruntime").SessionOptions()
+    options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    __import__("onnxruntime").InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
     assert ops.count("QLinearConv") == 2, ops  # both Conv2d run as integer kernels
 
