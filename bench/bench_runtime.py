@@ -45,9 +45,6 @@ x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 if kind == 'torch':
     import torch; torch.set_num_threads(1)
     from cbdnet.zoo.models import build, load_weights
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, shared  # noqa: E402
     arch, weights = path.split('|')
     before = rss(); m = build(arch).eval()
     if weights != 'random': load_weights(m, weights)
@@ -161,10 +158,12 @@ def bench_model(name: str, model_fp32, model_cbd, shape, calib, args, data=None,
                                                       for i in range(0, len(labels), 500)) / len(labels))
         for k, p in paths.items():
             result["top1"][k] = top1(p, images, labels)
+        print(name, "top-1", result["top1"], flush=True)
     arch = {"resnet20": "cifar-resnet20"}.get(name, name)
     result["rss"]["FP32 torch"] = rss("torch", f"{arch}|{weights}", (1, *shape[1:]))
     for k, p in paths.items():
         result["rss"][k] = rss("ort", str(p), (1, *shape[1:]))
+    print(name, "sizes", result["sizes"], "rss", result["rss"], flush=True)
     for batch in args.batches if name == "resnet20" else args.big_batches:
         x = np.random.default_rng(1).standard_normal((batch, *shape[1:])).astype(np.float32)
         for threads in args.threads:
