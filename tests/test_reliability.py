@@ -21,7 +21,7 @@ from cbd_mutations import meta_of, rebuild, tensors_of, tiny_file
 
 import cbdnet
 from cbdnet.cli import commands as cli
-from cbdnet.cli import demo
+from cbdnet.cli import demo, policy
 from cbdnet.codec import encode_weight
 from cbdnet.errors import DataError
 from cbdnet.zoo.data import load_spec
@@ -132,7 +132,7 @@ def test_a_failing_report_with_force_leaves_the_old_model(tmp_path, capsys, monk
     def broken(payload):
         raise OSError(32, "Broken pipe")
 
-    monkeypatch.setattr(cli, "json_bytes", broken)
+    monkeypatch.setattr(policy, "json_bytes", broken)
     code, _, err = run([*COMPRESS, "-o", str(model), "--json", str(report), "--force"], capsys)
     assert code == 1 and "Broken pipe" in err
     assert model.read_bytes() == OLD and not report.exists() and temps(tmp_path) == []

@@ -1,4 +1,4 @@
-"""The ``cbdnet`` command line: ``compress``, ``eval``, ``info`` and ``demo``.
+"""The ``cbdnet`` command line: ``compress``, ``eval``, ``export``, ``info`` and ``demo``.
 
 Every failure ends in one line on stderr: exit code 2 for bad input or usage, 1 for an internal error;
 ``--debug`` shows the traceback instead.
@@ -7,8 +7,6 @@ Every failure ends in one line on stderr: exit code 2 for bad input or usage, 1 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import platform
 import sys
 import time
@@ -21,13 +19,15 @@ from ..calib import BudgetConfig, CalibrationConfig, CBDConfig, RTNConfig, Unifo
 from ..calib.configs import ConfigError
 from ..codec import FALLBACK_RULES, GRANULARITIES
 from ..errors import CBDError
-from ..fileio import OutputSet, escape_name, is_stdout, json_safe, parse_positive_int
+from ..fileio import OutputSet, escape_name, parse_positive_int
 from ..format import encode_file, read, verify
 from ..format.cbdfile import MAX_ARCH_ARG, check_fits
 from ..zoo import load
-from ..zoo.data import calibration_data, load_spec, spec_path
+from ..zoo.data import calibration_data, load_spec
 from ..zoo.metrics import check_data_fits, evaluate_classification, evaluate_detection, evaluate_segmentation
 from ..zoo.models import build, known_archs, load_weights, torchvision_weights_file
+from .export_cmd import add_export_parser, is_onnx, onnx_model
+from .policy import finish, json_bytes, open_outputs
 
 __all__ = ["main", "build_parser"]
 
@@ -40,52 +40,6 @@ def _say(args, *text) -> None:
     if not args.quiet:  # with --json -, standard output is the JSON document alone: the text goes to stderr
         stream = sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
         print(*text, flush=True, file=stream)
-
-
-def json_bytes(payload: dict) -> bytes:
-    """A report as strict JSON (NaN/Inf become null: no bare NaN), UTF-8, one trailing newline."""
-    return (json.dumps(json_safe(payload), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-
-
-def run_inputs(args) -> list[str]:
-    """The files a run reads (checkpoint, .cbd, data paths of the specs): no output may be one of them."""
-    paths = [getattr(args, "file", None)]
-    weights = getattr(args, "weights", None)
-    if weights not in (None, "random", "torchvision"):
-        paths.append(weights)
-    elif weights == "torchvision" and getattr(args, "arch", None):
-        with contextlib.suppress(CBDError):  # reported when the weights are loaded
-            paths.append(str(torchvision_weights_file(args.arch)[0]))
-    paths += [spec_path(spec) for spec in (getattr(args, "data", None), getattr(args, "calib", None)) if spec]
-    return [p for p in paths if p]
-
-
-def open_outputs(args, files: list[tuple[str | None, str]]) -> tuple[OutputSet, list]:
-    """The one output policy of the CLI, in one call, before any work: an :class:`OutputSet` over the run's
-    inputs (:func:`run_inputs`) with ``--force``, and each ``(path, what)`` of ``files`` registered in order
-    (None: not asked for -> None; ``-`` for a JSON report: standard output -> ``"-"``). Use it as a context
-    manager; ``out.write(path, bytes)`` each output, then :func:`finish`. (``export``/``sweep`` adopt it so.)"""
-    out = OutputSet(inputs=run_inputs(args), force=getattr(args, "force", False))
-    targets = []
-    for path, what in files:
-        if path is None:
-            targets.append(None)
-        elif what == "JSON report" and is_stdout(path):
-            targets.append("-")
-        else:
-            targets.append(out.add(path, what=what))
-    return out, targets
-
-
-def finish(out: OutputSet, json_target, payload: dict | None) -> None:
-    """Stage the JSON report (a file, or ``-``: printed after the files), then publish every output at once."""
-    data = json_bytes(payload) if json_target is not None and payload is not None else None
-    if data is not None and json_target != "-":
-        out.write(json_target, data)
-    out.commit()
-    if data is not None and json_target == "-":
-        sys.stdout.write(data.decode())
-        sys.stdout.flush()
 
 
 def _model_from_args(args) -> tuple[torch.nn.Module, str]:
@@ -250,12 +204,18 @@ def _skeleton(args) -> torch.nn.Module | None:
 
 
 def cmd_eval(args) -> int:
-    if args.file and args.weights is not None:
+    if not is_onnx(args.file):
+        _refuse(_given(args, "threads"), "--threads is for .onnx files (ONNX Runtime)")
+    elif args.file:
+        _refuse(_given(args, "arch", "weights", "num_classes"), "an .onnx file holds its model")
+    if args.file and not is_onnx(args.file) and args.weights is not None:
         raise UsageError("--weights does not apply to a .cbd file (its weights are in the file)")
     out, (json_target,) = open_outputs(args, [(args.json, "JSON report")])
     with out:
         data = load_spec(args.data)  # the data first: cheap to refuse
-        if args.file:
+        if is_onnx(args.file):
+            model, source = onnx_model(args.file, args.threads), args.file
+        elif args.file:
             model, source = load(args.file, _skeleton(args)), args.file
         else:
             model, source = _model_from_args(args)
@@ -364,12 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", parents=[common], help="accuracy of a .cbd file or a float model")
-    p.add_argument("file", nargs="?", help=".cbd file (or give --arch/--weights)")
+    p.add_argument("file", nargs="?", help=".cbd or .onnx file (or give --arch/--weights)")
     model_args(p)
+    p.add_argument("--threads", type=int, default=None, help=".onnx: ONNX Runtime intra-op threads (default 1)")
     p.add_argument("--data", required=True, help="data spec, e.g. cifar10-npz:PATH")
     p.add_argument("--json", help="write the result as JSON here ('-': standard output)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(func=cmd_eval)
+
+    add_export_parser(sub, common)
 
     p = sub.add_parser("info", parents=[common], help="show (and --verify) a .cbd file")
     p.add_argument("file")

@@ -1,0 +1,124 @@
+"""``cbdnet export IN.cbd --format onnx -o OUT.onnx [--int8 --calib SPEC]`` and the ONNX side of ``cbdnet eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+
+import torch
+
+from .. import __version__
+from ..errors import CBDError
+from ..export import OnnxModel, export_onnx_bytes, input_spec
+from ..format import read
+from ..zoo import load
+from ..zoo.data import calibration_data
+from ..zoo.models import build
+from .policy import finish, open_outputs
+
+__all__ = ["add_export_parser", "cmd_export", "is_onnx", "onnx_model"]
+
+
+def is_onnx(path: str | None) -> bool:
+    return bool(path) and str(path).lower().endswith(".onnx")
+
+
+def onnx_model(path: str, threads: int | None) -> OnnxModel:
+    """The ONNX file as a module-like model for the zoo's metrics (ONNX Runtime, ``threads`` threads, 1 default)."""
+    return OnnxModel(path, 1 if threads is None else threads)
+
+
+def _input_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) < 2 or min(shape) < 1:
+        raise CBDError(f"--input-shape must be positive integers such as 1,3,32,32, got {text!r}")
+    return shape
+
+
+def _calibration(spec: str, images: int | None) -> Iterator[torch.Tensor]:
+    """Normalised image batches of a calibration spec (training images only), the first ``images`` of them."""
+    data = calibration_data(spec)
+    left = len(data) if images is None else min(images, len(data))
+    size = 8 if getattr(data, "task", "classification") == "segmentation" else 100
+    for batch, _ in data.batches(size):
+        if left <= 0:
+            return
+        yield batch[:left]
+        left -= len(batch)
+
+
+def _metadata(parsed, arch: str, spec, args) -> dict[str, str]:
+    config = (parsed.meta.get("extra") or {}).get("config")
+    return {"cbdnet.arch": arch, "cbdnet.task": spec.task, "cbdnet.input_shape": json.dumps(list(spec.shape)),
+            "cbdnet.input_mean": json.dumps(list(spec.mean)), "cbdnet.input_std": json.dumps(list(spec.std)),
+            "cbdnet.version": __version__, "cbdnet.cbd_version": str(parsed.meta.get("cbdnet_version")),
+            "cbdnet.config": json.dumps(config, sort_keys=True),
+            "cbdnet.int8_activations": json.dumps(bool(args.int8)),
+            "cbdnet.calibration": json.dumps({"spec": args.calib, "images": args.calib_images} if args.int8 else None)}
+
+
+def cmd_export(args) -> int:
+    if args.int8 and not args.calib:
+        raise CBDError("--int8 needs --calib SPEC (training images to calibrate the activation ranges)")
+    if not args.int8 and (args.calib or args.calib_images is not None):
+        raise CBDError("--calib/--calib-images apply to --int8 only (weight-only export needs no calibration)")
+    if args.calib_images is not None and args.calib_images < 1:
+        raise CBDError(f"--calib-images must be at least 1, got {args.calib_images}")
+    shape = _input_shape(args.input_shape)
+    out, (onnx_target, json_target) = open_outputs(args, [(args.output, "ONNX file"), (args.json, "JSON report")])
+    with out:  # outputs checked before any work, published together at the very end
+        parsed = read(args.file)
+        arch = args.arch or parsed.meta.get("arch")
+        spec = input_spec(arch, shape)
+        skeleton = None
+        if args.arch is not None:
+            kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+            skeleton = build(args.arch, allow_import=True, **kwargs)
+        model = load(args.file, skeleton)
+        calibration = _calibration(args.calib, args.calib_images) if args.int8 else None
+        data, report = export_onnx_bytes(model, input_shape=spec.shape, int8=args.int8, calibration=calibration,
+                                         metadata=_metadata(parsed, str(arch), spec, args),
+                                         activation_dtype=args.activations)
+        report.path = str(args.output)
+        out.write(onnx_target, data)
+        payload = {**report.to_dict(), "source": args.file, "arch": arch, "input_shape": list(spec.shape)}
+        finish(out, json_target, payload if args.json else None)
+    if not args.quiet:  # with --json -, standard output is the JSON document alone
+        stream = sys.stderr if args.json == "-" else sys.stdout
+        kind = f"int8 weights + {args.activations} activations" if args.int8 else "int8 weights, float activations"
+        print(f"wrote {args.output}: {report.bytes:,} bytes, ONNX opset {report.opset}, {kind}, "
+              f"input {'x'.join(map(str, spec.shape))} (dynamic batch)", file=stream)
+        for layer in report.layers:
+            if layer.runs_as == "float":
+                print(f"  {layer.name}: kept in float ({layer.reason})", file=stream)
+        print(f"  {sum(layer.runs_as == 'int8' for layer in report.layers)} layers as exact int8 levels"
+              + (f", {report.activations_quantized} activations quantized" if args.int8 else ""), file=stream)
+    return 0
+
+
+def add_export_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", parents=[common], help="export a .cbd file for deployment (ONNX, QDQ int8)")
+    p.add_argument("file", help=".cbd file")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="output format (onnx)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx file")
+    p.add_argument("--int8", action="store_true", help="quantize activations too (calibrated), so ONNX Runtime runs "
+                                                       "integer kernels; needs --calib")
+    p.add_argument("--calib", help="calibration data spec (training images) for --int8, e.g. "
+                                   "cifar10-npz:../shared/data/cifar10_calib1000.npz")
+    p.add_argument("--calib-images", type=int, default=None, help="use only the first N calibration images")
+    p.add_argument("--activations", choices=("uint8", "int8"), default="uint8",
+                   help="activation type under --int8 (default uint8: ONNX Runtime fuses every Conv on AVX2 CPUs)")
+    p.add_argument("--arch", help="architecture to build (default: the one the file names)")
+    p.add_argument("--num-classes", type=int, default=None, help="class count of the architecture's head")
+    p.add_argument("--input-shape", help="example input N,C,H,W (default: the architecture's, e.g. 1,3,32,32)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--json", help="write the export report as JSON here")
+    p.set_defaults(func=cmd_export)
+    return p

@@ -1,0 +1,547 @@
+"""Export a loaded compressed model as a QDQ ONNX file whose weights are the stored integer codes.
+
+Every compressed layer (a module carrying ``.code``) has ``weight == levels * steps`` with integer ``levels``
+(:meth:`cbdnet.codec.LayerCode.levels`). Its weight becomes an **int8 initializer holding exactly those levels**,
+followed by ``DequantizeLinear`` whose scale is the code's float32 step (per output channel, ``axis`` 0, or per
+tensor) and whose zero point is 0: no second quantization.
+
+BatchNorm folding: a ``BatchNormalization`` that alone consumes a compressed ``Conv`` is folded into that
+layer's DequantizeLinear scale and a float bias, ``scale_c = step_c * gamma_c / sqrt(var_c + eps)``. A scale must
+be positive, so **a channel whose BN factor is negative stores its levels negated** (``-levels``, still exact
+integers; a level of -128 cannot be negated, and such a layer keeps its BN unfolded). So the int8 initializer
+equals the code's levels times ``sign(gamma_c)`` per output channel.
+
+With ``int8=True`` the float activations around the quantized nodes (and around Add, pooling, Flatten, ... as
+ONNX Runtime's own QDQ quantizer places them) get QuantizeLinear -> DequantizeLinear pairs with min/max
+calibrated scales; biases become int32 with scale ``x_scale * w_scale``; a Relu after a quantized node is
+absorbed into the asymmetric (uint8 by default) output quantization. ONNX Runtime then fuses the graph into
+integer kernels (QLinearConv, QLinearAdd, QGemm...). uint8 activations are the default because on AVX2 CPUs ORT
+fuses every Conv with them, but only some with int8 activations.
+
+Opset 17: per-axis DequantizeLinear needs opset >= 13; 17 is the newest opset that torch's TorchScript exporter,
+ONNX Runtime's QDQ fusions and the common other runtimes all handle, and opsets 19-21 only add float8/int4/
+blocked quantization, which these codes do not need.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from .. import __version__
+from ..errors import CBDError
+from ..format import atomic_write, check_writable
+from ..zoo.data import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["ExportReport", "LayerExport", "export_onnx", "input_spec", "OPSET", "build_proto"]
+
+OPSET = 17
+_WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+# float tensors that ORT's QDQ quantizer puts Q/DQ on (inputs and outputs of these ops)
+_ACT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "MaxPool", "AveragePool",
+            "GlobalAveragePool", "Flatten", "Reshape", "Pad", "Slice", "Concat", "Transpose", "Squeeze",
+            "Unsqueeze", "Resize", "Split", "Relu", "Clip"}
+_SAME_AS_INPUT = {"Slice", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Pad"}
+_RELU_ABSORBERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}
+_ACT_RANGE = {"uint8": (0, 255, np.uint8), "int8": (-128, 127, np.int8)}
+
+
+# ------------------------------------------------------------------------------------------- input spec
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model expects: one input of ``shape`` (batch 1), normalised by ``(x - mean) / std``."""
+
+    shape: tuple[int, ...]
+    task: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def input_spec(arch: str | None, shape: tuple[int, ...] | None = None) -> InputSpec:
+    """The input of a registered architecture (CIFAR ResNets 1x3x32x32, digits-cnn 1x1x8x8, SegNets
+    1x3x180x240 as the CamVid data, ImageNet models 1x3x224x224); ``shape`` overrides the size."""
+    name = (arch or "").lower()
+    task = "segmentation" if "segnet" in name or "segmentation" in name else "classification"
+    if name.startswith("cifar-resnet"):
+        default: tuple[int, ...] | None = (1, 3, 32, 32)
+    elif name == "digits-cnn":
+        return InputSpec(tuple(shape or (1, 1, 8, 8)), task, (0.0,), (1.0,))
+    elif name.startswith("segnet"):
+        default = (1, 3, 180, 240)
+    elif name in ("resnet18", "vgg16", "densenet121") or name.startswith("torchvision:"):
+        default = (1, 3, 224, 224)
+    else:
+        default = None
+    if shape is None and default is None:
+        raise CBDError(f"no known input shape for architecture {arch!r}: pass --input-shape N,C,H,W")
+    return InputSpec(tuple(shape or default), task, IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ------------------------------------------------------------------------------------------- report
+
+@dataclass
+class LayerExport:
+    name: str
+    runs_as: str  # "int8" (int8 levels + DequantizeLinear) or "float"
+    reason: str = ""
+    bn_folded: bool = False
+    negated_channels: int = 0  # channels stored as -levels (negative BN factor)
+
+
+@dataclass
+class ExportReport:
+    path: str
+    bytes: int
+    opset: int
+    int8_activations: bool
+    activations_quantized: int
+    layers: list[LayerExport] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "bytes": self.bytes, "opset": self.opset,
+                "int8_activations": self.int8_activations, "activations_quantized": self.activations_quantized,
+                "layers": [vars(layer) for layer in self.layers],
+                "float_layers": [layer.name for layer in self.layers if layer.runs_as == "float"]}
+
+
+# ------------------------------------------------------------------------------------------- codes
+
+@dataclass
+class _Code:
+    levels: np.ndarray  # int64, the weight's shape
+    steps: np.ndarray  # float32 [1] or [shape[0]]
+
+
+def _codes(model: nn.Module, report: list[LayerExport], int8: bool) -> dict[str, _Code]:
+    """The int8-able codes of ``model``'s compressed layers; the others are reported as float (an error under
+    ``int8``)."""
+    codes: dict[str, _Code] = {}
+    for name, module in model.named_modules():
+        code = getattr(module, "code", None)
+        if code is None or not hasattr(code, "levels"):
+            continue
+        levels, steps = code.levels()
+        levels = np.asarray(levels).astype(np.int64)
+        steps = np.asarray(steps, np.float32).reshape(-1)
+        lo, hi = int(levels.min(initial=0)), int(levels.max(initial=0))
+        if lo < -128 or hi > 127:
+            why = f"levels span [{lo}, {hi}], wider than int8"
+            if int8:
+                raise CBDError(f"layer {name}: {why}; --int8 needs every compressed layer in int8 "
+                               f"(export without --int8 keeps it in float)")
+            report.append(LayerExport(name, "float", why))
+            continue
+        _check_weight(name, module, levels, steps)
+        codes[name] = _Code(levels, steps)
+    if not codes and not report:
+        raise CBDError("the model has no compressed layers (load a .cbd file first)")
+    return codes
+
+
+def _check_weight(name: str, module: nn.Module, levels: np.ndarray, steps: np.ndarray) -> None:
+    weight = module.weight.detach().cpu().float().numpy()
+    if levels.shape != weight.shape or steps.size not in (1, weight.shape[0]):
+        raise CBDError(f"layer {name}: its code ({levels.shape}, {steps.size} steps) does not fit its weight "
+                       f"{weight.shape}")
+    expect = levels.astype(np.float32) * steps.reshape((-1,) + (1,) * (levels.ndim - 1))
+    worst = float(np.abs(expect - weight).max(initial=0.0))
+    if worst > 1e-5 * float(np.abs(expect).max(initial=0.0)) + 1e-12:
+        raise CBDError(f"layer {name}: its weight is no longer levels * steps (max difference {worst:.3g}); "
+                       f"was it edited after loading?")
+
+
+# ------------------------------------------------------------------------------------------- graph helpers
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.g = model.graph
+        self.inits = {t.name: t for t in self.g.initializer}
+        self._count = 0
+
+    def fresh(self, base: str) -> str:
+        self._count += 1
+        return f"{base}__{self._count}"
+
+    def consumers(self, tensor: str) -> list[onnx.NodeProto]:
+        return [n for n in self.g.node if tensor in n.input]
+
+    def producer(self, tensor: str) -> onnx.NodeProto | None:
+        return next((n for n in self.g.node if tensor in n.output), None)
+
+    def const(self, name: str) -> np.ndarray | None:
+        tensor = self.inits.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def add_init(self, name: str, array: np.ndarray) -> str:
+        tensor = numpy_helper.from_array(np.array(array, order="C", copy=True), name)
+        if name in self.inits:
+            self.g.initializer.remove(self.inits[name])
+        self.g.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
+    def outputs(self) -> set[str]:
+        return {o.name for o in self.g.output}
+
+    def rename_input(self, old: str, new: str) -> None:
+        for node in self.g.node:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+
+    def prune(self) -> None:
+        used = {i for n in self.g.node for i in n.input} | self.outputs()
+        for name in [k for k in self.inits if k not in used]:
+            self.g.initializer.remove(self.inits.pop(name))
+
+
+def _fold_constants(gr: _Graph) -> None:
+    """Constant nodes -> initializers; nodes whose inputs are all constant (shape arithmetic) are evaluated."""
+    from onnx.reference import ReferenceEvaluator
+
+    keep = []
+    for node in list(gr.g.node):
+        names = [i for i in node.input if i]
+        standard = node.domain in ("", "ai.onnx")
+        if standard and node.op_type == "Constant":
+            attr = {a.name: a for a in node.attribute}
+            value = (numpy_helper.to_array(attr["value"].t) if "value" in attr
+                     else ReferenceEvaluator(node).run(None, {})[0])
+            gr.add_init(node.output[0], np.asarray(value))
+        elif standard and names and all(i in gr.inits for i in names) and "Quantize" not in node.op_type:
+            values = ReferenceEvaluator(node).run(None, {i: gr.const(i) for i in names})
+            for name, value in zip(node.output, values, strict=True):
+                gr.add_init(name, np.asarray(value))
+        elif node.op_type == "Identity" and node.input[0] in gr.inits and node.output[0] not in gr.outputs():
+            gr.rename_input(node.output[0], node.input[0])
+        else:
+            keep.append(node)
+    del gr.g.node[:]
+    gr.g.node.extend(keep)
+
+
+def _fold_bn(gr: _Graph, conv: onnx.NodeProto, levels: np.ndarray, scale: np.ndarray):
+    """Fold the inference BatchNormalization that alone consumes ``conv`` into (levels, scale, bias), or None.
+    Channels with a negative BN factor get negated levels so that every DequantizeLinear scale is positive."""
+    out = conv.output[0]
+    users = gr.consumers(out)
+    if conv.op_type != "Conv" or len(users) != 1 or users[0].op_type != "BatchNormalization" or out in gr.outputs():
+        return None
+    bn = users[0]
+    params = [gr.const(i) for i in bn.input[1:5]]
+    if any(p is None for p in params) or len(bn.output) != 1:
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    factor = gamma / np.sqrt(var + eps)
+    if levels.shape[0] != factor.size:
+        return None
+    folded = np.broadcast_to(scale.astype(np.float64), factor.shape) * factor
+    sign = np.where(folded < 0, -1, 1).reshape((-1,) + (1,) * (levels.ndim - 1))
+    levels = levels * sign
+    if levels.max(initial=0) > 127:  # a negated -128
+        return None
+    bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+    bias = gr.const(bias_name).astype(np.float64) if bias_name else np.zeros(factor.size)
+    conv.output[0] = bn.output[0]
+    gr.g.node.remove(bn)
+    return levels, np.abs(folded).astype(np.float32), ((bias - mean) * factor + beta).astype(np.float32)
+
+
+def _weight_init(gr: _Graph, model: nn.Module, name: str) -> str:
+    pname = f"{name}.weight"
+    if pname in gr.inits:
+        return pname
+    weight = dict(model.named_modules())[name].weight.detach().cpu().float().numpy()
+    matches = [k for k, t in gr.inits.items()
+               if tuple(t.dims) == weight.shape and np.array_equal(numpy_helper.to_array(t), weight)]
+    if len(matches) != 1:
+        raise CBDError(f"layer {name}: its weight could not be found in the exported graph")
+    return matches[0]
+
+
+def _weight_node(gr: _Graph, name: str, init: str, levels: np.ndarray) -> tuple[onnx.NodeProto, np.ndarray, int]:
+    """The node that consumes the weight ``init`` (input 1), with the levels in that node's layout and the
+    DequantizeLinear axis of the steps."""
+    users = gr.consumers(init)
+    if len(users) != 1:
+        raise CBDError(f"layer {name}: its weight feeds {len(users)} nodes; expected one Conv/Gemm/MatMul")
+    node, axis = users[0], 0
+    if node.op_type == "Transpose" and levels.ndim == 2:  # Linear on N-d input: Transpose(W) -> MatMul
+        after = gr.consumers(node.output[0])
+        if len(after) != 1 or after[0].op_type != "MatMul":
+            raise CBDError(f"layer {name}: unsupported use of its weight ({node.op_type})")
+        gr.rename_input(node.output[0], init)
+        gr.g.node.remove(node)
+        node, levels, axis = after[0], levels.T, 1
+    if node.op_type not in _WEIGHT_OPS or list(node.input).index(init) != 1:
+        raise CBDError(f"layer {name}: its weight feeds {node.op_type}, not Conv/Gemm/MatMul")
+    if node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute):
+        levels, axis = levels.T, 1
+    return node, levels, axis
+
+
+def _quantize_weights(gr: _Graph, model: nn.Module, codes: dict[str, _Code],
+                      report: list[LayerExport]) -> dict[str, onnx.NodeProto]:
+    """Replace each coded float weight by int8 levels -> DequantizeLinear. Returns {layer: weight node}."""
+    done: dict[str, onnx.NodeProto] = {}
+    for name, code in codes.items():
+        init = _weight_init(gr, model, name)
+        node, levels, axis = _weight_node(gr, name, init, code.levels)
+        scale, bias, entry = code.steps, None, LayerExport(name, "int8")
+        folded = _fold_bn(gr, node, levels, scale) if axis == 0 else None
+        if folded is not None:
+            entry.negated_channels = int((folded[0] != levels).any(axis=tuple(range(1, levels.ndim))).sum())
+            levels, scale, bias = folded
+            entry.bn_folded = True
+        per_channel = scale.size > 1
+        q = gr.add_init(f"{name}.weight_quantized", levels.astype(np.int8))
+        s = gr.add_init(f"{name}.weight_scale", scale if per_channel else np.float32(scale.reshape(())))
+        z = gr.add_init(f"{name}.weight_zero_point", np.zeros(scale.size, np.int8) if per_channel else np.int8(0))
+        dq = helper.make_node("DequantizeLinear", [q, s, z], [f"{name}.weight_dequantized"],
+                              name=f"{name}.weight_DQ", **({"axis": axis} if per_channel else {}))
+        gr.g.node.insert(list(gr.g.node).index(node), dq)
+        node.input[1] = dq.output[0]
+        if bias is not None:
+            b = gr.add_init(f"{name}.bias_folded", bias)
+            if len(node.input) > 2:
+                node.input[2] = b
+            else:
+                node.input.append(b)
+        if not node.name or sum(n.name == node.name for n in gr.g.node) > 1:
+            node.name = gr.fresh(f"{name}.{node.op_type}")
+        done[name] = node
+        report.append(entry)
+    gr.prune()
+    return done
+
+
+# ------------------------------------------------------------------------------------------- activations
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    g = onnx.shape_inference.infer_shapes(model).graph
+    return {v.name for v in [*g.value_info, *g.input, *g.output] if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+
+
+def _activation_tensors(gr: _Graph, weight_nodes: set[int], floats: set[str]) -> list[str]:
+    """The float activations to quantize, in graph order: around quantized weight nodes and the ops ORT's
+    quantizer covers; never a graph output (the logits stay float)."""
+    chosen: list[str] = []
+    for node in gr.g.node:
+        if node.op_type not in _ACT_OPS or (node.op_type in _WEIGHT_OPS and id(node) not in weight_nodes):
+            continue
+        names = [node.input[0]] if node.op_type in _WEIGHT_OPS else list(node.input)
+        for name in [*names, *node.output]:
+            if name and name in floats and name not in gr.inits and name not in chosen:
+                chosen.append(name)
+    outputs = gr.outputs()
+    return [t for t in chosen if t not in outputs]
+
+
+def _absorb_relus(gr: _Graph, weight_nodes: set[int]) -> None:
+    """Drop a Relu that alone follows a quantized node: the asymmetric Q after it clamps at zero instead."""
+    outputs = gr.outputs()
+    for relu in [n for n in gr.g.node if n.op_type == "Relu"]:
+        src = relu.input[0]
+        prod = gr.producer(src)
+        if (prod is None or prod.op_type not in _RELU_ABSORBERS or src in outputs or relu.output[0] in outputs
+                or (prod.op_type in _WEIGHT_OPS and id(prod) not in weight_nodes) or len(gr.consumers(src)) != 1):
+            continue
+        prod.output[list(prod.output).index(src)] = relu.output[0]
+        gr.g.node.remove(relu)
+
+
+def _calibrate(model: onnx.ModelProto, tensors: list[str], calibration: Iterable) -> dict[str, tuple[float, float]]:
+    """min/max of each tensor over the calibration batches, run in ONNX Runtime on the float-activation graph."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None)
+                              for t in tensors if t not in existing)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    ranges = {t: (np.inf, -np.inf) for t in tensors}
+    batches = 0
+    for batch in calibration:
+        x = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
+        for t, v in zip(tensors, session.run(tensors, {input_name: x.astype(np.float32)}), strict=True):
+            ranges[t] = (min(ranges[t][0], float(v.min())), max(ranges[t][1], float(v.max())))
+        batches += 1
+    if not batches:
+        raise CBDError("the calibration set gave no images")
+    return ranges
+
+
+def _qparams(lo: float, hi: float, dtype: str) -> tuple[np.float32, int]:
+    """Asymmetric scale and zero point of a range that always contains 0."""
+    qmin, qmax, _ = _ACT_RANGE[dtype]
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if not np.isfinite(hi - lo) or hi - lo <= 0:
+        return np.float32(1.0), 0 if dtype == "int8" else 0
+    scale = np.float32((hi - lo) / (qmax - qmin))
+    return scale, int(np.clip(np.round(qmin - lo / float(scale)), qmin, qmax))
+
+
+def _insert_qdq(gr: _Graph, tensors: list[str], ranges: dict[str, tuple[float, float]], dtype: str) -> dict:
+    """A QuantizeLinear -> DequantizeLinear pair after each tensor; returns {tensor: scale}."""
+    ranges = dict(ranges)
+    chosen = set(tensors)
+    for node in gr.g.node:  # data movement reuses its input's parameters (ORT then drops its Q/DQ)
+        if node.op_type in _SAME_AS_INPUT and node.input[0] in chosen and node.output[0] in chosen:
+            ranges[node.output[0]] = ranges[node.input[0]]
+    position = {o: i for i, node in enumerate(gr.g.node) for o in node.output}
+    pairs: dict[int, list[onnx.NodeProto]] = {}
+    scales: dict[str, float] = {}
+    for t in tensors:
+        scale, zp = _qparams(*ranges[t], dtype)
+        scales[t] = float(scale)
+        s = gr.add_init(f"{t}_scale", np.float32(scale))
+        z = gr.add_init(f"{t}_zero_point", np.array(zp, dtype=_ACT_RANGE[dtype][2]))
+        gr.rename_input(t, f"{t}_dequantized")
+        pairs.setdefault(position.get(t, -1), []).extend([
+            helper.make_node("QuantizeLinear", [t, s, z], [f"{t}_quantized"], name=f"{t}_Q"),
+            helper.make_node("DequantizeLinear", [f"{t}_quantized", s, z], [f"{t}_dequantized"], name=f"{t}_DQ")])
+    nodes = list(pairs.get(-1, []))
+    for i, node in enumerate(gr.g.node):
+        nodes.append(node)
+        nodes.extend(pairs.get(i, []))
+    del gr.g.node[:]
+    gr.g.node.extend(nodes)
+    return scales
+
+
+def _quantize_biases(gr: _Graph, weight_nodes: dict[str, onnx.NodeProto], act_scales: dict[str, float]) -> None:
+    """Conv/Gemm biases as int32 at scale ``x_scale * w_scale`` (what QLinearConv consumes)."""
+    for name, node in weight_nodes.items():
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 3 or not node.input[2]:
+            continue
+        bias = gr.const(node.input[2])
+        x = node.input[0].removesuffix("_dequantized")
+        dq = gr.producer(node.input[1])
+        if bias is None or x not in act_scales or dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        b_scale = act_scales[x] * np.broadcast_to(gr.const(dq.input[1]).astype(np.float64), bias.shape)
+        q = np.clip(np.round(bias.astype(np.float64) / b_scale), -2**31, 2**31 - 1).astype(np.int32)
+        inputs = [gr.add_init(f"{name}.bias_quantized", q),
+                  gr.add_init(f"{name}.bias_scale", b_scale.astype(np.float32)),
+                  gr.add_init(f"{name}.bias_zero_point", np.zeros(bias.shape, np.int32))]
+        bdq = helper.make_node("DequantizeLinear", inputs, [f"{name}.bias_dequantized"], name=f"{name}.bias_DQ", axis=0)
+        gr.g.node.insert(list(gr.g.node).index(node), bdq)
+        node.input[2] = bdq.output[0]
+    gr.prune()
+
+
+# ------------------------------------------------------------------------------------------- export
+
+def _trace(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    """torch's TorchScript exporter, parameters under their state-dict names, BN kept separate (no constant
+    folding), a dynamic batch axis. Any failure is the architecture's: one CBDError line."""
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model(example)
+            if isinstance(out, dict) and "out" in out:
+                raise CBDError("dict outputs (torchvision segmentation models) are not supported by the exporter")
+            if not isinstance(out, torch.Tensor):
+                raise CBDError(f"the model returns {type(out).__name__}, not one tensor")
+            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset, do_constant_folding=False,
+                              input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    except CBDError as exc:
+        raise CBDError(f"cannot export this architecture to ONNX: {exc}") from None
+    except Exception as exc:  # the tracer's many failure types: the model cannot be traced
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise CBDError(f"cannot export this architecture to ONNX ({type(exc).__name__}: {first})") from None
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def build_proto(model: nn.Module, example: torch.Tensor, *, int8: bool = False, calibration: Iterable | None = None,
+                activation_dtype: str = "uint8", opset: int = OPSET) -> tuple[onnx.ModelProto, ExportReport]:
+    """The QDQ ONNX model of a loaded compressed ``model`` (nothing written); see the module docstring."""
+    if int8 and calibration is None:
+        raise CBDError("int8 activations need calibration images")
+    if activation_dtype not in _ACT_RANGE:
+        raise CBDError(f"activation type must be one of {sorted(_ACT_RANGE)}")
+    layers: list[LayerExport] = []
+    codes = _codes(model, layers, int8)
+    was_training = model.training
+    model.eval()
+    try:
+        proto = _trace(model, example, opset)
+    finally:
+        model.train(was_training)
+    gr = _Graph(proto)
+    _fold_constants(gr)
+    weight_nodes = _quantize_weights(gr, model, codes, layers)
+    quantized = 0
+    if int8:
+        floats = _float_tensors(proto)
+        ids = {id(n) for n in weight_nodes.values()}
+        ranges = _calibrate(proto, _activation_tensors(gr, ids, floats), calibration)
+        _absorb_relus(gr, ids)
+        tensors = [t for t in _activation_tensors(gr, ids, floats) if t in ranges]
+        scales = _insert_qdq(gr, tensors, ranges, activation_dtype)
+        by_name = {n.name: n for n in gr.g.node}  # the node list was rebuilt: look the nodes up again
+        _quantize_biases(gr, {k: by_name[v.name] for k, v in weight_nodes.items()}, scales)
+        quantized = len(tensors)
+    gr.prune()
+    proto.producer_name, proto.producer_version = "cbdnet", __version__
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    layers.sort(key=lambda layer: order.get(layer.name, 0))
+    return proto, ExportReport("", 0, opset, int8, quantized, layers)
+
+
+def export_onnx_bytes(model: nn.Module, *, input_shape: tuple[int, ...], int8: bool = False,
+                      calibration: Iterable | None = None, metadata: dict[str, str] | None = None,
+                      activation_dtype: str = "uint8", opset: int = OPSET) -> tuple[bytes, ExportReport]:
+    """The bytes of ``model`` (loaded from a ``.cbd`` file: its compressed layers carry ``.code``) as a QDQ ONNX
+    file, and the report.
+
+    ``input_shape``: the example input's shape (the batch axis is exported dynamic). ``int8``: quantize
+    activations too, with min/max ranges over ``calibration`` (an iterable of normalised image batches).
+    ``metadata``: string pairs for the file's metadata_props. The graph passes ``onnx.checker`` (full check).
+    Raises CBDError for a code wider than int8 under ``int8``, missing calibration or an untraceable model."""
+    example = torch.zeros(input_shape, dtype=next((p.dtype for p in model.parameters()), torch.float32))
+    proto, report = build_proto(model, example, int8=int8, calibration=calibration,
+                                activation_dtype=activation_dtype, opset=opset)
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), value if isinstance(value, str) else json.dumps(value)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise CBDError(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
+    data = proto.SerializeToString()
+    report.bytes = len(data)
+    return data, report
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, ...], int8: bool = False,
+                calibration: Iterable | None = None, metadata: dict[str, str] | None = None,
+                activation_dtype: str = "uint8", overwrite: bool = True, opset: int = OPSET) -> ExportReport:
+    """:func:`export_onnx_bytes`, written atomically to ``path`` (on any error nothing is left there and an
+    existing file is untouched)."""
+    check_writable(path, overwrite=overwrite)
+    data, report = export_onnx_bytes(model, input_shape=input_shape, int8=int8, calibration=calibration,
+                                     metadata=metadata, activation_dtype=activation_dtype, opset=opset)
+    atomic_write(path, data, overwrite=overwrite)
+    report.path = str(path)
+    return report
