@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["iter_batches", "evaluate_classification", "evaluate_segmentation", "evaluate_detection", "confusion_matrix",
+__all__ = ["iter_batches", "evaluate", "evaluate_classification", "evaluate_segmentation", "evaluate_detection",
+           "confusion_matrix",
            "segmentation_scores", "voc_iou", "voc_ap", "voc_class_ap", "voc_map"]
 
 
@@ -200,3 +201,14 @@ def evaluate_detection(model: nn.Module, data, batch_size: int = 8, progress: bo
         bar.update(len(index))
     bar.close()
     return voc_map(predictions, data, eleven_point=eleven_point)
+
+
+def evaluate(model: nn.Module, data, batch_size: int = 500, progress: bool = True) -> dict:
+    """The metrics of ``data``'s task (its ``task`` attribute, default classification): top-1/top-5, mIoU and
+    pixel accuracy, or VOC mAP@0.5. Segmentation and detection run at most 8 images a batch."""
+    task = getattr(data, "task", "classification")
+    if task == "segmentation":
+        return evaluate_segmentation(model, data, batch_size=min(batch_size, 8), progress=progress)
+    if task == "detection":
+        return evaluate_detection(model, data, batch_size=min(batch_size, 8), progress=progress)
+    return evaluate_classification(model, data, batch_size=batch_size, progress=progress)
