@@ -347,3 +347,24 @@ def failing_run_point(bad_bits: int, task: dict) -> dict:
     if task.get("bits") == bad_bits:
         raise RuntimeError(f"no {bad_bits}-bit points\nhere")
     return run_point(task)
+
+
+def test_plot_and_markdown(tmp_path):
+    from cbdnet.sweep import noise_sigma, pareto_front, plot_pareto
+    from cbdnet.sweep.engine import markdown_table
+
+    assert noise_sigma(0.81, 10_000) == pytest.approx((0.81 * 0.19 / 10_000) ** 0.5)
+    assert pareto_front([(3, 0.5), (4, 0.7), (4.5, 0.6), (5, 0.8)]) == [(3, 0.5), (4, 0.7), (5, 0.8)]
+    rows = [{"index": i, "series": s, "method": "rtn", "bits": b, "file_bits_per_weight": b + 1.5,
+             "bits_per_weight": b + 0.08, "file_bytes": 1000 * b, "top1": t, "n": 10_000, "fp32_top1": 0.81,
+             "status": "done", "error": None}
+            for i, (s, b, t) in enumerate([("rtn channel", 3, 0.62), ("rtn channel", 4, 0.77),
+                                           ("rtn channel + gptq", 3, 0.40), ("rtn channel + gptq", 4, 0.80)])]
+    rows.append({"index": 4, "series": "rtn tensor", "method": "rtn", "bits": 2, "status": "failed",
+                 "error": "RuntimeError: x"})
+    png = plot_pareto(rows, tmp_path / "p.png")
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+    table = markdown_table(rows).splitlines()
+    assert table[2] == "| FP32 | - | 32 | 32 | - | 0.8100 |"
+    assert table[3] == "| rtn channel | bits=3 | 4.500 | 3.080 | 3,000 | 0.6200 |"
+    assert table[-1] == "| rtn tensor | bits=2 | failed: RuntimeError: x | | | |"
