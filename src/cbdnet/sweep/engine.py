@@ -186,7 +186,11 @@ def markdown_table(rows: list[dict], metric: str = "top1") -> str:
     if fp32 is not None:
         lines.append(f"| FP32 | - | 32 | 32 | - | {fp32:.4f} |")
     order = list(dict.fromkeys(r["series"] for r in rows))
-    for row in sorted(rows, key=lambda r: (order.index(r["series"]), r.get("file_bits_per_weight") or 0.0)):
+    def place(row: dict) -> tuple:
+        size = row.get("file_bits_per_weight")
+        return order.index(row["series"]), size if isinstance(size, float) else float("inf"), row["index"]
+
+    for row in sorted(rows, key=place):
         if row["status"] != "done":
             status = f"{row['status']}: {row['error']}" if row.get("error") else row["status"]
             lines.append(f"| {row['series']} | {_setting(row)} | {status} | | | |")

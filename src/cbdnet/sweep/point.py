@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..calib import compress
 from ..calib.configs import config_from_options
 from ..format import save
@@ -64,7 +63,6 @@ def run_point(task: dict) -> dict:
         model, report = compress(build_model(task), config, calibration=calib, calibration_config=settings,
                                  skip=task.get("skip") or (), progress=False)
         compress_seconds = time.perf_counter() - start
-        report.extra.update({"arch": task["arch"], "weights": task["weights"], "cbdnet_version": __version__})
         path = Path(task["files_dir"]) / f"{task['key']}.cbd"
         file_bytes = save(model, path)
         del model
