@@ -54,7 +54,7 @@ def _draw_series(ax, name: str, rows: list[dict], metric: str, bottom: float, co
     y = np.array([r[metric] for r in rows], float)
     ax.plot(x, np.maximum(y, bottom), "-", color=color, alpha=0.35, lw=1)
     inside = y >= bottom
-    ax.plot(x[inside], y[inside], marker, color=color, label=name, ls="none", ms=5)
+    ax.plot(x[inside], y[inside], marker, color=color, label=name if inside.any() else None, ls="none", ms=5)
     if (~inside).any():  # off the bottom of the range: an arrow on the edge, the value beside it
         ax.plot(x[~inside], np.full(int((~inside).sum()), bottom), "v", color=color, ms=8, clip_on=False,
                 label=None if inside.any() else name)
