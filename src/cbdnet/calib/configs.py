@@ -23,7 +23,7 @@ from .budget import COMPOSITE_PLANES, RTN_BITS
 
 __all__ = ["ConfigError", "CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig", "CalibrationConfig",
            "CompressConfig",
-           "config_from_dict", "METHODS"]
+           "config_from_dict", "config_from_options", "OptionError", "OPTION_NAMES", "METHODS"]
 
 
 class ConfigError(CBDError, ValueError):
@@ -184,3 +184,74 @@ def config_from_dict(entry: dict) -> CompressConfig:
     if unknown:
         raise ConfigError(f"{cls.__name__} has no field(s) {unknown}")
     return cls(**{key: value for key, value in entry.items() if key in names})
+
+
+class OptionError(CBDError, ValueError):
+    """Compress options that do not go together (an option the chosen method would ignore)."""
+
+
+# The ``compress`` option names (CLI flags without ``--``, sweep spec keys) that :func:`config_from_options` reads.
+OPTION_NAMES = ("method", "bits", "granularity", "planes", "bottleneck", "fallback", "target-bits", "calib",
+                "calib-images", "gptq", "bias-correction", "bn-reestimate")
+
+
+def _given(options: dict, prefix: str, *names: str) -> list[str]:
+    return [prefix + name for name in names if options.get(name) is not None]
+
+
+def _refuse(given: list[str], why: str) -> None:
+    if given:
+        raise OptionError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: {why}")
+
+
+def _method_config(options: dict, prefix: str) -> CompressConfig:
+    get = options.get
+    if get("target-bits") is not None:
+        _refuse(_given(options, prefix, "method", "bits", "planes", "bottleneck", "fallback", "granularity"),
+                f"{prefix}target-bits chooses every layer's code itself")
+        return BudgetConfig(target_bits=get("target-bits"))
+    method = get("method") or "cbd"
+    if method not in ("cbd", "uniform", "rtn"):
+        raise OptionError(f"unknown method {method!r}; expected one of cbd, uniform, rtn")
+    if method == "rtn":
+        _refuse(_given(options, prefix, "planes", "bottleneck", "fallback"),
+                f"{prefix}method rtn takes {prefix}bits and {prefix}granularity")
+        return RTNConfig(bits=4 if get("bits") is None else get("bits"), granularity=get("granularity") or "channel")
+    _refuse(_given(options, prefix, "bits"), f"{prefix}bits is for {prefix}method rtn; {prefix}method {method} takes "
+                                             f"{prefix}planes")
+    planes = 5 if get("planes") is None else get("planes")
+    if method == "uniform":
+        _refuse(_given(options, prefix, "bottleneck", "fallback"), f"{prefix}method uniform has no scale search")
+        if get("granularity") == "channel":
+            raise OptionError(f"{prefix}granularity channel is not available for {prefix}method uniform")
+        return UniformConfig(planes=planes)
+    return CBDConfig(planes=planes, bottleneck=0.3 if get("bottleneck") is None else get("bottleneck"),
+                     fallback=get("fallback"), granularity=get("granularity") or "tensor")
+
+
+def _calibration_config(options: dict, config: CompressConfig, prefix: str) -> CalibrationConfig:
+    get = options.get
+    if not get("calib"):
+        _refuse(_given(options, prefix, "calib-images", "gptq", "bias-correction", "bn-reestimate"),
+                f"they need {prefix}calib")
+        return CalibrationConfig()
+    gptq_used = isinstance(config, BudgetConfig) or isinstance(config, RTNConfig) and config.granularity == "channel"
+    if get("gptq") is not None and not gptq_used:
+        raise OptionError(f"{prefix}gptq/{prefix}no-gptq apply to {prefix}method rtn per channel and "
+                          f"{prefix}target-bits only")
+    return CalibrationConfig(images=get("calib-images"), gptq=True if get("gptq") is None else get("gptq"),
+                             bias_correction="auto" if get("bias-correction") is None else get("bias-correction"),
+                             bn_reestimate=bool(get("bn-reestimate")))
+
+
+def config_from_options(options: dict, prefix: str = "") -> tuple[CompressConfig, CalibrationConfig]:
+    """The compress and calibration configs of ``compress`` options, the one mapping that the CLI's flags and a
+    sweep spec's point tables share. ``options`` maps names of :data:`OPTION_NAMES` to values (absent or
+    ``None``: not given; ``calib`` is truthy when calibration data is used). An option the chosen method would
+    ignore is an :class:`OptionError`, a bad value a :class:`ConfigError`; ``prefix`` (``"--"`` for the CLI)
+    is put before option names in messages."""
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise OptionError(f"unknown compress option(s) {', '.join(unknown)}")
+    config = _method_config(options, prefix)
+    return config, _calibration_config(options, config, prefix)

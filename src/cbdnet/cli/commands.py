@@ -1,4 +1,4 @@
-"""The ``cbdnet`` command line: ``compress``, ``eval``, ``export``, ``info`` and ``demo``.
+"""The ``cbdnet`` command line: ``compress``, ``eval``, ``export``, ``info``, ``sweep`` and ``demo``.
 
 Every failure ends in one line on stderr: exit code 2 for bad input or usage, 1 for an internal error;
 ``--debug`` shows the traceback instead.
@@ -15,8 +15,8 @@ from typing import NoReturn
 import torch
 
 from .. import __version__
-from ..calib import BudgetConfig, CalibrationConfig, CBDConfig, RTNConfig, UniformConfig, compress
-from ..calib.configs import ConfigError
+from ..calib import CalibrationConfig, compress
+from ..calib.configs import OPTION_NAMES, ConfigError, config_from_options
 from ..codec import FALLBACK_RULES, GRANULARITIES
 from ..errors import CBDError
 from ..fileio import OutputSet, escape_name, parse_positive_int
@@ -24,10 +24,11 @@ from ..format import encode_file, read, verify
 from ..format.cbdfile import MAX_ARCH_ARG, check_fits
 from ..zoo import load
 from ..zoo.data import calibration_data, load_spec
-from ..zoo.metrics import check_data_fits, evaluate_classification, evaluate_detection, evaluate_segmentation
+from ..zoo.metrics import check_data_fits, evaluate
 from ..zoo.models import build, known_archs, load_weights, torchvision_weights_file
 from .export_cmd import add_export_parser, is_onnx, onnx_model
 from .policy import finish, json_bytes, open_outputs
+from .sweep_cmd import add_sweep_parser
 
 __all__ = ["main", "build_parser"]
 
@@ -73,13 +74,8 @@ def _evaluate(model, spec: str | None, args, data=None) -> dict | None:
     if not spec:
         return None
     data = load_spec(spec) if data is None else data
-    task = getattr(data, "task", "classification")
     try:
-        if task == "segmentation":
-            return evaluate_segmentation(model, data, batch_size=min(args.batch_size, 8), progress=not args.quiet)
-        if task == "detection":
-            return evaluate_detection(model, data, batch_size=min(args.batch_size, 8), progress=not args.quiet)
-        return evaluate_classification(model, data, batch_size=args.batch_size, progress=not args.quiet)
+        return evaluate(model, data, batch_size=args.batch_size, progress=not args.quiet)
     except RuntimeError as exc:  # e.g. 8x8 grey digits into a CIFAR ResNet: the input's fault, not ours
         raise CBDError(f"the data {spec} does not fit the model: {_one_line(str(exc))}") from None
 
@@ -93,49 +89,23 @@ def _headline(result: dict) -> str:
     return f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}"
 
 
-def _given(args, *names: str) -> list[str]:
-    """The flags among ``names`` that the user set (their defaults are None)."""
-    return ["--" + name.replace("_", "-") for name in names if getattr(args, name) is not None]
+_OPTION_ATTRS = {name: name.replace("-", "_") for name in OPTION_NAMES}
 
 
-def _refuse(given: list[str], why: str) -> None:
-    if given:
-        raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: {why}")
+def _options(args) -> dict:
+    """The ``compress`` options of the parsed flags, by option name (unset flags left out)."""
+    return {name: getattr(args, attr) for name, attr in _OPTION_ATTRS.items() if getattr(args, attr) is not None}
 
 
 def compress_config(args):
     """The config object of the ``compress`` flags; a flag that the chosen method would ignore is an error."""
-    if args.target_bits is not None:
-        _refuse(_given(args, "method", "bits", "planes", "bottleneck", "fallback", "granularity"),
-                "--target-bits chooses every layer's code itself")
-        return BudgetConfig(target_bits=args.target_bits)
-    method = args.method or "cbd"
-    if method == "rtn":
-        _refuse(_given(args, "planes", "bottleneck", "fallback"), "--method rtn takes --bits and --granularity")
-        return RTNConfig(bits=4 if args.bits is None else args.bits, granularity=args.granularity or "channel")
-    _refuse(_given(args, "bits"), f"--bits is for --method rtn; --method {method} takes --planes")
-    planes = 5 if args.planes is None else args.planes
-    if method == "uniform":
-        _refuse(_given(args, "bottleneck", "fallback"), "--method uniform has no scale search")
-        if args.granularity == "channel":
-            raise UsageError("--granularity channel is not available for --method uniform")
-        return UniformConfig(planes=planes)
-    return CBDConfig(planes=planes, bottleneck=0.3 if args.bottleneck is None else args.bottleneck,
-                     fallback=args.fallback, granularity=args.granularity or "tensor")
+    return config_from_options(_options(args), prefix="--")[0]
 
 
 def calibration_settings(args, config) -> CalibrationConfig:
     """The calibration config of the flags; calibration flags without --calib, or GPTQ where no code uses it,
     are errors."""
-    if not args.calib:
-        _refuse(_given(args, "calib_images", "gptq", "bias_correction", "bn_reestimate"), "they need --calib")
-        return CalibrationConfig()
-    gptq_used = isinstance(config, BudgetConfig) or isinstance(config, RTNConfig) and config.granularity == "channel"
-    if args.gptq is not None and not gptq_used:
-        raise UsageError("--gptq/--no-gptq apply to --method rtn per channel and --target-bits only")
-    return CalibrationConfig(images=args.calib_images, gptq=True if args.gptq is None else args.gptq,
-                             bias_correction="auto" if args.bias_correction is None else args.bias_correction,
-                             bn_reestimate=False if args.bn_reestimate is None else args.bn_reestimate)
+    return config_from_options(_options(args), prefix="--")[1]
 
 
 def _config_line(config, report) -> str:
@@ -203,11 +173,18 @@ def _skeleton(args) -> torch.nn.Module | None:
     return _build(args.arch, kwargs)
 
 
+def _refuse_set(args, names: tuple[str, ...], why: str) -> None:
+    """A usage error naming every flag among ``names`` that the user set (their defaults are None)."""
+    given = ["--" + name.replace("_", "-") for name in names if getattr(args, name, None) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: {why}")
+
+
 def cmd_eval(args) -> int:
     if not is_onnx(args.file):
-        _refuse(_given(args, "threads"), "--threads is for .onnx files (ONNX Runtime)")
+        _refuse_set(args, ("threads",), "--threads is for .onnx files (ONNX Runtime)")
     elif args.file:
-        _refuse(_given(args, "arch", "weights", "num_classes"), "an .onnx file holds its model")
+        _refuse_set(args, ("arch", "weights", "num_classes"), "an .onnx file holds its model")
     if args.file and not is_onnx(args.file) and args.weights is not None:
         raise UsageError("--weights does not apply to a .cbd file (its weights are in the file)")
     out, (json_target,) = open_outputs(args, [(args.json, "JSON report")])
@@ -343,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="re-check every checksum and factorisation")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
+
+    add_sweep_parser(sub, common)
 
     p = sub.add_parser("demo", parents=[common], help="train a small CNN on digits, compress it, report")
     p.add_argument("--out-dir", default=None, help="where to write the demo's .cbd files (default: a temp dir)")

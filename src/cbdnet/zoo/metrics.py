@@ -9,8 +9,9 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 
-__all__ = ["iter_batches", "evaluate_classification", "evaluate_segmentation", "evaluate_detection", "confusion_matrix",
-           "segmentation_scores", "voc_iou", "voc_ap", "voc_class_ap", "voc_map", "check_data_fits"]
+__all__ = ["iter_batches", "evaluate", "evaluate_classification", "evaluate_segmentation", "evaluate_detection",
+           "confusion_matrix", "segmentation_scores", "voc_iou", "voc_ap", "voc_class_ap", "voc_map",
+           "check_data_fits"]
 
 
 def iter_batches(data, batch_size: int):
@@ -271,3 +272,14 @@ def _check_detection(model: nn.Module, data, name: str) -> None:
     if not (isinstance(output, list) and output and isinstance(output[0], dict) and "boxes" in output[0]):
         raise DataError(f"the data {name} is detection data, but the model does not give boxes (a classifier?); "
                         "a detection model (e.g. ssd300) is needed")
+
+
+def evaluate(model: nn.Module, data, batch_size: int = 500, progress: bool = True) -> dict:
+    """The metrics of ``data``'s task (its ``task`` attribute, default classification): top-1/top-5, mIoU and
+    pixel accuracy, or VOC mAP@0.5. Segmentation and detection run at most 8 images a batch."""
+    task = getattr(data, "task", "classification")
+    if task == "segmentation":
+        return evaluate_segmentation(model, data, batch_size=min(batch_size, 8), progress=progress)
+    if task == "detection":
+        return evaluate_detection(model, data, batch_size=min(batch_size, 8), progress=progress)
+    return evaluate_classification(model, data, batch_size=batch_size, progress=progress)

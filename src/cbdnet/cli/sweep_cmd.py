@@ -1,0 +1,61 @@
+"""``cbdnet sweep SPEC -o DIR``: the spec's points on Dask workers, then DIR/results.csv|json and DIR/pareto.png."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+from pathlib import Path
+
+from ..errors import CBDError
+from ..sweep import load_spec, plot_pareto, run_sweep
+
+__all__ = ["add_sweep_parser", "cmd_sweep"]
+
+
+def add_sweep_parser(sub, common: argparse.ArgumentParser) -> None:
+    """The ``sweep`` subcommand."""
+    p = sub.add_parser("sweep", parents=[common], help="compress + evaluate a grid of settings (a TOML spec) on "
+                                                       "Dask workers; resumable")
+    p.add_argument("spec", help="sweep spec (TOML: [model], [data], [[point]] tables; see README)")
+    p.add_argument("-o", "--output", required=True, help="output folder (created; rerun to resume)")
+    p.add_argument("--cluster", help="address of an existing Dask scheduler, e.g. tcp://HOST:8786 (default: a "
+                                     "local cluster of worker processes)")
+    p.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per CPU, at "
+                                                             "most one per point)")
+    p.add_argument("--metric", default=None, help="metric to plot (default: top1, or miou for segmentation)")
+    p.set_defaults(func=cmd_sweep)
+
+
+def _check_output(path: str) -> None:
+    """DIR may exist as a folder (resume); a file or a symlink there is refused, nothing is written."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CBDError(f"cannot use output folder {path}: {exc.strerror or exc}") from None
+    if stat.S_ISLNK(mode):
+        raise CBDError(f"output folder {path} is a symbolic link; give a real folder")
+    if not stat.S_ISDIR(mode):
+        raise CBDError(f"output {path} exists and is not a folder")
+
+
+def cmd_sweep(args) -> int:
+    if args.workers is not None and args.workers < 1:
+        raise CBDError("--workers must be at least 1")
+    if args.workers is not None and args.cluster:
+        raise CBDError("--workers sizes the local cluster; with --cluster the scheduler's workers run the points")
+    _check_output(args.output)
+    spec = load_spec(args.spec)  # every problem of the spec before the output folder is touched
+    rows = run_sweep(spec, args.output, cluster=args.cluster, workers=args.workers, progress=not args.quiet)
+    metric = args.metric or ("miou" if any("miou" in r for r in rows) else "top1")
+    png = plot_pareto(rows, Path(args.output) / "pareto.png", metric=metric,
+                      title=f"{spec.arch}: {metric} vs whole-file size")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if not args.quiet:
+        print(f"{len(rows) - len(failed)} of {len(rows)} points done, {len(failed)} failed: "
+              f"{Path(args.output) / 'results.csv'}, {png}")
+    for row in failed[:10]:
+        print(f"cbdnet: point #{row['index']} ({row['series']}) failed: {row['error']}")
+    return 1 if failed else 0
