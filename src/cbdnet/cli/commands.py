@@ -7,6 +7,7 @@ Every failure ends in one line on stderr: exit code 2 for bad input or usage, 1 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -20,7 +21,7 @@ from ..calib import BudgetConfig, CalibrationConfig, CBDConfig, RTNConfig, Unifo
 from ..calib.configs import ConfigError
 from ..codec import FALLBACK_RULES, GRANULARITIES
 from ..errors import CBDError
-from ..format import atomic_write, check_writable, read, save, verify
+from ..format import atomic_write, check_writable, encode_file, read, save, verify
 from ..format.cbdfile import check_fits
 from ..zoo import load
 from ..zoo.data import calibration_data, load_spec
@@ -151,6 +152,25 @@ def _config_line(config, report) -> str:
 _FLAGS = {"images": "--calib-images", "target_bits": "--target-bits"}
 
 
+def _compress_within_budget(args, model, config, calib, settings):
+    """``compress``; under ``--target-bits`` the whole file (as ``save`` writes it) must fit the budget: where
+    the budget's header allowance was too small, tighten the target by the excess and compress again."""
+    target = config
+    for attempt in range(3):
+        model, report = compress(model, target, calibration=calib, calibration_config=settings,
+                                 skip=args.skip or (), progress=not args.quiet, workers=args.workers,
+                                 float32=args.float32)
+        if not isinstance(config, BudgetConfig):
+            return model, report
+        excess = 8 * len(encode_file(model, float32=args.float32)) - config.target_bits * report.params
+        report.extra["budget_retries"] = attempt
+        if excess <= 0:
+            return model, report
+        target = dataclasses.replace(target, target_bits=target.target_bits - excess / report.params - 1e-3)
+        model, _ = _model_from_args(args)
+    raise CBDError(f"--target-bits {config.target_bits}: the file does not fit after {attempt + 1} tries")
+
+
 def cmd_compress(args) -> int:
     try:  # before any work: a bad flag costs nothing
         config = compress_config(args)
@@ -164,19 +184,18 @@ def cmd_compress(args) -> int:
     calib = calibration_data(args.calib) if args.calib else None
     model, source = _model_from_args(args)
     before = _evaluate(model, args.data, args)
-    model, report = compress(model, config, calibration=calib, calibration_config=settings, skip=args.skip or (),
-                             progress=not args.quiet, workers=args.workers)
+    model, report = _compress_within_budget(args, model, config, calib, settings)
     report.extra.update({"arch": args.arch, "weights": source, "cbdnet_version": __version__})
     after = _evaluate(model, args.data, args)  # before writing: a failure here leaves any old output as it was
     if args.output:
-        report.file_bytes = save(model, args.output, overwrite=True)
+        report.file_bytes = save(model, args.output, overwrite=True, float32=args.float32)
     if before is not None:
         report.extra.update({"data": args.data, "eval_before": before, "eval_after": after})
     _say(args, f"cbdnet {__version__}: {args.arch} ({source}): {_config_line(config, report)}")
     _say(args, report.table())
     if report.file_bytes is not None:
-        _say(args, f"wrote {args.output}: {report.file_bytes:,} bytes "
-                   f"(payload {report.total_bits / 8:,.0f} bytes + header) in {report.seconds:.1f} s")
+        _say(args, f"wrote {args.output}: {report.file_bytes:,} bytes = {report.file_bits_per_weight:.3f} bits per "
+                   f"compressed weight (layers {report.weight_bits / 8:,.0f} bytes) in {report.seconds:.1f} s")
     else:
         _say(args, "no -o given: nothing was written (pass -o FILE.cbd to save the compressed model)")
     if before is not None and "top1" in before:
@@ -215,17 +234,21 @@ def cmd_eval(args) -> int:
 def _info_dict(path: str) -> dict:
     parsed = read(path)
     layers = []
+    stored = (lambda c: c.bits()) if parsed.meta.get("format_version") == 1 else (lambda c: c.coded_bits())
     for name, code in parsed.codes.items():
         layers.append({"name": name, "shape": list(code.shape), "mode": code.mode, "planes": code.num_planes,
-                       "exponents": list(code.exponents), "bits": code.bits(),
-                       "bits_per_weight": code.bits() / code.numel, "wmax": code.wmax, "a": code.scale,
+                       "exponents": list(code.exponents), "bits": stored(code),
+                       "bits_per_weight": stored(code) / code.numel,
+                       "coding": "fixed" if parsed.meta.get("format_version") == 1 else code.stream().coding,
+                       "wmax": code.wmax, "a": code.scale,
                        "step": code.step,
                        "plane_storage": [p.storage for p in code.planes], "plane_ranks": [p.rank for p in code.planes]})
     params = sum(c.numel for c in parsed.codes.values())
-    bits = sum(c.bits() for c in parsed.codes.values())
+    bits = sum(stored(c) for c in parsed.codes.values())
     return {"file": path, "file_bytes": parsed.size, "format_version": parsed.meta.get("format_version"),
             "arch": parsed.meta.get("arch"), "cbdnet_version": parsed.meta.get("cbdnet_version"),
             "extra": parsed.meta.get("extra", {}), "params": params, "bits_per_weight": bits / params,
+            "file_bits_per_weight": 8 * parsed.size / params,
             "float_tensors": len(parsed.floats), "layers": layers}
 
 
@@ -243,11 +266,13 @@ def cmd_info(args) -> int:
     else:
         _say(args, f"{info['file']}: .cbd format v{info['format_version']}, arch {info['arch']}, "
                    f"{info['file_bytes']:,} bytes, {len(info['layers'])} compressed layers, "
-                   f"{info['params']:,} weights at {info['bits_per_weight']:.3f} bits/weight")
+                   f"{info['params']:,} weights at {info['bits_per_weight']:.3f} bits/weight "
+                   f"(whole file {info['file_bits_per_weight']:.3f})")
         for layer in info["layers"]:
             storage = "".join("F" if s == "factored" else "p" for s in layer["plane_storage"])
             _say(args, f"  {layer['name']:<28} {'x'.join(map(str, layer['shape'])):<16} {layer['mode']:<7} "
-                       f"planes {storage:<8} ranks {layer['plane_ranks']} {layer['bits_per_weight']:.3f} b/w")
+                       f"planes {storage:<8} ranks {layer['plane_ranks']} {layer['coding']:<7} "
+                       f"{layer['bits_per_weight']:.3f} b/w")
         if args.verify:
             status = "OK: checksum and every plane verified" if not problems else "FAILED"
             _say(args, f"verify: {status}")
@@ -303,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output .cbd file")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--float32", action="store_true",
+                   help="store float tensors (BatchNorm, biases) as float32 instead of float16 where exact enough")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", parents=[common], help="accuracy of a .cbd file or a float model")

@@ -42,13 +42,15 @@ def rd_cost(sq_error: float, bits: int, numel: int) -> float:
 
 def _choose(code: LayerCode, uniform: LayerCode, errors: tuple[float, float], fallback: str) -> LayerCode:
     """The composite code, or the uniform one where the composite code does not pay (see ``encode_weight``)."""
-    if fallback == "size":
-        return code if code.bits() < uniform.bits() else uniform
-    cbd_cost, uniform_cost = (rd_cost(e, c.bits(), c.numel) for e, c in zip(errors, (code, uniform), strict=True))
+    if fallback == "size":  # sizes as the file stores them: entropy-coded levels (and any GF(2) factors)
+        return code if code.coded_bits() < uniform.coded_bits() else uniform
+    cbd_cost, uniform_cost = (rd_cost(e, c.coded_bits(), c.numel)
+                              for e, c in zip(errors, (code, uniform), strict=True))
     if cbd_cost <= uniform_cost:
         return code
     uniform.reason = (f"composite code's error ({errors[0] / max(errors[1], 1e-300):.2f}x the uniform code's) "
-                      f"costs more than its {(uniform.bits() - code.bits()) / code.numel:+.3f} bits/weight buy")
+                      f"costs more than its {(uniform.coded_bits() - code.coded_bits()) / code.numel:+.3f} "
+                      "bits/weight buy")
     return uniform
 
 
