@@ -34,3 +34,44 @@ def cifar_test() -> Path:
 @pytest.fixture
 def cifar_calib() -> Path:
     return shared_file("data/cifar10_calib1000.npz")
+
+
+def _write_voc(root, objects: dict[str, list[tuple[str, list[int], int]]], size=(40, 32)) -> None:
+    """A VOCdevkit-style folder: grey JPEGs, one XML annotation per image, ImageSets/Main/test.txt."""
+    import numpy as np
+    from PIL import Image
+
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for image_id, objs in objects.items():
+        Image.fromarray(np.full((size[1], size[0], 3), 128, np.uint8)).save(root / "JPEGImages" / f"{image_id}.jpg")
+        body = "".join(f"<object><name>{name}</name><difficult>{diff}</difficult><bndbox><xmin>{b[0]}</xmin>"
+                       f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+                       for name, b, diff in objs)
+        (root / "Annotations" / f"{image_id}.xml").write_text(f"<annotation>{body}</annotation>")
+    (root / "ImageSets/Main/test.txt").write_text("\n".join(objects) + "\n")
+
+
+@pytest.fixture
+def write_voc():
+    """``write_voc(root, {image_id: [(class, [x1, y1, x2, y2], difficult), ...]}, size=(w, h))``."""
+    return _write_voc
+
+
+def _assert_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same(a[key], b[key])
+    else:
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same(x, y)
+
+
+@pytest.fixture
+def assert_same():
+    """``assert_same(a, b)``: tensors, or dicts/sequences of them (detector outputs), exactly equal."""
+    return _assert_same

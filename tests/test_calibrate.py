@@ -150,10 +150,8 @@ def test_segmentation_calibration_ignores_void_and_fits_the_budget(tmp_path):
     assert np.isfinite(payload["calibration"]["loss_before"])
 
 
-def test_detection_data_cannot_calibrate(tmp_path, capsys):
-    from test_task_metrics import _write_voc
-
-    _write_voc(tmp_path / "voc", {"a": [("dog", [1, 1, 30, 20], 0)]}, size=(64, 64))
+def test_detection_data_cannot_calibrate(tmp_path, capsys, write_voc):
+    write_voc(tmp_path / "voc", {"a": [("dog", [1, 1, 30, 20], 0)]}, size=(64, 64))
     assert main(["compress", "--arch", "segnet-basic", "--weights", "random", "--target-bits", "4.0",
                  "--calib", f"voc:{tmp_path / 'voc'}", "--quiet"]) == 2
     assert "classification or segmentation" in capsys.readouterr().err

@@ -134,18 +134,6 @@ def test_voc_class_ap_matching_rules():
     assert voc_class_ap([(1, 0.9, hit_a)], {1: truths[1]}) is None
 
 
-def _write_voc(root, objects: dict[str, list[tuple[str, list[int], int]]], size=(40, 32)):
-    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    for image_id, objs in objects.items():
-        Image.fromarray(np.full((size[1], size[0], 3), 128, np.uint8)).save(root / "JPEGImages" / f"{image_id}.jpg")
-        body = "".join(f"<object><name>{name}</name><difficult>{diff}</difficult><bndbox><xmin>{b[0]}</xmin>"
-                       f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
-                       for name, b, diff in objs)
-        (root / "Annotations" / f"{image_id}.xml").write_text(f"<annotation>{body}</annotation>")
-    (root / "ImageSets/Main/test.txt").write_text("\n".join(objects) + "\n")
-
-
 class _FixedDetector(torch.nn.Module):
     def __init__(self, outputs: list[dict]) -> None:
         super().__init__()
@@ -158,8 +146,8 @@ class _FixedDetector(torch.nn.Module):
         return [{k: torch.as_tensor(v) for k, v in o.items()} for o in out]
 
 
-def test_voc_spec_and_map(tmp_path):
-    _write_voc(tmp_path, {"a": [("dog", [1, 1, 10, 10], 0), ("cat", [15, 5, 30, 25], 0)],
+def test_voc_spec_and_map(tmp_path, write_voc):
+    write_voc(tmp_path, {"a": [("dog", [1, 1, 10, 10], 0), ("cat", [15, 5, 30, 25], 0)],
                           "b": [("dog", [5, 5, 20, 20], 0), ("person", [0, 0, 8, 8], 1)]})
     data = load_spec(f"voc:{tmp_path}")
     assert data.task == "detection" and len(data) == 2 and data.classes == VOC_CLASSES
@@ -179,10 +167,10 @@ def test_voc_spec_and_map(tmp_path):
     assert result["map50"] == pytest.approx(0.5)  # mean over dog and cat; person has only a difficult box
 
 
-def test_voc_spec_errors(tmp_path):
+def test_voc_spec_errors(tmp_path, write_voc):
     with pytest.raises(DataError, match="test.txt"):
         load_spec(f"voc:{tmp_path}")
-    _write_voc(tmp_path, {"a": [("unicorn", [1, 1, 5, 5], 0)]})
+    write_voc(tmp_path, {"a": [("unicorn", [1, 1, 5, 5], 0)]})
     with pytest.raises(DataError, match="unknown class"):
         load_spec(f"voc:{tmp_path}")
 

@@ -82,19 +82,6 @@ def _forward(model, x):
         return model(list(x)) if isinstance(model, SSD) else model(x)
 
 
-def _assert_same(a, b):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_same(a[key], b[key])
-    else:
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            _assert_same(x, y)
-
-
 CASES = [("segnet-basic", {}, (2, 3, 45, 60)), ("segnet", {"width_mult": 0.125}, (1, 3, 36, 52)),
          ("test-densenet-small", {}, (1, 3, 32, 32)), ("test-vgg-small", {}, (2, 3, 32, 32)),
          ("test-ssd-tiny", {}, (2, 3, 64, 64)), ("test-mobile-small", {}, (2, 3, 16, 16)),
@@ -102,7 +89,7 @@ CASES = [("segnet-basic", {}, (2, 3, 45, 60)), ("segnet", {"width_mult": 0.125},
 
 
 @pytest.mark.parametrize(("arch", "kwargs", "shape"), CASES, ids=[c[0] for c in CASES])
-def test_compress_save_load_equals_decoded_float_model(tmp_path, arch, kwargs, shape):
+def test_compress_save_load_equals_decoded_float_model(tmp_path, arch, kwargs, shape, assert_same):
     torch.manual_seed(0)
     model = build(arch, **kwargs).eval()
     reference = copy.deepcopy(model)
@@ -118,7 +105,7 @@ def test_compress_save_load_equals_decoded_float_model(tmp_path, arch, kwargs, s
     x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
     loaded = load(path)
     assert loaded.cbdnet_arch == arch
-    _assert_same(_forward(loaded, x), _forward(reference, x))
+    assert_same(_forward(loaded, x), _forward(reference, x))
     kinds = {row["type"] for row in report.to_dict()["float_layers"]}
     assert kinds <= {"BatchNorm2d", "_TinyBackbone"}
     if arch == "test-ssd-tiny":  # the L2Norm-like scale parameter is listed with its reason
@@ -203,10 +190,8 @@ def test_cli_compress_info_eval_segmentation(tmp_path):
     assert 0.0 <= scores["miou"] <= 1.0 and scores["n"] == 2 and set(scores["iou"]) >= {"Sky", "Bicyclist"}
 
 
-def test_cli_eval_detection_dispatch(tmp_path):
-    from test_task_metrics import _write_voc
-
-    _write_voc(tmp_path / "voc", {"a": [("dog", [1, 1, 30, 20], 0)], "b": [("cat", [2, 2, 20, 20], 1)]},
+def test_cli_eval_detection_dispatch(tmp_path, write_voc):
+    write_voc(tmp_path / "voc", {"a": [("dog", [1, 1, 30, 20], 0)], "b": [("cat", [2, 2, 20, 20], 1)]},
                size=(64, 64))
     result = tmp_path / "eval.json"
     assert main(["eval", "--arch", "test-ssd-tiny", "--weights", "random", "--data", f"voc:{tmp_path / 'voc'}",

@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-from test_zoo import _assert_same
 
 from cbdnet import load
 from cbdnet.cli import main
@@ -28,7 +27,7 @@ def _forward(model, arch):
 
 
 @pytest.mark.parametrize("arch", list(INPUTS))
-def test_compress_verify_and_reload_at_full_size(arch, tmp_path, capsys):
+def test_compress_verify_and_reload_at_full_size(arch, tmp_path, capsys, assert_same):
     out, report = tmp_path / f"{arch}.cbd", tmp_path / f"{arch}.json"
     assert main(["compress", "--arch", arch, "--weights", "random", "--seed", "0", "--planes", "5",
                  "--bottleneck", "0.3", "-o", str(out), "--json", str(report), "--quiet"]) == 0
@@ -47,4 +46,4 @@ def test_compress_verify_and_reload_at_full_size(arch, tmp_path, capsys):
     expected = _forward(reference, arch)
     del reference
     gc.collect()
-    _assert_same(_forward(load(out), arch), expected)
+    assert_same(_forward(load(out), arch), expected)
