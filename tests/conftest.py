@@ -4,6 +4,7 @@ skip with the reason when it is absent."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,13 @@ def _assert_same(a, b) -> None:
 def assert_same():
     """``assert_same(a, b)``: tensors, or dicts/sequences of them (detector outputs), exactly equal."""
     return _assert_same
+
+
+@pytest.fixture
+def no_hang():
+    """Fail a test that blocks for 20 s (e.g. a FIFO opened by mistake) instead of hanging the suite."""
+    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("timed out: something blocked"))
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -30,14 +29,7 @@ from cbdnet.fileio.inputs import (  # noqa: E402
     walk_files,
 )
 
-
-@pytest.fixture(autouse=True)
-def _alarm():
-    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("timed out: something blocked"))
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+pytestmark = pytest.mark.usefixtures("no_hang")
 
 
 # ------------------------------------------------------------------ regular files

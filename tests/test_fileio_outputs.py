@@ -24,14 +24,7 @@ def temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
 
-@pytest.fixture(autouse=True)
-def _alarm():
-    """No test may hang (a FIFO opened by mistake would block forever)."""
-    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("timed out: something blocked"))
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+pytestmark = pytest.mark.usefixtures("no_hang")
 
 
 # ------------------------------------------------------------------ refusals at add()

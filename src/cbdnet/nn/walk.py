@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..codec import LayerCode
 from ..errors import CBDError
+from ..fileio import parse_positive_int
 from .modules import COMPRESSIBLE, CBDModule, from_module
 from .ops import output_positions
 from .report import LayerReport, Report, layer_report
@@ -101,18 +102,10 @@ def coded_keys(model: nn.Module) -> set[str]:
 
 
 def default_workers() -> int:
-    """Layers encoded at once: ``CBDNET_WORKERS`` if set, else 1 (two threads showed no gain on a loaded
+    """Layers encoded at once: ``CBDNET_WORKERS`` (1..256) if set, else 1 (two threads showed no gain on a loaded
     2-core machine and double the peak memory of the largest layers)."""
     value = os.environ.get("CBDNET_WORKERS", "").strip()
-    if not value:
-        return 1
-    try:
-        workers = int(value)
-    except ValueError:
-        raise CBDError(f"CBDNET_WORKERS must be a whole number of threads, got {value!r}") from None
-    if not 1 <= workers <= 256:
-        raise CBDError(f"CBDNET_WORKERS must be in 1..256, got {workers}")
-    return workers
+    return parse_positive_int(value, name="CBDNET_WORKERS", high=256) if value else 1
 
 
 def check_skip(model: nn.Module, skip: Iterable[str]) -> list[str]:
