@@ -15,6 +15,8 @@ on). Targets, each run in rounds of ``--examples`` cases with a fresh seed until
                   ``--json`` and ``--out-dir`` are drawn from a sandbox of awkward targets (the run's own
                   inputs, hard links and symlinks to them, existing files, a FIFO, a directory, /dev/null, ``-``,
                   an empty name, a missing folder, the same path twice), with and without ``--force``
+- ``v2-flip``, ``v2-resigned``, ``v2-header``: the same against format-2 files (entropy-coded layers, zlib JSON
+  header): byte flips, re-signed payload flips/cuts/splices, random JSON put anywhere into the header
 
 Every case must end as ``refused`` (a CBDError) or ``accepted`` (a well-formed file that loads and verifies);
 anything else is a ``crash``. The marker file must never exist. An ``outputs`` case is a crash unless it exits
@@ -62,6 +64,8 @@ from cbd_mutations import (  # noqa: E402
     tensors_of,
     tiny_file,
     tiny_model,
+    v2_header_of,
+    v2_with_header,
     with_header,
 )
 
@@ -79,8 +83,8 @@ JSON_VALUE = st.recursive(JSON_SCALAR, lambda inner: st.one_of(st.lists(inner, m
 
 
 class Campaign:
-    def __init__(self, files: list[bytes], folder: Path) -> None:
-        self.files, self.folder = files, folder
+    def __init__(self, files: list[bytes], folder: Path, v2_files: list[bytes] = ()) -> None:
+        self.files, self.folder, self.v2_files = files + list(v2_files), folder, list(v2_files)
         self.marker = folder / "UNPICKLED"
         self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.crashes: list[str] = []
@@ -115,7 +119,8 @@ class Campaign:
         self.counts[target][result] += 1
 
     def targets(self):
-        files = st.sampled_from(self.files)
+        files = st.sampled_from([f for f in self.files if f not in self.v2_files])
+        v2_files = st.sampled_from(self.v2_files or self.files)
 
         def flip(draw_data):
             good = draw_data.draw(files)
@@ -201,9 +206,37 @@ class Campaign:
                        pickle_protocol=draw_data.draw(st.integers(2, 5)))
             return buffer.getvalue()
 
+        def v2_flip(draw_data):
+            good = draw_data.draw(v2_files)
+            corrupt = bytearray(good)
+            for _ in range(draw_data.draw(st.integers(1, 8))):
+                corrupt[draw_data.draw(st.integers(0, len(good) - 1))] ^= draw_data.draw(st.integers(1, 255))
+            return bytes(corrupt)
+
+        def v2_resigned(draw_data):
+            payload = bytearray(payload_of(draw_data.draw(v2_files)))
+            kind = draw_data.draw(st.sampled_from(["flip", "cut", "splice"]))
+            if kind == "flip":
+                for _ in range(draw_data.draw(st.integers(1, 8))):
+                    payload[draw_data.draw(st.integers(0, len(payload) - 1))] ^= draw_data.draw(st.integers(1, 255))
+            elif kind == "cut":
+                payload = payload[: draw_data.draw(st.integers(0, len(payload)))]
+            else:
+                at = draw_data.draw(st.integers(0, len(payload)))
+                payload[at:at] = draw_data.draw(st.binary(min_size=1, max_size=64))
+            return sign(bytes(payload), version=2)
+
+        def v2_header(draw_data):
+            good = draw_data.draw(v2_files)
+            meta = v2_header_of(good)
+            for _ in range(draw_data.draw(st.integers(1, 4))):
+                path = draw_data.draw(st.sampled_from(list(json_paths(meta))))
+                meta = replace_at(copy.deepcopy(meta), path, draw_data.draw(JSON_VALUE))
+            return v2_with_header(good, meta)
+
         return {"flip": flip, "truncate": truncate, "garbage": garbage, "resigned": resigned,
                 "metadata": metadata, "header": header, "pickle": pickled, "torch-save": torch_saved,
-                "outputs": None}
+                "v2-flip": v2_flip, "v2-resigned": v2_resigned, "v2-header": v2_header, "outputs": None}
 
     def round(self, examples: int, round_seed: int, only: list[str] | None) -> None:
         config = settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
@@ -347,8 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.train_digits_cnn = lambda seed, quiet: tiny_model(seed)
     start = time.perf_counter()
     files = [tiny_file(planes=3, bottleneck=0.3), tiny_file(planes=5, bottleneck=0.5), tiny_file(planes=1)]
+    v2_files = [tiny_file(planes=3, bottleneck=0.3, version=2), tiny_file(planes=5, bottleneck=0.5, version=2),
+                tiny_file(planes=1, version=2)]
     with tempfile.TemporaryDirectory(prefix="cbd-fuzz-") as tmp:
-        campaign = Campaign(files, Path(tmp))
+        campaign = Campaign(files, Path(tmp), v2_files)
         rounds = 0
         while time.perf_counter() - start < 60 * args.minutes:
             campaign.round(args.examples, rounds, args.targets)

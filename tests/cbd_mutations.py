@@ -11,6 +11,7 @@ import hashlib
 import json
 import pickle
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +33,13 @@ def tiny_model(seed: int = 0) -> torch.nn.Module:
     return build(TINY_ARCH[0], **TINY_ARCH[1]).eval()
 
 
-def tiny_file(planes: int = 3, bottleneck: float = 0.3) -> bytes:
+def tiny_file(planes: int = 3, bottleneck: float = 0.3, version: int = 1) -> bytes:
     """The bytes of a compressed tiny model: composite and uniform layers, factored and plain planes (the paper's
-    size rule keeps the composite code on these random weights, which the distortion rule would store uniform)."""
+    size rule keeps the composite code on these random weights, which the distortion rule would store uniform).
+    Format 1 by default: the safetensors-level mutations below are about its layout (format 2: test_format_v2)."""
     model, _ = cbdnet.compress(tiny_model(), cbdnet.CBDConfig(planes=planes, bottleneck=bottleneck, fallback="size"),
                                 progress=False)
-    return encode_file(model)
+    return encode_file(model, version=version)
 
 
 def sign(payload: bytes, version: int = 1, flags: int = 0) -> bytes:
@@ -143,3 +145,18 @@ def replace_at(document, path, new):
         target = target[step]
     target[path[-1]] = new
     return document
+
+
+def v2_header_of(data: bytes) -> dict:
+    """The inflated JSON header of a format-2 file."""
+    payload = payload_of(data)
+    length = struct.unpack_from("<I", payload)[0]
+    return json.loads(zlib.decompress(payload[4:4 + length]))
+
+
+def v2_with_header(data: bytes, header: dict | bytes) -> bytes:
+    """A re-signed format-2 file whose header is replaced (the layer data stay as they are)."""
+    payload = payload_of(data)
+    length = struct.unpack_from("<I", payload)[0]
+    raw = zlib.compress(header if isinstance(header, bytes) else json.dumps(header).encode())
+    return sign(struct.pack("<I", len(raw)) + raw + payload[4 + length:], version=2)

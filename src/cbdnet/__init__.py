@@ -3,15 +3,16 @@
 The public API: the configs (:class:`CBDConfig`, :class:`UniformConfig`, :class:`RTNConfig`,
 :class:`BudgetConfig`, :class:`CalibrationConfig`), :func:`compress`, :func:`save`, :func:`load`,
 :func:`verify`, the :class:`Report` and the errors. Layers, bottom up: ``codec`` (numpy: GF(2), planes, codes)
--> ``nn`` (modules, walker, report) -> ``calib`` (configs, calibration, budget, :func:`compress`) -> ``format``
-(the ``.cbd`` file) -> ``zoo`` (architectures, data, metrics) -> ``cli``.
+-> ``nn`` (modules, walker, report) -> ``calib`` (configs, calibration, budget, the compression engine)
+-> ``format`` (the ``.cbd`` file; :func:`compress` is the engine plus the file it makes, held to a whole-file
+budget) -> ``zoo`` (architectures, data, metrics) -> ``cli``.
 """
 
 __version__ = "0.1.0"
 
-from .calib import BudgetConfig, CalibrationConfig, CBDConfig, RTNConfig, UniformConfig, compress  # noqa: E402
+from .calib import BudgetConfig, CalibrationConfig, CBDConfig, RTNConfig, UniformConfig  # noqa: E402
 from .errors import CBDError, DataError, FormatError, WeightError  # noqa: E402
-from .format import save, verify  # noqa: E402
+from .format import compress, save, verify  # noqa: E402
 from .nn import Report  # noqa: E402
 from .zoo import load  # noqa: E402
 

@@ -1,8 +1,9 @@
 """Per-layer settings under a global bit budget (``--target-bits X``).
 
 Every layer gets a list of candidate codes (RTN grids of 2..8 bits per output channel, the composite code
-per channel, each rounded by GPTQ when calibration statistics are there), each with its exact stored size
-(:meth:`cbdnet.codec.LayerCode.bits`, what the file holds) and its predicted calibration-loss increase
+per channel, each rounded by GPTQ when calibration statistics are there), each with its exact coded size
+(:meth:`cbdnet.codec.LayerCode.coded_bits`: the entropy-coded levels and steps, what format 2 stores) and
+its predicted calibration-loss increase
 ``0.5 * sum_o fisher[o] * dW[o] @ H @ dW[o]`` (:mod:`cbdnet.calib.stats`). The choice minimises the summed
 predicted loss subject to ``sum bits <= X * params``: a Lagrangian sweep (each layer independently minimises
 ``loss + lam * bits``; bisection on ``lam``) followed by greedy upgrades, best loss saved per bit first, while
@@ -20,10 +21,14 @@ from ..codec import LayerCode
 from ..codec.grid import composite_steps, grid_code, round_levels, rtn_steps
 from .stats import LayerStats, gptq_levels, output_error
 
-__all__ = ["Candidate", "layer_candidates", "choose", "CLIP_RATIOS", "RTN_BITS", "COMPOSITE_PLANES"]
+__all__ = ["Candidate", "layer_candidates", "choose", "CLIP_RATIOS", "RTN_BITS", "COMPOSITE_PLANES", "FREE_LEVELS",
+           "level_candidate"]
 
 RTN_BITS = (2, 3, 4, 5, 6, 8)
 COMPOSITE_PLANES = (3, 4)
+# L levels per side where RTN's 2^(K-1) - 1 leaves gaps (RTN gives L = 1, 3, 7, 15, 31, 127): with entropy
+# coding the rate follows log2(2L + 1), not the bit width
+FREE_LEVELS = (2, 4, 5, 6, 10, 12, 20)
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7)
 
 
@@ -60,7 +65,26 @@ def rtn_candidate(weight: np.ndarray, bits: int, stats: LayerStats | None, gptq:
         code.extra["label"] = f"rtn{bits}/ch"
         loss = _predicted_loss(weight, code, stats)
         if best is None or loss < best.loss:
-            best = Candidate(f"rtn{bits}", code, code.bits(), loss)
+            best = Candidate(f"rtn{bits}", code, code.coded_bits(), loss)
+    return best
+
+
+def level_candidate(weight: np.ndarray, levels: int, stats: LayerStats | None, gptq: bool = True,
+                    clip_ratios=CLIP_RATIOS) -> Candidate:
+    """The best per-channel grid of ``levels`` levels per side (step ``max|w_c| / levels`` times a clipping
+    ratio) over a few clipping ratios; rounding clips at the planes' top, ``2^B - 1 >= levels``."""
+    base = rtn_steps(weight, 2, "channel") / np.float32(levels)  # 2-bit RTN's step is max|w_c|
+    mag_bits = int(levels).bit_length()
+    best = None
+    for ratio in clip_ratios:
+        steps = (base * np.float32(ratio)).astype(np.float32)
+        code = grid_code(_levels(weight, steps, mag_bits, stats, gptq), steps, mag_bits,
+                         reason=f"{levels} levels per side per channel, clip {ratio}"
+                                f"{', gptq' if gptq and stats else ''}")
+        code.extra["label"] = f"L{levels}/ch"
+        loss = _predicted_loss(weight, code, stats)
+        if best is None or loss < best.loss:
+            best = Candidate(f"L{levels}", code, code.coded_bits(), loss)
     return best
 
 
@@ -70,13 +94,14 @@ def composite_candidate(weight: np.ndarray, planes: int, stats: LayerStats | Non
     code = grid_code(_levels(weight, steps, planes, stats, gptq), steps, planes, factor_from=factor_from,
                      reason=f"composite J={planes} per channel{', gptq' if gptq and stats else ''}")
     code.extra["label"] = f"cbd J={planes}/ch"
-    return Candidate(f"cbd{planes}", code, code.bits(), _predicted_loss(weight, code, stats))
+    return Candidate(f"cbd{planes}", code, code.coded_bits(), _predicted_loss(weight, code, stats))
 
 
 def layer_candidates(weight: np.ndarray, stats: LayerStats | None, gptq: bool = True,
-                     rtn_bits=RTN_BITS, composite_planes=COMPOSITE_PLANES) -> list[Candidate]:
+                     rtn_bits=RTN_BITS, composite_planes=COMPOSITE_PLANES, levels=()) -> list[Candidate]:
     weight = np.asarray(weight, np.float32)
     out = [rtn_candidate(weight, bits, stats, gptq) for bits in rtn_bits]
+    out += [level_candidate(weight, count, stats, gptq) for count in levels]
     if np.any(weight != 0):  # the composite scale search needs a non-zero entry
         out += [composite_candidate(weight, planes, stats, gptq) for planes in composite_planes]
     return out

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from ..codec import FALLBACK_RULES, GRANULARITIES, MAX_PLANES
 from ..errors import CBDError
-from .budget import COMPOSITE_PLANES, RTN_BITS
+from .budget import COMPOSITE_PLANES, FREE_LEVELS, RTN_BITS
 
 __all__ = ["ConfigError", "CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig", "CalibrationConfig",
            "CompressConfig",
@@ -114,14 +114,16 @@ class RTNConfig(_Config):
 @dataclass(frozen=True)
 class BudgetConfig(_Config):
     """The code of every layer chosen among candidates (per-channel RTN with ``rtn_bits`` bits, per-channel
-    composite codes with ``composite_planes`` planes) to minimise the predicted loss, with the stored bits of
-    all coded layers at most ``target_bits`` per weight. The loss is predicted from calibration data where it
+    composite codes with ``composite_planes`` planes, per-channel grids of ``levels`` levels per side) to
+    minimise the predicted loss, with the whole file (coded layers, float tensors, header) at most
+    ``target_bits`` bits per compressed weight. The loss is predicted from calibration data where it
     is given, else from the weights' squared error."""
 
     method: ClassVar[str] = "target-bits"
     target_bits: float = 4.0
     rtn_bits: tuple[int, ...] = RTN_BITS
     composite_planes: tuple[int, ...] = COMPOSITE_PLANES
+    levels: tuple[int, ...] = FREE_LEVELS  # per-channel grids of L levels per side (step = max|w| / L)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_bits, bool) or not isinstance(self.target_bits, (int, float)) \
@@ -130,7 +132,10 @@ class BudgetConfig(_Config):
         object.__setattr__(self, "target_bits", float(self.target_bits))
         object.__setattr__(self, "rtn_bits", tuple(self.rtn_bits))
         object.__setattr__(self, "composite_planes", tuple(self.composite_planes))
-        if not self.rtn_bits and not self.composite_planes:
+        object.__setattr__(self, "levels", tuple(self.levels))
+        for count in self.levels:
+            _int_in(count, "levels", 1, (1 << 16) - 1)
+        if not self.rtn_bits and not self.composite_planes and not self.levels:
             raise ConfigError("BudgetConfig needs at least one candidate code (rtn_bits or composite_planes)")
         for bits in self.rtn_bits:
             _int_in(bits, "rtn_bits", 2, 17)

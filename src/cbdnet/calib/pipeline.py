@@ -13,12 +13,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..codec import LayerCode, check_finite, encode_composite_grouped, encode_rtn, encode_uniform, encode_weight
+from ..codec.floats import as_float16, stored_float_bytes
 from ..errors import CBDError
 from ..nn.report import Report
-from ..nn.walk import Encoder, check_skip, compress_layers, compressible_layers
+from ..nn.walk import Encoder, check_skip, compress_layers, compressible_layers, float_state
 from .batches import CalibrationSet, as_calibration_set
 from .budget import choose, layer_candidates, rtn_candidate
 from .configs import BudgetConfig, CalibrationConfig, CBDConfig, CompressConfig, RTNConfig, UniformConfig
@@ -77,26 +79,49 @@ def _rtn_encoder(config: RTNConfig, originals: dict, calib: _Calibration, gptq: 
                     else encode_rtn(weight, config.bits, config.granularity))
 
 
-def _budget_encoder(config: BudgetConfig, originals: dict, calib: _Calibration, gptq: bool) -> tuple[Encoder, dict]:
+CONTAINER_BYTES = 24 + 4 + 32  # prefix, header length, SHA-256
+
+
+def header_allowance(layers: int, floats: int) -> int:
+    """Bytes the budget sets aside for the file's zlib-compressed header: measured 525 B (digits-cnn, 5 layers,
+    20 float tensors), 887 B (ResNet-20, 20 + 96), 1,030 B (ResNet-18, 21 + 101), so 1 KB + 24 B per layer +
+    8 B per float tensor leaves room for the recorded config. The CLI checks the written file and retries."""
+    return 1024 + 24 * layers + 8 * floats
+
+
+def file_overhead_bits(model: nn.Module, coded: set[str], float32: bool) -> int:
+    """What the file stores beside the coded layers, in bits: container, header allowance, and every other
+    state-dict tensor as the file will store it (float16 where exact enough, unless ``float32``)."""
+    floats = {key: value for key, value in model.state_dict().items() if key not in coded}
+    data = sum(stored_float_bytes(value.detach().cpu().float().numpy() if value.dtype == torch.bfloat16 else
+                                  value.detach().cpu().numpy(), str(value.dtype).removeprefix("torch."), float32)
+               for value in floats.values())
+    return 8 * (CONTAINER_BYTES + header_allowance(len(coded), len(floats)) + data)
+
+
+def _budget_encoder(config: BudgetConfig, originals: dict, calib: _Calibration, gptq: bool,
+                    overhead_bits: int = 0) -> tuple[Encoder, dict]:
     candidates = {}
     for name, weight in originals.items():
         check_finite(weight, name)
         with single_thread():
             candidates[name] = layer_candidates(weight.astype(np.float32), calib.stats.get(name), gptq=gptq,
-                                                rtn_bits=config.rtn_bits, composite_planes=config.composite_planes)
+                                                rtn_bits=config.rtn_bits, composite_planes=config.composite_planes,
+                                                levels=config.levels)
     params = sum(weight.size for weight in originals.values())
-    try:
-        chosen = choose(candidates, config.target_bits * params)
+    try:  # the whole file: the layers get what the header, float tensors and container leave
+        chosen = choose(candidates, config.target_bits * params - overhead_bits)
     except ValueError as exc:
         raise CBDError(f"target_bits {config.target_bits}: {exc}") from None
-    summary = {"chosen": {name: c.label for name, c in chosen.items()},
+    summary = {"chosen": {name: c.label for name, c in chosen.items()}, "overhead_bits": overhead_bits,
                "predicted_loss_increase": sum(c.loss for c in chosen.values())}
     return (lambda name, weight: chosen[name].code), summary
 
 
-def _encoder(config: CompressConfig, originals: dict, calib: _Calibration, gptq: bool) -> tuple[Encoder, dict]:
+def _encoder(config: CompressConfig, originals: dict, calib: _Calibration, gptq: bool,
+             overhead_bits: int = 0) -> tuple[Encoder, dict]:
     if isinstance(config, BudgetConfig):
-        return _budget_encoder(config, originals, calib, gptq)
+        return _budget_encoder(config, originals, calib, gptq, overhead_bits)
     if isinstance(config, RTNConfig):
         return _rtn_encoder(config, originals, calib, gptq), {}
     if isinstance(config, UniformConfig):
@@ -124,6 +149,22 @@ def _correct(model: nn.Module, originals: dict, calib: _Calibration, settings: C
             "loss_after": calibration_loss(model, data)}
 
 
+def round_floats(model: nn.Module) -> int:
+    """Round, in place, every float tensor the file stores (BatchNorm, biases) to float16 where that keeps
+    float16's full precision (:func:`cbdnet.codec.floats.as_float16`): the model then holds exactly what the
+    file will. Returns how many tensors were rounded."""
+    rounded = 0
+    with torch.no_grad():
+        for value in float_state(model).values():
+            dtype = str(value.dtype).removeprefix("torch.")
+            half = as_float16(value.detach().cpu().float().numpy() if dtype == "bfloat16" else
+                              value.detach().cpu().numpy(), dtype)
+            if half is not None:
+                value.copy_(torch.from_numpy(half.astype(np.float32)).to(value.dtype))
+                rounded += 1
+    return rounded
+
+
 def _check_config(config) -> CompressConfig:
     if config is None:
         return CBDConfig()
@@ -135,7 +176,8 @@ def _check_config(config) -> CompressConfig:
 
 def compress(model: nn.Module, config: CompressConfig | None = None, *, calibration: Iterable | None = None,
              calibration_config: CalibrationConfig | None = None, skip: Iterable[str] = (), progress: bool = True,
-             workers: int | None = None, input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, Report]:
+             workers: int | None = None, input_shape: tuple[int, ...] | None = None, float32: bool = False
+             ) -> tuple[nn.Module, Report]:
     """Compress every Conv2d/ConvTranspose2d/Linear of ``model`` in place; returns ``(model, report)``.
 
     ``config``: :class:`CBDConfig` (default: the paper's code, J=5, bottleneck 0.3), :class:`UniformConfig`,
@@ -144,7 +186,8 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
     as ``calibration_config`` says. ``skip`` names layers to keep in float (each must be a layer of the model).
     ``workers`` layers are encoded at once in threads; the result does not depend on it. ``input_shape`` adds
     per-sample operation counts to the report. The model remembers the config, so :func:`cbdnet.save` records
-    it in the file.
+    it in the file. The float tensors the file stores (BatchNorm, biases) are rounded to float16 where that keeps
+    float16's full precision, as the file stores them (``float32=True``: kept as they are, and so saved).
     """
     start = time.perf_counter()
     config = _check_config(config)
@@ -156,7 +199,9 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
     originals = {name: m.weight.detach().double().cpu().numpy() for name, m in layers}
     calib = _calibrate(model, layers, calibration, settings)
     gptq = bool(settings.gptq and calib.stats)
-    encoder, chosen = _encoder(config, originals, calib, gptq)
+    overhead = file_overhead_bits(model, {f"{name}.weight" for name, _ in layers}, float32) \
+        if isinstance(config, BudgetConfig) else 0
+    encoder, chosen = _encoder(config, originals, calib, gptq, overhead)
     recorded = {**config.to_dict(), "skip": skip}
     if calib.data is not None:
         recorded["calibration"] = {**settings.to_dict(), "gptq": gptq}
@@ -166,6 +211,12 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
         report.extra["calibration"] = {**_correct(model, originals, calib, settings), **chosen}
     elif chosen:
         report.extra["budget"] = chosen
+    if not float32:
+        report.extra["float16_tensors"] = round_floats(model)
+    report.float_tensors = {key: value.numel() * (16 if not float32 and as_float16(
+        value.detach().cpu().float().numpy(), str(value.dtype).removeprefix("torch.")) is not None else
+        value.element_size() * 8) for key, value in float_state(model).items()}
     report.seconds = time.perf_counter() - start
     model.cbdnet_config = recorded
+    model.cbdnet_float32 = float32
     return model, report

@@ -15,12 +15,12 @@ from typing import NoReturn
 import torch
 
 from .. import __version__
-from ..calib import CalibrationConfig, compress
+from ..calib import CalibrationConfig
 from ..calib.configs import OPTION_NAMES, ConfigError, config_from_options
 from ..codec import FALLBACK_RULES, GRANULARITIES
 from ..errors import CBDError
 from ..fileio import OutputSet, escape_name, parse_positive_int
-from ..format import encode_file, read, verify
+from ..format import compress, encode_file, read, verify
 from ..format.cbdfile import MAX_ARCH_ARG, check_fits
 from ..zoo import load
 from ..zoo.data import calibration_data, load_spec
@@ -141,7 +141,7 @@ def _compress_run(args, config, settings, out: OutputSet, model_path, json_targe
             check_data_fits(model, checked, spec)
     before = _evaluate(model, args.data, args, data)
     model, report = compress(model, config, calibration=calib, calibration_config=settings, skip=args.skip or (),
-                             progress=not args.quiet, workers=args.workers)
+                             progress=not args.quiet, workers=args.workers, float32=args.float32)
     report.extra.update({"arch": args.arch, "weights": source, "cbdnet_version": __version__})
     after = _evaluate(model, args.data, args, data)  # before writing: a failure here leaves any old output as it was
     if model_path is not None:
@@ -155,8 +155,9 @@ def _compress_run(args, config, settings, out: OutputSet, model_path, json_targe
                f"{_config_line(config, report)}")
     _say(args, report.table())
     if report.file_bytes is not None:
-        _say(args, f"wrote {escape_name(args.output)}: {report.file_bytes:,} bytes "
-                   f"(payload {report.total_bits / 8:,.0f} bytes + header) in {report.seconds:.1f} s")
+        _say(args, f"wrote {escape_name(args.output)}: {report.file_bytes:,} bytes = "
+                   f"{report.file_bits_per_weight:.3f} bits per compressed weight "
+                   f"(layers {report.coded_weight_bits / 8:,.0f} bytes) in {report.seconds:.1f} s")
     else:
         _say(args, "no -o given: nothing was written (pass -o FILE.cbd to save the compressed model)")
     if before is not None and "top1" in before:
@@ -208,17 +209,21 @@ def cmd_eval(args) -> int:
 def _info_dict(path: str) -> dict:
     parsed = read(path)
     layers = []
+    stored = (lambda c: c.bits()) if parsed.meta.get("format_version") == 1 else (lambda c: c.coded_bits())
     for name, code in parsed.codes.items():
         layers.append({"name": name, "shape": list(code.shape), "mode": code.mode, "planes": code.num_planes,
-                       "exponents": list(code.exponents), "bits": code.bits(),
-                       "bits_per_weight": code.bits() / code.numel, "wmax": code.wmax, "a": code.scale,
+                       "exponents": list(code.exponents), "bits": stored(code),
+                       "bits_per_weight": stored(code) / code.numel,
+                       "coding": "fixed" if parsed.meta.get("format_version") == 1 else code.stream().coding,
+                       "wmax": code.wmax, "a": code.scale,
                        "step": code.step,
                        "plane_storage": [p.storage for p in code.planes], "plane_ranks": [p.rank for p in code.planes]})
     params = sum(c.numel for c in parsed.codes.values())
-    bits = sum(c.bits() for c in parsed.codes.values())
+    bits = sum(stored(c) for c in parsed.codes.values())
     return {"file": path, "file_bytes": parsed.size, "format_version": parsed.meta.get("format_version"),
             "arch": parsed.meta.get("arch"), "cbdnet_version": parsed.meta.get("cbdnet_version"),
             "extra": parsed.meta.get("extra", {}), "params": params, "bits_per_weight": bits / params,
+            "file_bits_per_weight": 8 * parsed.size / params,
             "float_tensors": len(parsed.floats), "layers": layers}
 
 
@@ -237,12 +242,14 @@ def cmd_info(args) -> int:
         _say(args, f"{escape_name(info['file'])}: .cbd format v{info['format_version']}, "
                    f"arch {escape_name(info['arch'])}, "
                    f"{info['file_bytes']:,} bytes, {len(info['layers'])} compressed layers, "
-                   f"{info['params']:,} weights at {info['bits_per_weight']:.3f} bits/weight")
+                   f"{info['params']:,} weights at {info['bits_per_weight']:.3f} bits/weight "
+                   f"(whole file {info['file_bits_per_weight']:.3f})")
         for layer in info["layers"]:
             storage = "".join("F" if s == "factored" else "p" for s in layer["plane_storage"])
             shape = "x".join(map(str, layer["shape"]))
             _say(args, f"  {escape_name(layer['name']):<28} {shape:<16} {layer['mode']:<7} "
-                       f"planes {storage:<8} ranks {layer['plane_ranks']} {layer['bits_per_weight']:.3f} b/w")
+                       f"planes {storage:<8} ranks {layer['plane_ranks']} {layer['coding']:<7} "
+                       f"{layer['bits_per_weight']:.3f} b/w")
         if args.verify:
             status = "OK: checksum and every plane verified" if not problems else "FAILED"
             _say(args, f"verify: {status}")
@@ -298,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output .cbd file")
     p.add_argument("--json", help="write the report as JSON here ('-': standard output)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--float32", action="store_true",
+                   help="store float tensors (BatchNorm, biases) as float32 instead of float16 where exact enough")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", parents=[common], help="accuracy of a .cbd file or a float model")

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..calib import CBDConfig, UniformConfig, compress
+from ..calib import CBDConfig, UniformConfig
 from ..fileio import OutputSet
-from ..format import encode_file
+from ..format import compress, encode_file
 from ..zoo import load
 from ..zoo.data import digits
 from ..zoo.metrics import evaluate_classification

@@ -23,6 +23,7 @@ import numpy as np
 
 from .bits import PlaneCode, unpack_bits
 from .planes import composite_decode, from_matrix, uniform_decode
+from .stream import Stream, encode_stream
 
 __all__ = ["LayerCode", "CompositeCode", "UniformCode", "GridCode", "ZeroCode", "CODE_TYPES", "register_code",
            "MAX_PLANES", "CodeError", "row_steps"]
@@ -114,6 +115,20 @@ class LayerCode:
         """Every stored bit: sign, planes (plain or factors, byte-padded) and the float32 scales."""
         return sum(t.nbytes for t in self.tensors().values()) * 8
 
+    def stream(self) -> Stream:
+        """The levels as the file (format 2) stores them: entropy-coded, or factored high planes plus an
+        entropy-coded remainder, whichever is smaller (computed once; a code is not changed after encoding)."""
+        cached = self.__dict__.get("_stream")
+        if cached is None:
+            cached = encode_stream(self.signed_magnitudes(), self.exponents, self.planes)
+            self.__dict__["_stream"] = cached
+        return cached
+
+    def coded_bits(self) -> int:
+        """Every bit the file (format 2) stores for this layer's weight: the coded levels and the float32
+        scales (the file's header and float tensors are counted by the file, not here)."""
+        return 8 * (self.stream().nbytes + self.scales().astype(np.float32).nbytes)
+
     def decode_planes(self) -> list[np.ndarray]:
         h, w = self.matrix_shape
         return [plane.decode(h, w) for plane in self.planes]
@@ -121,14 +136,15 @@ class LayerCode:
     def signed_magnitudes(self) -> np.ndarray:
         """The integer ``sign * sum_i P_i * 2^(e_i - e_min)`` as an int64 ``h x w`` matrix."""
         h, w = self.matrix_shape
-        q = np.zeros((h, w), dtype=np.int64)
-        if self.planes:
-            low = min(self.exponents)
-            for plane, exponent in zip(self.decode_planes(), self.exponents, strict=True):
-                q |= plane.astype(np.int64) << (exponent - low)
+        low = min(self.exponents, default=0)
+        span = max((e - low for e in self.exponents), default=0)
+        small = np.int16 if span < 14 else np.int32 if span < 30 else np.int64  # the work in a narrow type: fast
+        q = np.zeros((h, w), dtype=small)
+        for plane, exponent in zip(self.decode_planes(), self.exponents, strict=True):
+            q |= plane.view(np.uint8).astype(small) << small(exponent - low)
         if self.stores_sign:
-            q = np.where(unpack_bits(self.sign, (h, w)), -q, q)
-        return q
+            np.negative(q, out=q, where=unpack_bits(self.sign, (h, w)))
+        return q.astype(np.int64)
 
     def levels(self) -> tuple[np.ndarray, np.ndarray]:
         """``(levels, steps)``: signed integer levels in the weight's shape and float32 steps (``[1]`` per tensor

@@ -41,7 +41,9 @@ def rd_cost(sq_error: float, bits: int, numel: int) -> float:
 
 
 def _choose(code: LayerCode, uniform: LayerCode, errors: tuple[float, float], fallback: str) -> LayerCode:
-    """The composite code, or the uniform one where the composite code does not pay (see ``encode_weight``)."""
+    """The composite code, or the uniform one where the composite code does not pay (see ``encode_weight``).
+    Sizes are the paper's fixed-length counts (:meth:`LayerCode.bits`), so the decision is the paper's whatever
+    the file's entropy coder later makes of either code."""
     if fallback == "size":
         return code if code.bits() < uniform.bits() else uniform
     cbd_cost, uniform_cost = (rd_cost(e, c.bits(), c.numel) for e, c in zip(errors, (code, uniform), strict=True))

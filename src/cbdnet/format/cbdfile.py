@@ -3,12 +3,16 @@
 Layout (all integers little-endian)::
 
     0   8 bytes   magic  b"\\x89CBD\\r\\n\\x1a\\n"
-    8   u32       format version (1)
+    8   u32       format version (2; version 1 is still read)
     12  u32       flags (0)
     16  u64       payload length N
-    24  N bytes   safetensors payload: packed bit tensors and float tensors; its ``__metadata__`` holds
-                  one entry, ``cbdnet``, a JSON document (architecture, config, per-layer plane layout)
+    24  N bytes   payload: version 2, a zlib-compressed JSON header and the entropy-coded layers
+                  (:mod:`.v2`); version 1, a safetensors payload whose ``__metadata__`` holds one entry,
+                  ``cbdnet``, a JSON document (architecture, config, per-layer plane layout), described below
     24+N 32 bytes SHA-256 of bytes [0, 24+N)
+
+A version-2 payload is decoded into the tensors and metadata a version-1 file holds (sign, planes, scales,
+float tensors by name), so every check below applies to both. The rest of this note describes version 1.
 
 Tensors are named ``cbd/<layer>/<part>`` (``scales``, ``sign``, ``p<k>.bits``, ``p<k>.B``, ``p<k>.C``, all
 uint8 packed bits except ``scales``, float32 ``[max|w|, a, c]``, or for a ``grid`` layer its per-group steps,
@@ -48,6 +52,7 @@ from ..errors import CBDError, FormatError
 from ..fileio import OutputSet, escape_name, read_regular_file
 from ..nn import COMPRESSIBLE, CBDModule, from_module
 from ..nn.walk import coded_keys
+from . import v2
 
 __all__ = ["save", "load", "read", "parse", "verify", "atomic_write", "check_writable", "check_fits", "CBDFile",
            "release_free_memory",
@@ -55,7 +60,8 @@ __all__ = ["save", "load", "read", "parse", "verify", "atomic_write", "check_wri
            "MAGIC"]
 
 MAGIC = b"\x89CBD\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<8sIIQ")
 _DIGEST = 32
 MAX_FILE_BYTES = 4 << 30  # a whole .cbd file (VGG-16 at 32 bits/weight would be 0.55 GB)
@@ -135,9 +141,15 @@ def _coded_layers(model: nn.Module) -> tuple[list[tuple[str, CBDModule]], list[d
 
 
 def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict | None = None,
-                extra: dict | None = None) -> bytes:
+                extra: dict | None = None, float32: bool | None = None, version: int = FORMAT_VERSION) -> bytes:
     """The bytes of the ``.cbd`` file for a compressed model. ``extra`` defaults to the config that
-    :func:`cbdnet.compress` recorded on the model."""
+    :func:`cbdnet.compress` recorded on the model. Format 2 stores float tensors as float16 where that keeps
+    float16's full precision (``float32=True``: always as they are; None: as ``compress(..., float32=)``
+    chose, which rounded the model's floats to match); ``version=1`` writes the old format."""
+    if float32 is None:
+        float32 = bool(getattr(model, "cbdnet_float32", False))
+    if version not in READ_VERSIONS:
+        raise CBDError(f"cannot write .cbd format version {version}; versions: {READ_VERSIONS}")
     tensors: dict[str, np.ndarray] = {}
     layers = []
     coded, tied = _coded_layers(model)
@@ -150,10 +162,11 @@ def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict 
             for part, array in code.tensors().items():
                 tensors[f"cbd/{name}/{part}"] = np.ascontiguousarray(array)
     skipped = coded_keys(model)
-    floats = []
+    floats, float_arrays = [], []
     for key, value in model.state_dict().items():
         if key not in skipped:
             tensors[f"float/{key}"] = _float_array(value)
+            float_arrays.append((key, tensors[f"float/{key}"]))
             floats.append({"key": key, "dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)})
     if extra is None:
         config = getattr(model, "cbdnet_config", None)
@@ -162,15 +175,19 @@ def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict 
         if getattr(model, f"cbdnet_{key}", None) is not None and key not in extra:
             extra = {**extra, key: getattr(model, f"cbdnet_{key}")}
     meta = {
-        "format": "cbdnet", "format_version": FORMAT_VERSION, "cbdnet_version": __version__,
+        "format": "cbdnet", "format_version": version, "cbdnet_version": __version__,
         "arch": arch if arch is not None else getattr(model, "cbdnet_arch", None),
         "arch_kwargs": arch_kwargs if arch_kwargs is not None else getattr(model, "cbdnet_arch_kwargs", {}),
         "dtype": _model_dtype(model), "layers": layers, "floats": floats, "extra": extra,
     }
     if tied:
         meta["tied"] = tied
-    payload = st_save(tensors, metadata={"cbdnet": json.dumps(meta, sort_keys=True)})
-    head = _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(payload)) + payload
+    if version == 1:
+        payload = st_save(tensors, metadata={"cbdnet": json.dumps(meta, sort_keys=True)})
+    else:
+        payload = v2.encode_payload(meta, [(name, module.code) for name, module in coded], float_arrays,
+                                    float16=not float32)
+    head = _PREFIX.pack(MAGIC, version, 0, len(payload)) + payload
     return head + hashlib.sha256(head).digest()
 
 
@@ -190,10 +207,12 @@ def check_writable(path: str | os.PathLike, *, overwrite: bool = True) -> None:
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None,
-         extra: dict | None = None, overwrite: bool = True) -> int:
+         extra: dict | None = None, overwrite: bool = True, float32: bool | None = None) -> int:
     """Write a compressed model to ``path`` (atomically, see :func:`atomic_write`: an existing regular file is
-    replaced only with ``overwrite``; a symlink, device, FIFO or directory never); returns the file size."""
-    data = encode_file(model, arch=arch, arch_kwargs=arch_kwargs, extra=extra)
+    replaced only with ``overwrite``; a symlink, device, FIFO or directory never); returns the file size.
+    ``float32=True`` keeps every float tensor as it is (by default they are stored as float16 where that loses
+    nothing beyond float16's rounding, see :mod:`.v2`)."""
+    data = encode_file(model, arch=arch, arch_kwargs=arch_kwargs, extra=extra, float32=float32)
     atomic_write(path, data, overwrite=overwrite)
     return len(data)
 
@@ -211,23 +230,24 @@ def _int(value, name: str, low: int, high: int) -> int:
     return value
 
 
-def _split_container(data: bytes) -> bytes:
+def _split_container(data: bytes) -> tuple[int, bytes]:
     _need(len(data) >= _PREFIX.size + _DIGEST, f"not a .cbd file: {len(data)} bytes is too short")
     magic, version, _flags, length = _PREFIX.unpack_from(data)
     _need(magic == MAGIC, "not a .cbd file (bad magic bytes)")
-    _need(version <= FORMAT_VERSION,
+    _need(version <= max(READ_VERSIONS),
           f"this file has .cbd format version {version}; this cbdnet ({__version__}) reads up to "
-          f"version {FORMAT_VERSION}: upgrade cbdnet")
-    _need(version >= 1, f"unknown .cbd format version {version}")
+          f"version {max(READ_VERSIONS)}: upgrade cbdnet")
+    _need(version in READ_VERSIONS, f"unknown .cbd format version {version}")
     _need(length == len(data) - _PREFIX.size - _DIGEST,
           f"truncated or padded .cbd file: payload length {length} does not match the file size {len(data)}")
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
     _need(hashlib.sha256(body).digest() == digest, "checksum mismatch: the .cbd file is corrupt or was modified")
     payload = body[_PREFIX.size:]
-    _need(len(payload) >= 8, "corrupt payload: no tensor header")
-    header_len = struct.unpack_from("<Q", payload)[0]
-    _need(header_len <= min(MAX_HEADER_BYTES, len(payload) - 8), f"corrupt payload: header length {header_len}")
-    return payload
+    if version == 1:
+        _need(len(payload) >= 8, "corrupt payload: no tensor header")
+        header_len = struct.unpack_from("<Q", payload)[0]
+        _need(header_len <= min(MAX_HEADER_BYTES, len(payload) - 8), f"corrupt payload: header length {header_len}")
+    return version, payload
 
 
 def _no_duplicates(pairs: list) -> dict:
@@ -295,7 +315,10 @@ def _parse_meta(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
         raise FormatError(f"corrupt tensor payload: {str(exc)[:200]}") from None
     raw = st_meta.get("cbdnet")
     _need(isinstance(raw, str), "no cbdnet metadata in the payload")
-    meta = _json(raw, "cbdnet metadata")
+    return _check_meta(_json(raw, "cbdnet metadata")), tensors
+
+
+def _check_meta(meta) -> dict:
     _need(isinstance(meta, dict) and meta.get("format") == "cbdnet", "corrupt cbdnet metadata")
     _need(isinstance(meta.get("layers"), list) and isinstance(meta.get("floats"), list),
           "corrupt cbdnet metadata: no layer list")
@@ -307,7 +330,7 @@ def _parse_meta(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     _need(isinstance(kwargs, dict) and all(isinstance(v, (int, float, str, bool)) for v in kwargs.values()),
           "corrupt cbdnet metadata: arch_kwargs must map names to numbers or strings")
     _check_arch_kwargs(kwargs)
-    return meta, tensors
+    return meta
 
 
 def _check_arch_kwargs(kwargs: dict) -> None:
@@ -416,7 +439,12 @@ def _float_tensor(entry, tensors: dict) -> tuple[str, np.ndarray]:
 
 def parse(data: bytes) -> CBDFile:
     """Parse and validate the bytes of a ``.cbd`` file (see :func:`read`)."""
-    meta, tensors = _parse_meta(_split_container(data))
+    version, payload = _split_container(data)
+    if version == 1:
+        meta, tensors = _parse_meta(payload)
+    else:
+        meta, tensors = v2.decode_payload(payload)
+        meta = _check_meta(meta)
     _need(len(tensors) <= MAX_TENSORS, "too many tensors")
     used: set[str] = set()
     codes = dict(_layer_code(layer, tensors, used) for layer in meta["layers"])

@@ -47,12 +47,29 @@ class LayerReport:
     bitserial_adds: int | None = None  # per sample
     bitserial_mults: int | None = None  # per sample
     code: str = ""  # the code chosen for this layer, e.g. "cbd J=5", "rtn4/ch", "uniform J=5"
+    # how the file (format 2) stores the levels: "ans" (entropy-coded signed levels), "gf2+ans" (GF(2)-factored
+    # high planes plus entropy-coded remainder and signs) or "none" (all-zero)
+    coding: str = ""
+    plane_coding: list[str] = field(default_factory=list)  # per plane: "ans" or "gf2 rank R, N B"
+    # what the file (format 2) stores for this layer: the coded levels and the float32 scales; ``bits`` above
+    # keeps the paper's count (fixed-length sign and planes, or their GF(2) factors, plus the scales)
+    coded_bits: int = 0
+    coded_bits_per_weight: float = 0.0
 
 
 @dataclass
 class Report:
-    """Per-layer and total accounting. ``bits_per_weight`` covers the compressed layers' weights only;
-    ``total_bits`` adds every float tensor the file also stores (biases, BatchNorm, uncompressed layers)."""
+    """Per-layer and total accounting, in three numbers:
+
+    - ``bits_per_weight``: the compressed layers' bits / their weights, counted as the paper counts them
+      (fixed-length sign and bit planes, or their GF(2) factors, plus the float32 scales);
+    - ``coded_bits_per_weight``: the same layers as the file stores them (entropy-coded levels, see
+      :mod:`cbdnet.codec.stream`), scales included;
+    - ``file_bits_per_weight``: the honest number, the whole file's bytes * 8 / the compressed weights (header,
+      float tensors and checksum included; known once the file is encoded).
+
+    ``total_bits`` adds every float tensor the file stores (biases, BatchNorm, uncompressed layers, at the
+    width the file stores them) to ``weight_bits``."""
 
     config: dict
     layers: list[LayerReport] = field(default_factory=list)
@@ -76,12 +93,25 @@ class Report:
         return self.weight_bits / self.params if self.params else 0.0
 
     @property
+    def coded_weight_bits(self) -> int:
+        return sum(layer.coded_bits for layer in self.layers)
+
+    @property
+    def coded_bits_per_weight(self) -> float:
+        return self.coded_weight_bits / self.params if self.params else 0.0
+
+    @property
     def float_bits(self) -> int:
         return sum(self.float_tensors.values())
 
     @property
     def total_bits(self) -> int:
         return self.weight_bits + self.float_bits
+
+    @property
+    def file_bits_per_weight(self) -> float | None:
+        """The whole file (header, float tensors, checksum included) in bits per compressed weight."""
+        return 8 * self.file_bytes / self.params if self.file_bytes is not None and self.params else None
 
     def ops(self) -> dict:
         """Totals of the storage and of the operations a deployment performs (per sample, where known)."""
@@ -106,8 +136,11 @@ class Report:
             "ops": self.ops(),
             "config": self.config,
             "bits_per_weight": self.bits_per_weight,
+            "coded_bits_per_weight": self.coded_bits_per_weight,
+            "file_bits_per_weight": self.file_bits_per_weight,
             "params": self.params,
             "weight_bits": self.weight_bits,
+            "coded_weight_bits": self.coded_weight_bits,
             "float_params_bits": self.float_bits,
             "total_bits": self.total_bits,
             "fp32_bytes": 4 * self.params + self.float_bits // 8,
@@ -121,7 +154,7 @@ class Report:
     def table(self) -> str:
         """A fixed-width per-layer table with a totals line."""
         head = (f"{'layer':<28} {'shape':<16} {'h x w':>11} {'code':<12} {'a':>6} {'fact/plain':>10} "
-                f"{'ranks':<22} {'bits/w':>6} {'rel.err':>7}")
+                f"{'ranks':<22} {'bits/w':>6} {'coding':<8} {'coded':>6} {'rel.err':>7}")
         lines = [head, "-" * len(head)]
         for layer in self.layers:
             ranks = ",".join(str(r) for r, s in zip(layer.plane_ranks, layer.plane_storage, strict=True)
@@ -131,15 +164,26 @@ class Report:
                 f"{f'{layer.h}x{layer.w}':>11} {_clip(layer.code or layer.mode, 12):<12} "
                 f"{f'{layer.scale:.3f}' if layer.scale > 0 else '':>6} "
                 f"{f'{layer.planes_factored}/{layer.planes_plain}':>10} {_clip(ranks, 22):<22} "
-                f"{layer.bits_per_weight:>6.3f} {layer.rel_error:>7.4f}")
+                f"{layer.bits_per_weight:>6.3f} {layer.coding:<8} {layer.coded_bits_per_weight:>6.3f} "
+                f"{layer.rel_error:>7.4f}")
         lines.append("-" * len(head))
         lines.append(f"total: {len(self.layers)} layers, {self.params:,} weights, "
                      f"{self.bits_per_weight:.3f} bits/weight ({self.weight_bits / 8 / 1024:.1f} KiB), "
+                     f"entropy-coded {self.coded_bits_per_weight:.3f} ({self.coded_weight_bits / 8 / 1024:.1f} KiB), "
                      f"float tensors {self.float_bits / 8 / 1024:.1f} KiB, "
                      f"fp32 {4 * self.params / 1024:.1f} KiB, {self.seconds:.1f} s")
+        if self.file_bits_per_weight is not None:
+            lines.append(f"file: {self.file_bytes:,} bytes = {self.file_bits_per_weight:.3f} bits per compressed "
+                         "weight (header, float tensors and checksum included)")
         for name, owner in self.tied.items():
             lines.append(f"tied: {name} shares the weight of {owner} (coded and counted once)")
         return "\n".join(lines)
+
+
+def _plane_coding(code: LayerCode) -> list[str]:
+    factored = {plane.index: plane for plane in code.stream().factored}
+    return [f"gf2 rank {factored[i].rank}, {factored[i].nbytes} B" if i in factored else "ans"
+            for i in range(len(code.planes))]
 
 
 def _clip(text: str, width: int) -> str:
@@ -166,5 +210,7 @@ def layer_report(name: str, module: nn.Module, code: LayerCode, original: np.nda
         plane_ranks=[p.rank for p in code.planes], plane_storage=[p.storage for p in code.planes],
         planes_factored=code.factored_planes, planes_plain=len(code.planes) - code.factored_planes,
         bits=code.bits(), bits_per_weight=code.bits() / code.numel, rel_error=error,
+        coding=code.stream().coding, plane_coding=_plane_coding(code), coded_bits=code.coded_bits(),
+        coded_bits_per_weight=code.coded_bits() / code.numel,
         rank_calls=code.rank_calls, seconds=seconds, plane_popcounts=popcounts,
         code=code.label, **layer_ops(code, popcounts, positions))

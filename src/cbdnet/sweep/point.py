@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..calib import compress
 from ..calib.configs import config_from_options
-from ..format import save
+from ..format import compress, save
 from ..zoo import load
 from ..zoo.data import calibration_data, load_spec
 from ..zoo.metrics import evaluate

@@ -1,0 +1,37 @@
+"""How format 2 stores a float tensor: float16 where that keeps float16's full (normal-range) precision, else as
+it is. Shared by the file writer and the bit budget, which counts the bytes the file will hold."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["as_float16", "stored_float_bytes", "FLOAT16_MAX_REL_ERROR", "FLOATING"]
+
+FLOAT16_MAX_REL_ERROR = 2.0**-11  # float16's rounding error in its normal range: tensors that need more stay raw
+FLOATING = ("float32", "float64", "bfloat16")  # state-dict dtypes that may be stored as float16
+
+
+def as_float16(array: np.ndarray, dtype: str) -> np.ndarray | None:
+    """``array`` as float16 where every value is finite and within float16's normal-range rounding
+    (relative error <= 2^-11), else None (also for non-float dtypes and empty tensors)."""
+    if dtype not in FLOATING or array.size == 0:
+        return None
+    wide = np.asarray(array, dtype=np.float64)
+    if not np.isfinite(wide).all():
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        back = wide.astype(np.float16).astype(np.float64)
+    if not np.isfinite(back).all():
+        return None
+    scale = np.maximum(np.abs(wide), np.finfo(np.float16).tiny)
+    if float(np.max(np.abs(back - wide) / scale)) > FLOAT16_MAX_REL_ERROR:
+        return None
+    return wide.astype(np.float16)
+
+
+def stored_float_bytes(array: np.ndarray, dtype: str, float32: bool = False) -> int:
+    """Bytes format 2 stores for a float tensor of state-dict ``dtype`` (bfloat16 is stored as float32)."""
+    if not float32 and as_float16(array, dtype) is not None:
+        return 2 * int(array.size)
+    itemsize = 4 if dtype == "bfloat16" else np.dtype(array.dtype).itemsize
+    return itemsize * int(array.size)

@@ -1,0 +1,147 @@
+"""One layer's integer levels as format v2 stores them: entropy-coded, optionally with GF(2)-factored high planes.
+
+A layer's code is signed integer magnitudes ``q = sign * m`` on an ``h x w`` matrix, ``m = sum_i P_i << s_i``
+(plane ``i`` at shift ``s_i = e_i - min(e)``). Two codings are tried and the smaller kept:
+
+- ``ans``: the signed levels ``q`` in one :mod:`.entropy` blob;
+- ``gf2+ans``: the planes the encoder stored as exact GF(2) factors ``B @ C`` (``rank * (h + w)`` bits, packed)
+  plus two blobs: the remainder magnitudes ``m - sum_factored P_i << s_i`` and the signs of the non-zero ``m``.
+  Each factored plane carries the CRC-32 of its packed bits, checked against ``B @ C`` on decoding.
+
+A sign where ``m == 0`` carries no information and is not kept (the decoded weight is ``+0.0`` there).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import gf2
+from .bits import PlaneCode, pack_bits, packed_size, unpack_bits
+from .entropy import decode_levels, encode_levels
+
+__all__ = ["Stream", "FactoredPlane", "encode_stream", "decode_stream", "StreamError", "factor_sizes"]
+
+
+class StreamError(ValueError):
+    """Stored stream parts that do not decode to a valid code (reported as a corrupt file)."""
+
+
+@dataclass
+class FactoredPlane:
+    index: int  # plane index in the code (0 = first stored plane)
+    rank: int
+    crc: int  # CRC-32 of the packed plane bits
+    left: np.ndarray  # packed bits of B (h x rank)
+    right: np.ndarray  # packed bits of C (rank x w)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.left.nbytes + self.right.nbytes)
+
+
+@dataclass
+class Stream:
+    """What v2 stores for one layer's levels (the steps/scales are stored beside it)."""
+
+    coding: str  # "ans", "gf2+ans" or "none" (an all-zero code: nothing stored)
+    blobs: list[bytes] = field(default_factory=list)
+    factored: list[FactoredPlane] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.blobs) + sum(f.nbytes for f in self.factored)
+
+    def parts(self) -> list[bytes]:
+        """The stored byte strings in file order: the blobs, then each factored plane's B and C."""
+        out = list(self.blobs)
+        for plane in self.factored:
+            out += [plane.left.tobytes(), plane.right.tobytes()]
+        return out
+
+    def describe(self) -> dict:
+        """Per-part sizes for reports: the blobs' bytes and, per factored plane, its rank and bytes."""
+        return {"coding": self.coding, "blob_bytes": [len(b) for b in self.blobs],
+                "factored": [{"plane": f.index, "rank": f.rank, "bytes": f.nbytes} for f in self.factored]}
+
+
+def _shifts(exponents: tuple[int, ...]) -> list[int]:
+    low = min(exponents) if exponents else 0
+    return [e - low for e in exponents]
+
+
+def encode_stream(q: np.ndarray, exponents: tuple[int, ...], planes: list[PlaneCode]) -> Stream:
+    """The smaller of the ``ans`` and (where the code has factored planes) ``gf2+ans`` codings of ``q``."""
+    if not planes:
+        return Stream("none")
+    flat = np.asarray(q, dtype=np.int64).reshape(-1)
+    plain = Stream("ans", [encode_levels(flat)])
+    factored = [i for i, p in enumerate(planes) if p.storage == "factored"]
+    if not factored:
+        return plain
+    h, w = q.shape
+    shifts = _shifts(exponents)
+    magnitude = np.abs(flat)
+    remainder = magnitude.copy()
+    kept = []
+    for index in factored:
+        bit = (magnitude >> shifts[index]) & 1
+        remainder -= bit << shifts[index]
+        code = planes[index]
+        crc = zlib.crc32(pack_bits(bit.reshape(h, w).astype(bool)).tobytes())
+        kept.append(FactoredPlane(index, code.rank, crc, code.tensors["B"], code.tensors["C"]))
+    signs = (flat[magnitude != 0] < 0).astype(np.int64)
+    split = Stream("gf2+ans", [encode_levels(remainder), encode_levels(signs)], kept)
+    return split if split.nbytes < plain.nbytes else plain
+
+
+def decode_stream(coding: str, parts: list[bytes], factored: list[tuple[int, int, int]], h: int, w: int,
+                  exponents: tuple[int, ...]) -> tuple[np.ndarray, list[PlaneCode | None]]:
+    """``(q, planes)``: the signed ``h x w`` levels and, per plane, the factored :class:`PlaneCode` or None.
+    ``factored`` lists ``(index, rank, crc)``; ``parts`` are the blobs then B, C per factored plane. Checks that
+    the levels fit the planes and every factored product against its CRC-32 (:class:`StreamError`)."""
+    count = h * w
+    limit = 1 << len(exponents)
+    shifts = _shifts(exponents)
+    out: list[PlaneCode | None] = [None] * len(exponents)
+    try:
+        if coding == "ans":
+            q = decode_levels(parts[0], count)
+            magnitude = np.abs(q)
+        elif coding == "gf2+ans":
+            magnitude = decode_levels(parts[0], count)
+            if magnitude.size and magnitude.min() < 0:
+                raise StreamError("negative remainder")
+            for k, (index, rank, crc) in enumerate(factored):
+                left, right = parts[2 + 2 * k], parts[3 + 2 * k]
+                bits = gf2.matmul(unpack_bits(np.frombuffer(left, np.uint8), (h, rank)),
+                                  unpack_bits(np.frombuffer(right, np.uint8), (rank, w)))
+                if zlib.crc32(pack_bits(bits).tobytes()) != crc:
+                    raise StreamError(f"factored plane {index}: B @ C does not match its CRC-32")
+                step = np.int64(1) << shifts[index]
+                if np.any(magnitude & step):
+                    raise StreamError(f"factored plane {index} overlaps the remainder")
+                magnitude = magnitude + bits.reshape(-1).astype(np.int64) * step
+                out[index] = PlaneCode(exponents[index], "factored", rank,
+                                       {"B": np.frombuffer(left, np.uint8).copy(),
+                                        "C": np.frombuffer(right, np.uint8).copy()}, "")
+            nonzero = magnitude != 0
+            signs = decode_levels(parts[1], int(nonzero.sum()))
+            if signs.size and (signs.min() < 0 or signs.max() > 1):
+                raise StreamError("sign blob holds values other than 0 and 1")
+            q = magnitude.copy()
+            q[nonzero] = np.where(signs == 1, -magnitude[nonzero], magnitude[nonzero])
+        else:
+            raise StreamError(f"unknown coding {coding!r}")
+    except ValueError as exc:
+        raise StreamError(str(exc)) from None
+    if magnitude.size and magnitude.max() >= limit:
+        raise StreamError(f"levels exceed the {len(exponents)} planes of the code")
+    return q.reshape(h, w), out
+
+
+def factor_sizes(h: int, w: int, rank: int) -> tuple[int, int]:
+    """Packed bytes of ``B`` (``h x rank``) and ``C`` (``rank x w``)."""
+    return packed_size(h * rank), packed_size(rank * w)

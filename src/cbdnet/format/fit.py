@@ -1,0 +1,51 @@
+"""``compress`` as users call it: :func:`cbdnet.calib.compress` plus the file it will make.
+
+The calibration layer chooses codes without knowing the file's exact header (it sets aside an allowance, see
+:func:`cbdnet.calib.pipeline.header_allowance`). Here, one floor up, the model is encoded as :func:`save` will
+write it, so the report's ``file_bytes``/``file_bits_per_weight`` are the file's, and under a
+:class:`~cbdnet.calib.BudgetConfig` the whole file is held to ``target_bits``: where the encoded file
+overshoots (the header was larger than its allowance), the model is restored and compressed again with the
+target lowered by the excess.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from torch import nn
+
+from ..calib import BudgetConfig
+from ..calib import compress as compress_layers_of
+from ..errors import CBDError
+from ..nn import Report
+from .cbdfile import encode_file
+
+__all__ = ["compress", "MAX_BUDGET_TRIES"]
+
+MAX_BUDGET_TRIES = 3
+
+
+def compress(model: nn.Module, config=None, **options) -> tuple[nn.Module, Report]:
+    """Compress ``model`` in place (see :func:`cbdnet.calib.compress` for ``config`` and ``options``); the
+    report's ``file_bytes`` is the size :func:`cbdnet.save` will write. Under a ``BudgetConfig`` the whole file
+    is at most ``target_bits`` bits per compressed weight, header, float tensors and checksum included
+    (the model is copied once, to restore it if a second try is needed)."""
+    if not isinstance(config, BudgetConfig):
+        model, report = compress_layers_of(model, config, **options)
+        report.file_bytes = len(encode_file(model))
+        return model, report
+    pristine = copy.deepcopy(model)
+    target = config
+    for attempt in range(MAX_BUDGET_TRIES):
+        if attempt:
+            model.__dict__.update(copy.deepcopy(pristine).__dict__)  # the same object, back to its original state
+        model, report = compress_layers_of(model, target, **options)
+        report.file_bytes = len(encode_file(model))
+        excess = 8 * report.file_bytes - config.target_bits * report.params
+        report.extra["budget_retries"] = attempt
+        if excess <= 0:
+            return model, report
+        target = dataclasses.replace(target, target_bits=target.target_bits - excess / report.params - 1e-3)
+    raise CBDError(f"target_bits {config.target_bits}: the file is {report.file_bits_per_weight:.4f} bits per "
+                   f"weight after {MAX_BUDGET_TRIES} tries")

@@ -1,0 +1,250 @@
+"""The payload of a format-2 ``.cbd`` file: a zlib-compressed JSON header and the coded layers.
+
+Payload layout (inside the container of :mod:`.cbdfile`: magic, version 2, flags, length ... SHA-256)::
+
+    u32          length H of the compressed header
+    H bytes      zlib(JSON): architecture, config, and per layer its code's fields (mode, shape, planes,
+                 exponents, ...) plus ``stream``: coding, blob sizes, factored planes [index, rank, CRC-32];
+                 per float tensor its key, state-dict dtype, shape and ``stored`` (float16 or raw)
+    data         per layer: its float32 scales, then its stream parts (see :mod:`cbdnet.codec.stream`);
+                 then every float tensor (little-endian), in header order
+
+Every size is derived from the header, and together they must tile the data exactly. Decoding rebuilds the
+layer's sign and bit planes (packed, or the stored GF(2) factors) in the shape format 1 stores them, so the
+checks of :mod:`.cbdfile` that follow are the same for both versions. Memory is bounded before anything is
+decoded: the header inflates to at most ``MAX_HEADER_BYTES`` and the layers may not claim more weights than
+``MAX_LEVELS_PER_BYTE`` times the file's bytes (or ``MIN_LEVELS_BOUND``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+
+import numpy as np
+
+from ..codec import CODE_TYPES, MAX_PLANES, CodeError, LayerCode
+from ..codec.bits import pack_bits, plane_digest
+from ..codec.floats import FLOATING, as_float16
+from ..codec.stream import StreamError, decode_stream, encode_stream, factor_sizes
+from ..errors import FormatError
+
+__all__ = ["encode_payload", "decode_payload", "MAX_HEADER_BYTES"]
+
+MAX_HEADER_BYTES = 16 << 20
+MAX_NUMEL = 1 << 34
+MAX_LEVELS_PER_BYTE = 4096  # 1/512 bit per weight: far below any code's rate
+MIN_LEVELS_BOUND = 1 << 26
+MAX_EXPONENT = 320
+_U32 = struct.Struct("<I")
+_RAW = {"float32": "<f4", "float16": "<f2", "bfloat16": "<f4", "float64": "<f8", "int64": "<i8", "int32": "<i4",
+        "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "?"}
+
+
+def _need(condition: bool, message: str) -> None:
+    if not condition:
+        raise FormatError(message)
+
+
+# ---------------------------------------------------------------- writing
+
+def encode_payload(meta: dict, codes: list[tuple[str, LayerCode]], floats: list[tuple[str, np.ndarray]],
+                   *, float16: bool = True) -> bytes:
+    """The format-2 payload for ``meta`` (the writer's metadata; its ``layers`` and ``floats`` are rewritten
+    here), the layer codes and the float tensors (float16 where that keeps their precision, see above)."""
+    data: list[bytes] = []
+    layers = []
+    for entry, (_name, code) in zip(meta["layers"], codes, strict=True):
+        stream = encode_stream(code.signed_magnitudes(), code.exponents, code.planes)
+        layer = {k: v for k, v in entry.items() if k != "plane_codes"}
+        layer["stream"] = {"coding": stream.coding, "blob_bytes": [len(b) for b in stream.blobs],
+                           "factored": [[f.index, f.rank, f.crc] for f in stream.factored]}
+        layers.append(layer)
+        data.append(np.asarray(code.scales(), dtype="<f4").tobytes())
+        data.extend(stream.parts())
+    float_entries = []
+    for (_key, array), entry in zip(floats, meta["floats"], strict=True):
+        half = as_float16(array, entry["dtype"]) if float16 else None
+        stored = half if half is not None else np.asarray(array, dtype=_RAW[entry["dtype"]])
+        float_entries.append({**entry, "stored": "float16" if half is not None else "raw"})
+        data.append(np.ascontiguousarray(stored).astype(stored.dtype.newbyteorder("<")).tobytes())
+    header = zlib.compress(json.dumps({**meta, "layers": layers, "floats": float_entries},
+                                      separators=(",", ":"), sort_keys=True).encode(), 9)
+    return _U32.pack(len(header)) + header + b"".join(data)
+
+
+# ---------------------------------------------------------------- reading
+
+def _no_duplicates(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    _need(len(set(keys)) == len(keys), "corrupt header: duplicate keys")
+    return dict(pairs)
+
+
+def _header(payload: bytes) -> tuple[dict, int]:
+    _need(len(payload) >= _U32.size, "corrupt payload: no header")
+    length = _U32.unpack_from(payload)[0]
+    _need(length <= len(payload) - _U32.size, f"corrupt payload: header length {length}")
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(payload[_U32.size:_U32.size + length], MAX_HEADER_BYTES)
+    except zlib.error as exc:
+        raise FormatError(f"corrupt header: {exc}") from None
+    _need(inflater.eof and not inflater.unconsumed_tail and not inflater.unused_data,
+          f"corrupt header: not one zlib stream of at most {MAX_HEADER_BYTES} bytes")
+    try:
+        meta = json.loads(text, object_pairs_hook=_no_duplicates)
+    except FormatError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"corrupt header: {str(exc)[:200]}") from None
+    _need(isinstance(meta, dict) and meta.get("format") == "cbdnet", "corrupt header: not cbdnet metadata")
+    _need(isinstance(meta.get("layers"), list) and isinstance(meta.get("floats"), list), "corrupt header: no layers")
+    return meta, _U32.size + length
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(value, what: str, low: int, high: int) -> int:
+    _need(_is_int(value) and low <= value <= high, f"corrupt header: {what} = {value!r}"[:200])
+    return value
+
+
+class _Cursor:
+    def __init__(self, data: bytes, start: int) -> None:
+        self.data, self.pos = data, start
+
+    def take(self, size: int, what: str) -> bytes:
+        _need(0 <= size <= len(self.data) - self.pos, f"truncated payload: {what} needs {size} bytes"[:200])
+        self.pos += size
+        return self.data[self.pos - size:self.pos]
+
+
+def _layer_shape(layer: dict) -> tuple[str, tuple[int, ...], type[LayerCode], tuple[int, ...]]:
+    _need(isinstance(layer, dict) and isinstance(layer.get("name"), str), "corrupt layer entry")
+    name = layer["name"]
+    shape = layer.get("shape")
+    _need(isinstance(shape, list) and len(shape) in (2, 4), f"layer {name}: bad shape")
+    shape = tuple(_int(s, f"{name}.shape", 1, 1 << 31) for s in shape)
+    _need(math.prod(shape) <= MAX_NUMEL, f"layer {name}: shape {shape} too large")
+    kind = CODE_TYPES.get(layer.get("mode")) if isinstance(layer.get("mode"), str) else None
+    _need(kind is not None, f"layer {name}: unknown mode {layer.get('mode')!r}"[:200])
+    planes = _int(layer.get("planes"), f"{name}.planes", 1, MAX_PLANES)
+    exponents = layer.get("exponents")
+    _need(isinstance(exponents, list) and len(exponents) == kind.expected_planes(planes),
+          f"layer {name}: wrong number of exponents")
+    exponents = tuple(_int(e, f"{name}.exponent", -MAX_EXPONENT, MAX_EXPONENT) for e in exponents)
+    low = min(exponents, default=0)
+    _need([e - low for e in exponents] == list(range(len(exponents) - 1, -1, -1)),
+          f"layer {name}: exponents are not consecutive and descending")
+    return name, shape, kind, exponents
+
+
+def _stream_entry(layer: dict, name: str, h: int, w: int, nplanes: int) -> tuple[str, list[int], list]:
+    stream = layer.get("stream")
+    _need(isinstance(stream, dict), f"layer {name}: no stream entry")
+    coding, sizes, factored = stream.get("coding"), stream.get("blob_bytes"), stream.get("factored")
+    blobs = {"none": 0, "ans": 1, "gf2+ans": 2}.get(coding) if isinstance(coding, str) else None
+    _need(blobs is not None and (coding == "none") == (nplanes == 0), f"layer {name}: bad coding {coding!r}"[:200])
+    _need(isinstance(sizes, list) and len(sizes) == blobs, f"layer {name}: bad blob sizes")
+    sizes = [_int(s, f"{name}.blob_bytes", 6, 1 << 40) for s in sizes]
+    _need(isinstance(factored, list) and (coding == "gf2+ans" or not factored) and len(factored) <= nplanes,
+          f"layer {name}: bad factored-plane list")
+    checked = []
+    for entry in factored:
+        _need(isinstance(entry, list) and len(entry) == 3, f"layer {name}: bad factored plane")
+        index = _int(entry[0], f"{name}.factored.index", 0, nplanes - 1)
+        rank = _int(entry[1], f"{name}.factored.rank", 0, min(h, w))
+        checked.append((index, rank, _int(entry[2], f"{name}.factored.crc", 0, (1 << 32) - 1)))
+    _need(len({e[0] for e in checked}) == len(checked), f"layer {name}: a plane is factored twice")
+    return coding, sizes, checked
+
+
+def _check_budget(layers: list, payload_size: int) -> None:
+    total = 0
+    for layer in layers:
+        _name, shape, kind, exponents = _layer_shape(layer)
+        total += math.prod(shape) if exponents else 0
+    bound = max(MIN_LEVELS_BOUND, MAX_LEVELS_PER_BYTE * payload_size)
+    _need(total <= bound, f"the layers claim {total} coded weights, more than this file's size allows ({bound})")
+
+
+def _decode_layer(layer: dict, cursor: _Cursor) -> tuple[dict, dict[str, np.ndarray]]:
+    """One layer's entry in format 1's shape (``plane_codes`` with digests) and its tensors by format-1 name."""
+    name, shape, kind, exponents = _layer_shape(layer)
+    h, w = (shape[0], shape[1]) if len(shape) == 2 else (shape[0] * shape[2], shape[1] * shape[3])
+    try:
+        count = kind.scale_count(shape, layer)
+    except CodeError as exc:
+        raise FormatError(f"layer {name}: {exc}") from None
+    prefix = f"cbd/{name}/"
+    tensors = {prefix + "scales": np.frombuffer(cursor.take(4 * count, f"{name} scales"), "<f4").astype(np.float32)}
+    coding, sizes, factored = _stream_entry(layer, name, h, w, len(exponents))
+    parts = [cursor.take(size, f"{name} blob") for size in sizes]
+    for _index, rank, _crc in factored:
+        left, right = factor_sizes(h, w, rank)
+        parts += [cursor.take(left, f"{name} factor B"), cursor.take(right, f"{name} factor C")]
+    entry = {k: v for k, v in layer.items() if k != "stream"}
+    entry["plane_codes"] = []
+    if coding == "none":
+        return entry, tensors
+    try:
+        q, stored = decode_stream(coding, parts, factored, h, w, exponents)
+    except StreamError as exc:
+        raise FormatError(f"layer {name}: {exc}") from None
+    if kind.stores_sign:
+        tensors[prefix + "sign"] = pack_bits(q < 0)
+    magnitude = np.abs(q).astype(np.uint16 if len(exponents) <= 16 else np.uint32)  # narrow: fast bit tests
+    shifts = [e - min(exponents) for e in exponents]
+    for index, (exponent, shift) in enumerate(zip(exponents, shifts, strict=True)):
+        bits = (magnitude & (1 << shift)) != 0
+        plane = stored[index]
+        if plane is None:
+            tensors[f"{prefix}p{index}.bits"] = pack_bits(bits)
+            entry["plane_codes"].append({"exponent": exponent, "storage": "packed", "rank": -1,
+                                         "sha256": plane_digest(bits)})
+        else:
+            tensors[f"{prefix}p{index}.B"], tensors[f"{prefix}p{index}.C"] = plane.tensors["B"], plane.tensors["C"]
+            entry["plane_codes"].append({"exponent": exponent, "storage": "factored", "rank": plane.rank,
+                                         "sha256": plane_digest(bits)})
+    return entry, tensors
+
+
+def _decode_float(entry, cursor: _Cursor) -> tuple[dict, dict[str, np.ndarray]]:
+    _need(isinstance(entry, dict) and isinstance(entry.get("key"), str), "corrupt float entry")
+    key, dtype, shape, stored = entry["key"], entry.get("dtype"), entry.get("shape"), entry.get("stored")
+    _need(isinstance(dtype, str) and dtype in _RAW, f"float tensor {key}: unsupported dtype {dtype!r}"[:200])
+    _need(isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d) and 0 <= d <= 1 << 40 for d in shape),
+          f"float tensor {key}: bad shape"[:200])
+    _need(stored == "raw" or (stored == "float16" and dtype in FLOATING), f"float tensor {key}: bad storage"[:200])
+    numpy_dtype = np.dtype("<f2" if stored == "float16" else _RAW[dtype])
+    count = math.prod(shape)
+    raw = cursor.take(count * numpy_dtype.itemsize, f"float tensor {key}"[:100])
+    array = np.frombuffer(raw, numpy_dtype).reshape(shape)
+    target = np.float32 if dtype == "bfloat16" else np.dtype(_RAW[dtype]).newbyteorder("=")
+    return {k: v for k, v in entry.items() if k != "stored"}, {"float/" + key: array.astype(target)}
+
+
+def decode_payload(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(meta, tensors)`` in format 1's shape (see the module docstring); any inconsistency -> FormatError."""
+    meta, start = _header(payload)
+    _check_budget(meta["layers"], len(payload))
+    cursor = _Cursor(payload, start)
+    tensors: dict[str, np.ndarray] = {}
+    layers, floats = [], []
+    for layer in meta["layers"]:
+        entry, parts = _decode_layer(layer, cursor)
+        _need(not set(parts) & set(tensors), "corrupt header: duplicate layer names")
+        layers.append(entry)
+        tensors.update(parts)
+    for item in meta["floats"]:
+        entry, parts = _decode_float(item, cursor)
+        _need(not set(parts) & set(tensors), "corrupt header: duplicate float tensor keys")
+        floats.append(entry)
+        tensors.update(parts)
+    _need(cursor.pos == len(payload), f"corrupt payload: {len(payload) - cursor.pos} bytes after the last tensor")
+    return {**meta, "layers": layers, "floats": floats}, tensors

@@ -1,0 +1,231 @@
+""".cbd format 2: bit-exact round trips of every code kind, sizes as reported, format 1 still read, and corrupt or
+truncated files refused (one CBDError, never a crash)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from cbd_mutations import outcome, payload_of, tiny_model
+from cbd_mutations import sign as sign_any
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cbdnet
+from cbdnet.codec import GridCode, encode_rtn, encode_uniform, encode_weight
+from cbdnet.codec.bits import pack_bits
+from cbdnet.codec.bits import store_plane as make_plane
+from cbdnet.codec.stream import decode_stream, encode_stream
+from cbdnet.errors import CBDError, FormatError
+from cbdnet.format.cbdfile import encode_file, parse
+from cbdnet.nn import from_module
+
+
+def sign(payload: bytes, version: int = 2) -> bytes:
+    return sign_any(payload, version=version)
+
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+def _low_rank_grid(rng: np.random.Generator, out: int = 24, cin: int = 16) -> GridCode:
+    """A 3-plane grid code whose high plane is rank 2 over GF(2) (so factoring it beats entropy coding)."""
+    h, w = out * 3, cin * 3
+    high = (rng.integers(0, 2, (h, 2)) @ rng.integers(0, 2, (2, w))) % 2
+    low = rng.integers(0, 2, (2, h, w))
+    planes = [make_plane(high.astype(bool), 2, True)] + [make_plane(p.astype(bool), e, False)
+                                                          for p, e in zip(low, (1, 0), strict=True)]
+    negative = rng.integers(0, 2, (h, w)).astype(bool)
+    return GridCode(shape=(out, cin, 3, 3), num_planes=3, exponents=(2, 1, 0), sign=pack_bits(negative),
+                    planes=planes, steps=rng.uniform(0.01, 0.1, out).astype(np.float32))
+
+
+def _model_with(codes: list) -> torch.nn.Module:
+    """tiny_model's layers carrying the given codes (in order, for layers of the codes' shapes)."""
+    model = tiny_model()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    for (name, module), code in zip(layers, codes, strict=False):
+        if code is None:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, from_module(module, code))
+    return model
+
+
+def _codes(model: torch.nn.Module) -> list:
+    weights = [m.weight.detach().double().numpy() for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    zero = encode_weight(np.zeros_like(weights[1]), 3, 0.3)
+    return [encode_uniform(weights[0], 3), zero, encode_weight(weights[2], 4, 0.3, fallback="size"),
+            encode_rtn(weights[3], 4, "channel"), encode_rtn(weights[4], 5, "tensor")]
+
+
+@pytest.fixture(scope="module")
+def good() -> bytes:
+    codes = _codes(tiny_model())
+    codes[1] = _low_rank_grid(np.random.default_rng(0), 8, 4)  # features.3: GF(2)-factored high plane
+    return encode_file(_model_with(codes), arch="digits-cnn", arch_kwargs={"width": 4})
+
+
+def _assert_same_codes(a, b) -> None:
+    assert list(a.codes) == list(b.codes)
+    for name in a.codes:
+        x, y = a.codes[name], b.codes[name]
+        assert type(x) is type(y) and x.mode == y.mode and x.exponents == y.exponents
+        assert np.array_equal(x.scales(), y.scales())
+        assert np.array_equal(x.decode(), y.decode()), name
+        levels_x, steps_x = x.levels()
+        levels_y, steps_y = y.levels()
+        assert np.array_equal(levels_x, levels_y) and np.array_equal(steps_x, steps_y)
+
+
+def test_every_code_kind_round_trips_bit_exactly_and_v1_still_reads():
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    codes = _codes(model)
+    codes[1] = _low_rank_grid(rng, 8, 4)  # features.3 is 8 x 4 x 3 x 3 in digits-cnn width 4
+    codes[0] = encode_weight(np.zeros((4, 1, 3, 3)), 3, 0.3)
+    model = _model_with(codes)
+    model.cbdnet_float32 = True
+    v1, v2 = parse(encode_file(model, version=1)), parse(encode_file(model))
+    assert v1.meta["format_version"] == 1 and v2.meta["format_version"] == 2
+    _assert_same_codes(v1, v2)
+    assert {"zero", "grid"} <= {c.mode for c in v2.codes.values()}
+    assert {"cbd", "uniform"} & {c.mode for c in v2.codes.values()}
+    for key in v1.floats:
+        assert np.array_equal(v1.floats[key], v2.floats[key])  # float32 kept: exact
+    codings = {name: code.stream().coding for name, code in v2.codes.items()}
+    assert "gf2+ans" in codings.values() and "ans" in codings.values() and "none" in codings.values()
+
+
+def test_gf2_factored_plane_beats_entropy_coding_and_round_trips():
+    code = _low_rank_grid(np.random.default_rng(1))
+    stream = encode_stream(code.signed_magnitudes(), code.exponents, code.planes)
+    assert stream.coding == "gf2+ans" and stream.factored[0].rank <= 2
+    plain = encode_stream(code.signed_magnitudes(), code.exponents, [make_plane(p, e, False) for p, e in
+                                                                     zip(code.decode_planes(), code.exponents,
+                                                                         strict=True)])
+    assert stream.nbytes < plain.nbytes
+    h, w = code.matrix_shape
+    q, planes = decode_stream(stream.coding, stream.parts(), [(f.index, f.rank, f.crc) for f in stream.factored],
+                              h, w, code.exponents)
+    assert np.array_equal(q, code.signed_magnitudes()) and planes[0].rank == stream.factored[0].rank
+
+
+def test_file_size_is_what_the_report_says(tmp_path):
+    model, report = cbdnet.compress(tiny_model(), cbdnet.RTNConfig(bits=4), progress=False)
+    report.file_bytes = cbdnet.save(model, tmp_path / "m.cbd")
+    size = (tmp_path / "m.cbd").stat().st_size
+    assert report.file_bytes == size and report.to_dict()["file_bits_per_weight"] == 8 * size / report.params
+    parsed = cbdnet.format.read(tmp_path / "m.cbd")
+    assert report.weight_bits == sum(code.coded_bits() for code in parsed.codes.values())
+    # layers' scales + streams, float tensors and the compressed header tile the payload
+    header = struct.unpack_from("<I", payload_of(parsed_bytes := (tmp_path / "m.cbd").read_bytes()))[0]
+    assert size == 24 + 4 + header + report.weight_bits // 8 + report.float_bits // 8 + 32
+    assert header <= 2048 + 8 * (len(parsed.codes) + len(parsed.floats))
+    assert parse(parsed_bytes).size == size
+
+
+def test_float32_opt_out_and_float16_default(tmp_path):
+    half, _ = cbdnet.compress(tiny_model(), cbdnet.RTNConfig(bits=4), progress=False)
+    full, _ = cbdnet.compress(tiny_model(), cbdnet.RTNConfig(bits=4), progress=False, float32=True)
+    small, big = encode_file(half), encode_file(full)
+    assert len(small) < len(big)
+    original = tiny_model().state_dict()
+    floats = parse(big).floats
+    assert all(torch.equal(torch.from_numpy(floats[k]), original[k]) for k in floats)  # float32: untouched
+    for version_data, model in ((small, half), (big, full)):  # the model holds exactly what its file holds
+        path = tmp_path / "x.cbd"
+        path.write_bytes(version_data)
+        reloaded = cbdnet.load(path)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, reloaded.state_dict()[key]), key
+
+
+def test_versions_other_than_1_and_2_are_refused_naming_them(good):
+    for version in (0, 3, 77):
+        with pytest.raises(FormatError, match=f"version {version}"):
+            parse(sign(payload_of(good), version=version))
+
+
+def test_truncation_anywhere_is_refused(good, tmp_path):
+    for cut in sorted({*range(0, 64), *range(len(good) - 64, len(good)), *range(0, len(good), 97)}):
+        assert outcome(good[:cut], tmp_path) == "refused"
+        assert outcome(sign(payload_of(good)[:max(0, cut - 56)]), tmp_path) == "refused"
+
+
+@FUZZ
+@given(data=st.data())
+def test_resigned_byte_flips_are_refused_or_load(good, tmp_path_factory, data):
+    payload = bytearray(payload_of(good))
+    for _ in range(data.draw(st.integers(1, 4))):
+        payload[data.draw(st.integers(0, len(payload) - 1))] ^= data.draw(st.integers(1, 255))
+    assert outcome(sign(bytes(payload)), tmp_path_factory.mktemp("f")) in ("refused", "accepted")
+
+
+def _header_and_rest(data: bytes) -> tuple[dict, bytes]:
+    payload = payload_of(data)
+    length = struct.unpack_from("<I", payload)[0]
+    return json.loads(zlib.decompress(payload[4:4 + length])), payload[4 + length:]
+
+
+def _with_header(header, rest: bytes) -> bytes:
+    raw = zlib.compress(header if isinstance(header, bytes) else json.dumps(header).encode())
+    return sign(struct.pack("<I", len(raw)) + raw + rest)
+
+
+def _paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _paths(item, (*prefix, index))
+
+
+JSON = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=8),
+                 st.sampled_from(["ans", "gf2+ans", "none", "raw", "float16", "grid", "cbd", "zero"]),
+                 st.lists(st.integers(-3, 10**6), max_size=4))
+
+
+@FUZZ
+@given(data=st.data())
+def test_resigned_header_mutations_are_refused_or_load(good, tmp_path_factory, data):
+    header, rest = _header_and_rest(good)
+    paths = [p for p in _paths(header) if p]
+    path = data.draw(st.sampled_from(paths))
+    target = header
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = data.draw(JSON)
+    assert outcome(_with_header(header, rest), tmp_path_factory.mktemp("h")) in ("refused", "accepted")
+
+
+def test_header_bombs_and_bad_zlib_are_refused(good):
+    header, rest = _header_and_rest(good)
+    bomb = zlib.compress(b" " * (20 << 20))
+    with pytest.raises(FormatError):
+        parse(sign(struct.pack("<I", len(bomb)) + bomb + rest))
+    with pytest.raises(FormatError):
+        parse(sign(struct.pack("<I", 10) + b"not zlib!!" + rest))
+    with pytest.raises(FormatError):
+        parse(sign(struct.pack("<I", 1 << 31) + rest))
+    huge = json.loads(json.dumps(header))
+    huge["layers"][0]["shape"] = [1 << 20, 1 << 10, 3, 3]  # a billion weights from a tiny blob
+    with pytest.raises(FormatError):
+        parse(_with_header(huge, rest))
+
+
+def test_a_wrong_factor_is_refused_by_its_crc(tmp_path):
+    model = _model_with([None, _low_rank_grid(np.random.default_rng(2), 8, 4)])
+    data = encode_file(model)
+    header, rest = _header_and_rest(data)
+    layer = next(entry for entry in header["layers"] if entry["stream"]["coding"] == "gf2+ans")
+    layer["stream"]["factored"][0][2] ^= 1
+    with pytest.raises(CBDError, match="CRC"):
+        parse(_with_header(header, rest))
