@@ -59,8 +59,9 @@ def test_cli_target_bits_counts_bits_as_the_file_stores_them(tmp_path, target):
     assert result["file_bits_per_weight"] > float(target) - 0.5  # the budget is used, not wasted
     parsed = io.read(out)
     stored_bits = sum(c.coded_bits() for c in parsed.codes.values())
-    assert stored_bits == result["weight_bits"]
-    assert stored_bits / result["params"] == result["bits_per_weight"]
+    assert stored_bits == result["coded_weight_bits"]
+    assert stored_bits / result["params"] == result["coded_bits_per_weight"]
+    assert result["weight_bits"] == sum(layer["bits"] for layer in result["layers"])  # the fixed-length count
     header = size - stored_bits / 8 - result["float_params_bits"] / 8
     assert 0 < header <= 2048 + 8 * (len(parsed.codes) + len(parsed.floats)) + 60  # container, zlib header
     assert result["calibration"]["loss_after"] > 0

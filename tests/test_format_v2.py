@@ -122,10 +122,11 @@ def test_file_size_is_what_the_report_says(tmp_path):
     size = (tmp_path / "m.cbd").stat().st_size
     assert report.file_bytes == size and report.to_dict()["file_bits_per_weight"] == 8 * size / report.params
     parsed = cbdnet.format.read(tmp_path / "m.cbd")
-    assert report.weight_bits == sum(code.coded_bits() for code in parsed.codes.values())
+    assert report.coded_weight_bits == sum(code.coded_bits() for code in parsed.codes.values())
+    assert report.weight_bits == sum(code.bits() for code in parsed.codes.values())
     # layers' scales + streams, float tensors and the compressed header tile the payload
     header = struct.unpack_from("<I", payload_of(parsed_bytes := (tmp_path / "m.cbd").read_bytes()))[0]
-    assert size == 24 + 4 + header + report.weight_bits // 8 + report.float_bits // 8 + 32
+    assert size == 24 + 4 + header + report.coded_weight_bits // 8 + report.float_bits // 8 + 32
     assert header <= 2048 + 8 * (len(parsed.codes) + len(parsed.floats))
     assert parse(parsed_bytes).size == size
 

@@ -55,16 +55,18 @@ def test_reload_equals_float_model_with_reconstructed_weights(compressed):
 
 
 def test_file_size_keeps_the_bit_count_promise(compressed):
-    _, _, report, path = compressed
+    _, model, report, path = compressed
     size = path.stat().st_size
     assert report.file_bytes == size
     assert report.file_bits_per_weight == 8 * size / report.params
     parsed = io.read(path)
-    assert sum(code.coded_bits() for code in parsed.codes.values()) == report.weight_bits
+    assert sum(code.coded_bits() for code in parsed.codes.values()) == report.coded_weight_bits
+    assert sum(m.code.bits() for m in model.modules() if isinstance(m, CBDModule)) == report.weight_bits
+    assert report.coded_weight_bits < report.weight_bits  # the skewed composite levels entropy-code well
     # the file is the coded layers, the float tensors as stored, and at most 2 KB + 8 B per entry of header
     assert report.float_bits == sum(16 * a.size if as_float16(a, str(a.dtype)) is not None else 8 * a.nbytes
                                     for a in parsed.floats.values())
-    overhead = size - report.weight_bits // 8 - report.float_bits // 8
+    overhead = size - report.coded_weight_bits // 8 - report.float_bits // 8
     assert 0 < overhead <= 2048 + 8 * (len(parsed.codes) + len(parsed.floats)) + 24 + 4 + 32
 
 

@@ -31,8 +31,7 @@ def test_trained_segnet_basic_float_and_cbd(camvid_val_subset):
     fp32 = evaluate_segmentation(model, camvid_val_subset, progress=False)
     assert fp32["miou"] > 0.30 and fp32["pixel_acc"] > 0.60  # chance is ~0.09 mIoU (11 classes)
     model, report = compress(model, CBDConfig(planes=5, bottleneck=0.3), progress=False)
-    fixed = sum(layer.fixed_bits for layer in report.layers) / report.params  # format 1's fixed-length planes
-    assert 5.0 < fixed < 6.0 and report.bits_per_weight < fixed
+    assert 5.0 < report.bits_per_weight < 6.0 and report.coded_bits_per_weight < report.bits_per_weight
     assert not [row for row in report.float_layers if row["type"] == "Conv2d"]
     modes = {layer.name: layer.mode for layer in report.layers}
     assert modes.pop("encoders.0.0") == "uniform" and set(modes.values()) == {"cbd"}

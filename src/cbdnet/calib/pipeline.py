@@ -89,12 +89,17 @@ def header_allowance(layers: int, floats: int) -> int:
     return 1024 + 24 * layers + 8 * floats
 
 
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A state-dict tensor as numpy (bfloat16, which numpy lacks, as float32: exact)."""
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
 def file_overhead_bits(model: nn.Module, coded: set[str], float32: bool) -> int:
     """What the file stores beside the coded layers, in bits: container, header allowance, and every other
     state-dict tensor as the file will store it (float16 where exact enough, unless ``float32``)."""
     floats = {key: value for key, value in model.state_dict().items() if key not in coded}
-    data = sum(stored_float_bytes(value.detach().cpu().float().numpy() if value.dtype == torch.bfloat16 else
-                                  value.detach().cpu().numpy(), str(value.dtype).removeprefix("torch."), float32)
+    data = sum(stored_float_bytes(_numpy(value), str(value.dtype).removeprefix("torch."), float32)
                for value in floats.values())
     return 8 * (CONTAINER_BYTES + header_allowance(len(coded), len(floats)) + data)
 
@@ -157,8 +162,7 @@ def round_floats(model: nn.Module) -> int:
     with torch.no_grad():
         for value in float_state(model).values():
             dtype = str(value.dtype).removeprefix("torch.")
-            half = as_float16(value.detach().cpu().float().numpy() if dtype == "bfloat16" else
-                              value.detach().cpu().numpy(), dtype)
+            half = as_float16(_numpy(value), dtype)
             if half is not None:
                 value.copy_(torch.from_numpy(half.astype(np.float32)).to(value.dtype))
                 rounded += 1
@@ -213,10 +217,8 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
         report.extra["budget"] = chosen
     if not float32:
         report.extra["float16_tensors"] = round_floats(model)
-    report.float_tensors = {key: value.numel() * (16 if not float32 and as_float16(
-        value.detach().cpu().float().numpy(), str(value.dtype).removeprefix("torch.")) is not None else
-        value.element_size() * 8) for key, value in float_state(model).items()}
+    report.float_tensors = {key: 8 * stored_float_bytes(_numpy(value), str(value.dtype).removeprefix("torch."), True)
+                            for key, value in float_state(model).items()}  # as the file will store them
     report.seconds = time.perf_counter() - start
     model.cbdnet_config = recorded
-    model.cbdnet_float32 = float32
     return model, report

@@ -207,22 +207,28 @@ def cmd_eval(args) -> int:
 
 
 def _info_dict(path: str) -> dict:
+    """What ``info`` prints: per layer the planes as the file holds them, their fixed-length count (``bits``,
+    the paper's) and what the file spends on them (``coded_bits``: entropy-coded in format 2; the same as
+    ``bits`` in format 1), and the whole file per compressed weight."""
     parsed = read(path)
+    version = parsed.meta.get("format_version")
+    coded = (lambda c: c.bits()) if version == 1 else (lambda c: c.coded_bits())
     layers = []
-    stored = (lambda c: c.bits()) if parsed.meta.get("format_version") == 1 else (lambda c: c.coded_bits())
     for name, code in parsed.codes.items():
         layers.append({"name": name, "shape": list(code.shape), "mode": code.mode, "planes": code.num_planes,
-                       "exponents": list(code.exponents), "bits": stored(code),
-                       "bits_per_weight": stored(code) / code.numel,
-                       "coding": "fixed" if parsed.meta.get("format_version") == 1 else code.stream().coding,
+                       "exponents": list(code.exponents), "bits": code.bits(),
+                       "bits_per_weight": code.bits() / code.numel, "coded_bits": coded(code),
+                       "coded_bits_per_weight": coded(code) / code.numel,
+                       "coding": "fixed" if version == 1 else code.stream().coding,
                        "wmax": code.wmax, "a": code.scale,
                        "step": code.step,
                        "plane_storage": [p.storage for p in code.planes], "plane_ranks": [p.rank for p in code.planes]})
     params = sum(c.numel for c in parsed.codes.values())
-    bits = sum(stored(c) for c in parsed.codes.values())
-    return {"file": path, "file_bytes": parsed.size, "format_version": parsed.meta.get("format_version"),
+    return {"file": path, "file_bytes": parsed.size, "format_version": version,
             "arch": parsed.meta.get("arch"), "cbdnet_version": parsed.meta.get("cbdnet_version"),
-            "extra": parsed.meta.get("extra", {}), "params": params, "bits_per_weight": bits / params,
+            "extra": parsed.meta.get("extra", {}), "params": params,
+            "bits_per_weight": sum(c.bits() for c in parsed.codes.values()) / params,
+            "coded_bits_per_weight": sum(coded(c) for c in parsed.codes.values()) / params,
             "file_bits_per_weight": 8 * parsed.size / params,
             "float_tensors": len(parsed.floats), "layers": layers}
 
@@ -242,14 +248,14 @@ def cmd_info(args) -> int:
         _say(args, f"{escape_name(info['file'])}: .cbd format v{info['format_version']}, "
                    f"arch {escape_name(info['arch'])}, "
                    f"{info['file_bytes']:,} bytes, {len(info['layers'])} compressed layers, "
-                   f"{info['params']:,} weights at {info['bits_per_weight']:.3f} bits/weight "
-                   f"(whole file {info['file_bits_per_weight']:.3f})")
+                   f"{info['params']:,} weights at {info['bits_per_weight']:.3f} bits/weight, entropy-coded "
+                   f"{info['coded_bits_per_weight']:.3f}, whole file {info['file_bits_per_weight']:.3f}")
         for layer in info["layers"]:
             storage = "".join("F" if s == "factored" else "p" for s in layer["plane_storage"])
             shape = "x".join(map(str, layer["shape"]))
             _say(args, f"  {escape_name(layer['name']):<28} {shape:<16} {layer['mode']:<7} "
-                       f"planes {storage:<8} ranks {layer['plane_ranks']} {layer['coding']:<7} "
-                       f"{layer['bits_per_weight']:.3f} b/w")
+                       f"planes {storage:<8} ranks {layer['plane_ranks']} {layer['bits_per_weight']:.3f} b/w, "
+                       f"{layer['coding']} {layer['coded_bits_per_weight']:.3f}")
         if args.verify:
             status = "OK: checksum and every plane verified" if not problems else "FAILED"
             _say(args, f"verify: {status}")
@@ -306,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report as JSON here ('-': standard output)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--float32", action="store_true",
-                   help="store float tensors (BatchNorm, biases) as float32 instead of float16 where exact enough")
+                   help="keep float tensors (BatchNorm, biases) at their own precision instead of rounding them to "
+                        "float16 where float16 is precise enough (the file stores what the model holds)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", parents=[common], help="accuracy of a .cbd file or a float model")

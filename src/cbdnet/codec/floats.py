@@ -1,11 +1,15 @@
-"""How format 2 stores a float tensor: float16 where that keeps float16's full (normal-range) precision, else as
-it is. Shared by the file writer and the bit budget, which counts the bytes the file will hold."""
+"""Float tensors (BatchNorm, biases) in float16.
+
+:func:`cbdnet.compress` rounds each float tensor to float16 where that keeps float16's full (normal-range)
+precision (:func:`as_float16`); the file writer then stores as float16 exactly the tensors whose every value
+float16 holds exactly (:func:`exact_float16`), so saving never changes a model: ``load(save(m))`` equals ``m``.
+The bit budget counts the bytes the file will hold (:func:`stored_float_bytes`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["as_float16", "stored_float_bytes", "FLOAT16_MAX_REL_ERROR", "FLOATING"]
+__all__ = ["as_float16", "exact_float16", "stored_float_bytes", "FLOAT16_MAX_REL_ERROR", "FLOATING"]
 
 FLOAT16_MAX_REL_ERROR = 2.0**-11  # float16's rounding error in its normal range: tensors that need more stay raw
 FLOATING = ("float32", "float64", "bfloat16")  # state-dict dtypes that may be stored as float16
@@ -29,9 +33,21 @@ def as_float16(array: np.ndarray, dtype: str) -> np.ndarray | None:
     return wide.astype(np.float16)
 
 
+def exact_float16(array: np.ndarray, dtype: str) -> np.ndarray | None:
+    """``array`` as float16 where float16 holds every value exactly (the writer's test), else None."""
+    if dtype not in FLOATING or array.size == 0:
+        return None
+    wide = np.asarray(array, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        half = wide.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float64), wide) else None
+
+
 def stored_float_bytes(array: np.ndarray, dtype: str, float32: bool = False) -> int:
-    """Bytes format 2 stores for a float tensor of state-dict ``dtype`` (bfloat16 is stored as float32)."""
-    if not float32 and as_float16(array, dtype) is not None:
+    """Bytes the file will store for a float tensor of state-dict ``dtype``: 2 per value where it is (or,
+    unless ``float32``, will be rounded to) float16, else its own width (bfloat16 is stored as float32)."""
+    fits = exact_float16(array, dtype) if float32 else as_float16(array, dtype)
+    if fits is not None:
         return 2 * int(array.size)
     itemsize = 4 if dtype == "bfloat16" else np.dtype(array.dtype).itemsize
     return itemsize * int(array.size)

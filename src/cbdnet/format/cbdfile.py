@@ -141,13 +141,11 @@ def _coded_layers(model: nn.Module) -> tuple[list[tuple[str, CBDModule]], list[d
 
 
 def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict | None = None,
-                extra: dict | None = None, float32: bool | None = None, version: int = FORMAT_VERSION) -> bytes:
+                extra: dict | None = None, version: int = FORMAT_VERSION) -> bytes:
     """The bytes of the ``.cbd`` file for a compressed model. ``extra`` defaults to the config that
-    :func:`cbdnet.compress` recorded on the model. Format 2 stores float tensors as float16 where that keeps
-    float16's full precision (``float32=True``: always as they are; None: as ``compress(..., float32=)``
-    chose, which rounded the model's floats to match); ``version=1`` writes the old format."""
-    if float32 is None:
-        float32 = bool(getattr(model, "cbdnet_float32", False))
+    :func:`cbdnet.compress` recorded on the model. Format 2 stores a float tensor as float16 where float16 holds
+    it exactly (:func:`cbdnet.compress` rounds them so, unless asked for ``float32``), so saving is lossless;
+    ``version=1`` writes the old format."""
     if version not in READ_VERSIONS:
         raise CBDError(f"cannot write .cbd format version {version}; versions: {READ_VERSIONS}")
     tensors: dict[str, np.ndarray] = {}
@@ -185,8 +183,7 @@ def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict 
     if version == 1:
         payload = st_save(tensors, metadata={"cbdnet": json.dumps(meta, sort_keys=True)})
     else:
-        payload = v2.encode_payload(meta, [(name, module.code) for name, module in coded], float_arrays,
-                                    float16=not float32)
+        payload = v2.encode_payload(meta, [(name, module.code) for name, module in coded], float_arrays)
     head = _PREFIX.pack(MAGIC, version, 0, len(payload)) + payload
     return head + hashlib.sha256(head).digest()
 
@@ -207,12 +204,11 @@ def check_writable(path: str | os.PathLike, *, overwrite: bool = True) -> None:
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None,
-         extra: dict | None = None, overwrite: bool = True, float32: bool | None = None) -> int:
+         extra: dict | None = None, overwrite: bool = True) -> int:
     """Write a compressed model to ``path`` (atomically, see :func:`atomic_write`: an existing regular file is
     replaced only with ``overwrite``; a symlink, device, FIFO or directory never); returns the file size.
-    ``float32=True`` keeps every float tensor as it is (by default they are stored as float16 where that loses
-    nothing beyond float16's rounding, see :mod:`.v2`)."""
-    data = encode_file(model, arch=arch, arch_kwargs=arch_kwargs, extra=extra, float32=float32)
+    Saving is lossless: :func:`load` gives back this model's weights and float tensors bit for bit."""
+    data = encode_file(model, arch=arch, arch_kwargs=arch_kwargs, extra=extra)
     atomic_write(path, data, overwrite=overwrite)
     return len(data)
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..codec import CODE_TYPES, MAX_PLANES, CodeError, LayerCode
 from ..codec.bits import pack_bits, plane_digest
-from ..codec.floats import FLOATING, as_float16
+from ..codec.floats import FLOATING, exact_float16
 from ..codec.stream import StreamError, decode_stream, encode_stream, factor_sizes
 from ..errors import FormatError
 
@@ -50,10 +50,9 @@ def _need(condition: bool, message: str) -> None:
 
 # ---------------------------------------------------------------- writing
 
-def encode_payload(meta: dict, codes: list[tuple[str, LayerCode]], floats: list[tuple[str, np.ndarray]],
-                   *, float16: bool = True) -> bytes:
+def encode_payload(meta: dict, codes: list[tuple[str, LayerCode]], floats: list[tuple[str, np.ndarray]]) -> bytes:
     """The format-2 payload for ``meta`` (the writer's metadata; its ``layers`` and ``floats`` are rewritten
-    here), the layer codes and the float tensors (float16 where that keeps their precision, see above)."""
+    here), the layer codes and the float tensors (float16 where float16 holds every value exactly: lossless)."""
     data: list[bytes] = []
     layers = []
     for entry, (_name, code) in zip(meta["layers"], codes, strict=True):
@@ -66,7 +65,7 @@ def encode_payload(meta: dict, codes: list[tuple[str, LayerCode]], floats: list[
         data.extend(stream.parts())
     float_entries = []
     for (_key, array), entry in zip(floats, meta["floats"], strict=True):
-        half = as_float16(array, entry["dtype"]) if float16 else None
+        half = exact_float16(array, entry["dtype"])
         stored = half if half is not None else np.asarray(array, dtype=_RAW[entry["dtype"]])
         float_entries.append({**entry, "stored": "float16" if half is not None else "raw"})
         data.append(np.ascontiguousarray(stored).astype(stored.dtype.newbyteorder("<")).tobytes())
