@@ -146,7 +146,7 @@ def test_segmentation_calibration_ignores_void_and_fits_the_budget(tmp_path):
     assert main(["compress", "--arch", "segnet-basic", "--weights", "random", "--target-bits", "4.0",
                  "--calib", f"camvid-npz:{npz}:train", "--json", str(report), "--quiet"]) == 0
     payload = json.loads(report.read_text())
-    assert payload["bits_per_weight"] <= 4.0 and payload["calibration"]["images"] == 4
+    assert payload["file_bits_per_weight"] <= 4.0 and payload["calibration"]["images"] == 4
     assert np.isfinite(payload["calibration"]["loss_before"])
 
 

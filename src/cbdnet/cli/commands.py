@@ -154,7 +154,7 @@ def _compress_run(args, config, settings, out: OutputSet, model_path, json_targe
     _say(args, f"cbdnet {__version__}: {escape_name(args.arch)} ({escape_name(source)}): "
                f"{_config_line(config, report)}")
     _say(args, report.table())
-    if report.file_bytes is not None:
+    if model_path is not None:
         _say(args, f"wrote {escape_name(args.output)}: {report.file_bytes:,} bytes = "
                    f"{report.file_bits_per_weight:.3f} bits per compressed weight "
                    f"(layers {report.coded_weight_bits / 8:,.0f} bytes) in {report.seconds:.1f} s")
@@ -207,17 +207,19 @@ def cmd_eval(args) -> int:
 
 
 def _info_dict(path: str) -> dict:
-    """What ``info`` prints: per layer the planes as the file holds them, their fixed-length count (``bits``,
-    the paper's) and what the file spends on them (``coded_bits``: entropy-coded in format 2; the same as
-    ``bits`` in format 1), and the whole file per compressed weight."""
+    """What ``info`` prints: per layer the planes as the file holds them, the paper's fixed-length count
+    (``bits``, as ``compress`` reported it) and what the file spends on them (``coded_bits``: entropy-coded in
+    format 2; the same as ``bits`` in format 1), and the whole file per compressed weight."""
     parsed = read(path)
     version = parsed.meta.get("format_version")
     coded = (lambda c: c.bits()) if version == 1 else (lambda c: c.coded_bits())
+    paper = {layer["name"]: layer.get("paper_bits") for layer in parsed.meta["layers"]}  # format 2 records it
+    bits = {name: paper.get(name) or code.bits() for name, code in parsed.codes.items()}
     layers = []
     for name, code in parsed.codes.items():
         layers.append({"name": name, "shape": list(code.shape), "mode": code.mode, "planes": code.num_planes,
-                       "exponents": list(code.exponents), "bits": code.bits(),
-                       "bits_per_weight": code.bits() / code.numel, "coded_bits": coded(code),
+                       "exponents": list(code.exponents), "bits": bits[name],
+                       "bits_per_weight": bits[name] / code.numel, "coded_bits": coded(code),
                        "coded_bits_per_weight": coded(code) / code.numel,
                        "coding": "fixed" if version == 1 else code.stream().coding,
                        "wmax": code.wmax, "a": code.scale,
@@ -227,7 +229,7 @@ def _info_dict(path: str) -> dict:
     return {"file": path, "file_bytes": parsed.size, "format_version": version,
             "arch": parsed.meta.get("arch"), "cbdnet_version": parsed.meta.get("cbdnet_version"),
             "extra": parsed.meta.get("extra", {}), "params": params,
-            "bits_per_weight": sum(c.bits() for c in parsed.codes.values()) / params,
+            "bits_per_weight": sum(bits.values()) / params,
             "coded_bits_per_weight": sum(coded(c) for c in parsed.codes.values()) / params,
             "file_bits_per_weight": 8 * parsed.size / params,
             "float_tensors": len(parsed.floats), "layers": layers}

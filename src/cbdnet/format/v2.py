@@ -4,7 +4,8 @@ Payload layout (inside the container of :mod:`.cbdfile`: magic, version 2, flags
 
     u32          length H of the compressed header
     H bytes      zlib(JSON): architecture, config, and per layer its code's fields (mode, shape, planes,
-                 exponents, ...) plus ``stream``: coding, blob sizes, factored planes [index, rank, CRC-32];
+                 exponents, ...) plus ``stream``: coding, blob sizes, factored planes [index, rank, CRC-32],
+                 and ``paper_bits`` (the layer's size counted as the paper counts it, for reports);
                  per float tensor its key, state-dict dtype, shape and ``stored`` (float16 or raw)
     data         per layer: its float32 scales, then its stream parts (see :mod:`cbdnet.codec.stream`);
                  then every float tensor (little-endian), in header order
@@ -58,6 +59,7 @@ def encode_payload(meta: dict, codes: list[tuple[str, LayerCode]], floats: list[
     for entry, (_name, code) in zip(meta["layers"], codes, strict=True):
         stream = encode_stream(code.signed_magnitudes(), code.exponents, code.planes)
         layer = {k: v for k, v in entry.items() if k != "plane_codes"}
+        layer["paper_bits"] = code.bits()  # the paper's fixed-length count, for reports (``info``)
         layer["stream"] = {"coding": stream.coding, "blob_bytes": [len(b) for b in stream.blobs],
                            "factored": [[f.index, f.rank, f.crc] for f in stream.factored]}
         layers.append(layer)
@@ -188,6 +190,7 @@ def _decode_layer(layer: dict, cursor: _Cursor) -> tuple[dict, dict[str, np.ndar
         left, right = factor_sizes(h, w, rank)
         parts += [cursor.take(left, f"{name} factor B"), cursor.take(right, f"{name} factor C")]
     entry = {k: v for k, v in layer.items() if k != "stream"}
+    _int(entry.get("paper_bits"), f"{name}.paper_bits", 0, 64 * math.prod(shape) + (1 << 20))
     entry["plane_codes"] = []
     if coding == "none":
         return entry, tensors

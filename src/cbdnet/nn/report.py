@@ -167,14 +167,14 @@ class Report:
                 f"{layer.bits_per_weight:>6.3f} {layer.coding:<8} {layer.coded_bits_per_weight:>6.3f} "
                 f"{layer.rel_error:>7.4f}")
         lines.append("-" * len(head))
+        if self.file_bits_per_weight is not None:
+            lines.append(f"file: {self.file_bytes:,} bytes = {self.file_bits_per_weight:.3f} bits per compressed "
+                         "weight (header, float tensors and checksum included)")
         lines.append(f"total: {len(self.layers)} layers, {self.params:,} weights, "
                      f"{self.bits_per_weight:.3f} bits/weight ({self.weight_bits / 8 / 1024:.1f} KiB), "
                      f"entropy-coded {self.coded_bits_per_weight:.3f} ({self.coded_weight_bits / 8 / 1024:.1f} KiB), "
                      f"float tensors {self.float_bits / 8 / 1024:.1f} KiB, "
                      f"fp32 {4 * self.params / 1024:.1f} KiB, {self.seconds:.1f} s")
-        if self.file_bits_per_weight is not None:
-            lines.append(f"file: {self.file_bytes:,} bytes = {self.file_bits_per_weight:.3f} bits per compressed "
-                         "weight (header, float tensors and checksum included)")
         for name, owner in self.tied.items():
             lines.append(f"tied: {name} shares the weight of {owner} (coded and counted once)")
         return "\n".join(lines)
