@@ -3,6 +3,7 @@ truncated files refused (one CBDError, never a crash)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 import zlib
@@ -10,7 +11,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from cbd_mutations import outcome, payload_of, tiny_model
+from cbd_mutations import outcome, payload_of, tiny_model, v2_header_of, v2_with_header
 from cbd_mutations import sign as sign_any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -230,3 +231,38 @@ def test_a_wrong_factor_is_refused_by_its_crc(tmp_path):
     layer["stream"]["factored"][0][2] ^= 1
     with pytest.raises(CBDError, match="CRC"):
         parse(_with_header(header, rest))
+
+
+def test_constant_tensors_are_stored_as_one_value_and_come_back_exactly(tmp_path):
+    model, _ = cbdnet.compress(tiny_model(), cbdnet.RTNConfig(bits=4), progress=False)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.weight.fill_(1.0)
+        bn.running_mean.zero_()
+        bn.running_var.fill_(0.99999)  # not float16-exact: would cost 4 bytes per value
+        bn.num_batches_tracked.fill_(7)
+    path = tmp_path / "c.cbd"
+    size = cbdnet.save(model, path)
+    loaded = cbdnet.load(path, tiny_model())
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value) and loaded.state_dict()[key].dtype == value.dtype
+    with torch.no_grad():
+        bn.running_var[0] = 0.5  # no longer constant: stored as a tensor, the file grows
+    assert cbdnet.save(model, tmp_path / "d.cbd") > size
+
+
+def test_a_constant_must_fit_its_dtype_and_the_file_size(tmp_path):
+    model, _ = cbdnet.compress(tiny_model(), cbdnet.RTNConfig(bits=4), progress=False)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.weight.fill_(1.0)
+    good = encode_file(model)
+    meta = v2_header_of(good)
+    entry = next(f for f in meta["floats"] if f.get("stored") == "constant" and f["dtype"] == "float32")
+    for value, shape in ((1e300, entry["shape"]), ("1", entry["shape"]), (True, entry["shape"]),
+                         (1.0, [1 << 20, 1 << 20])):
+        bad = copy.deepcopy(meta)
+        bad_entry = next(f for f in bad["floats"] if f["key"] == entry["key"])
+        bad_entry.update(value=value, shape=shape)
+        with pytest.raises(FormatError):
+            parse(v2_with_header(good, bad))

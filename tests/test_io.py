@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cbdnet
-from cbdnet.codec.floats import as_float16
+from cbdnet.codec.floats import as_float16, constant_value
 from cbdnet.format import cbdfile as io
 from cbdnet.nn import CBDModule
 from cbdnet.zoo.models import build
@@ -64,7 +64,8 @@ def test_file_size_keeps_the_bit_count_promise(compressed):
     assert sum(m.code.bits() for m in model.modules() if isinstance(m, CBDModule)) == report.weight_bits
     assert report.coded_weight_bits < report.weight_bits  # the skewed composite levels entropy-code well
     # the file is the coded layers, the float tensors as stored, and at most 2 KB + 8 B per entry of header
-    assert report.float_bits == sum(16 * a.size if as_float16(a, str(a.dtype)) is not None else 8 * a.nbytes
+    assert report.float_bits == sum(0 if constant_value(a) is not None else 16 * a.size
+                                    if as_float16(a, str(a.dtype)) is not None else 8 * a.nbytes
                                     for a in parsed.floats.values())
     overhead = size - report.coded_weight_bits // 8 - report.float_bits // 8
     assert 0 < overhead <= 2048 + 8 * (len(parsed.codes) + len(parsed.floats)) + 24 + 4 + 32

@@ -19,6 +19,7 @@ from torch import nn
 from ..codec import LayerCode, check_finite, encode_composite_grouped, encode_rtn, encode_uniform, encode_weight
 from ..codec.floats import as_float16, stored_float_bytes
 from ..errors import CBDError
+from ..nn.fold import fold_batchnorm, foldable_norms
 from ..nn.report import Report
 from ..nn.walk import Encoder, check_skip, compress_layers, compressible_layers, float_state
 from .batches import CalibrationSet, as_calibration_set
@@ -95,12 +96,15 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
-def file_overhead_bits(model: nn.Module, coded: set[str], float32: bool) -> int:
+def file_overhead_bits(model: nn.Module, coded: set[str], float32: bool, folded: Iterable[str] = ()) -> int:
     """What the file stores beside the coded layers, in bits: container, header allowance, and every other
-    state-dict tensor as the file will store it (float16 where exact enough, unless ``float32``)."""
+    state-dict tensor as the file will store it (float16 where exact enough, unless ``float32``; the
+    ``folded`` BatchNorms' constant scale, mean and variance as one value each in the header)."""
+    constant = {f"{norm}.{part}" for norm in folded
+                for part in ("weight", "running_mean", "running_var", "num_batches_tracked")}
     floats = {key: value for key, value in model.state_dict().items() if key not in coded}
     data = sum(stored_float_bytes(_numpy(value), str(value.dtype).removeprefix("torch."), float32)
-               for value in floats.values())
+               for key, value in floats.items() if key not in constant)
     return 8 * (CONTAINER_BYTES + header_allowance(len(coded), len(floats)) + data)
 
 
@@ -180,8 +184,8 @@ def _check_config(config) -> CompressConfig:
 
 def compress(model: nn.Module, config: CompressConfig | None = None, *, calibration: Iterable | None = None,
              calibration_config: CalibrationConfig | None = None, skip: Iterable[str] = (), progress: bool = True,
-             workers: int | None = None, input_shape: tuple[int, ...] | None = None, float32: bool = False
-             ) -> tuple[nn.Module, Report]:
+             workers: int | None = None, input_shape: tuple[int, ...] | None = None, float32: bool = False,
+             fold_bn: bool = True) -> tuple[nn.Module, Report]:
     """Compress every Conv2d/ConvTranspose2d/Linear of ``model`` in place; returns ``(model, report)``.
 
     ``config``: :class:`CBDConfig` (default: the paper's code, J=5, bottleneck 0.3), :class:`UniformConfig`,
@@ -192,6 +196,8 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
     per-sample operation counts to the report. The model remembers the config, so :func:`cbdnet.save` records
     it in the file. The float tensors the file stores (BatchNorm, biases) are rounded to float16 where that keeps
     float16's full precision, as the file stores them (``float32=True``: kept as they are, and so saved).
+    ``fold_bn``: fold each BatchNorm that follows a layer coded with per-channel steps into those steps
+    (:mod:`cbdnet.nn.fold`), so that the file stores only its shift.
     """
     start = time.perf_counter()
     config = _check_config(config)
@@ -203,10 +209,12 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
     originals = {name: m.weight.detach().double().cpu().numpy() for name, m in layers}
     calib = _calibrate(model, layers, calibration, settings)
     gptq = bool(settings.gptq and calib.stats)
-    overhead = file_overhead_bits(model, {f"{name}.weight" for name, _ in layers}, float32) \
-        if isinstance(config, BudgetConfig) else 0
+    overhead = 0
+    if isinstance(config, BudgetConfig):  # every candidate is a per-channel grid: the pairs found now will fold
+        folds = foldable_norms(model, {name for name, _ in layers}) if fold_bn else []
+        overhead = file_overhead_bits(model, {f"{name}.weight" for name, _ in layers}, float32, folds)
     encoder, chosen = _encoder(config, originals, calib, gptq, overhead)
-    recorded = {**config.to_dict(), "skip": skip}
+    recorded = {**config.to_dict(), "skip": skip, "fold_bn": fold_bn, "float32": float32}
     if calib.data is not None:
         recorded["calibration"] = {**settings.to_dict(), "gptq": gptq}
     model, report = compress_layers(model, encoder, skip=skip, config=recorded, progress=progress, workers=workers,
@@ -215,6 +223,8 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
         report.extra["calibration"] = {**_correct(model, originals, calib, settings), **chosen}
     elif chosen:
         report.extra["budget"] = chosen
+    if fold_bn:
+        report.extra["folded_batchnorm"] = fold_batchnorm(model)
     if not float32:
         report.extra["float16_tensors"] = round_floats(model)
     report.float_tensors = {key: 8 * stored_float_bytes(_numpy(value), str(value.dtype).removeprefix("torch."), True)

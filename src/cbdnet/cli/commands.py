@@ -141,7 +141,8 @@ def _compress_run(args, config, settings, out: OutputSet, model_path, json_targe
             check_data_fits(model, checked, spec)
     before = _evaluate(model, args.data, args, data)
     model, report = compress(model, config, calibration=calib, calibration_config=settings, skip=args.skip or (),
-                             progress=not args.quiet, workers=args.workers, float32=args.float32)
+                             progress=not args.quiet, workers=args.workers, float32=args.float32,
+                             fold_bn=not args.no_fold_bn)
     report.extra.update({"arch": args.arch, "weights": source, "cbdnet_version": __version__})
     after = _evaluate(model, args.data, args, data)  # before writing: a failure here leaves any old output as it was
     if model_path is not None:
@@ -313,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output .cbd file")
     p.add_argument("--json", help="write the report as JSON here ('-': standard output)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--no-fold-bn", action="store_true",
+                   help="keep each BatchNorm as it is instead of folding it into the per-channel steps of the "
+                        "layer before it (the file then stores its scale, mean and variance too)")
     p.add_argument("--float32", action="store_true",
                    help="keep float tensors (BatchNorm, biases) at their own precision instead of rounding them to "
                         "float16 where float16 is precise enough (the file stores what the model holds)")

@@ -291,6 +291,17 @@ class GridCode(LayerCode):
     def level_steps(self) -> np.ndarray:
         return self.scales().copy()
 
+    def levels(self) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`LayerCode.levels`, with every step positive: a negative step (a BatchNorm with a negative
+        scale folded into it, see :mod:`cbdnet.nn.fold`) becomes its channel's levels negated."""
+        levels, steps = super().levels()
+        negative = steps < 0
+        if np.any(negative):
+            flip = np.where(np.broadcast_to(negative, (levels.shape[0],)), -1, 1)
+            levels = levels * flip.reshape((-1,) + (1,) * (levels.ndim - 1))
+            steps = np.abs(steps)
+        return levels, steps
+
     def decode(self) -> np.ndarray:
         levels = from_matrix(self.signed_magnitudes(), self.shape)
         per_out = row_steps(self.shape, self.steps).astype(np.float32)

@@ -28,8 +28,8 @@ import numpy as np
 
 from ..codec import CODE_TYPES, MAX_PLANES, CodeError, LayerCode
 from ..codec.bits import pack_bits, plane_digest
-from ..codec.floats import FLOATING, exact_float16
-from ..codec.stream import StreamError, decode_stream, encode_stream, factor_sizes
+from ..codec.floats import FLOATING, constant_value, exact_float16
+from ..codec.stream import StreamError, decode_stream, factor_sizes
 from ..errors import FormatError
 
 __all__ = ["encode_payload", "decode_payload", "MAX_HEADER_BYTES"]
@@ -57,7 +57,7 @@ def encode_payload(meta: dict, codes: list[tuple[str, LayerCode]], floats: list[
     data: list[bytes] = []
     layers = []
     for entry, (_name, code) in zip(meta["layers"], codes, strict=True):
-        stream = encode_stream(code.signed_magnitudes(), code.exponents, code.planes)
+        stream = code.stream()
         layer = {k: v for k, v in entry.items() if k != "plane_codes"}
         layer["paper_bits"] = code.bits()  # the paper's fixed-length count, for reports (``info``)
         layer["stream"] = {"coding": stream.coding, "blob_bytes": [len(b) for b in stream.blobs],
@@ -67,6 +67,10 @@ def encode_payload(meta: dict, codes: list[tuple[str, LayerCode]], floats: list[
         data.extend(stream.parts())
     float_entries = []
     for (_key, array), entry in zip(floats, meta["floats"], strict=True):
+        value = constant_value(array)
+        if value is not None:  # e.g. a folded BatchNorm's unit scale and zero mean: the value, not the tensor
+            float_entries.append({**entry, "stored": "constant", "value": value})
+            continue
         half = exact_float16(array, entry["dtype"])
         stored = half if half is not None else np.asarray(array, dtype=_RAW[entry["dtype"]])
         float_entries.append({**entry, "stored": "float16" if half is not None else "raw"})
@@ -165,13 +169,21 @@ def _stream_entry(layer: dict, name: str, h: int, w: int, nplanes: int) -> tuple
     return coding, sizes, checked
 
 
-def _check_budget(layers: list, payload_size: int) -> None:
+def _check_budget(layers: list, floats: list, payload_size: int) -> None:
+    """Bound what a file may decode to by its size: coded weights and constant tensors (stored as one value)."""
     total = 0
     for layer in layers:
         _name, shape, kind, exponents = _layer_shape(layer)
         total += math.prod(shape) if exponents else 0
     bound = max(MIN_LEVELS_BOUND, MAX_LEVELS_PER_BYTE * payload_size)
     _need(total <= bound, f"the layers claim {total} coded weights, more than this file's size allows ({bound})")
+    constants = 0
+    for entry in floats:
+        if isinstance(entry, dict) and entry.get("stored") == "constant" and isinstance(entry.get("shape"), list):
+            _need(len(entry["shape"]) <= 8 and all(_is_int(d) and 0 <= d <= 1 << 40 for d in entry["shape"]),
+                  "corrupt header: bad constant tensor shape")
+            constants += math.prod(entry["shape"])
+    _need(constants <= bound, f"the constant tensors claim {constants} values, more than this file's size allows")
 
 
 def _decode_layer(layer: dict, cursor: _Cursor) -> tuple[dict, dict[str, np.ndarray]]:
@@ -222,19 +234,39 @@ def _decode_float(entry, cursor: _Cursor) -> tuple[dict, dict[str, np.ndarray]]:
     _need(isinstance(dtype, str) and dtype in _RAW, f"float tensor {key}: unsupported dtype {dtype!r}"[:200])
     _need(isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d) and 0 <= d <= 1 << 40 for d in shape),
           f"float tensor {key}: bad shape"[:200])
+    target = np.float32 if dtype == "bfloat16" else np.dtype(_RAW[dtype]).newbyteorder("=")
+    if stored == "constant":
+        return _constant(entry, key, shape, target)
     _need(stored == "raw" or (stored == "float16" and dtype in FLOATING), f"float tensor {key}: bad storage"[:200])
     numpy_dtype = np.dtype("<f2" if stored == "float16" else _RAW[dtype])
     count = math.prod(shape)
     raw = cursor.take(count * numpy_dtype.itemsize, f"float tensor {key}"[:100])
     array = np.frombuffer(raw, numpy_dtype).reshape(shape)
-    target = np.float32 if dtype == "bfloat16" else np.dtype(_RAW[dtype]).newbyteorder("=")
     return {k: v for k, v in entry.items() if k != "stored"}, {"float/" + key: array.astype(target)}
+
+
+def _constant(entry: dict, key: str, shape: list, target) -> tuple[dict, dict[str, np.ndarray]]:
+    """A tensor stored as its one value: the value must be a number that ``target`` holds exactly."""
+    value = entry.get("value")
+    kind = np.dtype(target)
+    _need(isinstance(value, bool) if kind == np.bool_ else
+          _is_int(value) if np.issubdtype(kind, np.integer) else isinstance(value, (int, float)) and
+          not isinstance(value, bool), f"float tensor {key}: bad constant {value!r}"[:200])
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            cast = np.asarray(value).astype(kind)
+        except (OverflowError, ValueError):
+            cast = None
+    _need(cast is not None and bool(np.isfinite(cast) if kind.kind == "f" else True) and cast == value,
+          f"float tensor {key}: constant {value!r} does not fit {kind}"[:200])
+    entry = {k: v for k, v in entry.items() if k not in ("stored", "value")}
+    return entry, {"float/" + key: np.full(shape, cast, dtype=kind)}
 
 
 def decode_payload(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     """``(meta, tensors)`` in format 1's shape (see the module docstring); any inconsistency -> FormatError."""
     meta, start = _header(payload)
-    _check_budget(meta["layers"], len(payload))
+    _check_budget(meta["layers"], meta["floats"], len(payload))
     cursor = _Cursor(payload, start)
     tensors: dict[str, np.ndarray] = {}
     layers, floats = [], []
