@@ -118,6 +118,15 @@ def test_links_folders_and_fifos_in_place_of_sweep_files_are_refused_before_any_
         target.unlink() if not target.is_dir() or target.is_symlink() else target.rmdir()
 
 
+def test_an_empty_output_path_is_refused_not_the_current_folder(tmp_path, spec_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # found by the fuzz campaign: -o '' swept into the current folder
+    before = sorted(os.listdir(tmp_path))
+    for force in ([], ["--force"]):
+        code, err = sweep(capsys, str(spec_path), "-o", "", *force)
+        assert code == 2 and "empty path" in one_line(err)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_a_foreign_folder_needs_force_and_inputs_are_never_outputs(tmp_path, spec_path, capsys):
     folder = tmp_path / "mine"
     folder.mkdir()

@@ -409,6 +409,8 @@ def run_sweep(spec: Spec, out_dir: str | os.PathLike, *, cluster: str | None = N
     the rows in spec order. ``point_function`` (default :func:`run_point`) must be importable on the workers.
     The folder is checked first (:func:`prepare_output`: ``force`` and ``extra_outputs``, e.g. the plot's
     name); every file is written under the output policy (:func:`publish`)."""
+    if os.fspath(out_dir).strip() == "":  # Path("") is the current folder: never a sweep's output by accident
+        raise SweepError("output folder: empty path; give a folder with -o")
     out = Path(out_dir).absolute()
     points = expand_points(spec)
     digests = content_digests(spec)
