@@ -17,6 +17,11 @@ on). Targets, each run in rounds of ``--examples`` cases with a fresh seed until
                   an empty name, a missing folder, the same path twice), with and without ``--force``
 - ``v2-flip``, ``v2-resigned``, ``v2-header``: the same against format-2 files (entropy-coded layers, zlib JSON
   header): byte flips, re-signed payload flips/cuts/splices, random JSON put anywhere into the header
+- ``sweep``       ``cbdnet sweep`` resuming a finished sweep folder in which one of its own names (results,
+                  spec copy, plot, lock, points/, files/) is replaced by an awkward target (a link to a user
+                  file or an input, a dangling link, a FIFO, a folder, a hard link to an input), or whose
+                  ``-o`` is itself awkward, with and without ``--force``: exit 0 or 2, no user file, link or
+                  input changed, no temporary file left, and (exit 0) strict JSON results
 
 Every case must end as ``refused`` (a CBDError) or ``accepted`` (a well-formed file that loads and verifies);
 anything else is a ``crash``. The marker file must never exist. An ``outputs`` case is a crash unless it exits
@@ -92,15 +97,16 @@ class Campaign:
         torch.save(tiny_model().state_dict(), buffer)
         self.weights = buffer.getvalue()
 
-    def record_outputs(self, draw_data) -> None:
+    def record_outputs(self, draw_data, name: str = "outputs") -> None:
         try:
-            result, problems = _draw_outputs_case(self, draw_data)
+            draw = _draw_sweep_case if name == "sweep" else _draw_outputs_case
+            result, problems = draw(self, draw_data)
         except Exception as exc:  # an exception escaping cli.main is a crash of the CLI
             result, problems = "crash", [f"{type(exc).__name__}: {str(exc)[:200]}"]
         if problems:
             result = "crash"
-            self.crashes.extend(f"outputs: {p}" for p in problems[: max(0, 20 - len(self.crashes))])
-        self.counts["outputs"][result] += 1
+            self.crashes.extend(f"{name}: {p}" for p in problems[: max(0, 20 - len(self.crashes))])
+        self.counts[name][result] += 1
 
     def record(self, target: str, make_case) -> None:
         data = make_case()  # a failure here is a bug of the campaign itself: let it raise
@@ -236,7 +242,8 @@ class Campaign:
 
         return {"flip": flip, "truncate": truncate, "garbage": garbage, "resigned": resigned,
                 "metadata": metadata, "header": header, "pickle": pickled, "torch-save": torch_saved,
-                "v2-flip": v2_flip, "v2-resigned": v2_resigned, "v2-header": v2_header, "outputs": None}
+                "v2-flip": v2_flip, "v2-resigned": v2_resigned, "v2-header": v2_header, "outputs": None,
+                "sweep": None}
 
     def round(self, examples: int, round_seed: int, only: list[str] | None) -> None:
         config = settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
@@ -253,7 +260,7 @@ class Campaign:
         @given(st.data())
         def run(draw_data):
             if make is None:
-                self.record_outputs(draw_data)
+                self.record_outputs(draw_data, name)
             else:
                 self.record(name, lambda: make(draw_data))
 
@@ -364,6 +371,70 @@ def _draw_outputs_case(campaign: Campaign, draw_data) -> tuple[str, list[str]]:
         if not stat.S_ISCHR(os.stat(os.devnull).st_mode) or os.stat(os.devnull).st_ino != devnull.st_ino:
             problems.append("/dev/null replaced")
         return ("accepted" if code == 0 else "refused"), [f"{' '.join(argv)}: {p}" for p in problems]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+SWEEP_NAMES = ("results.json", "results.csv", "results.md", "spec.toml", "pareto.png", ".lock", "points", "files")
+SWEEP_THINGS = ("link-to-user", "link-to-input", "dangling", "fifo", "folder", "hard-link-to-input", "regular")
+SWEEP_OUT = ("out", "old.txt", "link-to-out", "fifo", "")  # never a new folder: that would run the points
+SWEEP_OWN = ("results.json", "results.csv", "results.md", "spec.toml", "pareto.png")
+
+
+def _awkward(path: Path, thing: str, folder: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    {"link-to-user": lambda: path.symlink_to(folder / "old.txt"),
+     "link-to-input": lambda: path.symlink_to(folder / "s.toml"),
+     "dangling": lambda: path.symlink_to(folder / "nowhere"), "fifo": lambda: os.mkfifo(path),
+     "folder": lambda: path.mkdir(), "hard-link-to-input": lambda: os.link(folder / "s.toml", path),
+     "regular": lambda: path.write_bytes(b"stale\n")}[thing]()
+
+
+def _draw_sweep_case(campaign: Campaign, draw_data) -> tuple[str, list[str]]:
+    from test_sweep_outputs import SPEC, finished_sweep
+
+    folder = Path(tempfile.mkdtemp(dir=campaign.folder))
+    try:
+        (folder / "s.toml").write_text(SPEC)
+        (folder / "old.txt").write_bytes(b"keep me\n")
+        os.mkfifo(folder / "fifo")
+        out = folder / "out"
+        finished_sweep(out, folder / "s.toml")
+        (folder / "link-to-out").symlink_to(out)
+        name, thing = draw_data.draw(st.sampled_from(SWEEP_NAMES)), draw_data.draw(st.sampled_from(SWEEP_THINGS))
+        if not (name in ("points", "files") and thing in ("regular", "folder")):  # (an empty points/: a rerun)
+            _awkward(out / name, thing, folder)
+        target = draw_data.draw(st.sampled_from(SWEEP_OUT))
+        argv = ["sweep", str(folder / "s.toml"), "-o", str(folder / target) if target else "", "--quiet",
+                *(["--force"] if draw_data.draw(st.booleans()) else [])]
+        before = _snapshot(folder)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            code = cli.main(argv)
+        after = _snapshot(folder)
+        problems = [f"exit code {code}"] if code not in (0, 2) else []
+        own = {f"out/{n}" for n in SWEEP_OWN} | {k for k in before if k.startswith("out/points/")}
+        for key, content in before.items():
+            now = after.get(key)
+            if now != content and not (code == 0 and key in own and isinstance(content, bytes)
+                                       and isinstance(now, bytes)):
+                problems.append(f"{key} changed")
+        problems += [f"temporary file {k} left" for k in after if k.endswith(".tmp")]
+        new = set(after) - set(before) - {"out/.lock"}
+        if code != 0:
+            problems += [f"{k} created by a refused run" for k in new]
+        else:
+            bare, results = [], after.get("out/results.json")
+            if not isinstance(results, bytes):
+                problems.append(f"exit 0 but out/results.json is {results!r}")
+                results = b"[]"
+            rows = json.loads(results, parse_constant=bare.append)
+            problems += [f"bare {c} in results.json" for c in bare]
+            problems += [] if [r["status"] for r in rows] == ["done", "done"] else ["results.json rows not done"]
+        return ("accepted" if code == 0 else "refused"), [f"{' '.join(argv)} ({name}: {thing}): {p}"
+                                                         for p in problems]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -226,3 +226,53 @@ def test_info_verify_accepts_a_good_file(tmp_path):
     path = tmp_path / "t.cbd"
     cbdnet.save(model, path)
     assert cli.main(["info", "--verify", "--quiet", str(path)]) == 0
+
+
+# A real `cbdnet compress` process (cbdnet.cli.main, as `python -m cbdnet` runs it) with one hook that emulates
+# a slow disk: once the model is staged (its temp file on disk, the report not yet) it says so on stdout and
+# pauses, so that SIGTERM lands after writing has started, every time, without a guessed sleep.
+SLOW_CLI = """
+import sys, time
+sys.path.insert(0, {src!r})
+from cbdnet.cli import commands
+from cbdnet.fileio import outputs
+real_write = outputs.OutputSet.write
+def write(self, path, data):
+    real_write(self, path, data)
+    print("staged", flush=True)
+    time.sleep(60)
+outputs.OutputSet.write = write
+sys.exit(commands.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_mid_write_leaves_no_temp_file_and_the_old_outputs(tmp_path):
+    import select
+    import signal
+    import time
+
+    model, report = tmp_path / "OUT.cbd", tmp_path / "OUT.json"
+    model.write_bytes(OLD)
+    report.write_bytes(OLD + b"report\n")
+    argv = [*COMPRESS, "-o", str(model), "--json", str(report), "--force"]
+    child = subprocess.Popen([sys.executable, "-c", SLOW_CLI.format(src=str(SRC)), *argv],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60  # imports on a loaded box; the poll ends as soon as the line comes
+        line = b""
+        while not line.endswith(b"\n") and child.poll() is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([child.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if ready:
+                line += child.stdout.read1(100)
+        assert line.strip() == b"staged", (line, child.stderr.read().decode()[-2000:])
+        staged = leftovers(tmp_path)
+        assert len(staged) == 1 and staged[0].startswith(".OUT.cbd."), staged  # writing has started
+        child.send_signal(signal.SIGTERM)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGTERM  # non-zero: died of the signal, as the default action does
+    assert leftovers(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["OUT.cbd", "OUT.json"]
+    assert model.read_bytes() == OLD and report.read_bytes() == OLD + b"report\n"

@@ -199,6 +199,53 @@ def test_add_dir(tmp_path):
         OutputSet().add_dir("", what="sweep folder")
 
 
+def test_a_directory_add_dir_created_is_removed_when_nothing_is_published(tmp_path):
+    new = tmp_path / "new"
+    with pytest.raises(RuntimeError), OutputSet() as out:  # staged, then the run fails: no folder left
+        out.add_dir(new, what="demo folder")
+        out.write(out.add(new / "a.cbd", what="model"), b"partial")
+        raise RuntimeError("the run failed")
+    assert not new.exists()
+    with OutputSet() as out:  # something the user put there meanwhile keeps the folder (rmdir only)
+        out.add_dir(new, what="demo folder")
+        (new / "mine").write_bytes(b"keep")
+    assert (new / "mine").read_bytes() == b"keep" and os.listdir(new) == ["mine"]
+    (new / "mine").unlink()
+    with OutputSet() as out:  # an existing (empty) folder is left as it was
+        out.add_dir(new, what="demo folder")
+    assert new.is_dir()
+    new.rmdir()
+    with OutputSet() as out:  # published: kept
+        out.add_dir(new, what="demo folder")
+        out.write(out.add(new / "a.cbd", what="model"), b"done")
+        out.commit()
+    assert (new / "a.cbd").read_bytes() == b"done" and os.listdir(new) == ["a.cbd"]
+
+
+def test_sigterm_removes_the_directory_add_dir_created(tmp_path):
+    new = tmp_path / "new"
+    code = textwrap.dedent(f"""
+        import sys, time
+        import types; _p = types.ModuleType("cbdnet"); _p.__path__ = [{str(HERE)!r}]; sys.modules["cbdnet"] = _p
+        from cbdnet.fileio.outputs import OutputSet
+        with OutputSet() as out:
+            folder = out.add_dir({str(new)!r}, what="demo folder")
+            out.write(out.add(folder / "a.cbd", what="model"), b"x" * 1000)
+            print("staged", flush=True)
+            time.sleep(30)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert child.stdout.readline().strip() == b"staged"
+        assert len(temps(new)) == 1
+        child.send_signal(signal.SIGTERM)
+        child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGTERM and not new.exists()
+
+
 # ------------------------------------------------------------------ staging, commit, abort
 
 def test_new_file_mode_follows_umask(tmp_path):

@@ -174,6 +174,40 @@ def test_demo_uses_the_output_policy(tmp_path, capsys, monkeypatch):
     assert cbdnet.verify(existing) == [] and temps(folder) == []
 
 
+def test_a_failed_demo_leaves_no_folder_it_created_and_an_old_one_as_it_was(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "train_digits_cnn", lambda seed, quiet: build("digits-cnn", width=4).eval())
+    real_compress, calls = demo.compress, []
+
+    def compress_then_fail(*args, **kwargs):  # the first model is staged in the folder, then the run fails
+        calls.append(1)
+        if len(calls) == 2:
+            raise DataError("the second setting failed")
+        return real_compress(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "compress", compress_then_fail)
+    new = tmp_path / "new"
+    refused(["demo", "--out-dir", str(new), "--quiet"], capsys, "the second setting failed")
+    assert len(calls) == 2 and not new.exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "notes.txt").write_bytes(OLD)
+    existing = old / demo._file_name(*demo.SETTINGS[0])
+    existing.write_bytes(OLD)
+    before = sorted(os.listdir(old))
+    calls.clear()
+    refused(["demo", "--out-dir", str(old), "--quiet", "--force"], capsys, "the second setting failed")
+    assert sorted(os.listdir(old)) == before and existing.read_bytes() == OLD
+    calls.clear()
+
+    def made_temp_dir(prefix: str) -> str:
+        (tmp_path / "tmpdemo").mkdir()
+        return str(tmp_path / "tmpdemo")
+
+    monkeypatch.setattr(demo.tempfile, "mkdtemp", made_temp_dir)
+    refused(["demo", "--quiet"], capsys, "the second setting failed")  # the default temp folder goes too
+    assert not (tmp_path / "tmpdemo").exists()
+
+
 # ---------------------------------------------------------------- inputs: nothing hangs or blows up
 
 def test_fifos_devices_and_oversized_inputs_are_refused_unread(tmp_path, ckpt, capsys):

@@ -7,6 +7,7 @@ table, accuracy before/after and the file sizes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 import time
@@ -62,11 +63,17 @@ def run_demo(out_dir: str | None = None, quiet: bool = False, seed: int = 0, for
     dir) under the output policy (:class:`cbdnet.fileio.OutputSet`): all checked before training, all published
     together at the end; existing files are replaced only with ``force``."""
     folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="cbdnet-demo-"))
-    with OutputSet(force=force) as out:
-        out.add_dir(folder, what="demo output directory")
-        paths = [out.add(folder / _file_name(*setting), what="demo model") for setting in SETTINGS]
-        rows = _run(out, paths, folder, quiet, seed)
-        out.commit()
+    try:  # a failed run leaves no folder it created (OutputSet.add_dir; the temp dir here), an old one as it was
+        with OutputSet(force=force) as out:
+            out.add_dir(folder, what="demo output directory")
+            paths = [out.add(folder / _file_name(*setting), what="demo model") for setting in SETTINGS]
+            rows = _run(out, paths, folder, quiet, seed)
+            out.commit()
+    except BaseException:
+        if out_dir is None:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return rows
 
 

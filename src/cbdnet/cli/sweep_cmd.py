@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import CBDError
 from ..sweep import load_spec, plot_pareto, run_sweep
+from ..sweep.engine import PLOT
 
 __all__ = ["add_sweep_parser", "cmd_sweep"]
 
@@ -24,6 +25,8 @@ def add_sweep_parser(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per CPU, at "
                                                              "most one per point)")
     p.add_argument("--metric", default=None, help="metric to plot (default: top1, or miou for segmentation)")
+    p.add_argument("--force", action="store_true", help="write into an existing non-empty folder that holds no "
+                                                        "sweep (a sweep's own folder is resumed without it)")
     p.set_defaults(func=cmd_sweep)
 
 
@@ -48,9 +51,10 @@ def cmd_sweep(args) -> int:
         raise CBDError("--workers sizes the local cluster; with --cluster the scheduler's workers run the points")
     _check_output(args.output)
     spec = load_spec(args.spec)  # every problem of the spec before the output folder is touched
-    rows = run_sweep(spec, args.output, cluster=args.cluster, workers=args.workers, progress=not args.quiet)
+    rows = run_sweep(spec, args.output, cluster=args.cluster, workers=args.workers, progress=not args.quiet,
+                     force=args.force, extra_outputs=(PLOT,))
     metric = args.metric or ("miou" if any("miou" in r for r in rows) else "top1")
-    png = plot_pareto(rows, Path(args.output) / "pareto.png", metric=metric,
+    png = plot_pareto(rows, Path(args.output) / PLOT, metric=metric,
                       title=f"{spec.arch}: {metric} vs whole-file size")
     failed = [r for r in rows if r["status"] == "failed"]
     if not args.quiet:

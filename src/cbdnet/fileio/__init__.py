@@ -6,7 +6,8 @@
   call a command makes.
 - :mod:`.inputs`: inputs opened only after checking they are regular files, with size bounds
   (:func:`read_regular_file`), image folders without symlink loops (:func:`walk_files`), bounded image sizes
-  (:func:`open_image_bounded`), and :func:`escape_name` / :func:`json_safe` for what is printed.
+  (:func:`open_image_bounded`), ``.npz`` data sets with bounded inflation (:mod:`.npz`, :func:`read_npz`), and
+  :func:`escape_name` / :func:`json_safe` for what is printed.
 """
 
 from .inputs import (
@@ -20,8 +21,9 @@ from .inputs import (
                      read_regular_file,
                      walk_files,
 )
+from .npz import NpzFormatError, read_npz
 from .outputs import OutputError, OutputSet, file_kind, is_stdout
 
-__all__ = ["InputError", "OutputError", "OutputSet", "check_image_size", "check_regular_file", "escape_name",
-           "file_kind", "is_stdout", "json_safe", "open_image_bounded", "parse_positive_int", "read_regular_file",
-           "walk_files"]
+__all__ = ["InputError", "NpzFormatError", "OutputError", "OutputSet", "check_image_size", "check_regular_file",
+           "escape_name", "file_kind", "is_stdout", "json_safe", "open_image_bounded", "parse_positive_int", "read_npz",
+           "read_regular_file", "walk_files"]

@@ -26,7 +26,8 @@ its permission bits. Signals are blocked while publishing, so a SIGTERM cannot s
 While the set is open as a context manager (main thread only) SIGTERM, SIGINT and SIGHUP remove every
 temporary file and then take their previous effect (default action re-delivered, a Python handler called,
 KeyboardInterrupt for SIGINT); ignored signals stay ignored. Leaving the ``with`` block without a commit (an
-exception, or simply no commit) removes the temporary files and publishes nothing.
+exception, or simply no commit) removes the temporary files and publishes nothing; a directory that
+:meth:`OutputSet.add_dir` created is removed again if it is empty (an existing one is left as it was).
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class OutputSet:
             self._inputs.append((shown, os.path.realpath(shown), self._identity(shown)))
         self._outputs: dict[Path, _Output] = {}
         self._dirs: dict[str, str] = {}  # realpath -> shown
+        self._created: list[Path] = []  # directories add_dir() created
         self._closed = False
         self._committed = False
         self._previous: dict[int, object] = {}
@@ -237,6 +239,7 @@ class OutputSet:
                     raise OutputError(f"{what} {shown}: directory {target.parent} does not exist")
                 try:
                     os.mkdir(target, 0o777)  # exist_ok: a concurrent creator is fine, checked below
+                    self._created.append(target)  # removed again (if still empty) when nothing is published
                 except FileExistsError:
                     pass
                 except OSError as exc:
@@ -393,9 +396,15 @@ class OutputSet:
                 self._closed = True
 
     def abort(self) -> None:
-        """Remove every temporary file; nothing is published. Safe to call more than once (and from a handler)."""
+        """Remove every temporary file, then each directory add_dir() created if it is empty again (``rmdir``:
+        never anything the user put there meanwhile); nothing is published. Safe to call more than once (and
+        from a handler)."""
         for entry in list(self._outputs.values()):
             self._drop(entry)
+        created, self._created = self._created, []
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         self._closed = True
 
     @property

@@ -7,6 +7,13 @@ Output folder::
     DIR/results.json|csv    regenerated from the point files after each point, rows in spec order
     DIR/results.md          the same as a markdown table (FP32 first, points by series and size)
     DIR/spec.toml           a copy of the last run's spec
+    DIR/pareto.png          the plot (written by the CLI, :func:`cbdnet.sweep.plot_pareto`)
+
+Every file is written under the output policy (:func:`publish`: staged, renamed, never through a symbolic
+link, never over a folder, device or FIFO or an input, staged files removed on SIGTERM/SIGINT/SIGHUP; a staged
+file a killed run left is removed by the next run). DIR is the sweep's own state: a rerun resumes it without
+``--force``; ``--force`` only lets a sweep write into an existing non-empty folder that holds no sweep
+(:func:`prepare_output`). It never recomputes finished points.
 
 A rerun skips the points whose key file holds a result, retries failed ones, and computes a point again only
 when its key changes (config, weights, data or cbdnet version). Killing a sweep loses the points in flight only.
@@ -24,6 +31,8 @@ import io
 import json
 import logging
 import os
+import re
+import stat
 import sys
 import tempfile
 import time
@@ -33,10 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..fileio import OutputSet, file_kind
 from .point import run_fp32, run_point
 from .spec import POINT_KEYS, Spec, SweepError, content_digests, expand_points, fp32_key, point_key, series_label
 
-__all__ = ["run_sweep", "read_rows", "markdown_table", "check_worker_paths"]
+__all__ = ["run_sweep", "read_rows", "markdown_table", "check_worker_paths", "prepare_output", "publish",
+           "sweep_inputs"]
 
 RESULT_FIRST = ("file_bits_per_weight", "file_bytes", "bits_per_weight", "weights", "top1", "top5", "miou",
                 "pixel_acc", "map50", "n", "fp32_top1", "fp32_top5", "fp32_miou", "fp32_map50", "seconds",
@@ -90,18 +101,68 @@ def check_worker_paths(paths: list[str], files_dir: str, version: str) -> list[s
 # ---------------------------------------------------------------- output folder
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+# The files a sweep owns in DIR (besides points/<key>.json and files/<key>.cbd); the CLI adds PLOT.
+RESULTS = ("results.json", "results.csv", "results.md")
+SPEC_COPY = "spec.toml"
+PLOT = "pareto.png"
+_STALE = re.compile(r"\.[0-9a-f]{64}\.(json|cbd)\.[a-z0-9_]{8}\.tmp|\.(results\.(json|csv|md)|spec\.toml|pareto\.png)"
+                    r"\.[a-z0-9_]{8}\.tmp")
+
+
+def publish(files: dict[Path, str | bytes], inputs: list = ()) -> None:
+    """Write ``files`` under the output policy (:class:`cbdnet.fileio.OutputSet` with ``force``: the sweep's
+    own state is regenerated): staged beside their targets and renamed together; a symbolic link, directory,
+    device or FIFO in the way, or one of the sweep's inputs, is refused and left as it is; SIGTERM/SIGINT
+    remove the staged files."""
+    with OutputSet(inputs=inputs, force=True) as out:
+        for path, data in files.items():
+            out.write(out.add(path, what=f"sweep output {path.name}"),
+                      data.encode("utf-8") if isinstance(data, str) else data)
+        out.commit()
+
+
+def _is_sweep_folder(out: Path) -> bool:
+    return os.path.isdir(out / "points") and not os.path.islink(out / "points")
+
+
+def prepare_output(out: Path, inputs: list, *, force: bool = False, extra: tuple[str, ...] = ()) -> None:
+    """Check and create the output folder before any work.
+
+    DIR is the sweep's own state: a new or empty folder, or one holding a sweep (a ``points/`` folder), is
+    used without ``force`` (a rerun resumes it and regenerates its results). An existing folder that is not
+    empty and holds no sweep is refused unless ``force``; with ``force`` the sweep writes its files into it,
+    replacing regular files of its names. Never (``force`` or not): DIR, ``points/`` or ``files/`` a symbolic
+    link or no folder; one of the sweep's files (``RESULTS``, ``spec.toml``, ``extra``) a symbolic link,
+    directory, device or FIFO, or an input."""
+    for path in inputs:
+        if os.path.realpath(path) == os.path.realpath(out):
+            raise SweepError(f"output folder {out} is the input {path}; give another folder")
+    for folder in (out, out / "points", out / "files"):
+        if os.path.islink(folder):
+            raise SweepError(f"output folder {folder} is a symbolic link; give a real folder")
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise SweepError(f"output {folder} exists and is not a folder")
+    if not force and out.is_dir() and any(out.iterdir()) and not _is_sweep_folder(out):
+        raise SweepError(f"output folder {out} is not empty and holds no sweep (no points/ folder); give a new "
+                         "folder, or pass --force to write the sweep's files into it")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        (out / "points").mkdir(parents=True, exist_ok=True)
+        (out / "files").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise SweepError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    check = OutputSet(inputs=inputs, force=True)  # the checks of add(), nothing written
+    for name in (*RESULTS, SPEC_COPY, *extra):
+        check.add(out / name, what=f"sweep output {name}")
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Staged files a killed sweep (or worker) left behind; only the sweep's own temp names, under the lock."""
+    for folder in (out, out / "points", out / "files"):
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+            for entry in os.scandir(folder):
+                if _STALE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
 
 
 def _read_record(path: Path, key: str) -> dict | None:
@@ -153,17 +214,16 @@ def _csv_cell(value: Any) -> Any:
     return value
 
 
-def _write_results(out: Path, rows: list[dict]) -> None:
-    _atomic_write(out / "results.json", json.dumps(rows, indent=1) + "\n")
+def _write_results(out: Path, rows: list[dict], inputs: list) -> None:
     columns = _columns(rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
         writer.writerow([_csv_cell(row.get(c)) for c in columns])
-    _atomic_write(out / "results.csv", buffer.getvalue())
     metric = "miou" if any("miou" in r for r in rows) else "top1"
-    _atomic_write(out / "results.md", markdown_table(rows, metric))
+    publish({out / "results.json": json.dumps(rows, indent=1) + "\n", out / "results.csv": buffer.getvalue(),
+             out / "results.md": markdown_table(rows, metric)}, inputs)
 
 
 def _setting(row: dict) -> str:
@@ -207,14 +267,28 @@ def read_rows(out: str | os.PathLike) -> list[dict]:
     return json.loads((Path(out) / "results.json").read_text(encoding="utf-8"))
 
 
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+    | getattr(os, "O_CLOEXEC", 0)
+
+
 @contextlib.contextmanager
 def _lock(out: Path) -> Iterator[None]:
-    with open(out / ".lock", "a+") as f:  # closing releases the lock, and so does the process's death
+    try:  # no link followed, no FIFO blocking the open: a regular file or a one-line refusal
+        fd = os.open(out / ".lock", _LOCK_FLAGS, 0o666)
+    except OSError as exc:
+        raise SweepError(f"cannot use {out / '.lock'}: {exc.strerror or exc} (a symbolic link or a folder?)") \
+            from None
+    try:  # closing releases the lock, and so does the process's death
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise SweepError(f"{out / '.lock'} is {file_kind(mode)}, not a regular file; remove it")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SweepError(f"another sweep is writing to {out}") from None
         yield
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- cluster
@@ -300,12 +374,10 @@ def _task(spec: Spec, point: dict, key: str, files_dir: Path) -> dict:
             "eval_data": spec.eval.resolved(), "calib_data": calib, "files_dir": str(files_dir)}
 
 
-def _prepare(out: Path) -> None:
-    try:
-        (out / "points").mkdir(parents=True, exist_ok=True)
-        (out / "files").mkdir(exist_ok=True)
-    except OSError as exc:
-        raise SweepError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+def sweep_inputs(spec: Spec, out: Path) -> list[Path]:
+    """What the sweep reads (weights, data, the spec file unless it is DIR's own spec.toml): never an output."""
+    own = os.path.realpath(out / SPEC_COPY) == os.path.realpath(spec.path)
+    return [*spec.input_paths(), *([] if own else [spec.path])]
 
 
 class _Progress:
@@ -331,18 +403,25 @@ class _Progress:
 
 def run_sweep(spec: Spec, out_dir: str | os.PathLike, *, cluster: str | None = None, workers: int | None = None,
               progress: bool = True, connect_timeout: float = 10.0,
-              point_function: Callable[[dict], dict] = run_point) -> list[dict]:
+              point_function: Callable[[dict], dict] = run_point, force: bool = False,
+              extra_outputs: tuple[str, ...] = ()) -> list[dict]:
     """Run every point of ``spec`` not already done in ``out_dir`` (and the FP32 evaluation, once); returns
-    the rows in spec order. ``point_function`` (default :func:`run_point`) must be importable on the workers."""
+    the rows in spec order. ``point_function`` (default :func:`run_point`) must be importable on the workers.
+    The folder is checked first (:func:`prepare_output`: ``force`` and ``extra_outputs``, e.g. the plot's
+    name); every file is written under the output policy (:func:`publish`)."""
+    if os.fspath(out_dir).strip() == "":  # Path("") is the current folder: never a sweep's output by accident
+        raise SweepError("output folder: empty path; give a folder with -o")
     out = Path(out_dir).absolute()
     points = expand_points(spec)
     digests = content_digests(spec)
     keys = [point_key(p, digests, __version__) for p in points]
     fp32 = fp32_key(digests, __version__)
-    _prepare(out)
+    inputs = sweep_inputs(spec, out)
+    prepare_output(out, inputs, force=force, extra=extra_outputs)
     with _lock(out):
-        if spec.text:
-            _atomic_write(out / "spec.toml", spec.text)
+        _remove_stale_temps(out)
+        if spec.text and os.path.realpath(out / SPEC_COPY) != os.path.realpath(spec.path):
+            publish({out / SPEC_COPY: spec.text}, inputs)
         wanted = list(dict.fromkeys([fp32, *keys]))
         records = {k: r for k in wanted if (r := _read_record(out / "points" / f"{k}.json", k)) is not None}
         todo = [k for k in wanted if k not in records or records[k]["result"].get("error")]
@@ -351,14 +430,15 @@ def run_sweep(spec: Spec, out_dir: str | os.PathLike, *, cluster: str | None = N
         def rows() -> list[dict]:
             return _rows(points, keys, records, (records.get(fp32) or {}).get("result"))
 
-        _write_results(out, rows())
+        _write_results(out, rows(), inputs)
         if not todo:
             return rows()
         bar = _Progress(len(wanted), len(wanted) - len(todo), progress)
         try:
             with _client(cluster, workers, len(todo), connect_timeout) as client:
                 _check_workers(client, spec, out / "files")
-                _submit_and_collect(client, todo, fp32, first, spec, out, records, rows, bar, point_function)
+                _submit_and_collect(client, todo, fp32, first, spec, out, records, rows, bar, point_function,
+                                    inputs)
         finally:
             bar.close()
         return rows()
@@ -366,7 +446,7 @@ def run_sweep(spec: Spec, out_dir: str | os.PathLike, *, cluster: str | None = N
 
 def _submit_and_collect(client: Any, todo: list[str], fp32: str, first: dict, spec: Spec, out: Path,
                         records: dict, rows: Callable[[], list[dict]], bar: _Progress,
-                        point_function: Callable[[dict], dict]) -> None:
+                        point_function: Callable[[dict], dict], inputs: list) -> None:
     from distributed import as_completed
 
     files = out / "files"
@@ -384,8 +464,8 @@ def _submit_and_collect(client: Any, todo: list[str], fp32: str, first: dict, sp
             result = {"error": f"worker failure: {_one_line(exc)}"}
         record = {"key": key, "point": point, "cbdnet_version": __version__,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "result": result}
-        _atomic_write(out / "points" / f"{key}.json", json.dumps(record, indent=1) + "\n")
+        publish({out / "points" / f"{key}.json": json.dumps(record, indent=1) + "\n"}, inputs)
         records[key] = record
-        _write_results(out, rows())
+        _write_results(out, rows(), inputs)
         bar.step(bool(result.get("error")))
         future.release()

@@ -3,12 +3,14 @@ the FP32 metric, the FP32 line and the band of evaluation noise."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
 
 import numpy as np
 
+from ..fileio import OutputSet
 from .spec import series_label
 
 __all__ = ["plot_pareto", "pareto_front", "noise_sigma"]
@@ -71,7 +73,9 @@ def plot_pareto(rows: list[dict], path: str | os.PathLike, *, metric: str = "top
     """``metric`` (a fraction) against whole-file bits per weight, one series per row series (or only those
     named in ``series``), with the Pareto front, the FP32 line (default: the rows' ``fp32_<metric>``) and a
     +-2 sigma band of binomial noise on ``n_eval`` images (default: the rows' ``n``). The y range runs from
-    max(lowest point, FP32 - ``window``) to just above FP32; points below it are arrows on the bottom edge."""
+    max(lowest point, FP32 - ``window``) to just above FP32; points below it are arrows on the bottom edge.
+    The file is written under the output policy (an existing regular file is replaced atomically; a symbolic
+    link, folder, device or FIFO at ``path`` is refused, never written through)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +117,11 @@ def plot_pareto(rows: list[dict], path: str | os.PathLike, *, metric: str = "top
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".").lower() or "png")
     plt.close(fig)
+    out = Path(path)
+    with OutputSet(force=True) as files:  # the output policy: staged + renamed; no link/device/folder replaced
+        files.write(files.add(out, what="plot"), buffer.getvalue())
+        files.commit()
     return out

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import re
 from dataclasses import dataclass
@@ -23,12 +22,13 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..fileio import escape_name, open_image_bounded, read_regular_file, walk_files
+from ..fileio import NpzFormatError, escape_name, open_image_bounded, read_npz, read_regular_file, walk_files
 
 __all__ = ["ClassificationData", "ImageFolderData", "SegmentationData", "DetectionData", "load_spec", "SPEC_KINDS",
            "CIFAR_MEAN", "CIFAR_STD", "CAMVID_CLASSES", "VOC_CLASSES", "calibration_data", "spec_path"]
 
-MAX_DATA_BYTES = 8 << 30  # one .npz data file
+MAX_DATA_BYTES = 8 << 30  # one .npz data file, as stored
+MAX_NPZ_ARRAY_BYTES = 4 << 30  # the arrays read from one .npz, inflated (a compressed .npz can be a zip bomb)
 MAX_IMAGE_PIXELS = 64_000_000  # one decoded image (8000 x 8000)
 MAX_IMAGE_ASPECT = 50.0  # longest side / shortest side, checked before resizing (1 x 6000 would resize to 256 x 1.5M)
 MAX_IMAGES = 10_000_000  # files in an image folder
@@ -66,18 +66,12 @@ def _open_npz(path: str, required: dict[str, tuple], layout: str = "") -> dict[s
     if not os.path.lexists(path):
         raise DataError(f"data file not found: {escape_name(path)}" + (f" (expected {layout})" if layout else ""))
     data = read_regular_file(path, what="data file", max_bytes=MAX_DATA_BYTES)  # no FIFO/device, bounded
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            missing = [key for key in required if key not in npz.files]
-            if missing:
-                raise DataError(f"{path}: missing array(s) {missing}; expected {layout or sorted(required)}")
-            arrays = {key: npz[key] for key in required}
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})"
-                        + (f"; expected {layout}" if layout else "")) from None
-    return arrays
+    try:  # member sizes and .npy headers checked before anything is inflated; bounded reads
+        return read_npz(data, list(required), shown=escape_name(path), max_array_bytes=MAX_NPZ_ARRAY_BYTES)
+    except KeyError as exc:
+        raise DataError(f"{path}: missing array(s) {exc.args[0]}; expected {layout or sorted(required)}") from None
+    except NpzFormatError as exc:
+        raise DataError(f"{exc}" + (f"; expected {layout}" if layout else "")) from None
 
 
 def _cifar10(path: str) -> ClassificationData:
