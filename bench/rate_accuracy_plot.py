@@ -1,0 +1,107 @@
+"""Rate/accuracy of cbdnet against NNCodec on ResNet-20: top-1 over whole-file bits per weight, one plot.
+
+    /work/main/.venv/bin/python bench/rate_accuracy_plot.py --cbdnet POINTS.json -o docs/rate_accuracy_resnet20.png
+
+NNCodec's curve comes from bench/results/nncodec_resnet20.json (bench/nncodec_resnet20.py). cbdnet's points are a
+JSON list of ``{"label", "file_bits_per_weight", "top1"}`` (optionally ``"bytes"``; else bytes =
+file_bits_per_weight * weights / 8). For each cbdnet point it prints NNCodec's bytes at the same top-1,
+interpolated linearly in top-1 between the measured QPs on NNCodec's monotone front (the fewest bytes that reach
+each top-1), and the ratio cbdnet bytes / NNCodec bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nncodec", type=Path, default=REPO / "bench" / "results" / "nncodec_resnet20.json")
+    p.add_argument("--cbdnet", type=Path, help="JSON list of {label, file_bits_per_weight, top1[, bytes]}")
+    p.add_argument("-o", "--out", type=Path, help="write the plot here, e.g. docs/rate_accuracy_resnet20.png")
+    return p.parse_args()
+
+
+def monotone_front(points: list[dict]) -> list[dict]:
+    """NNCodec's points by increasing bytes, keeping only those whose top-1 beats every smaller file: top-1 is
+    then strictly increasing in bytes, so bytes is a function of top-1."""
+    front, best = [], -1.0
+    for p in sorted(points, key=lambda p: p["bytes"]):
+        if p["top1"] > best:
+            front.append(p)
+            best = p["top1"]
+    return front
+
+
+def bytes_at(front: list[dict], top1: float) -> float | None:
+    """NNCodec's bytes at ``top1``, piecewise-linear in top-1 on the front; None outside its measured range."""
+    accs = np.array([p["top1"] for p in front])
+    if len(front) == 0 or top1 < accs[0] or top1 > accs[-1]:
+        return None
+    return float(np.interp(top1, accs, [p["bytes"] for p in front]))
+
+
+def compare(cbd: list[dict], front: list[dict], weights: int) -> list[str]:
+    """One markdown row per cbdnet point: its bytes, NNCodec's bytes at the same top-1 and the ratio."""
+    rows = ["| cbdnet point | file bits per weight | whole file | top-1 | NNCodec at equal top-1 | cbdnet / NNCodec |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for c in cbd:
+        size = c.get("bytes") or c["file_bits_per_weight"] * weights / 8
+        ref = bytes_at(front, c["top1"])
+        peer, ratio = ("outside NNCodec's range", "—") if ref is None else (f"{ref:,.0f} B", f"{size / ref:.3f}")
+        rows.append(f"| {c['label']} | {c['file_bits_per_weight']:.3f} | {size:,.0f} B | {c['top1']:.4f} | {peer} "
+                    f"| {ratio} |")
+    return rows
+
+
+def plot(nnc: dict, cbd: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted(nnc["points"], key=lambda p: p["bytes"])
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    ax.plot([p["file_bits_per_weight"] for p in pts], [p["top1"] for p in pts], "o-", color="tab:gray",
+            label=f"{nnc['tool'].replace('nncodec', 'NNCodec')} (data-free, QP {pts[-1]['qp']} … {pts[0]['qp']})")
+    for p in pts:
+        ax.annotate(str(p["qp"]), (p["file_bits_per_weight"], p["top1"]), textcoords="offset points",
+                    xytext=(4, -10), fontsize=7, color="tab:gray")
+    for i, c in enumerate(cbd):
+        ax.plot(c["file_bits_per_weight"], c["top1"], "sDo^v"[i % 5], color=f"C{i % 10}", label=f"cbdnet {c['label']}")
+    if nnc.get("fp32"):
+        ax.axhline(nnc["fp32"]["top1"], color="k", lw=0.8, ls="--", label=f"FP32 {nnc['fp32']['top1']:.4f}")
+    accs = [p["top1"] for p in pts] + [c["top1"] for c in cbd] + ([nnc["fp32"]["top1"]] if nnc.get("fp32") else [])
+    ax.set_ylim(max(min(accs) - 0.02, 0.0), max(accs) + 0.01)
+    ax.set_xlabel(f"whole file bits per Conv/Linear weight (file bytes × 8 / {nnc['weights_counted']:,})")
+    ax.set_ylabel("CIFAR-10 test top-1")
+    ax.set_title("ResNet-20: rate/accuracy, cbdnet vs NNCodec")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    nnc = json.loads(args.nncodec.read_text())
+    cbd = json.loads(args.cbdnet.read_text()) if args.cbdnet else []
+    front = monotone_front(nnc["points"])
+    print(f"NNCodec front: {len(front)} of {len(nnc['points'])} QPs, top-1 {front[0]['top1']:.4f} … "
+          f"{front[-1]['top1']:.4f} ({front[0]['bytes']:,} … {front[-1]['bytes']:,} B)")
+    if cbd:
+        print("\n".join(compare(cbd, front, nnc["weights_counted"])))
+    if args.out:
+        plot(nnc, cbd, args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
