@@ -396,7 +396,9 @@ def test_names_are_escaped_and_verify_prints_one_line_per_layer(tmp_path, capsys
     model, _ = cbdnet.compress(_Named(forged), cbdnet.CBDConfig(planes=4, bottleneck=0.5, fallback="size"),
                                progress=False)
     path = tmp_path / "forged.cbd"
-    cbdnet.save(model, path)
+    # format 1 stores each plane as its own tensor with a SHA-256 that verify re-checks (format 2 refuses a wrong
+    # factored plane on reading, by its CRC-32), so the forgery is a format-1 file whose every plane is wrong
+    path.write_bytes(cbdnet.format.encode_file(model, version=1))
     data = bytearray(path.read_bytes())
     tensors = tensors_of(bytes(data))
     for key in tensors:  # every plane of the layer wrong

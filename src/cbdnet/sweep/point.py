@@ -53,7 +53,8 @@ def run_point(task: dict) -> dict:
     """Compress, save, reload, evaluate one point; returns its sizes and metrics.
 
     ``file_bits_per_weight`` is the whole file (header, codes and float tensors) in bits over the compressed
-    layers' weights; ``bits_per_weight`` counts the codes only (what ``cbdnet compress`` reports per layer)."""
+    layers' weights; ``bits_per_weight`` counts the codes only, as the paper counts them (fixed-length planes),
+    and ``coded_bits_per_weight`` as the file stores them (entropy-coded levels)."""
     start = time.perf_counter()
     options = point_options(task_options(task))
     config, settings = config_from_options(options)
@@ -67,7 +68,8 @@ def run_point(task: dict) -> dict:
         del model
         result = evaluate(load(path), load_spec(task["eval_data"]), progress=False)
     return {"file_bits_per_weight": file_bytes * 8 / report.params, "file_bytes": file_bytes,
-            "bits_per_weight": report.bits_per_weight, "weights": report.params, **metrics_of(result),
+            "bits_per_weight": report.bits_per_weight, "coded_bits_per_weight": report.coded_bits_per_weight,
+            "weights": report.params, **metrics_of(result),
             "compress_seconds": round(compress_seconds, 3), "seconds": round(time.perf_counter() - start, 3),
             "file": str(path)}
 
