@@ -261,7 +261,7 @@ def test_real_sweep_rerun_cluster_and_direct_compress(tmp_path, scheduler):
 
     # one row against a direct compress + save + load + eval of the same config
     torch.manual_seed(0)
-    model, _ = cbdnet.compress(build("digits-cnn"), cbdnet.RTNConfig(bits=4), progress=False)
+    model, _ = cbdnet.compress(build("digits-cnn").eval(), cbdnet.RTNConfig(bits=4), progress=False)  # as sweeps do
     size = cbdnet.save(model, tmp_path / "direct.cbd")
     direct = evaluate_classification(cbdnet.load(tmp_path / "direct.cbd"), load_data("digits:test"), progress=False)
     assert (size, direct["top1"], direct["top5"]) == (rows[1]["file_bytes"], rows[1]["top1"], rows[1]["top5"])
