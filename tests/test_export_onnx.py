@@ -274,3 +274,21 @@ def test_segnet_basic_max_unpool_exports_and_ort_matches_torch(tmp_path):
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     agree = float((got.argmax(1) == want.argmax(1)).mean())
     assert rel < 0.2 and agree >= 0.95, (rel, agree)  # measured 0.12, 0.973; a wrong scale: far worse
+
+
+def test_resnet20_onnx_int8_and_torch_int8_runtime_agree(tmp_path, resnet20_weights, cifar_calib, cifar_test):
+    """The two integer runtimes of one file, calibrated on the same 256 training images with the same
+    activation-range chooser (least quantization MSE: ORT with uint8, torch.ao with its x86 7-bit
+    ``reduce_range``): ResNet-20 RTN 4-bit, the same class on >= 97 % of 256 shuffled test images (measured
+    on the full test set with the 4.0-bit file: BENCHMARKS.md)."""
+    cbd, out = tmp_path / "r20.cbd", tmp_path / "r20.onnx"
+    model = cbdnet.zoo.build("cifar-resnet20")
+    cbdnet.zoo.load_weights(model, resnet20_weights)
+    cbdnet.compress(model.eval(), cbdnet.RTNConfig(bits=4), calibration=None, progress=False)
+    cbdnet.save(model, cbd)
+    calib = cbdnet.zoo.data.load_spec(f"cifar10-npz:{cifar_calib}").images[:256]
+    export_onnx(cbdnet.load(cbd), out, input_shape=(1, 3, 32, 32), int8=True, calibration=[calib[:128], calib[128:]])
+    qmodel = cbdnet.load(cbd, runtime="int8", calibration=calib)
+    x, _ = _shuffled(cifar_test, 256)
+    got, want = _ort(out, [x]).argmax(1), _torch(qmodel, [x]).argmax(1)
+    assert (got == want).mean() >= 0.97, (got == want).mean()

@@ -58,6 +58,11 @@ _SAME_AS_INPUT = {"Slice", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsque
 _RELU_ABSORBERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}
 _ACT_RANGE = {"uint8": (0, 255, np.uint8), "int8": (-128, 127, np.int8)}
 CALIBRATION_METHODS = ("mse", "minmax")
+# x86 u8s8 kernels without VNNI (VPMADDUBSW, which ONNX Runtime uses on AVX2/AVX-512) add two u8*s8 products in
+# int16 with saturation: 255 * (|w1| + |w2|) > 32767 once a weight level exceeds 64 in magnitude. Such a layer's
+# input gets the 7-bit range 0..127 (127 * 256 <= 32767), as torch.ao's x86 ``reduce_range`` does everywhere.
+_SATURATING_LEVEL = 64
+_NARROW_QMAX = 127
 
 
 # ------------------------------------------------------------------------------------------- input spec
@@ -370,12 +375,13 @@ def _absorb_relus(gr: _Graph, weight_nodes: set[int]) -> None:
 
 
 def _calibrate(model: onnx.ModelProto, tensors: list[str], calibration: Iterable, dtype: str = "uint8",
-               method: str = "mse") -> dict[str, tuple[float, float]]:
+               method: str = "mse", narrow: frozenset[str] = frozenset()) -> dict[str, tuple[float, float]]:
     """Each tensor's clip range ``(lo, hi)`` over the calibration batches, run in ONNX Runtime on the
     float-activation graph. ``minmax``: the observed extremes. ``mse``: the range whose ``dtype`` quantization
     has the least squared error over the calibration values (torch.ao's ``HistogramObserver``: a 2048-bin
     histogram of all batches, then a search over clipped bin ranges; the chooser the PyTorch int8 runtime uses
-    too), so a few outliers no longer coarsen the step of the whole tensor."""
+    too), so a few outliers no longer coarsen the step of the whole tensor. ``narrow`` tensors are chosen for
+    the 7-bit range 0..127."""
     import onnxruntime as ort
 
     if method not in CALIBRATION_METHODS:
@@ -390,7 +396,7 @@ def _calibrate(model: onnx.ModelProto, tensors: list[str], calibration: Iterable
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
-    observers = {t: _observer(dtype, method) for t in tensors}
+    observers = {t: _observer(dtype, method, t in narrow) for t in tensors}
     batches = 0
     for batch in calibration:
         x = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
@@ -402,12 +408,21 @@ def _calibrate(model: onnx.ModelProto, tensors: list[str], calibration: Iterable
     return {t: _clip_range(observer) for t, observer in observers.items()}
 
 
-def _observer(dtype: str, method: str):
+def _observer(dtype: str, method: str, narrow: bool = False):
     from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
 
     kind = HistogramObserver if method == "mse" else MinMaxObserver
+    qmin, qmax, _ = _ACT_RANGE[dtype]
     return kind(dtype=torch.quint8 if dtype == "uint8" else torch.qint8, qscheme=torch.per_tensor_affine,
-                reduce_range=False)
+                quant_min=qmin, quant_max=_NARROW_QMAX if narrow else qmax)
+
+
+def _narrow_inputs(weight_nodes: dict[str, onnx.NodeProto], codes: dict[str, _Code], dtype: str) -> frozenset[str]:
+    """The inputs of quantized layers whose levels could saturate a uint8 x int8 kernel (see _SATURATING_LEVEL)."""
+    if dtype != "uint8":
+        return frozenset()
+    return frozenset(node.input[0] for name, node in weight_nodes.items()
+                     if int(np.abs(codes[name].levels).max(initial=0)) > _SATURATING_LEVEL)
 
 
 def _clip_range(observer) -> tuple[float, float]:
@@ -418,9 +433,10 @@ def _clip_range(observer) -> tuple[float, float]:
     return (observer.quant_min - zero) * scale, (observer.quant_max - zero) * scale
 
 
-def _qparams(lo: float, hi: float, dtype: str) -> tuple[np.float32, int]:
-    """Asymmetric scale and zero point of a range that always contains 0."""
+def _qparams(lo: float, hi: float, dtype: str, narrow: bool = False) -> tuple[np.float32, int]:
+    """Asymmetric scale and zero point of a range that always contains 0 (``narrow``: onto 0..127)."""
     qmin, qmax, _ = _ACT_RANGE[dtype]
+    qmax = _NARROW_QMAX if narrow else qmax
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if not np.isfinite(hi - lo) or hi - lo <= 0:
         return np.float32(1.0), 0 if dtype == "int8" else 0
@@ -428,18 +444,20 @@ def _qparams(lo: float, hi: float, dtype: str) -> tuple[np.float32, int]:
     return scale, int(np.clip(np.round(qmin - lo / float(scale)), qmin, qmax))
 
 
-def _insert_qdq(gr: _Graph, tensors: list[str], ranges: dict[str, tuple[float, float]], dtype: str) -> dict:
+def _insert_qdq(gr: _Graph, tensors: list[str], ranges: dict[str, tuple[float, float]], dtype: str,
+                narrow: frozenset[str] = frozenset()) -> dict:
     """A QuantizeLinear -> DequantizeLinear pair after each tensor; returns {tensor: scale}."""
     ranges = dict(ranges)
     chosen = set(tensors)
     for node in gr.g.node:  # data movement reuses its input's parameters (ORT then drops its Q/DQ)
-        if node.op_type in _SAME_AS_INPUT and node.input[0] in chosen and node.output[0] in chosen:
+        if node.op_type in _SAME_AS_INPUT and node.input[0] in chosen and node.output[0] in chosen \
+                and (node.input[0] in narrow) == (node.output[0] in narrow):
             ranges[node.output[0]] = ranges[node.input[0]]
     position = {o: i for i, node in enumerate(gr.g.node) for o in node.output}
     pairs: dict[int, list[onnx.NodeProto]] = {}
     scales: dict[str, float] = {}
     for t in tensors:
-        scale, zp = _qparams(*ranges[t], dtype)
+        scale, zp = _qparams(*ranges[t], dtype, t in narrow)
         scales[t] = float(scale)
         s = gr.add_init(f"{t}_scale", np.float32(scale))
         z = gr.add_init(f"{t}_zero_point", np.array(zp, dtype=_ACT_RANGE[dtype][2]))
@@ -573,11 +591,12 @@ def build_proto(model: nn.Module, example: torch.Tensor, *, int8: bool = False, 
     if int8:
         floats = _float_tensors(proto)
         ids = {id(n) for n in weight_nodes.values()}
+        narrow = _narrow_inputs(weight_nodes, codes, activation_dtype)
         ranges = _calibrate(proto, _activation_tensors(gr, ids, floats), calibration, activation_dtype,
-                            activation_calibration)
+                            activation_calibration, narrow)
         _absorb_relus(gr, ids)
         tensors = [t for t in _activation_tensors(gr, ids, floats) if t in ranges]
-        scales = _insert_qdq(gr, tensors, ranges, activation_dtype)
+        scales = _insert_qdq(gr, tensors, ranges, activation_dtype, narrow)
         by_name = {n.name: n for n in gr.g.node}  # the node list was rebuilt: look the nodes up again
         _quantize_biases(gr, {k: by_name[v.name] for k, v in weight_nodes.items()}, scales)
         quantized = len(tensors)
