@@ -117,11 +117,13 @@ class ExportReport:
     activations_quantized: int
     layers: list[LayerExport] = field(default_factory=list)
     activation_calibration: str = ""  # "mse" or "minmax" under int8
+    narrow_activations: list[str] = field(default_factory=list)  # quantized to 0..127 (see _SATURATING_LEVEL)
 
     def to_dict(self) -> dict:
         return {"path": self.path, "bytes": self.bytes, "opset": self.opset,
                 "int8_activations": self.int8_activations, "activations_quantized": self.activations_quantized,
                 "activation_calibration": self.activation_calibration,
+                "narrow_activations": list(self.narrow_activations),
                 "layers": [vars(layer) for layer in self.layers],
                 "float_layers": [layer.name for layer in self.layers if layer.runs_as == "float"]}
 
@@ -484,7 +486,10 @@ def _quantize_biases(gr: _Graph, weight_nodes: dict[str, onnx.NodeProto], act_sc
         dq = gr.producer(node.input[1])
         if bias is None or x not in act_scales or dq is None or dq.op_type != "DequantizeLinear":
             continue
-        b_scale = act_scales[x] * np.broadcast_to(gr.const(dq.input[1]).astype(np.float64), bias.shape)
+        w_scale = gr.const(dq.input[1]).astype(np.float64).reshape(-1)
+        if w_scale.size not in (1, bias.size):  # ConvTranspose steps per *input* channel: the bias stays float
+            continue
+        b_scale = act_scales[x] * np.broadcast_to(w_scale, bias.shape)
         q = np.clip(np.round(bias.astype(np.float64) / b_scale), -2**31, 2**31 - 1).astype(np.int32)
         inputs = [gr.add_init(f"{name}.bias_quantized", q),
                   gr.add_init(f"{name}.bias_scale", b_scale.astype(np.float32)),
@@ -587,7 +592,7 @@ def build_proto(model: nn.Module, example: torch.Tensor, *, int8: bool = False, 
     gr = _Graph(proto)
     _fold_constants(gr)
     weight_nodes = _quantize_weights(gr, model, codes, layers)
-    quantized = 0
+    quantized, narrowed = 0, []
     if int8:
         floats = _float_tensors(proto)
         ids = {id(n) for n in weight_nodes.values()}
@@ -600,11 +605,13 @@ def build_proto(model: nn.Module, example: torch.Tensor, *, int8: bool = False, 
         by_name = {n.name: n for n in gr.g.node}  # the node list was rebuilt: look the nodes up again
         _quantize_biases(gr, {k: by_name[v.name] for k, v in weight_nodes.items()}, scales)
         quantized = len(tensors)
+        narrowed = [t for t in tensors if t in narrow]
     gr.prune()
     proto.producer_name, proto.producer_version = "cbdnet", __version__
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     layers.sort(key=lambda layer: order.get(layer.name, 0))
-    return proto, ExportReport("", 0, opset, int8, quantized, layers, activation_calibration if int8 else "")
+    return proto, ExportReport("", 0, opset, int8, quantized, layers, activation_calibration if int8 else "",
+                               narrowed)
 
 
 def export_onnx_bytes(model: nn.Module, *, input_shape: tuple[int, ...], int8: bool = False,
