@@ -103,7 +103,9 @@ def cmd_export(args) -> int:
             if layer.runs_as == "float":
                 print(f"  {layer.name}: kept in float ({layer.reason})", file=stream)
         print(f"  {sum(layer.runs_as == 'int8' for layer in report.layers)} layers as exact int8 levels"
-              + (f", {report.activations_quantized} activations quantized" if args.int8 else ""), file=stream)
+              + (f", {report.activations_quantized} activations quantized ({args.calib_method} ranges"
+                 + (f"; {len(report.narrow_activations)} onto 0..127, inputs of layers with levels > 64)"
+                    if report.narrow_activations else ")") if args.int8 else ""), file=stream)
     return 0
 
 

@@ -533,11 +533,13 @@ def _max_unpool2d_symbolic(g, x, indices, output_size):
 def _export_symbolics(opset: int):
     """Our symbolics for ops the TorchScript exporter lacks, registered for this export only (an existing
     registration, e.g. a user's or a later torch's, is left alone)."""
-    from torch.onnx._internal.torchscript_exporter import registration
-
+    try:
+        from torch.onnx._internal.torchscript_exporter.registration import registry
+    except ImportError:  # another torch layout: assume nothing is registered
+        registry = None
     added = []
     for name, fn in (("aten::max_unpool2d", _max_unpool2d_symbolic),):
-        if not registration.registry.is_registered_op(name, opset):
+        if registry is None or not registry.is_registered_op(name, opset):
             torch.onnx.register_custom_op_symbolic(name, fn, opset)
             added.append(name)
     try:
