@@ -12,6 +12,7 @@ import torch
 from .. import __version__
 from ..errors import CBDError
 from ..export import OnnxModel, export_onnx_bytes, input_spec
+from ..export.onnx import CALIBRATION_METHODS
 from ..format import read
 from ..zoo import load
 from ..zoo.data import calibration_data
@@ -61,14 +62,16 @@ def _metadata(parsed, arch: str, spec, args) -> dict[str, str]:
             "cbdnet.version": __version__, "cbdnet.cbd_version": str(parsed.meta.get("cbdnet_version")),
             "cbdnet.config": json.dumps(config, sort_keys=True),
             "cbdnet.int8_activations": json.dumps(bool(args.int8)),
-            "cbdnet.calibration": json.dumps({"spec": args.calib, "images": args.calib_images} if args.int8 else None)}
+            "cbdnet.calibration": json.dumps({"spec": args.calib, "images": args.calib_images,
+                                                       "method": args.calib_method} if args.int8 else None)}
 
 
 def cmd_export(args) -> int:
     if args.int8 and not args.calib:
         raise CBDError("--int8 needs --calib SPEC (training images to calibrate the activation ranges)")
-    if not args.int8 and (args.calib or args.calib_images is not None):
-        raise CBDError("--calib/--calib-images apply to --int8 only (weight-only export needs no calibration)")
+    if not args.int8 and (args.calib or args.calib_images is not None or args.calib_method != "mse"):
+        raise CBDError("--calib/--calib-images/--calib-method apply to --int8 only (weight-only export needs no "
+                       "calibration)")
     if args.calib_images is not None and args.calib_images < 1:
         raise CBDError(f"--calib-images must be at least 1, got {args.calib_images}")
     shape = _input_shape(args.input_shape)
@@ -85,7 +88,8 @@ def cmd_export(args) -> int:
         calibration = _calibration(args.calib, args.calib_images) if args.int8 else None
         data, report = export_onnx_bytes(model, input_shape=spec.shape, int8=args.int8, calibration=calibration,
                                          metadata=_metadata(parsed, str(arch), spec, args),
-                                         activation_dtype=args.activations)
+                                         activation_dtype=args.activations,
+                                         activation_calibration=args.calib_method)
         report.path = str(args.output)
         out.write(onnx_target, data)
         payload = {**report.to_dict(), "source": args.file, "arch": arch, "input_shape": list(spec.shape)}
@@ -99,7 +103,9 @@ def cmd_export(args) -> int:
             if layer.runs_as == "float":
                 print(f"  {layer.name}: kept in float ({layer.reason})", file=stream)
         print(f"  {sum(layer.runs_as == 'int8' for layer in report.layers)} layers as exact int8 levels"
-              + (f", {report.activations_quantized} activations quantized" if args.int8 else ""), file=stream)
+              + (f", {report.activations_quantized} activations quantized ({args.calib_method} ranges"
+                 + (f"; {len(report.narrow_activations)} onto 0..127, inputs of layers with levels > 64)"
+                    if report.narrow_activations else ")") if args.int8 else ""), file=stream)
     return 0
 
 
@@ -115,6 +121,9 @@ def add_export_parser(sub, common: argparse.ArgumentParser) -> argparse.Argument
     p.add_argument("--calib-images", type=int, default=None, help="use only the first N calibration images")
     p.add_argument("--activations", choices=("uint8", "int8"), default="uint8",
                    help="activation type under --int8 (default uint8: ONNX Runtime fuses every Conv on AVX2 CPUs)")
+    p.add_argument("--calib-method", choices=CALIBRATION_METHODS, default="mse",
+                   help="--int8 activation ranges: mse (default: least quantization squared error over the "
+                        "calibration set) or minmax (the observed extremes)")
     p.add_argument("--arch", help="architecture to build (default: the one the file names)")
     p.add_argument("--num-classes", type=int, default=None, help="class count of the architecture's head")
     p.add_argument("--input-shape", help="example input N,C,H,W (default: the architecture's, e.g. 1,3,32,32)")

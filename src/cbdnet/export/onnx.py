@@ -12,9 +12,11 @@ integers; a level of -128 cannot be negated, and such a layer keeps its BN unfol
 equals the code's levels times ``sign(gamma_c)`` per output channel.
 
 With ``int8=True`` the float activations around the quantized nodes (and around Add, pooling, Flatten, ... as
-ONNX Runtime's own QDQ quantizer places them) get QuantizeLinear -> DequantizeLinear pairs with min/max
+ONNX Runtime's own QDQ quantizer places them) get QuantizeLinear -> DequantizeLinear pairs with
 calibrated scales; biases become int32 with scale ``x_scale * w_scale``; a Relu after a quantized node is
-absorbed into the asymmetric (uint8 by default) output quantization. ONNX Runtime then fuses the graph into
+absorbed into the asymmetric (uint8 by default) output quantization. Each activation's range is the one
+whose quantization has the least squared error over the calibration set (``"mse"``, default; ``"minmax"``: the
+observed extremes). ONNX Runtime then fuses the graph into
 integer kernels (QLinearConv, QLinearAdd, QGemm...). uint8 activations are the default because on AVX2 CPUs ORT
 fuses every Conv with them, but only some with int8 activations.
 
@@ -30,6 +32,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +46,7 @@ from ..errors import CBDError
 from ..format import atomic_write, check_writable
 from ..zoo.data import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["ExportReport", "LayerExport", "export_onnx", "input_spec", "OPSET", "build_proto"]
+__all__ = ["ExportReport", "LayerExport", "export_onnx", "input_spec", "OPSET", "build_proto", "CALIBRATION_METHODS"]
 
 OPSET = 17
 _WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -54,6 +57,12 @@ _ACT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "MaxPool", 
 _SAME_AS_INPUT = {"Slice", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Pad"}
 _RELU_ABSORBERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add"}
 _ACT_RANGE = {"uint8": (0, 255, np.uint8), "int8": (-128, 127, np.int8)}
+CALIBRATION_METHODS = ("mse", "minmax")
+# x86 u8s8 kernels without VNNI (VPMADDUBSW, which ONNX Runtime uses on AVX2/AVX-512) add two u8*s8 products in
+# int16 with saturation: 255 * (|w1| + |w2|) > 32767 once a weight level exceeds 64 in magnitude. Such a layer's
+# input gets the 7-bit range 0..127 (127 * 256 <= 32767), as torch.ao's x86 ``reduce_range`` does everywhere.
+_SATURATING_LEVEL = 64
+_NARROW_QMAX = 127
 
 
 # ------------------------------------------------------------------------------------------- input spec
@@ -107,10 +116,14 @@ class ExportReport:
     int8_activations: bool
     activations_quantized: int
     layers: list[LayerExport] = field(default_factory=list)
+    activation_calibration: str = ""  # "mse" or "minmax" under int8
+    narrow_activations: list[str] = field(default_factory=list)  # quantized to 0..127 (see _SATURATING_LEVEL)
 
     def to_dict(self) -> dict:
         return {"path": self.path, "bytes": self.bytes, "opset": self.opset,
                 "int8_activations": self.int8_activations, "activations_quantized": self.activations_quantized,
+                "activation_calibration": self.activation_calibration,
+                "narrow_activations": list(self.narrow_activations),
                 "layers": [vars(layer) for layer in self.layers],
                 "float_layers": [layer.name for layer in self.layers if layer.runs_as == "float"]}
 
@@ -363,10 +376,18 @@ def _absorb_relus(gr: _Graph, weight_nodes: set[int]) -> None:
         gr.g.node.remove(relu)
 
 
-def _calibrate(model: onnx.ModelProto, tensors: list[str], calibration: Iterable) -> dict[str, tuple[float, float]]:
-    """min/max of each tensor over the calibration batches, run in ONNX Runtime on the float-activation graph."""
+def _calibrate(model: onnx.ModelProto, tensors: list[str], calibration: Iterable, dtype: str = "uint8",
+               method: str = "mse", narrow: frozenset[str] = frozenset()) -> dict[str, tuple[float, float]]:
+    """Each tensor's clip range ``(lo, hi)`` over the calibration batches, run in ONNX Runtime on the
+    float-activation graph. ``minmax``: the observed extremes. ``mse``: the range whose ``dtype`` quantization
+    has the least squared error over the calibration values (torch.ao's ``HistogramObserver``: a 2048-bin
+    histogram of all batches, then a search over clipped bin ranges; the chooser the PyTorch int8 runtime uses
+    too), so a few outliers no longer coarsen the step of the whole tensor. ``narrow`` tensors are chosen for
+    the 7-bit range 0..127."""
     import onnxruntime as ort
 
+    if method not in CALIBRATION_METHODS:
+        raise CBDError(f"activation calibration must be one of {list(CALIBRATION_METHODS)}, got {method!r}")
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -377,21 +398,47 @@ def _calibrate(model: onnx.ModelProto, tensors: list[str], calibration: Iterable
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
-    ranges = {t: (np.inf, -np.inf) for t in tensors}
+    observers = {t: _observer(dtype, method, t in narrow) for t in tensors}
     batches = 0
     for batch in calibration:
         x = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
         for t, v in zip(tensors, session.run(tensors, {input_name: x.astype(np.float32)}), strict=True):
-            ranges[t] = (min(ranges[t][0], float(v.min())), max(ranges[t][1], float(v.max())))
+            observers[t](torch.from_numpy(np.ascontiguousarray(v)))
         batches += 1
     if not batches:
         raise CBDError("the calibration set gave no images")
-    return ranges
+    return {t: _clip_range(observer) for t, observer in observers.items()}
 
 
-def _qparams(lo: float, hi: float, dtype: str) -> tuple[np.float32, int]:
-    """Asymmetric scale and zero point of a range that always contains 0."""
+def _observer(dtype: str, method: str, narrow: bool = False):
+    from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
+
+    kind = HistogramObserver if method == "mse" else MinMaxObserver
     qmin, qmax, _ = _ACT_RANGE[dtype]
+    return kind(dtype=torch.quint8 if dtype == "uint8" else torch.qint8, qscheme=torch.per_tensor_affine,
+                quant_min=qmin, quant_max=_NARROW_QMAX if narrow else qmax)
+
+
+def _narrow_inputs(weight_nodes: dict[str, onnx.NodeProto], codes: dict[str, _Code], dtype: str) -> frozenset[str]:
+    """The inputs of quantized layers whose levels could saturate a uint8 x int8 kernel (see _SATURATING_LEVEL)."""
+    if dtype != "uint8":
+        return frozenset()
+    return frozenset(node.input[0] for name, node in weight_nodes.items()
+                     if int(np.abs(codes[name].levels).max(initial=0)) > _SATURATING_LEVEL)
+
+
+def _clip_range(observer) -> tuple[float, float]:
+    """The float range an observer's affine (scale, zero point) represents: the tensor's clip range."""
+    if not torch.isfinite(observer.min_val) or not torch.isfinite(observer.max_val):
+        return 0.0, 0.0
+    scale, zero = (float(v) for v in observer.calculate_qparams())
+    return (observer.quant_min - zero) * scale, (observer.quant_max - zero) * scale
+
+
+def _qparams(lo: float, hi: float, dtype: str, narrow: bool = False) -> tuple[np.float32, int]:
+    """Asymmetric scale and zero point of a range that always contains 0 (``narrow``: onto 0..127)."""
+    qmin, qmax, _ = _ACT_RANGE[dtype]
+    qmax = _NARROW_QMAX if narrow else qmax
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if not np.isfinite(hi - lo) or hi - lo <= 0:
         return np.float32(1.0), 0 if dtype == "int8" else 0
@@ -399,18 +446,20 @@ def _qparams(lo: float, hi: float, dtype: str) -> tuple[np.float32, int]:
     return scale, int(np.clip(np.round(qmin - lo / float(scale)), qmin, qmax))
 
 
-def _insert_qdq(gr: _Graph, tensors: list[str], ranges: dict[str, tuple[float, float]], dtype: str) -> dict:
+def _insert_qdq(gr: _Graph, tensors: list[str], ranges: dict[str, tuple[float, float]], dtype: str,
+                narrow: frozenset[str] = frozenset()) -> dict:
     """A QuantizeLinear -> DequantizeLinear pair after each tensor; returns {tensor: scale}."""
     ranges = dict(ranges)
     chosen = set(tensors)
     for node in gr.g.node:  # data movement reuses its input's parameters (ORT then drops its Q/DQ)
-        if node.op_type in _SAME_AS_INPUT and node.input[0] in chosen and node.output[0] in chosen:
+        if node.op_type in _SAME_AS_INPUT and node.input[0] in chosen and node.output[0] in chosen \
+                and (node.input[0] in narrow) == (node.output[0] in narrow):
             ranges[node.output[0]] = ranges[node.input[0]]
     position = {o: i for i, node in enumerate(gr.g.node) for o in node.output}
     pairs: dict[int, list[onnx.NodeProto]] = {}
     scales: dict[str, float] = {}
     for t in tensors:
-        scale, zp = _qparams(*ranges[t], dtype)
+        scale, zp = _qparams(*ranges[t], dtype, t in narrow)
         scales[t] = float(scale)
         s = gr.add_init(f"{t}_scale", np.float32(scale))
         z = gr.add_init(f"{t}_zero_point", np.array(zp, dtype=_ACT_RANGE[dtype][2]))
@@ -437,7 +486,10 @@ def _quantize_biases(gr: _Graph, weight_nodes: dict[str, onnx.NodeProto], act_sc
         dq = gr.producer(node.input[1])
         if bias is None or x not in act_scales or dq is None or dq.op_type != "DequantizeLinear":
             continue
-        b_scale = act_scales[x] * np.broadcast_to(gr.const(dq.input[1]).astype(np.float64), bias.shape)
+        w_scale = gr.const(dq.input[1]).astype(np.float64).reshape(-1)
+        if w_scale.size not in (1, bias.size):  # ConvTranspose steps per *input* channel: the bias stays float
+            continue
+        b_scale = act_scales[x] * np.broadcast_to(w_scale, bias.shape)
         q = np.clip(np.round(bias.astype(np.float64) / b_scale), -2**31, 2**31 - 1).astype(np.int32)
         inputs = [gr.add_init(f"{name}.bias_quantized", q),
                   gr.add_init(f"{name}.bias_scale", b_scale.astype(np.float32)),
@@ -449,6 +501,53 @@ def _quantize_biases(gr: _Graph, weight_nodes: dict[str, onnx.NodeProto], act_sc
 
 
 # ------------------------------------------------------------------------------------------- export
+
+def _max_unpool2d_symbolic(g, x, indices, output_size):
+    """``aten::max_unpool2d`` as ONNX ``MaxUnpool`` (the TorchScript exporter has no symbolic for it).
+
+    PyTorch's pooling indices, as the exporter's ``max_pool2d_with_indices`` returns them, are flat over each
+    (n, c) plane's H*W; ONNX MaxUnpool scatters with indices flat over the whole N*C*H*W output. So the plane
+    offsets ``(n*C + c) * H*W`` (H, W: ``output_size``, the pre-pooling size) are added, computed from the
+    input's shape at run time (the batch stays dynamic), and the full output shape is passed as
+    ``output_shape``. kernel/strides only matter to ONNX when no ``output_shape`` is given: the size ratio."""
+    from torch.onnx._internal.torchscript_exporter import symbolic_helper
+
+    def i64(value):
+        return g.op("Constant", value_t=torch.tensor(value, dtype=torch.int64))
+
+    size = symbolic_helper._maybe_get_const(output_size, "is")
+    hw = i64([int(s) for s in size]) if isinstance(size, (list, tuple)) else g.op("Cast", output_size, to_i=7)
+    nc = g.op("Slice", g.op("Shape", x), i64([0]), i64([2]))
+    planes = g.op("Range", i64(0), g.op("ReduceProd", nc, keepdims_i=0), i64(1))
+    offsets = g.op("Mul", g.op("Reshape", planes, g.op("Concat", nc, i64([1, 1]), axis_i=0)),
+                   g.op("ReduceProd", hw, keepdims_i=1))
+    known = symbolic_helper._get_tensor_sizes(x) or []
+    ratio = [1, 1]
+    if isinstance(size, (list, tuple)) and len(known) == 4 and all(isinstance(k, int) and k for k in known[2:]):
+        ratio = [max(1, int(s) // int(k)) for s, k in zip(size, known[2:], strict=True)]
+    return g.op("MaxUnpool", x, g.op("Add", indices, offsets), g.op("Concat", nc, hw, axis_i=0),
+                kernel_shape_i=ratio, strides_i=ratio)
+
+
+@contextmanager
+def _export_symbolics(opset: int):
+    """Our symbolics for ops the TorchScript exporter lacks, registered for this export only (an existing
+    registration, e.g. a user's or a later torch's, is left alone)."""
+    try:
+        from torch.onnx._internal.torchscript_exporter.registration import registry
+    except ImportError:  # another torch layout: assume nothing is registered
+        registry = None
+    added = []
+    for name, fn in (("aten::max_unpool2d", _max_unpool2d_symbolic),):
+        if registry is None or not registry.is_registered_op(name, opset):
+            torch.onnx.register_custom_op_symbolic(name, fn, opset)
+            added.append(name)
+    try:
+        yield
+    finally:
+        for name in added:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
+
 
 def _trace(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
     """torch's TorchScript exporter, parameters under their state-dict names, BN kept separate (no constant
@@ -462,9 +561,10 @@ def _trace(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelPro
                 raise CBDError("dict outputs (torchvision segmentation models) are not supported by the exporter")
             if not isinstance(out, torch.Tensor):
                 raise CBDError(f"the model returns {type(out).__name__}, not one tensor")
-            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset, do_constant_folding=False,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+            with _export_symbolics(opset):
+                torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
+                                  do_constant_folding=False, input_names=["input"], output_names=["output"],
+                                  dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     except CBDError as exc:
         raise CBDError(f"cannot export this architecture to ONNX: {exc}") from None
     except Exception as exc:  # the tracer's many failure types: the model cannot be traced
@@ -474,12 +574,15 @@ def _trace(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelPro
 
 
 def build_proto(model: nn.Module, example: torch.Tensor, *, int8: bool = False, calibration: Iterable | None = None,
-                activation_dtype: str = "uint8", opset: int = OPSET) -> tuple[onnx.ModelProto, ExportReport]:
+                activation_dtype: str = "uint8", opset: int = OPSET,
+                activation_calibration: str = "mse") -> tuple[onnx.ModelProto, ExportReport]:
     """The QDQ ONNX model of a loaded compressed ``model`` (nothing written); see the module docstring."""
     if int8 and calibration is None:
         raise CBDError("int8 activations need calibration images")
     if activation_dtype not in _ACT_RANGE:
         raise CBDError(f"activation type must be one of {sorted(_ACT_RANGE)}")
+    if activation_calibration not in CALIBRATION_METHODS:
+        raise CBDError(f"activation calibration must be one of {list(CALIBRATION_METHODS)}")
     layers: list[LayerExport] = []
     codes = _codes(model, layers, int8)
     was_training = model.training
@@ -491,37 +594,44 @@ def build_proto(model: nn.Module, example: torch.Tensor, *, int8: bool = False, 
     gr = _Graph(proto)
     _fold_constants(gr)
     weight_nodes = _quantize_weights(gr, model, codes, layers)
-    quantized = 0
+    quantized, narrowed = 0, []
     if int8:
         floats = _float_tensors(proto)
         ids = {id(n) for n in weight_nodes.values()}
-        ranges = _calibrate(proto, _activation_tensors(gr, ids, floats), calibration)
+        narrow = _narrow_inputs(weight_nodes, codes, activation_dtype)
+        ranges = _calibrate(proto, _activation_tensors(gr, ids, floats), calibration, activation_dtype,
+                            activation_calibration, narrow)
         _absorb_relus(gr, ids)
         tensors = [t for t in _activation_tensors(gr, ids, floats) if t in ranges]
-        scales = _insert_qdq(gr, tensors, ranges, activation_dtype)
+        scales = _insert_qdq(gr, tensors, ranges, activation_dtype, narrow)
         by_name = {n.name: n for n in gr.g.node}  # the node list was rebuilt: look the nodes up again
         _quantize_biases(gr, {k: by_name[v.name] for k, v in weight_nodes.items()}, scales)
         quantized = len(tensors)
+        narrowed = [t for t in tensors if t in narrow]
     gr.prune()
     proto.producer_name, proto.producer_version = "cbdnet", __version__
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     layers.sort(key=lambda layer: order.get(layer.name, 0))
-    return proto, ExportReport("", 0, opset, int8, quantized, layers)
+    return proto, ExportReport("", 0, opset, int8, quantized, layers, activation_calibration if int8 else "",
+                               narrowed)
 
 
 def export_onnx_bytes(model: nn.Module, *, input_shape: tuple[int, ...], int8: bool = False,
                       calibration: Iterable | None = None, metadata: dict[str, str] | None = None,
-                      activation_dtype: str = "uint8", opset: int = OPSET) -> tuple[bytes, ExportReport]:
+                      activation_dtype: str = "uint8", opset: int = OPSET,
+                      activation_calibration: str = "mse") -> tuple[bytes, ExportReport]:
     """The bytes of ``model`` (loaded from a ``.cbd`` file: its compressed layers carry ``.code``) as a QDQ ONNX
     file, and the report.
 
     ``input_shape``: the example input's shape (the batch axis is exported dynamic). ``int8``: quantize
-    activations too, with min/max ranges over ``calibration`` (an iterable of normalised image batches).
+    activations too, with ranges chosen over ``calibration`` (an iterable of normalised image batches) by
+    ``activation_calibration``: ``"mse"`` (least quantization squared error, default) or ``"minmax"``.
     ``metadata``: string pairs for the file's metadata_props. The graph passes ``onnx.checker`` (full check).
     Raises CBDError for a code wider than int8 under ``int8``, missing calibration or an untraceable model."""
     example = torch.zeros(input_shape, dtype=next((p.dtype for p in model.parameters()), torch.float32))
     proto, report = build_proto(model, example, int8=int8, calibration=calibration,
-                                activation_dtype=activation_dtype, opset=opset)
+                                activation_dtype=activation_dtype, opset=opset,
+                                activation_calibration=activation_calibration)
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = str(key), value if isinstance(value, str) else json.dumps(value)
@@ -536,12 +646,14 @@ def export_onnx_bytes(model: nn.Module, *, input_shape: tuple[int, ...], int8: b
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, input_shape: tuple[int, ...], int8: bool = False,
                 calibration: Iterable | None = None, metadata: dict[str, str] | None = None,
-                activation_dtype: str = "uint8", overwrite: bool = True, opset: int = OPSET) -> ExportReport:
+                activation_dtype: str = "uint8", overwrite: bool = True, opset: int = OPSET,
+                activation_calibration: str = "mse") -> ExportReport:
     """:func:`export_onnx_bytes`, written atomically to ``path`` (on any error nothing is left there and an
     existing file is untouched)."""
     check_writable(path, overwrite=overwrite)
     data, report = export_onnx_bytes(model, input_shape=input_shape, int8=int8, calibration=calibration,
-                                     metadata=metadata, activation_dtype=activation_dtype, opset=opset)
+                                     metadata=metadata, activation_dtype=activation_dtype, opset=opset,
+                                     activation_calibration=activation_calibration)
     atomic_write(path, data, overwrite=overwrite)
     report.path = str(path)
     return report

@@ -38,6 +38,8 @@ def _pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
 
 
 def _unpool(x: torch.Tensor, indices: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    if torch.jit.is_tracing():  # the ONNX exporter's trace: sizes are traced tensors that F.max_unpool2d's
+        size = torch.Size(int(s) for s in size)  # Python checks cannot test; the export's H, W are fixed anyway
     return F.max_unpool2d(x, indices, 2, 2, output_size=size)
 
 
