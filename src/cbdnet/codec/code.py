@@ -133,8 +133,18 @@ class LayerCode:
         h, w = self.matrix_shape
         return [plane.decode(h, w) for plane in self.planes]
 
+    def remember_levels(self, signed: np.ndarray) -> None:
+        """Keep ``signed`` (what :meth:`signed_magnitudes` computes from the planes, e.g. as a file decoder had
+        it before splitting it into planes) so that decoding need not rebuild it."""
+        if tuple(signed.shape) != self.matrix_shape:
+            raise ValueError(f"levels of shape {signed.shape} for a {self.matrix_shape} code")
+        self.__dict__["_signed"] = signed
+
     def signed_magnitudes(self) -> np.ndarray:
         """The integer ``sign * sum_i P_i * 2^(e_i - e_min)`` as an int64 ``h x w`` matrix."""
+        remembered = self.__dict__.get("_signed")
+        if remembered is not None:
+            return remembered.astype(np.int64)
         h, w = self.matrix_shape
         low = min(self.exponents, default=0)
         span = max((e - low for e in self.exponents), default=0)

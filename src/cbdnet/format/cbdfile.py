@@ -436,10 +436,11 @@ def _float_tensor(entry, tensors: dict) -> tuple[str, np.ndarray]:
 def parse(data: bytes) -> CBDFile:
     """Parse and validate the bytes of a ``.cbd`` file (see :func:`read`)."""
     version, payload = _split_container(data)
+    levels: dict[str, np.ndarray] = {}
     if version == 1:
         meta, tensors = _parse_meta(payload)
     else:
-        meta, tensors = v2.decode_payload(payload)
+        meta, tensors, levels = v2.decode_payload(payload)
         meta = _check_meta(meta)
     _need(len(tensors) <= MAX_TENSORS, "too many tensors")
     used: set[str] = set()
@@ -451,6 +452,8 @@ def parse(data: bytes) -> CBDFile:
     _need(len(floats) == len(meta["floats"]), "duplicate float tensor keys")
     used.update("float/" + key for key in floats)
     _need(used == set(tensors), f"unexpected tensors in file: {sorted(set(tensors) - used)[:5]}")
+    for name, signed in levels.items():  # the levels the planes were built from: decoding need not rebuild them
+        codes[name].remember_levels(signed)
     parsed = CBDFile(meta=meta, codes=codes, floats=floats, size=len(data))
     _tied(parsed)
     return parsed

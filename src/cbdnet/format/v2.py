@@ -186,8 +186,9 @@ def _check_budget(layers: list, floats: list, payload_size: int) -> None:
     _need(constants <= bound, f"the constant tensors claim {constants} values, more than this file's size allows")
 
 
-def _decode_layer(layer: dict, cursor: _Cursor) -> tuple[dict, dict[str, np.ndarray]]:
-    """One layer's entry in format 1's shape (``plane_codes`` with digests) and its tensors by format-1 name."""
+def _decode_layer(layer: dict, cursor: _Cursor) -> tuple[dict, dict[str, np.ndarray], np.ndarray | None]:
+    """One layer's entry in format 1's shape (``plane_codes`` with digests), its tensors by format-1 name, and
+    its signed levels (``h x w``, narrow integers; None for an all-zero layer), which the planes were made from."""
     name, shape, kind, exponents = _layer_shape(layer)
     h, w = (shape[0], shape[1]) if len(shape) == 2 else (shape[0] * shape[2], shape[1] * shape[3])
     try:
@@ -205,14 +206,16 @@ def _decode_layer(layer: dict, cursor: _Cursor) -> tuple[dict, dict[str, np.ndar
     _int(entry.get("paper_bits"), f"{name}.paper_bits", 0, 64 * math.prod(shape) + (1 << 20))
     entry["plane_codes"] = []
     if coding == "none":
-        return entry, tensors
+        return entry, tensors, None
     try:
         q, stored = decode_stream(coding, parts, factored, h, w, exponents)
     except StreamError as exc:
         raise FormatError(f"layer {name}: {exc}") from None
     if kind.stores_sign:
         tensors[prefix + "sign"] = pack_bits(q < 0)
-    magnitude = np.abs(q).astype(np.uint16 if len(exponents) <= 16 else np.uint32)  # narrow: fast bit tests
+    narrow = np.int16 if len(exponents) <= 15 else np.int32 if len(exponents) <= 31 else np.int64
+    q = q.astype(narrow)  # narrow: fast bit tests, and a small copy for the code to decode from
+    magnitude = np.abs(q)
     shifts = [e - min(exponents) for e in exponents]
     for index, (exponent, shift) in enumerate(zip(exponents, shifts, strict=True)):
         bits = (magnitude & (1 << shift)) != 0
@@ -225,7 +228,7 @@ def _decode_layer(layer: dict, cursor: _Cursor) -> tuple[dict, dict[str, np.ndar
             tensors[f"{prefix}p{index}.B"], tensors[f"{prefix}p{index}.C"] = plane.tensors["B"], plane.tensors["C"]
             entry["plane_codes"].append({"exponent": exponent, "storage": "factored", "rank": plane.rank,
                                          "sha256": plane_digest(bits)})
-    return entry, tensors
+    return entry, tensors, q
 
 
 def _decode_float(entry, cursor: _Cursor) -> tuple[dict, dict[str, np.ndarray]]:
@@ -263,22 +266,25 @@ def _constant(entry: dict, key: str, shape: list, target) -> tuple[dict, dict[st
     return entry, {"float/" + key: np.full(shape, cast, dtype=kind)}
 
 
-def decode_payload(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(meta, tensors)`` in format 1's shape (see the module docstring); any inconsistency -> FormatError."""
+def decode_payload(payload: bytes) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(meta, tensors, levels)``: meta and tensors in format 1's shape (see the module docstring), and per
+    coded layer the signed levels its planes were built from; any inconsistency -> FormatError."""
     meta, start = _header(payload)
     _check_budget(meta["layers"], meta["floats"], len(payload))
     cursor = _Cursor(payload, start)
     tensors: dict[str, np.ndarray] = {}
-    layers, floats = [], []
+    layers, floats, levels = [], [], {}
     for layer in meta["layers"]:
-        entry, parts = _decode_layer(layer, cursor)
+        entry, parts, signed = _decode_layer(layer, cursor)
         _need(not set(parts) & set(tensors), "corrupt header: duplicate layer names")
         layers.append(entry)
         tensors.update(parts)
+        if signed is not None:
+            levels[entry["name"]] = signed
     for item in meta["floats"]:
         entry, parts = _decode_float(item, cursor)
         _need(not set(parts) & set(tensors), "corrupt header: duplicate float tensor keys")
         floats.append(entry)
         tensors.update(parts)
     _need(cursor.pos == len(payload), f"corrupt payload: {len(payload) - cursor.pos} bytes after the last tensor")
-    return {**meta, "layers": layers, "floats": floats}, tensors
+    return {**meta, "layers": layers, "floats": floats}, tensors, levels
