@@ -453,7 +453,8 @@ def test_two_processes_same_new_output(tmp_path):
 # ------------------------------------------------------------------ signals
 
 CHILD = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits SIGINT ignored
     import types; _p = types.ModuleType("cbdnet"); _p.__path__ = [{here!r}]; sys.modules["cbdnet"] = _p
     from cbdnet.fileio.outputs import OutputSet
     target = {target!r}
@@ -475,7 +476,7 @@ def test_signal_during_work_removes_temps(tmp_path, signum):
         assert child.stdout.readline().strip() == b"staged"
         assert len(temps(tmp_path)) == 1
         child.send_signal(signum)
-        child.wait(60)  # generous: a loaded 2-core box can take seconds to schedule the handler
+        child.wait(15)  # generous: a loaded 2-core box can take seconds to schedule the handler
     finally:
         if child.poll() is None:
             child.kill()
