@@ -140,6 +140,12 @@ class LayerCode:
             raise ValueError(f"levels of shape {signed.shape} for a {self.matrix_shape} code")
         self.__dict__["_signed"] = signed
 
+    def level_matrix(self) -> np.ndarray:
+        """:meth:`signed_magnitudes` in whatever integer type holds it (the remembered narrow levels where a
+        file decoder left them: no int64 copy of a large layer)."""
+        remembered = self.__dict__.get("_signed")
+        return remembered if remembered is not None else self.signed_magnitudes()
+
     def signed_magnitudes(self) -> np.ndarray:
         """The integer ``sign * sum_i P_i * 2^(e_i - e_min)`` as an int64 ``h x w`` matrix."""
         remembered = self.__dict__.get("_signed")
@@ -313,9 +319,11 @@ class GridCode(LayerCode):
         return levels, steps
 
     def decode(self) -> np.ndarray:
-        levels = from_matrix(self.signed_magnitudes(), self.shape)
-        per_out = row_steps(self.shape, self.steps).astype(np.float32)
-        return np.ascontiguousarray(levels.astype(np.float32) * per_out.reshape((-1,) + (1,) * (len(self.shape) - 1)))
+        levels = from_matrix(self.level_matrix(), self.shape)
+        per_out = row_steps(self.shape, self.steps).astype(np.float32).reshape((-1,) + (1,) * (len(self.shape) - 1))
+        out = np.empty(self.shape, dtype=np.float32)  # one pass: integer level * float32 step, C order
+        np.multiply(levels, per_out, out=out, dtype=np.float32, casting="unsafe")
+        return out
 
     @classmethod
     def scale_count(cls, shape: tuple[int, ...], meta: dict) -> int:
