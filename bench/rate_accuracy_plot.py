@@ -3,7 +3,8 @@
     /work/main/.venv/bin/python bench/rate_accuracy_plot.py --cbdnet POINTS.json -o docs/rate_accuracy_resnet20.png
 
 NNCodec's curve comes from bench/results/nncodec_resnet20.json (bench/nncodec_resnet20.py). cbdnet's points are a
-JSON list of ``{"label", "file_bits_per_weight", "top1"}`` (optionally ``"bytes"``; else bytes =
+JSON list of ``{"label", "file_bits_per_weight", "top1"}`` (optionally ``"bytes"``, and ``"series"`` to draw
+points as one line per series; else bytes =
 file_bits_per_weight * weights / 8). For each cbdnet point it prints NNCodec's bytes at the same top-1,
 interpolated linearly in top-1 between the measured QPs on NNCodec's monotone front (the fewest bytes that reach
 each top-1), and the ratio cbdnet bytes / NNCodec bytes.
@@ -72,8 +73,13 @@ def plot(nnc: dict, cbd: list[dict], out: Path) -> None:
     for p in pts:
         ax.annotate(str(p["qp"]), (p["file_bits_per_weight"], p["top1"]), textcoords="offset points",
                     xytext=(4, -10), fontsize=7, color="tab:gray")
-    for i, c in enumerate(cbd):
-        ax.plot(c["file_bits_per_weight"], c["top1"], "sDo^v"[i % 5], color=f"C{i % 10}", label=f"cbdnet {c['label']}")
+    groups: dict[str, list[dict]] = {}
+    for c in cbd:  # points with a "series" are drawn as one line per series, the others one by one
+        groups.setdefault(c.get("series") or c["label"], []).append(c)
+    for i, (name, members) in enumerate(groups.items()):
+        members = sorted(members, key=lambda c: c["file_bits_per_weight"])
+        ax.plot([c["file_bits_per_weight"] for c in members], [c["top1"] for c in members],
+                "sDo^v"[i % 5] + ("-" if len(members) > 1 else ""), color=f"C{i % 10}", label=f"cbdnet {name}")
     if nnc.get("fp32"):
         ax.axhline(nnc["fp32"]["top1"], color="k", lw=0.8, ls="--", label=f"FP32 {nnc['fp32']['top1']:.4f}")
     accs = [p["top1"] for p in pts] + [c["top1"] for c in cbd] + ([nnc["fp32"]["top1"]] if nnc.get("fp32") else [])
