@@ -6,12 +6,11 @@ from __future__ import annotations
 import copy
 import json
 import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
-from cbd_mutations import outcome, payload_of, tiny_model, v2_header_of, v2_with_header
+from cbd_mutations import json_paths, outcome, payload_of, replace_at, tiny_model, v2_header_of, v2_with_header
 from cbd_mutations import sign as sign_any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -169,27 +168,6 @@ def test_resigned_byte_flips_are_refused_or_load(good, tmp_path_factory, data):
     assert outcome(sign(bytes(payload)), tmp_path_factory.mktemp("f")) in ("refused", "accepted")
 
 
-def _header_and_rest(data: bytes) -> tuple[dict, bytes]:
-    payload = payload_of(data)
-    length = struct.unpack_from("<I", payload)[0]
-    return json.loads(zlib.decompress(payload[4:4 + length])), payload[4 + length:]
-
-
-def _with_header(header, rest: bytes) -> bytes:
-    raw = zlib.compress(header if isinstance(header, bytes) else json.dumps(header).encode())
-    return sign(struct.pack("<I", len(raw)) + raw + rest)
-
-
-def _paths(value, prefix=()):
-    yield prefix
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _paths(item, (*prefix, index))
-
-
 JSON = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=8),
                  st.sampled_from(["ans", "gf2+ans", "none", "raw", "float16", "grid", "cbd", "zero"]),
                  st.lists(st.integers(-3, 10**6), max_size=4))
@@ -198,21 +176,18 @@ JSON = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floa
 @FUZZ
 @given(data=st.data())
 def test_resigned_header_mutations_are_refused_or_load(good, tmp_path_factory, data):
-    header, rest = _header_and_rest(good)
-    paths = [p for p in _paths(header) if p]
-    path = data.draw(st.sampled_from(paths))
-    target = header
-    for step in path[:-1]:
-        target = target[step]
-    target[path[-1]] = data.draw(JSON)
-    assert outcome(_with_header(header, rest), tmp_path_factory.mktemp("h")) in ("refused", "accepted")
+    header = v2_header_of(good)
+    path = data.draw(st.sampled_from([p for p in json_paths(header) if p]))
+    header = replace_at(header, path, data.draw(JSON))
+    assert outcome(v2_with_header(good, header), tmp_path_factory.mktemp("h")) in ("refused", "accepted")
 
 
 def test_header_bombs_and_bad_zlib_are_refused(good):
-    header, rest = _header_and_rest(good)
-    bomb = zlib.compress(b" " * (20 << 20))
+    header = v2_header_of(good)
+    payload = payload_of(good)
+    rest = payload[4 + struct.unpack_from("<I", payload)[0]:]  # the layer data after the header
     with pytest.raises(FormatError):
-        parse(sign(struct.pack("<I", len(bomb)) + bomb + rest))
+        parse(v2_with_header(good, b" " * (20 << 20)))  # inflates past the header bound
     with pytest.raises(FormatError):
         parse(sign(struct.pack("<I", 10) + b"not zlib!!" + rest))
     with pytest.raises(FormatError):
@@ -220,17 +195,17 @@ def test_header_bombs_and_bad_zlib_are_refused(good):
     huge = json.loads(json.dumps(header))
     huge["layers"][0]["shape"] = [1 << 20, 1 << 10, 3, 3]  # a billion weights from a tiny blob
     with pytest.raises(FormatError):
-        parse(_with_header(huge, rest))
+        parse(v2_with_header(good, huge))
 
 
 def test_a_wrong_factor_is_refused_by_its_crc(tmp_path):
     model = _model_with([None, _low_rank_grid(np.random.default_rng(2), 8, 4)])
     data = encode_file(model)
-    header, rest = _header_and_rest(data)
+    header = v2_header_of(data)
     layer = next(entry for entry in header["layers"] if entry["stream"]["coding"] == "gf2+ans")
     layer["stream"]["factored"][0][2] ^= 1
     with pytest.raises(CBDError, match="CRC"):
-        parse(_with_header(header, rest))
+        parse(v2_with_header(data, header))
 
 
 def test_constant_tensors_are_stored_as_one_value_and_come_back_exactly(tmp_path):
