@@ -241,3 +241,45 @@ def test_a_constant_must_fit_its_dtype_and_the_file_size(tmp_path):
         bad_entry.update(value=value, shape=shape)
         with pytest.raises(FormatError):
             parse(v2_with_header(good, bad))
+
+
+def test_steps_float16_by_default_two_bytes_each_and_exact(tmp_path):
+    """Grid steps are rounded to float16 (at most 2^-11 relative change) and stored in 2 bytes each; with
+    ``float32=True`` they are kept and stored in 4. Either way the file reloads to exactly the model."""
+    half, half_report = cbdnet.compress(tiny_model(), cbdnet.RTNConfig(bits=4), progress=False, fold_bn=False)
+    full, _ = cbdnet.compress(tiny_model(), cbdnet.RTNConfig(bits=4), progress=False, float32=True, fold_bn=False)
+    codes = {name: m.code for name, m in half.named_modules() if getattr(m, "code", None) is not None}
+    full_codes = {name: m.code for name, m in full.named_modules() if getattr(m, "code", None) is not None}
+    steps = sum(code.scales().size for code in codes.values())
+    assert half_report.extra["float16_steps"] == len(codes)
+    for name, code in codes.items():
+        kept = full_codes[name].scales()
+        assert np.array_equal(code.scales().astype(np.float16).astype(np.float32), code.scales())
+        assert np.max(np.abs(code.scales() / kept - 1)) <= 2.0**-11
+        assert not np.array_equal(kept.astype(np.float16).astype(np.float32), kept)  # float32 kept as it was
+        assert code.coded_bits() == full_codes[name].coded_bits() - 16 * code.scales().size
+    meta = v2_header_of(encode_file(half))
+    assert all(layer.get("scales16") is True for layer in meta["layers"])
+    assert not any("scales16" in layer for layer in v2_header_of(encode_file(full))["layers"])
+    assert len(encode_file(full)) - len(encode_file(half)) >= 2 * steps  # float16 BatchNorms save more
+    for model in (half, full):
+        cbdnet.save(model, tmp_path / "m.cbd")
+        reloaded = cbdnet.load(tmp_path / "m.cbd")
+        for name, code in {n: m.code for n, m in model.named_modules() if getattr(m, "code", None)}.items():
+            assert np.array_equal(reloaded.get_submodule(name).code.scales(), code.scales())
+            assert torch.equal(reloaded.get_submodule(name).weight, model.get_submodule(name).weight)
+
+
+def test_a_bad_scales16_flag_is_refused(tmp_path):
+    model, _ = cbdnet.compress(tiny_model(), cbdnet.RTNConfig(bits=4), progress=False)
+    good = encode_file(model)
+    meta = v2_header_of(good)
+    for value in (1, "true", None, [True]):
+        bad = copy.deepcopy(meta)
+        bad["layers"][0]["scales16"] = value
+        with pytest.raises(FormatError, match="scales16"):
+            parse(v2_with_header(good, bad))
+    flipped = copy.deepcopy(meta)  # float32 claimed for float16 scales: the sizes no longer tile the payload
+    del flipped["layers"][0]["scales16"]
+    with pytest.raises(FormatError):
+        parse(v2_with_header(good, flipped))

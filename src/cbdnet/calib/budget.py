@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..codec import LayerCode
-from ..codec.grid import composite_steps, grid_code, round_levels, rtn_steps
+from ..codec.grid import composite_steps, grid_code, half_steps, round_levels, rtn_steps
 from .stats import LayerStats, gptq_levels, output_error
 
 __all__ = ["Candidate", "layer_candidates", "choose", "CLIP_RATIOS", "RTN_BITS", "COMPOSITE_PLANES", "FREE_LEVELS",
@@ -53,13 +53,18 @@ def _levels(weight, steps, mag_bits, stats, gptq: bool) -> np.ndarray:
     return round_levels(weight, steps, mag_bits)
 
 
+def _stored(steps: np.ndarray, half: bool) -> np.ndarray:
+    return half_steps(steps) if half else np.asarray(steps, np.float32)
+
+
 def rtn_candidate(weight: np.ndarray, bits: int, stats: LayerStats | None, gptq: bool = True,
-                  clip_ratios=CLIP_RATIOS) -> Candidate:
-    """The best (lowest predicted loss) per-channel K-bit grid over a few clipping ratios of the step."""
+                  clip_ratios=CLIP_RATIOS, half: bool = False) -> Candidate:
+    """The best (lowest predicted loss) per-channel K-bit grid over a few clipping ratios of the step
+    (``half``: each step rounded to float16 first, as the file will store it)."""
     base = rtn_steps(weight, bits, "channel")
     best = None
     for ratio in clip_ratios:
-        steps = (base * np.float32(ratio)).astype(np.float32)
+        steps = _stored(base * np.float32(ratio), half)
         code = grid_code(_levels(weight, steps, bits - 1, stats, gptq), steps, bits - 1,
                          reason=f"rtn {bits} bits per channel, clip {ratio}{', gptq' if gptq and stats else ''}")
         code.extra["label"] = f"rtn{bits}/ch"
@@ -70,14 +75,14 @@ def rtn_candidate(weight: np.ndarray, bits: int, stats: LayerStats | None, gptq:
 
 
 def level_candidate(weight: np.ndarray, levels: int, stats: LayerStats | None, gptq: bool = True,
-                    clip_ratios=CLIP_RATIOS) -> Candidate:
+                    clip_ratios=CLIP_RATIOS, half: bool = False) -> Candidate:
     """The best per-channel grid of ``levels`` levels per side (step ``max|w_c| / levels`` times a clipping
     ratio) over a few clipping ratios; rounding clips at the planes' top, ``2^B - 1 >= levels``."""
     base = rtn_steps(weight, 2, "channel") / np.float32(levels)  # 2-bit RTN's step is max|w_c|
     mag_bits = int(levels).bit_length()
     best = None
     for ratio in clip_ratios:
-        steps = (base * np.float32(ratio)).astype(np.float32)
+        steps = _stored(base * np.float32(ratio), half)
         code = grid_code(_levels(weight, steps, mag_bits, stats, gptq), steps, mag_bits,
                          reason=f"{levels} levels per side per channel, clip {ratio}"
                                 f"{', gptq' if gptq and stats else ''}")
@@ -89,8 +94,9 @@ def level_candidate(weight: np.ndarray, levels: int, stats: LayerStats | None, g
 
 
 def composite_candidate(weight: np.ndarray, planes: int, stats: LayerStats | None, gptq: bool = True,
-                        bottleneck: float = 0.3) -> Candidate:
+                        bottleneck: float = 0.3, half: bool = False) -> Candidate:
     steps, factor_from, _ = composite_steps(weight, planes, bottleneck, "channel")
+    steps = _stored(steps, half)
     code = grid_code(_levels(weight, steps, planes, stats, gptq), steps, planes, factor_from=factor_from,
                      reason=f"composite J={planes} per channel{', gptq' if gptq and stats else ''}")
     code.extra["label"] = f"cbd J={planes}/ch"
@@ -98,12 +104,14 @@ def composite_candidate(weight: np.ndarray, planes: int, stats: LayerStats | Non
 
 
 def layer_candidates(weight: np.ndarray, stats: LayerStats | None, gptq: bool = True,
-                     rtn_bits=RTN_BITS, composite_planes=COMPOSITE_PLANES, levels=()) -> list[Candidate]:
+                     rtn_bits=RTN_BITS, composite_planes=COMPOSITE_PLANES, levels=(), half: bool = False
+                     ) -> list[Candidate]:
+    """Every candidate code of one layer (``half``: with float16 steps, see :func:`rtn_candidate`)."""
     weight = np.asarray(weight, np.float32)
-    out = [rtn_candidate(weight, bits, stats, gptq) for bits in rtn_bits]
-    out += [level_candidate(weight, count, stats, gptq) for count in levels]
+    out = [rtn_candidate(weight, bits, stats, gptq, half=half) for bits in rtn_bits]
+    out += [level_candidate(weight, count, stats, gptq, half=half) for count in levels]
     if np.any(weight != 0):  # the composite scale search needs a non-zero entry
-        out += [composite_candidate(weight, planes, stats, gptq) for planes in composite_planes]
+        out += [composite_candidate(weight, planes, stats, gptq, half=half) for planes in composite_planes]
     return out
 
 

@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from ..codec import LayerCode, check_finite, encode_composite_grouped, encode_rtn, encode_uniform, encode_weight
+from ..codec.code import GridCode
 from ..codec.floats import as_float16, stored_float_bytes
+from ..codec.grid import half_steps
 from ..errors import CBDError
-from ..nn.fold import fold_batchnorm, foldable_norms
+from ..nn.fold import fold_batchnorm, foldable_norms, replace_steps
 from ..nn.report import Report
 from ..nn.walk import Encoder, check_skip, compress_layers, compressible_layers, float_state
 from .batches import CalibrationSet, as_calibration_set
@@ -67,7 +69,7 @@ def _checked(encode) -> Encoder:
     return encoder
 
 
-def _rtn_encoder(config: RTNConfig, originals: dict, calib: _Calibration, gptq: bool) -> Encoder:
+def _rtn_encoder(config: RTNConfig, originals: dict, calib: _Calibration, gptq: bool, half: bool) -> Encoder:
     calibrated = {}  # GPTQ codes computed here, up front: the encoder only looks them up
     if config.granularity == "channel" and calib.stats:
         with single_thread():
@@ -75,7 +77,7 @@ def _rtn_encoder(config: RTNConfig, originals: dict, calib: _Calibration, gptq: 
                 if name in calib.stats:
                     check_finite(weight, name)
                     calibrated[name] = rtn_candidate(weight.astype(np.float32), config.bits, calib.stats[name],
-                                                     gptq=gptq).code
+                                                     gptq=gptq, half=half).code
     return _checked(lambda name, weight: calibrated[name] if name in calibrated
                     else encode_rtn(weight, config.bits, config.granularity))
 
@@ -109,14 +111,14 @@ def file_overhead_bits(model: nn.Module, coded: set[str], float32: bool, folded:
 
 
 def _budget_encoder(config: BudgetConfig, originals: dict, calib: _Calibration, gptq: bool,
-                    overhead_bits: int = 0) -> tuple[Encoder, dict]:
+                    overhead_bits: int = 0, half: bool = False) -> tuple[Encoder, dict]:
     candidates = {}
     for name, weight in originals.items():
         check_finite(weight, name)
         with single_thread():
             candidates[name] = layer_candidates(weight.astype(np.float32), calib.stats.get(name), gptq=gptq,
                                                 rtn_bits=config.rtn_bits, composite_planes=config.composite_planes,
-                                                levels=config.levels)
+                                                levels=config.levels, half=half)
     params = sum(weight.size for weight in originals.values())
     try:  # the whole file: the layers get what the header, float tensors and container leave
         chosen = choose(candidates, config.target_bits * params - overhead_bits)
@@ -128,11 +130,12 @@ def _budget_encoder(config: BudgetConfig, originals: dict, calib: _Calibration, 
 
 
 def _encoder(config: CompressConfig, originals: dict, calib: _Calibration, gptq: bool,
-             overhead_bits: int = 0) -> tuple[Encoder, dict]:
+             overhead_bits: int = 0, half: bool = False) -> tuple[Encoder, dict]:
+    """The per-layer encoder of ``config`` (and the budget's choices); ``half``: grid steps in float16."""
     if isinstance(config, BudgetConfig):
-        return _budget_encoder(config, originals, calib, gptq, overhead_bits)
+        return _budget_encoder(config, originals, calib, gptq, overhead_bits, half)
     if isinstance(config, RTNConfig):
-        return _rtn_encoder(config, originals, calib, gptq), {}
+        return _rtn_encoder(config, originals, calib, gptq, half), {}
     if isinstance(config, UniformConfig):
         return (lambda name, weight: encode_uniform(weight, config.planes, name)), {}
     if config.granularity == "channel":
@@ -171,6 +174,31 @@ def round_floats(model: nn.Module) -> int:
                 value.copy_(torch.from_numpy(half.astype(np.float32)).to(value.dtype))
                 rounded += 1
     return rounded
+
+
+def round_steps(model: nn.Module) -> int:
+    """Round, in place, the per-group steps of every grid-coded layer to float16 where that keeps float16's
+    full precision (:func:`cbdnet.codec.grid.half_steps`; a folded BatchNorm's scale moved them off float16's
+    values): the file then stores them in 2 bytes each. Returns how many layers' steps changed."""
+    changed = 0
+    for module in model.modules():
+        code = getattr(module, "code", None)
+        if isinstance(code, GridCode):
+            steps = half_steps(code.scales())
+            if not np.array_equal(steps, code.scales()):
+                replace_steps(module, steps)
+                changed += 1
+    return changed
+
+
+def _recount_coded_bits(model: nn.Module, report: Report) -> None:
+    """The report's stored sizes after the steps changed width (the levels' coding is unchanged)."""
+    modules = dict(model.named_modules())
+    for layer in report.layers:
+        code = getattr(modules.get(layer.name), "code", None)
+        if code is not None:
+            layer.coded_bits = code.coded_bits()
+            layer.coded_bits_per_weight = layer.coded_bits / code.numel
 
 
 def _check_config(config) -> CompressConfig:
@@ -213,7 +241,7 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
     if isinstance(config, BudgetConfig):  # every candidate is a per-channel grid: the pairs found now will fold
         folds = foldable_norms(model, {name for name, _ in layers}) if fold_bn else []
         overhead = file_overhead_bits(model, {f"{name}.weight" for name, _ in layers}, float32, folds)
-    encoder, chosen = _encoder(config, originals, calib, gptq, overhead)
+    encoder, chosen = _encoder(config, originals, calib, gptq, overhead, half=not float32)
     recorded = {**config.to_dict(), "skip": skip, "fold_bn": fold_bn, "float32": float32}
     if calib.data is not None:
         recorded["calibration"] = {**settings.to_dict(), "gptq": gptq}
@@ -227,6 +255,8 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
         report.extra["folded_batchnorm"] = fold_batchnorm(model)
     if not float32:
         report.extra["float16_tensors"] = round_floats(model)
+        report.extra["float16_steps"] = round_steps(model)
+        _recount_coded_bits(model, report)
     report.float_tensors = {key: 8 * stored_float_bytes(_numpy(value), str(value.dtype).removeprefix("torch."), True)
                             for key, value in float_state(model).items()}  # as the file will store them
     report.seconds = time.perf_counter() - start

@@ -22,11 +22,12 @@ from typing import ClassVar
 import numpy as np
 
 from .bits import PlaneCode, unpack_bits
+from .floats import exact_float16
 from .planes import composite_decode, from_matrix, uniform_decode
 from .stream import Stream, encode_stream
 
 __all__ = ["LayerCode", "CompositeCode", "UniformCode", "GridCode", "ZeroCode", "CODE_TYPES", "register_code",
-           "MAX_PLANES", "CodeError", "row_steps"]
+           "MAX_PLANES", "CodeError", "row_steps", "stored_scales"]
 
 MAX_PLANES = 16
 CODE_TYPES: dict[str, type[LayerCode]] = {}
@@ -47,6 +48,12 @@ def row_steps(shape: tuple[int, ...], steps: np.ndarray) -> np.ndarray:
     steps = np.asarray(steps, dtype=np.float32).reshape(-1)
     return np.broadcast_to(steps, (int(shape[0]),)) if steps.size == 1 else steps
 
+
+
+def stored_scales(scales: np.ndarray) -> np.ndarray:
+    """A layer's scales as format 2 stores them: float16 where float16 holds every one exactly, else float32."""
+    half = exact_float16(np.asarray(scales, np.float32), "float32")
+    return half if half is not None else np.asarray(scales, np.float32)
 
 @dataclass
 class LayerCode:
@@ -125,9 +132,10 @@ class LayerCode:
         return cached
 
     def coded_bits(self) -> int:
-        """Every bit the file (format 2) stores for this layer's weight: the coded levels and the float32
-        scales (the file's header and float tensors are counted by the file, not here)."""
-        return 8 * (self.stream().nbytes + self.scales().astype(np.float32).nbytes)
+        """Every bit the file (format 2) stores for this layer's weight: the coded levels and the scales
+        (float16 where float16 holds them all exactly, else float32; the file's header and float tensors are
+        counted by the file, not here)."""
+        return 8 * (self.stream().nbytes + stored_scales(self.scales()).nbytes)
 
     def decode_planes(self) -> list[np.ndarray]:
         h, w = self.matrix_shape

@@ -5,9 +5,10 @@ Payload layout (inside the container of :mod:`.cbdfile`: magic, version 2, flags
     u32          length H of the compressed header
     H bytes      zlib(JSON): architecture, config, and per layer its code's fields (mode, shape, planes,
                  exponents, ...) plus ``stream``: coding, blob sizes, factored planes [index, rank, CRC-32],
-                 and ``paper_bits`` (the layer's size counted as the paper counts it, for reports);
+                 ``paper_bits`` (the layer's size counted as the paper counts it, for reports) and
+                 ``scales16`` where its scales are stored as float16 (each one exactly; else float32);
                  per float tensor its key, state-dict dtype, shape and ``stored`` (float16 or raw)
-    data         per layer: its float32 scales, then its stream parts (see :mod:`cbdnet.codec.stream`);
+    data         per layer: its scales, then its stream parts (see :mod:`cbdnet.codec.stream`);
                  then every float tensor (little-endian), in header order
 
 Every size is derived from the header, and together they must tile the data exactly. Decoding rebuilds the
@@ -28,6 +29,7 @@ import numpy as np
 
 from ..codec import CODE_TYPES, MAX_PLANES, CodeError, LayerCode
 from ..codec.bits import pack_bits, plane_digest
+from ..codec.code import stored_scales
 from ..codec.floats import FLOATING, constant_value, exact_float16
 from ..codec.stream import StreamError, decode_stream, factor_sizes
 from ..errors import FormatError
@@ -62,8 +64,11 @@ def encode_payload(meta: dict, codes: list[tuple[str, LayerCode]], floats: list[
         layer["paper_bits"] = code.bits()  # the paper's fixed-length count, for reports (``info``)
         layer["stream"] = {"coding": stream.coding, "blob_bytes": [len(b) for b in stream.blobs],
                            "factored": [[f.index, f.rank, f.crc] for f in stream.factored]}
+        scales = stored_scales(code.scales())
+        if scales.dtype == np.float16:
+            layer["scales16"] = True  # absent: float32
         layers.append(layer)
-        data.append(np.asarray(code.scales(), dtype="<f4").tobytes())
+        data.append(scales.astype(scales.dtype.newbyteorder("<")).tobytes())
         data.extend(stream.parts())
     float_entries = []
     for (_key, array), entry in zip(floats, meta["floats"], strict=True):
@@ -196,13 +201,16 @@ def _decode_layer(layer: dict, cursor: _Cursor) -> tuple[dict, dict[str, np.ndar
     except CodeError as exc:
         raise FormatError(f"layer {name}: {exc}") from None
     prefix = f"cbd/{name}/"
-    tensors = {prefix + "scales": np.frombuffer(cursor.take(4 * count, f"{name} scales"), "<f4").astype(np.float32)}
+    half = layer.get("scales16", False)
+    _need(half is True or half is False, f"layer {name}: bad scales16 flag")
+    width, raw = (2, "<f2") if half else (4, "<f4")
+    tensors = {prefix + "scales": np.frombuffer(cursor.take(width * count, f"{name} scales"), raw).astype(np.float32)}
     coding, sizes, factored = _stream_entry(layer, name, h, w, len(exponents))
     parts = [cursor.take(size, f"{name} blob") for size in sizes]
     for _index, rank, _crc in factored:
         left, right = factor_sizes(h, w, rank)
         parts += [cursor.take(left, f"{name} factor B"), cursor.take(right, f"{name} factor C")]
-    entry = {k: v for k, v in layer.items() if k != "stream"}
+    entry = {k: v for k, v in layer.items() if k not in ("stream", "scales16")}
     _int(entry.get("paper_bits"), f"{name}.paper_bits", 0, 64 * math.prod(shape) + (1 << 20))
     entry["plane_codes"] = []
     if coding == "none":

@@ -28,7 +28,7 @@ from torch import fx, nn
 from ..codec import GridCode
 from .modules import COMPRESSIBLE, CBDModule
 
-__all__ = ["fold_batchnorm", "conv_bn_pairs", "foldable_norms", "unit_variance"]
+__all__ = ["fold_batchnorm", "conv_bn_pairs", "foldable_norms", "unit_variance", "replace_steps"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -94,14 +94,19 @@ def _foldable(layer: nn.Module, norm: nn.Module, tied: set[int]) -> np.ndarray |
     return _scale(norm)
 
 
+def replace_steps(layer: nn.Module, steps: np.ndarray) -> None:
+    """Give ``layer``'s grid code new per-group ``steps`` (its levels, and so their coding, unchanged) and run
+    with the new decoding."""
+    code = layer.code
+    changed = dataclasses.replace(code, steps=np.asarray(steps, np.float32))
+    if "_stream" in code.__dict__:
+        changed.__dict__["_stream"] = code.__dict__["_stream"]
+    layer.set_code(changed)
+
+
 @torch.no_grad()
 def _fold(layer: nn.Module, norm: nn.Module, scale: np.ndarray) -> None:
-    code = layer.code
-    steps = (code.scales().astype(np.float64) * scale).astype(np.float32)
-    folded = dataclasses.replace(code, steps=steps)
-    if "_stream" in code.__dict__:  # the levels are unchanged, and so is their coding
-        folded.__dict__["_stream"] = code.__dict__["_stream"]
-    layer.set_code(folded)
+    replace_steps(layer, (layer.code.scales().astype(np.float64) * scale).astype(np.float32))
     shift = norm.running_mean.detach().double().cpu().numpy()
     if layer.bias is not None:
         shift = shift - layer.bias.detach().double().cpu().numpy()

@@ -51,8 +51,8 @@ class LayerReport:
     # high planes plus entropy-coded remainder and signs) or "none" (all-zero)
     coding: str = ""
     plane_coding: list[str] = field(default_factory=list)  # per plane: "ans" or "gf2 rank R, N B"
-    # what the file (format 2) stores for this layer: the coded levels and the float32 scales; ``bits`` above
-    # keeps the paper's count (fixed-length sign and planes, or their GF(2) factors, plus the scales)
+    # what the file (format 2) stores for this layer: the coded levels and the scales (float16 or float32);
+    # ``bits`` above keeps the paper's count (fixed-length sign and planes, or their GF(2) factors, plus the scales)
     coded_bits: int = 0
     coded_bits_per_weight: float = 0.0
 
