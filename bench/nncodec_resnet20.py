@@ -16,6 +16,13 @@ reads them). Tensor names are stored without the ``module.`` prefix of the DataP
 of the bitstream: 7 bytes per tensor).
 
 File bits per weight = bitstream bytes * 8 / the Conv/Linear weights (268,336 on ResNet-20).
+
+When the output JSON already exists, the QPs measured now are MERGED into it (``--qps -29 -27 -24``): the points
+stay sorted by QP, one per QP. A QP not yet there is added with its own ``command`` and ``date``. A QP already
+there must reproduce exactly (bytes, bits per weight, top-1, top-5, n, 1-D error; the timing may differ): the
+stored point is kept and this run is appended to its ``reproduced`` list; any difference stops the script before
+it writes anything. The header (tool and library versions, weights, data, counts, settings, 1-D-only bytes and a
+re-evaluated FP32) must match the stored one too. The top-level ``command``/``date`` stay those of the first run.
 """
 from __future__ import annotations
 
@@ -48,7 +55,10 @@ def parse_args() -> argparse.Namespace:
                    help="bitstreams and decoded checkpoints (not committed)")
     p.add_argument("-o", "--out", type=Path, default=REPO / "bench" / "results" / "nncodec_resnet20.json")
     p.add_argument("--no-fp32", action="store_true", help="skip evaluating the uncompressed checkpoint")
-    return p.parse_args()
+    args = p.parse_args()
+    if len(set(args.qps)) != len(args.qps):
+        p.error(f"--qps repeats a QP: {args.qps}")
+    return args
 
 
 def load_params(path: str) -> dict[str, np.ndarray]:
@@ -113,6 +123,48 @@ def shown_path(path: str) -> str:
         return path
 
 
+# a re-measured point must agree with the stored one in these fields (code_decode_s is a timing: it may differ)
+MEASURED = ("bytes", "file_bits_per_weight", "top1", "top5", "n", "max_abs_err_1d")
+# header fields two runs must share for their points to belong to one curve
+SAME_SETUP = ("tool", "numpy", "torch", "machine", "weights", "data", "weights_counted", "tensors_coded", "settings",
+              "nonweight_only_bytes")
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``new``'s points merged into ``old`` (see the module docstring); raises ValueError on any disagreement."""
+    diffs = [f"{k}: stored {old.get(k)!r}, now {new[k]!r}" for k in SAME_SETUP if old.get(k) != new[k]]
+    if new["fp32"] is not None and old.get("fp32") not in (None, new["fp32"]):
+        diffs.append(f"fp32: stored {old['fp32']}, now {new['fp32']}")
+    by_qp = {p["qp"]: p for p in old["points"]}
+    for p in new["points"]:
+        stored = by_qp.get(p["qp"])
+        if stored is None:
+            by_qp[p["qp"]] = {**p, "command": new["command"], "date": new["date"]}
+            continue
+        diffs += [f"qp {p['qp']} {k}: stored {stored.get(k)!r}, now {p[k]!r}" for k in MEASURED
+                  if stored.get(k) != p[k]]
+        stored.setdefault("reproduced", []).append(
+            {"command": new["command"], "date": new["date"], "code_decode_s": p["code_decode_s"]})
+    if diffs:
+        raise ValueError("not merged, the new measurement differs from the stored one:\n  " + "\n  ".join(diffs))
+    return {**old, "fp32": old.get("fp32") or new["fp32"], "points": [by_qp[q] for q in sorted(by_qp)]}
+
+
+def write_result(result: dict, out: Path) -> dict:
+    """Write ``result``, merged into ``out`` when that file exists; returns what was written. Exits with one
+    error line (and writes nothing) when the merge finds a disagreement."""
+    if out.exists():
+        try:
+            result = merge(json.loads(out.read_text()), result)
+        except ValueError as e:
+            sys.exit(f"{out}: {e}")
+    else:
+        result = {**result, "points": sorted(result["points"], key=lambda p: p["qp"])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def table(result: dict) -> str:
     lines = ["| QP | whole bitstream | file bits per weight | top-1 | top-5 |", "| ---: | ---: | ---: | ---: | ---: |"]
     if result.get("fp32"):
@@ -153,11 +205,9 @@ def main() -> None:
         result["points"].append(point)
         print(f"qp {qp}: {size:,} B, {point['file_bits_per_weight']:.3f} bits/weight, top-1 {ev['top1']:.4f}",
               flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{result['command']}\nmachine: {MACHINE}, {result['date']}; {result['tool']}, "
           f"{n_weights:,} Conv/Linear weights, 1-D tensors alone: {result['nonweight_only_bytes']:,} B\n")
-    print(table(result))
+    print(table(write_result(result, args.out)))
 
 
 if __name__ == "__main__":
