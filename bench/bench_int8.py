@@ -165,8 +165,10 @@ def bench_resnet20(args, folder: Path) -> None:
     qmodel = cbdnet.load(path, runtime="int8", calibration=calibration)
     report_models(loaded, qmodel, time.perf_counter() - start)
     test = load_spec(f"cifar10-npz:{shared('data/cifar10_test.npz')}")
+    torch.set_num_threads(args.eval_threads)
     top1 = {name: accuracy(m, test) for name, m in (("fp32 original", fp32_model), ("float loaded", loaded),
                                                       ("int8 runtime", qmodel))}
+    torch.set_num_threads(1)
     print(f"file {size} bytes; top-1 on {len(test)} test images: "
           + ", ".join(f"{name} {value:.4f}" for name, value in top1.items()))
     med = interleaved({"fp32": loaded, "int8": qmodel}, test.images[:64], args.rounds, 5)
@@ -179,6 +181,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--cbd", help="resnet20: use this .cbd (made by cbdnet compress --target-bits 4.0 --calib) "
                                       "instead of compressing here")
+    parser.add_argument("--eval-threads", type=int, default=1, help="resnet20: threads for the top-1 (not timed)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(header())
