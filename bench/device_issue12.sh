@@ -9,10 +9,10 @@
 #   data/cifar10_test.npz, data/cifar10_calib1000.npz, models/cifar10_resnet20.th (copies of ../shared),
 #   r20_t4.cbd (cbdnet compress --arch cifar-resnet20 --weights ../shared/models/cifar10_resnet20.th
 #   --target-bits 4.0 --calib cifar10-npz:../shared/data/cifar10_calib1000.npz -o .devcarry/r20_t4.cbd),
-#   whl/*.whl (constriction, safetensors: installed into /tmp/site when the Python lacks them),
-#   shim/numba (used only when numba is not importable, its llvmlite wheel being too big to carry: njit
-#   returns the function unchanged; no numba kernel runs on the paths measured here, and the logs name any
-#   that does; NUMBA_SHIM=1 forces it, for a dry run of that path).
+#   whl/*.whl (constriction, safetensors: installed into /tmp/site when the Python lacks them).
+# When numba is not importable (its llvmlite wheel is too big to carry), bench/device_shim/numba stands in:
+# njit returns the function unchanged; no numba kernel runs on the paths measured here, and the logs name any
+# that does. NUMBA_SHIM=1 forces it, for a dry run of that path.
 # Each step's output goes to $OUT/<step>.log (OUT defaults to /tmp/out); a failed or timed-out step is recorded
 # and the next one runs; every step is cut so that the whole run ends within BUDGET seconds (default 450) and
 # a summary ends it ($OUT/summary.log). Timings are 1 thread unless a line says otherwise. Other knobs:
@@ -42,8 +42,8 @@ fi
 export PYTHONPATH=$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 NUMBA=installed
 if [ "${NUMBA_SHIM:-0}" = 1 ] || ! "$PY" -c "import numba" 2>/dev/null; then
-  export PYTHONPATH=$PYTHONPATH:$CARRY/shim CBDNET_NUMBA_SHIM_LOG=1
-  NUMBA="not installed: .devcarry/shim stands in (plain Python), any kernel that runs is named in the logs"
+  export PYTHONPATH=$PYTHONPATH:$PWD/bench/device_shim CBDNET_NUMBA_SHIM_LOG=1
+  NUMBA="not installed: bench/device_shim stands in (plain Python), any kernel that runs is named in the logs"
 fi
 export CBDNET_SHARED=$CARRY PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 
