@@ -1,7 +1,7 @@
 """The int8 runtime against the float loaded model: latency (1 thread, interleaved) and top-1.
 
     PYTHONPATH=src nice python bench/bench_int8.py resnet18 [--rounds 7]
-    PYTHONPATH=src nice python bench/bench_int8.py resnet20 [--rounds 5]
+    PYTHONPATH=src nice python bench/bench_int8.py resnet20 [--rounds 5] [--cbd r20_t4.cbd]
 
 ``resnet18``: torchvision ResNet-18, random weights (seed 0), ``RTNConfig(bits=4)``, saved and loaded twice:
 ``cbdnet.load(path)`` (FP32) and ``cbdnet.load(path, runtime="int8", calibration=8 random batches of 2)``;
@@ -9,7 +9,9 @@ batch 1 and 16 at 224x224. A plain ``torch.ao`` FX int8 model of the same float 
 observers) is timed too, as the ceiling of this CPU's int8 kernels. ``resnet20``: the pretrained CIFAR
 ResNet-20 compressed with ``BudgetConfig(target_bits=4.0)`` and the 1,000 calibration images (as
 ``--target-bits 4.0 --calib``), top-1 on the full 10k test set for the float and the int8 runtime (activation
-scales from the same calibration images), and latency at batch 64.
+scales from the same calibration images), and latency at batch 64. ``--cbd FILE`` skips that compression and
+uses a file made by ``cbdnet compress --arch cifar-resnet20 --target-bits 4.0 --calib ...`` (the same file that
+bench_runtime.py and bench_int8_agree.py read, so their top-1 compare like with like).
 Latencies are medians over rounds of the thread's CPU time (robust to preemption on a shared box), the
 models interleaved within each round; wall-clock medians are printed beside them.
 """
@@ -151,16 +153,22 @@ def bench_resnet20(args, folder: Path) -> None:
     model = load_weights(build("cifar-resnet20"), shared("models/cifar10_resnet20.th")).eval()
     fp32_model = copy.deepcopy(model)
     calibration = load_spec(f"cifar10-npz:{shared('data/cifar10_calib1000.npz')}")
-    cbdnet.compress(model, cbdnet.BudgetConfig(target_bits=4.0), calibration=calibration, progress=False)
-    path = folder / "resnet20_tb4.cbd"
-    size = cbdnet.save(model, path)
+    if args.cbd:
+        path = Path(args.cbd)
+        size = path.stat().st_size
+    else:
+        cbdnet.compress(model, cbdnet.BudgetConfig(target_bits=4.0), calibration=calibration, progress=False)
+        path = folder / "resnet20_tb4.cbd"
+        size = cbdnet.save(model, path)
     loaded = cbdnet.load(path)
     start = time.perf_counter()
     qmodel = cbdnet.load(path, runtime="int8", calibration=calibration)
     report_models(loaded, qmodel, time.perf_counter() - start)
     test = load_spec(f"cifar10-npz:{shared('data/cifar10_test.npz')}")
+    torch.set_num_threads(args.eval_threads)
     top1 = {name: accuracy(m, test) for name, m in (("fp32 original", fp32_model), ("float loaded", loaded),
                                                       ("int8 runtime", qmodel))}
+    torch.set_num_threads(1)
     print(f"file {size} bytes; top-1 on {len(test)} test images: "
           + ", ".join(f"{name} {value:.4f}" for name, value in top1.items()))
     med = interleaved({"fp32": loaded, "int8": qmodel}, test.images[:64], args.rounds, 5)
@@ -171,6 +179,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", choices=["resnet18", "resnet20"])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--cbd", help="resnet20: use this .cbd (made by cbdnet compress --target-bits 4.0 --calib) "
+                                      "instead of compressing here")
+    parser.add_argument("--eval-threads", type=int, default=1, help="resnet20: threads for the top-1 (not timed)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(header())

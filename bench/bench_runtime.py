@@ -122,8 +122,8 @@ def runners_for(paths: dict[str, Path], torch_model: torch.nn.Module, threads: i
     return runners
 
 
-def top1(path: Path, images: torch.Tensor, labels: torch.Tensor) -> float:
-    sess = session(path, 2)
+def top1(path: Path, images: torch.Tensor, labels: torch.Tensor, threads: int = 2) -> float:
+    sess = session(path, threads)
     hits = 0
     for i in range(0, len(labels), 500):
         logits = sess.run(None, {"input": images[i:i + 500].numpy()})[0]
@@ -152,12 +152,12 @@ def bench_model(name: str, model_fp32, model_cbd, shape, calib, args, data=None,
     if data is not None:
         images, labels = data
         with torch.no_grad():
-            torch.set_num_threads(2)
+            torch.set_num_threads(args.eval_threads)
             result["top1"]["FP32 torch"] = float(sum(int((model_fp32(images[i:i + 500]).argmax(1)
                                                            == labels[i:i + 500]).sum())
                                                       for i in range(0, len(labels), 500)) / len(labels))
         for k, p in paths.items():
-            result["top1"][k] = top1(p, images, labels)
+            result["top1"][k] = top1(p, images, labels, args.eval_threads)
         print(name, "top-1", result["top1"], flush=True)
     arch = {"resnet20": "cifar-resnet20"}.get(name, name)
     result["rss"]["FP32 torch"] = rss("torch", f"{arch}|{weights}", (1, *shape[1:]))
@@ -206,31 +206,37 @@ def main() -> None:
     parser.add_argument("--big-batches", type=int, nargs="+", default=[1])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--eval-threads", type=int, default=2, help="threads for top-1 (not timed)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     args.out = args.out or tempfile.mkdtemp(prefix="cbdnet_bench_")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     print(f"{header()}\nonnxruntime {ort.__version__}, cbdnet {cbdnet.__version__}", flush=True)
-    results = {}
+    results: dict = {}
     rng = np.random.default_rng(0)
+
+    def done(name: str, result: dict) -> None:
+        """Print the model's table and rewrite --json now, so a run cut short keeps the models it finished."""
+        results[name] = result
+        print(table(name, result), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
     if "resnet20" in args.models:
         test = load_spec(f"cifar10-npz:{shared('data/cifar10_test.npz')}")
         calib = load_spec(f"cifar10-npz:{shared('data/cifar10_calib1000.npz')}").images.numpy()
         fp32 = build("cifar-resnet20").eval()
         load_weights(fp32, shared("models/cifar10_resnet20.th"))
-        results["resnet20"] = bench_model("resnet20", fp32, cbdnet.load(args.cbd), (1, 3, 32, 32),
-                                          [calib[i:i + 100] for i in range(0, 1000, 100)], args,
-                                          data=(test.images, test.labels),
-                                          weights=str(shared("models/cifar10_resnet20.th")))
+        done("resnet20", bench_model("resnet20", fp32, cbdnet.load(args.cbd), (1, 3, 32, 32),
+                                     [calib[i:i + 100] for i in range(0, 1000, 100)], args,
+                                     data=(test.images, test.labels),
+                                     weights=str(shared("models/cifar10_resnet20.th"))))
     for name in [m for m in args.models if m != "resnet20"]:
         torch.manual_seed(0)
         fp32 = build(name).eval()
         cbd, _ = cbdnet.compress(copy.deepcopy(fp32), cbdnet.RTNConfig(bits=4), calibration=None)
         calib = [rng.standard_normal((4, 3, 224, 224)).astype(np.float32) for _ in range(4)]
-        results[name] = bench_model(name, fp32, cbd, (1, 3, 224, 224), calib, args)
-    for name, result in results.items():
-        print(table(name, result), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        done(name, bench_model(name, fp32, cbd, (1, 3, 224, 224), calib, args))
 
 
 if __name__ == "__main__":
