@@ -138,3 +138,15 @@ def test_cli_rtn_with_calibration_keeps_the_bits_and_corrects_every_layer(tmp_pa
     auto = reports["auto"]["calibration"]  # by default the correction is kept only where it lowers the loss
     assert auto["loss_after"] <= auto["loss_compressed"]
     assert auto["bias_corrected_layers"] in (0, len(reports["auto"]["layers"]))
+
+
+def test_half_steps_round_only_where_each_step_keeps_its_precision():
+    from cbdnet.codec.grid import half_steps
+
+    steps = np.array([0.0123, 1.5, 3e-3], np.float32)
+    rounded = half_steps(steps)
+    assert np.array_equal(rounded.astype(np.float16).astype(np.float32), rounded)
+    assert np.all(np.abs(rounded / steps - 1) <= 2.0**-11)
+    for bad in ([0.0123, 1e-7], [0.5, 1e6], [0.5, np.float32(2.0**-20)]):  # subnormal/zero, overflow: all kept
+        kept = np.array(bad, np.float32)
+        assert np.array_equal(half_steps(kept), kept)

@@ -9,6 +9,7 @@ walker runs, so the per-layer encoder it calls only looks them up.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -179,11 +180,13 @@ def round_floats(model: nn.Module) -> int:
 def round_steps(model: nn.Module) -> int:
     """Round, in place, the per-group steps of every grid-coded layer to float16 where that keeps float16's
     full precision (:func:`cbdnet.codec.grid.half_steps`; a folded BatchNorm's scale moved them off float16's
-    values): the file then stores them in 2 bytes each. Returns how many layers' steps changed."""
+    values): the file then stores them in 2 bytes each. A weight shared by several layers keeps its steps (one
+    code, coded once; rounding it per layer would untie it). Returns how many layers' steps changed."""
     changed = 0
+    users = Counter(id(m.weight) for m in model.modules() if getattr(m, "code", None) is not None)
     for module in model.modules():
         code = getattr(module, "code", None)
-        if isinstance(code, GridCode):
+        if isinstance(code, GridCode) and users[id(module.weight)] == 1:
             steps = half_steps(code.scales())
             if not np.array_equal(steps, code.scales()):
                 replace_steps(module, steps)

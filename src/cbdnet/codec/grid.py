@@ -24,7 +24,7 @@ import numpy as np
 
 from .bits import pack_bits, store_plane
 from .code import GridCode, row_steps
-from .floats import as_float16
+from .floats import FLOAT16_MAX_REL_ERROR
 from .planes import composite_layout, min_scale, to_matrix
 from .search import rank_bound, search_scale
 
@@ -56,11 +56,15 @@ def rtn_steps(weight: np.ndarray, bits: int, granularity: str = "channel") -> np
 
 
 def half_steps(steps: np.ndarray) -> np.ndarray:
-    """float32 ``steps`` rounded to float16's values where float16 keeps its normal-range precision for all of
-    them (relative change <= 2^-11), else unchanged: such steps cost the file 2 bytes each instead of 4."""
+    """float32 ``steps`` rounded to float16's values where each of them moves by at most 2^-11 of itself (no
+    step becomes 0, subnormal or infinite), else unchanged: such steps cost the file 2 bytes each instead of 4."""
     steps = np.asarray(steps, np.float32)
-    half = as_float16(steps, "float32")
-    return steps.copy() if half is None else half.astype(np.float32).reshape(steps.shape)
+    wide = steps.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        back = wide.astype(np.float16).astype(np.float64)
+    if not np.isfinite(back).all() or np.any(np.abs(back - wide) > FLOAT16_MAX_REL_ERROR * np.abs(wide)):
+        return steps.copy()
+    return back.astype(np.float32)
 
 
 def round_levels(weight: np.ndarray, steps: np.ndarray, mag_bits: int) -> np.ndarray:

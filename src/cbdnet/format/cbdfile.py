@@ -92,6 +92,7 @@ class CBDFile:
     codes: dict[str, LayerCode]
     floats: dict[str, np.ndarray]
     size: int
+    version: int = FORMAT_VERSION  # the container's format version
 
 
 # ---------------------------------------------------------------- writing
@@ -454,7 +455,7 @@ def parse(data: bytes) -> CBDFile:
     _need(used == set(tensors), f"unexpected tensors in file: {sorted(set(tensors) - used)[:5]}")
     for name, signed in levels.items():  # the levels the planes were built from: decoding need not rebuild them
         codes[name].remember_levels(signed)
-    parsed = CBDFile(meta=meta, codes=codes, floats=floats, size=len(data))
+    parsed = CBDFile(meta=meta, codes=codes, floats=floats, size=len(data), version=version)
     _tied(parsed)
     return parsed
 
@@ -463,19 +464,23 @@ def verify(path: str | os.PathLike) -> list[str]:
     """Re-check a file: container checksum (on read), then every plane, decoded (``B @ C`` for factored
     planes), against its stored SHA-256, the decoded weights, and every float tensor (BatchNorm statistics,
     biases) for NaN/Inf. Returns the problems found, at most one line per layer or tensor, names escaped
-    (empty when all is well)."""
+    (empty when all is well). Format 2 stores no per-plane digests: reading it already checked every stream's
+    and every factored plane's CRC-32 against the decoded data (``B @ C``), and the digests its reader derives
+    from those planes would only be compared with themselves, so they are not recomputed."""
     parsed = read(path)
-    problems = [_layer_problem(name, code) for name, code in parsed.codes.items()]
+    problems = [_layer_problem(name, code, digests=parsed.version == 1) for name, code in parsed.codes.items()]
     for key, array in parsed.floats.items():
         if array.dtype.kind == "f" and not bool(np.isfinite(array).all()):
             problems.append(f"float tensor {escape_name(key)} holds NaN/Inf values")
     return [problem for problem in problems if problem]
 
 
-def _layer_problem(name: str, code: LayerCode) -> str:
-    """One line saying what is wrong with a layer's code ('' when nothing is)."""
+def _layer_problem(name: str, code: LayerCode, digests: bool = True) -> str:
+    """One line saying what is wrong with a layer's code ('' when nothing is); ``digests``: re-check each
+    plane's stored SHA-256."""
     h, w = code.matrix_shape
-    wrong = [index for index, plane in enumerate(code.planes) if plane_digest(plane.decode(h, w)) != plane.digest]
+    wrong = [index for index, plane in enumerate(code.planes)
+             if digests and plane_digest(plane.decode(h, w)) != plane.digest]
     parts = []
     if wrong:
         listed = ", ".join(map(str, wrong[:8])) + (" ..." if len(wrong) > 8 else "")
