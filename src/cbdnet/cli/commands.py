@@ -207,11 +207,11 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _info_dict(path: str) -> dict:
+def _info_dict(path: str, parsed) -> dict:
     """What ``info`` prints: per layer the planes as the file holds them, the paper's fixed-length count
     (``bits``, as ``compress`` reported it) and what the file spends on them (``coded_bits``: entropy-coded in
-    format 2; the same as ``bits`` in format 1), and the whole file per compressed weight."""
-    parsed = read(path)
+    format 2; the same as ``bits`` in format 1), and the whole file per compressed weight (``parsed``: the
+    file as :func:`read` returned it)."""
     version = parsed.meta.get("format_version")
     coded = (lambda c: c.bits()) if version == 1 else (lambda c: c.coded_bits())
     paper = {layer["name"]: layer.get("paper_bits") for layer in parsed.meta["layers"]}  # format 2 records it
@@ -237,13 +237,14 @@ def _info_dict(path: str) -> dict:
 
 
 def cmd_info(args) -> int:
-    info = _info_dict(args.file)
+    parsed = read(args.file)
+    info = _info_dict(args.file, parsed)
     if args.arch is not None:
         with torch.device("meta"):
-            check_fits(_skeleton(args), read(args.file))
+            check_fits(_skeleton(args), parsed)
         info["fits_arch"] = args.arch
     if args.verify:
-        problems = verify(args.file)
+        problems = verify(args.file, parsed)
         info["verify"] = {"ok": not problems, "problems": problems}
     if args.json:
         sys.stdout.write(json_bytes(info).decode())

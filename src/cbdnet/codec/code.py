@@ -141,6 +141,11 @@ class LayerCode:
         h, w = self.matrix_shape
         return [plane.decode(h, w) for plane in self.planes]
 
+    def remember_stream(self, stream: Stream) -> None:
+        """Keep ``stream`` (what a format-2 file stored for this code, read and checked) as :meth:`stream`, so
+        that sizes and re-saving use the stored bytes instead of coding the levels again."""
+        self.__dict__["_stream"] = stream
+
     def remember_levels(self, signed: np.ndarray) -> None:
         """Keep ``signed`` (what :meth:`signed_magnitudes` computes from the planes, e.g. as a file decoder had
         it before splitting it into planes) so that decoding need not rebuild it."""

@@ -438,10 +438,11 @@ def parse(data: bytes) -> CBDFile:
     """Parse and validate the bytes of a ``.cbd`` file (see :func:`read`)."""
     version, payload = _split_container(data)
     levels: dict[str, np.ndarray] = {}
+    streams: dict = {}
     if version == 1:
         meta, tensors = _parse_meta(payload)
     else:
-        meta, tensors, levels = v2.decode_payload(payload)
+        meta, tensors, levels, streams = v2.decode_payload(payload)
         meta = _check_meta(meta)
     _need(len(tensors) <= MAX_TENSORS, "too many tensors")
     used: set[str] = set()
@@ -455,19 +456,22 @@ def parse(data: bytes) -> CBDFile:
     _need(used == set(tensors), f"unexpected tensors in file: {sorted(set(tensors) - used)[:5]}")
     for name, signed in levels.items():  # the levels the planes were built from: decoding need not rebuild them
         codes[name].remember_levels(signed)
+    for name, stream in streams.items():  # and what the file stored for them: sizes need not re-code them
+        codes[name].remember_stream(stream)
     parsed = CBDFile(meta=meta, codes=codes, floats=floats, size=len(data), version=version)
     _tied(parsed)
     return parsed
 
 
-def verify(path: str | os.PathLike) -> list[str]:
+def verify(path: str | os.PathLike, parsed: CBDFile | None = None) -> list[str]:
     """Re-check a file: container checksum (on read), then every plane, decoded (``B @ C`` for factored
     planes), against its stored SHA-256, the decoded weights, and every float tensor (BatchNorm statistics,
     biases) for NaN/Inf. Returns the problems found, at most one line per layer or tensor, names escaped
     (empty when all is well). Format 2 stores no per-plane digests: reading it already checked every stream's
     and every factored plane's CRC-32 against the decoded data (``B @ C``), and the digests its reader derives
-    from those planes would only be compared with themselves, so they are not recomputed."""
-    parsed = read(path)
+    from those planes would only be compared with themselves, so they are not recomputed. ``parsed``: the file
+    as :func:`read` returned it for ``path`` (saves reading it again)."""
+    parsed = read(path) if parsed is None else parsed
     problems = [_layer_problem(name, code, digests=parsed.version == 1) for name, code in parsed.codes.items()]
     for key, array in parsed.floats.items():
         if array.dtype.kind == "f" and not bool(np.isfinite(array).all()):

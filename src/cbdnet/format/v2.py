@@ -31,7 +31,7 @@ from ..codec import CODE_TYPES, MAX_PLANES, CodeError, LayerCode
 from ..codec.bits import pack_bits, plane_digest
 from ..codec.code import stored_scales
 from ..codec.floats import FLOATING, constant_value, exact_float16
-from ..codec.stream import StreamError, decode_stream, factor_sizes
+from ..codec.stream import FactoredPlane, Stream, StreamError, decode_stream, factor_sizes
 from ..errors import FormatError
 
 __all__ = ["encode_payload", "decode_payload", "MAX_HEADER_BYTES"]
@@ -191,9 +191,11 @@ def _check_budget(layers: list, floats: list, payload_size: int) -> None:
     _need(constants <= bound, f"the constant tensors claim {constants} values, more than this file's size allows")
 
 
-def _decode_layer(layer: dict, cursor: _Cursor) -> tuple[dict, dict[str, np.ndarray], np.ndarray | None]:
-    """One layer's entry in format 1's shape (``plane_codes`` with digests), its tensors by format-1 name, and
-    its signed levels (``h x w``, narrow integers; None for an all-zero layer), which the planes were made from."""
+def _decode_layer(layer: dict, cursor: _Cursor
+                  ) -> tuple[dict, dict[str, np.ndarray], np.ndarray | None, Stream]:
+    """One layer's entry in format 1's shape (``plane_codes`` with digests), its tensors by format-1 name, its
+    signed levels (``h x w``, narrow integers; None for an all-zero layer), which the planes were made from, and
+    the stream the file stored for them."""
     name, shape, kind, exponents = _layer_shape(layer)
     h, w = (shape[0], shape[1]) if len(shape) == 2 else (shape[0] * shape[2], shape[1] * shape[3])
     try:
@@ -214,11 +216,14 @@ def _decode_layer(layer: dict, cursor: _Cursor) -> tuple[dict, dict[str, np.ndar
     _int(entry.get("paper_bits"), f"{name}.paper_bits", 0, 64 * math.prod(shape) + (1 << 20))
     entry["plane_codes"] = []
     if coding == "none":
-        return entry, tensors, None
+        return entry, tensors, None, Stream("none")
     try:
         q, stored = decode_stream(coding, parts, factored, h, w, exponents)
     except StreamError as exc:
         raise FormatError(f"layer {name}: {exc}") from None
+    stream = Stream(coding, [bytes(part) for part in parts[:len(sizes)]],
+                    [FactoredPlane(index, rank, crc, stored[index].tensors["B"], stored[index].tensors["C"])
+                     for index, rank, crc in factored])
     if kind.stores_sign:
         tensors[prefix + "sign"] = pack_bits(q < 0)
     narrow = np.int16 if len(exponents) <= 15 else np.int32 if len(exponents) <= 31 else np.int64
@@ -236,7 +241,7 @@ def _decode_layer(layer: dict, cursor: _Cursor) -> tuple[dict, dict[str, np.ndar
             tensors[f"{prefix}p{index}.B"], tensors[f"{prefix}p{index}.C"] = plane.tensors["B"], plane.tensors["C"]
             entry["plane_codes"].append({"exponent": exponent, "storage": "factored", "rank": plane.rank,
                                          "sha256": plane_digest(bits)})
-    return entry, tensors, q
+    return entry, tensors, q, stream
 
 
 def _decode_float(entry, cursor: _Cursor) -> tuple[dict, dict[str, np.ndarray]]:
@@ -274,19 +279,21 @@ def _constant(entry: dict, key: str, shape: list, target) -> tuple[dict, dict[st
     return entry, {"float/" + key: np.full(shape, cast, dtype=kind)}
 
 
-def decode_payload(payload: bytes) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """``(meta, tensors, levels)``: meta and tensors in format 1's shape (see the module docstring), and per
-    coded layer the signed levels its planes were built from; any inconsistency -> FormatError."""
+def decode_payload(payload: bytes) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Stream]]:
+    """``(meta, tensors, levels, streams)``: meta and tensors in format 1's shape (see the module docstring), and
+    per coded layer the signed levels its planes were built from and the stream stored for them; any
+    inconsistency -> FormatError."""
     meta, start = _header(payload)
     _check_budget(meta["layers"], meta["floats"], len(payload))
     cursor = _Cursor(payload, start)
     tensors: dict[str, np.ndarray] = {}
-    layers, floats, levels = [], [], {}
+    layers, floats, levels, streams = [], [], {}, {}
     for layer in meta["layers"]:
-        entry, parts, signed = _decode_layer(layer, cursor)
+        entry, parts, signed, stream = _decode_layer(layer, cursor)
         _need(not set(parts) & set(tensors), "corrupt header: duplicate layer names")
         layers.append(entry)
         tensors.update(parts)
+        streams[entry["name"]] = stream
         if signed is not None:
             levels[entry["name"]] = signed
     for item in meta["floats"]:
@@ -295,4 +302,4 @@ def decode_payload(payload: bytes) -> tuple[dict, dict[str, np.ndarray], dict[st
         floats.append(entry)
         tensors.update(parts)
     _need(cursor.pos == len(payload), f"corrupt payload: {len(payload) - cursor.pos} bytes after the last tensor")
-    return {**meta, "layers": layers, "floats": floats}, tensors, levels
+    return {**meta, "layers": layers, "floats": floats}, tensors, levels, streams
