@@ -49,11 +49,11 @@ def row_steps(shape: tuple[int, ...], steps: np.ndarray) -> np.ndarray:
     return np.broadcast_to(steps, (int(shape[0]),)) if steps.size == 1 else steps
 
 
-
 def stored_scales(scales: np.ndarray) -> np.ndarray:
     """A layer's scales as format 2 stores them: float16 where float16 holds every one exactly, else float32."""
     half = exact_float16(np.asarray(scales, np.float32), "float32")
     return half if half is not None else np.asarray(scales, np.float32)
+
 
 @dataclass
 class LayerCode:

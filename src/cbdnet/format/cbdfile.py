@@ -46,13 +46,14 @@ from safetensors.numpy import save as st_save
 from torch import nn
 
 from .. import __version__
-from ..codec import CODE_TYPES, MAX_PLANES, CodeError, LayerCode, PlaneCode, plane_digest
+from ..codec import CodeError, LayerCode, PlaneCode, plane_digest
 from ..codec.bits import packed_size
 from ..errors import CBDError, FormatError
 from ..fileio import OutputSet, escape_name, read_regular_file
 from ..nn import COMPRESSIBLE, CBDModule, from_module
 from ..nn.walk import coded_keys
 from . import v2
+from .entries import exponents_of, is_int, layer_fields, need
 
 __all__ = ["save", "load", "read", "parse", "verify", "atomic_write", "check_writable", "check_fits", "CBDFile",
            "release_free_memory",
@@ -69,10 +70,8 @@ MAX_ARCH_ARG = 100_000  # |numeric architecture argument| a file may carry, e.g.
 MAX_ARCH_KWARGS = 32
 MAX_HEADER_BYTES = 16 << 20  # safetensors JSON header (ResNet-110's is ~0.2 MB)
 MAX_TENSORS = 200_000
-MAX_NUMEL = 1 << 34
 MAX_ZERO_NUMEL = 1 << 28  # all-zero layers store no bits: bound what loading one may allocate
 MAX_DIMS = 8
-MAX_EXPONENT = 320  # |plane exponent|; float32 ratios need at most ~277, and 2.0**320 cannot overflow
 # safetensors dtypes numpy can hold, with their item sizes; anything else is refused before parsing
 _ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "I32": 4, "U32": 4, "F32": 4,
                 "I64": 8, "U64": 8, "F64": 8}
@@ -216,40 +215,36 @@ def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, 
 
 # ---------------------------------------------------------------- reading
 
-def _need(condition: bool, message: str) -> None:
-    if not condition:
-        raise FormatError(message)
-
 
 def _int(value, name: str, low: int, high: int) -> int:
-    _need(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+    need(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
           f"corrupt metadata: {name} = {value!r} is not an integer in [{low}, {high}]")
     return value
 
 
 def _split_container(data: bytes) -> tuple[int, bytes]:
-    _need(len(data) >= _PREFIX.size + _DIGEST, f"not a .cbd file: {len(data)} bytes is too short")
+    need(len(data) >= _PREFIX.size + _DIGEST, f"not a .cbd file: {len(data)} bytes is too short")
     magic, version, _flags, length = _PREFIX.unpack_from(data)
-    _need(magic == MAGIC, "not a .cbd file (bad magic bytes)")
-    _need(version <= max(READ_VERSIONS),
+    need(magic == MAGIC, "not a .cbd file (bad magic bytes)")
+    need(version <= max(READ_VERSIONS),
           f"this file has .cbd format version {version}; this cbdnet ({__version__}) reads up to "
           f"version {max(READ_VERSIONS)}: upgrade cbdnet")
-    _need(version in READ_VERSIONS, f"unknown .cbd format version {version}")
-    _need(length == len(data) - _PREFIX.size - _DIGEST,
+    need(version in READ_VERSIONS, f"unknown .cbd format version {version}")
+    need(length == len(data) - _PREFIX.size - _DIGEST,
           f"truncated or padded .cbd file: payload length {length} does not match the file size {len(data)}")
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
-    _need(hashlib.sha256(body).digest() == digest, "checksum mismatch: the .cbd file is corrupt or was modified")
+    need(hashlib.sha256(body).digest() == digest, "checksum mismatch: the .cbd file is corrupt or was modified")
     payload = body[_PREFIX.size:]
     if version == 1:
-        _need(len(payload) >= 8, "corrupt payload: no tensor header")
+        need(len(payload) >= 8, "corrupt payload: no tensor header")
         header_len = struct.unpack_from("<Q", payload)[0]
-        _need(header_len <= min(MAX_HEADER_BYTES, len(payload) - 8), f"corrupt payload: header length {header_len}")
+        need(header_len <= min(MAX_HEADER_BYTES, len(payload) - 8), f"corrupt payload: header length {header_len}")
     return version, payload
 
 
 def _no_duplicates(pairs: list) -> dict:
     keys = [key for key, _ in pairs]
-    _need(len(set(keys)) == len(keys), "corrupt JSON: duplicate keys")
+    need(len(set(keys)) == len(keys), "corrupt JSON: duplicate keys")
     return dict(pairs)
 
 
@@ -264,9 +259,6 @@ def _json(text: bytes | str, what: str):
         raise FormatError(f"corrupt {what}: {str(exc)[:200]}") from None
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 def _tensor_header(payload: bytes) -> dict:
     """Check the safetensors JSON header ourselves before the safetensors parser sees (and allocates for) it:
@@ -274,33 +266,33 @@ def _tensor_header(payload: bytes) -> dict:
     the data section exactly (so the parser allocates no more than the file holds). Returns the metadata."""
     header_len = struct.unpack_from("<Q", payload)[0]
     raw = payload[8:8 + header_len]
-    _need(raw.count(b"data_offsets") <= MAX_TENSORS, f"corrupt payload: more than {MAX_TENSORS} tensors")
+    need(raw.count(b"data_offsets") <= MAX_TENSORS, f"corrupt payload: more than {MAX_TENSORS} tensors")
     header = _json(raw, "payload header")
-    _need(isinstance(header, dict) and len(header) <= MAX_TENSORS + 1, "corrupt payload header")
+    need(isinstance(header, dict) and len(header) <= MAX_TENSORS + 1, "corrupt payload header")
     data_len = len(payload) - 8 - header_len
     spans = []
     for name, entry in header.items():
         if name == "__metadata__":
-            _need(isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values()),
+            need(isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values()),
                   "corrupt payload header: __metadata__ is not a string map")
             continue
-        _need(isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"},
+        need(isinstance(entry, dict) and set(entry) == {"dtype", "shape", "data_offsets"},
               f"corrupt payload header: entry {name[:80]!r}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        _need(isinstance(dtype, str) and dtype in _ST_ITEMSIZE, f"tensor {name[:80]!r}: unsupported dtype {dtype!r}")
-        _need(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape),
+        need(isinstance(dtype, str) and dtype in _ST_ITEMSIZE, f"tensor {name[:80]!r}: unsupported dtype {dtype!r}")
+        need(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(is_int(d) and d >= 0 for d in shape),
               f"tensor {name[:80]!r}: bad shape")
-        _need(isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets),
+        need(isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets),
               f"tensor {name[:80]!r}: bad data offsets")
         begin, end = offsets
-        _need(0 <= begin <= end <= data_len and end - begin == math.prod(shape) * _ST_ITEMSIZE[dtype],
+        need(0 <= begin <= end <= data_len and end - begin == math.prod(shape) * _ST_ITEMSIZE[dtype],
               f"tensor {name[:80]!r}: data offsets {offsets} do not fit its shape or the payload")
         spans.append((begin, end))
     position = 0
     for begin, end in sorted(spans):
-        _need(begin == position, "corrupt payload: tensor data overlaps or leaves gaps")
+        need(begin == position, "corrupt payload: tensor data overlaps or leaves gaps")
         position = end
-    _need(position == data_len, "corrupt payload: tensor data does not fill the payload")
+    need(position == data_len, "corrupt payload: tensor data does not fill the payload")
     return header.get("__metadata__") or {}
 
 
@@ -311,20 +303,20 @@ def _parse_meta(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     except Exception as exc:  # the safetensors parser: any failure means a malformed payload
         raise FormatError(f"corrupt tensor payload: {str(exc)[:200]}") from None
     raw = st_meta.get("cbdnet")
-    _need(isinstance(raw, str), "no cbdnet metadata in the payload")
+    need(isinstance(raw, str), "no cbdnet metadata in the payload")
     return _check_meta(_json(raw, "cbdnet metadata")), tensors
 
 
 def _check_meta(meta) -> dict:
-    _need(isinstance(meta, dict) and meta.get("format") == "cbdnet", "corrupt cbdnet metadata")
-    _need(isinstance(meta.get("layers"), list) and isinstance(meta.get("floats"), list),
+    need(isinstance(meta, dict) and meta.get("format") == "cbdnet", "corrupt cbdnet metadata")
+    need(isinstance(meta.get("layers"), list) and isinstance(meta.get("floats"), list),
           "corrupt cbdnet metadata: no layer list")
-    _need(len(meta["layers"]) > 0, "corrupt cbdnet metadata: no compressed layers")
+    need(len(meta["layers"]) > 0, "corrupt cbdnet metadata: no compressed layers")
     dtype = meta.get("dtype", "float32")
-    _need(isinstance(dtype, str) and dtype in _DTYPES, f"corrupt cbdnet metadata: dtype {dtype!r}")
-    _need(meta.get("arch") is None or isinstance(meta.get("arch"), str), "corrupt cbdnet metadata: arch")
+    need(isinstance(dtype, str) and dtype in _DTYPES, f"corrupt cbdnet metadata: dtype {dtype!r}")
+    need(meta.get("arch") is None or isinstance(meta.get("arch"), str), "corrupt cbdnet metadata: arch")
     kwargs = meta.get("arch_kwargs") or {}
-    _need(isinstance(kwargs, dict) and all(isinstance(v, (int, float, str, bool)) for v in kwargs.values()),
+    need(isinstance(kwargs, dict) and all(isinstance(v, (int, float, str, bool)) for v in kwargs.values()),
           "corrupt cbdnet metadata: arch_kwargs must map names to numbers or strings")
     _check_arch_kwargs(kwargs)
     return meta
@@ -333,21 +325,21 @@ def _check_meta(meta) -> dict:
 def _check_arch_kwargs(kwargs: dict) -> None:
     """Bound the architecture arguments a file may carry, so that it cannot describe a huge model: at most
     :data:`MAX_ARCH_KWARGS` of them, numbers within ``±MAX_ARCH_ARG`` (e.g. ``num_classes``), short strings."""
-    _need(len(kwargs) <= MAX_ARCH_KWARGS, f"corrupt cbdnet metadata: {len(kwargs)} arch_kwargs (> {MAX_ARCH_KWARGS})")
+    need(len(kwargs) <= MAX_ARCH_KWARGS, f"corrupt cbdnet metadata: {len(kwargs)} arch_kwargs (> {MAX_ARCH_KWARGS})")
     for key, value in kwargs.items():
         shown = escape_name(key, max_len=60)
         if isinstance(value, str):
-            _need(len(value) <= 200, f"arch_kwargs {shown}: a string of {len(value)} characters (limit 200)")
+            need(len(value) <= 200, f"arch_kwargs {shown}: a string of {len(value)} characters (limit 200)")
         elif not isinstance(value, bool):
-            _need(math.isfinite(value) and abs(value) <= MAX_ARCH_ARG,
+            need(math.isfinite(value) and abs(value) <= MAX_ARCH_ARG,
                   f"arch_kwargs {shown} = {value!r} is out of range (|value| <= {MAX_ARCH_ARG:,}): refusing to build "
                   "the model it describes")
 
 
 def _expect(tensors: dict, key: str, dtype, size: int) -> np.ndarray:
-    _need(key in tensors, f"missing tensor {key}")
+    need(key in tensors, f"missing tensor {key}")
     array = tensors[key]
-    _need(array.dtype == dtype and array.ndim == 1 and array.size == size,
+    need(array.dtype == dtype and array.ndim == 1 and array.size == size,
           f"tensor {key} has dtype {array.dtype} and shape {array.shape}; expected {np.dtype(dtype)} [{size}]")
     return array
 
@@ -356,14 +348,14 @@ def _planes(name: str, layer: dict, exponents: tuple[int, ...], h: int, w: int, 
             ) -> list[PlaneCode]:
     planes = []
     for index, (entry, exponent) in enumerate(zip(layer["plane_codes"], exponents, strict=True)):
-        _need(isinstance(entry, dict) and entry.get("exponent") == exponent, f"layer {name}: bad plane {index}")
+        need(isinstance(entry, dict) and entry.get("exponent") == exponent, f"layer {name}: bad plane {index}")
         storage, digest = entry.get("storage"), entry.get("sha256")
-        _need(isinstance(digest, str) and len(digest) == 64, f"layer {name}: plane {index} has no digest")
+        need(isinstance(digest, str) and len(digest) == 64, f"layer {name}: plane {index} has no digest")
         rank = _int(entry.get("rank"), f"{name}.plane{index}.rank", -1, min(h, w))
         if storage == "packed":
             parts = {"bits": packed_size(h * w)}
         else:
-            _need(storage == "factored" and rank >= 0, f"layer {name}: plane {index} storage {storage!r}")
+            need(storage == "factored" and rank >= 0, f"layer {name}: plane {index} storage {storage!r}")
             parts = {"B": packed_size(h * rank), "C": packed_size(rank * w)}
         stored = {}
         for part, size in parts.items():
@@ -376,27 +368,19 @@ def _planes(name: str, layer: dict, exponents: tuple[int, ...], h: int, w: int, 
 
 def _layer_code(layer: dict, tensors: dict, used: set) -> tuple[str, LayerCode]:
     """One layer's code: the common parts checked here, the kind's own parts by its class."""
-    _need(isinstance(layer, dict) and isinstance(layer.get("name"), str), "corrupt layer entry")
-    name = layer["name"]
-    shape = layer.get("shape")
-    _need(isinstance(shape, list) and len(shape) in (2, 4), f"layer {name}: bad shape {shape!r}")
-    shape = tuple(_int(s, f"{name}.shape", 1, 1 << 31) for s in shape)
-    _need(math.prod(shape) <= MAX_NUMEL, f"layer {name}: shape {shape} too large")
-    kind = CODE_TYPES.get(layer.get("mode")) if isinstance(layer.get("mode"), str) else None
-    _need(kind is not None, f"layer {name}: unknown mode {layer.get('mode')!r}")
-    num_planes = _int(layer.get("planes"), f"{name}.planes", 1, MAX_PLANES)
+    name, shape, kind, num_planes = layer_fields(layer, _int)
     plane_meta, exponents = layer.get("plane_codes"), layer.get("exponents")
-    _need(isinstance(plane_meta, list) and isinstance(exponents, list), f"layer {name}: no plane list")
-    _need(len(plane_meta) == len(exponents) == kind.expected_planes(num_planes),
+    need(isinstance(plane_meta, list) and isinstance(exponents, list), f"layer {name}: no plane list")
+    need(len(plane_meta) == len(exponents) == kind.expected_planes(num_planes),
           f"layer {name}: {len(plane_meta)} planes stored, {kind.expected_planes(num_planes)} expected")
-    exponents = tuple(_int(e, f"{name}.exponent", -MAX_EXPONENT, MAX_EXPONENT) for e in exponents)
+    exponents = exponents_of(exponents, name, _int)
     layer_dtype = layer.get("dtype", "float32")
-    _need(isinstance(layer_dtype, str) and layer_dtype in _DTYPES, f"layer {name}: bad dtype {layer_dtype!r}")
+    need(isinstance(layer_dtype, str) and layer_dtype in _DTYPES, f"layer {name}: bad dtype {layer_dtype!r}")
     h, w = (shape[0], shape[1]) if len(shape) == 2 else (shape[0] * shape[2], shape[1] * shape[3])
     prefix = f"cbd/{name}/"
     try:
         scales = _expect(tensors, prefix + "scales", np.float32, kind.scale_count(shape, layer))
-        _need(bool(np.isfinite(scales).all()), f"layer {name}: non-finite scales")
+        need(bool(np.isfinite(scales).all()), f"layer {name}: non-finite scales")
         used.add(prefix + "scales")
         sign = np.zeros(0, np.uint8)
         if kind.stores_sign:
@@ -421,15 +405,15 @@ def read(path: str | os.PathLike) -> CBDFile:
 def _float_tensor(entry, tensors: dict) -> tuple[str, np.ndarray]:
     """A ``float/<key>`` tensor, its dtype and shape checked against its metadata entry. (Files written before
     the shape was recorded have none: their float tensors are still checked against the model by ``load``.)"""
-    _need(isinstance(entry, dict) and isinstance(entry.get("key"), str), "corrupt float entry")
+    need(isinstance(entry, dict) and isinstance(entry.get("key"), str), "corrupt float entry")
     key, dtype = entry["key"], entry.get("dtype")
-    _need(isinstance(dtype, str) and dtype in _FLOAT_STORED, f"float tensor {key}: unsupported dtype {dtype!r}")
+    need(isinstance(dtype, str) and dtype in _FLOAT_STORED, f"float tensor {key}: unsupported dtype {dtype!r}")
     array = tensors.get("float/" + key)
-    _need(array is not None, f"missing tensor float/{key}")
+    need(array is not None, f"missing tensor float/{key}")
     shape = entry.get("shape", list(array.shape))
-    _need(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape),
+    need(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(is_int(d) and d >= 0 for d in shape),
           f"float tensor {key}: bad shape {shape!r}")
-    _need(array.dtype == _FLOAT_STORED[dtype] and list(array.shape) == shape,
+    need(array.dtype == _FLOAT_STORED[dtype] and list(array.shape) == shape,
           f"tensor float/{key} is {array.dtype} {list(array.shape)}; the metadata says {dtype} {shape}")
     return key, array
 
@@ -444,16 +428,16 @@ def parse(data: bytes) -> CBDFile:
     else:
         meta, tensors, levels, streams = v2.decode_payload(payload)
         meta = _check_meta(meta)
-    _need(len(tensors) <= MAX_TENSORS, "too many tensors")
+    need(len(tensors) <= MAX_TENSORS, "too many tensors")
     used: set[str] = set()
     codes = dict(_layer_code(layer, tensors, used) for layer in meta["layers"])
-    _need(len(codes) == len(meta["layers"]), "duplicate layer names")
+    need(len(codes) == len(meta["layers"]), "duplicate layer names")
     zero_numel = sum(code.numel for code in codes.values() if code.mode == "zero")
-    _need(zero_numel <= MAX_ZERO_NUMEL, f"all-zero layers of {zero_numel} weights in total: too large")
+    need(zero_numel <= MAX_ZERO_NUMEL, f"all-zero layers of {zero_numel} weights in total: too large")
     floats = dict(_float_tensor(entry, tensors) for entry in meta["floats"])
-    _need(len(floats) == len(meta["floats"]), "duplicate float tensor keys")
+    need(len(floats) == len(meta["floats"]), "duplicate float tensor keys")
     used.update("float/" + key for key in floats)
-    _need(used == set(tensors), f"unexpected tensors in file: {sorted(set(tensors) - used)[:5]}")
+    need(used == set(tensors), f"unexpected tensors in file: {sorted(set(tensors) - used)[:5]}")
     for name, signed in levels.items():  # the levels the planes were built from: decoding need not rebuild them
         codes[name].remember_levels(signed)
     for name, stream in streams.items():  # and what the file stored for them: sizes need not re-code them
@@ -499,10 +483,10 @@ def _layer_problem(name: str, code: LayerCode, digests: bool = True) -> str:
 def _tied(parsed: CBDFile) -> dict[str, str]:
     """Tied layer -> the coded layer whose weight it shares, as the file records it (checked)."""
     entries = parsed.meta.get("tied", [])
-    _need(isinstance(entries, list), "corrupt cbdnet metadata: tied")
+    need(isinstance(entries, list), "corrupt cbdnet metadata: tied")
     tied = {}
     for entry in entries:
-        _need(isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry.get("owner") in parsed.codes
+        need(isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry.get("owner") in parsed.codes
               and entry["name"] not in parsed.codes and entry["name"] not in tied, "corrupt tied-layer entry")
         tied[entry["name"]] = entry["owner"]
     return tied

@@ -27,28 +27,23 @@ import zlib
 
 import numpy as np
 
-from ..codec import CODE_TYPES, MAX_PLANES, CodeError, LayerCode
+from ..codec import CodeError, LayerCode
 from ..codec.bits import pack_bits, plane_digest
 from ..codec.code import stored_scales
 from ..codec.floats import FLOATING, constant_value, exact_float16
 from ..codec.stream import FactoredPlane, Stream, StreamError, decode_stream, factor_sizes
 from ..errors import FormatError
+from .entries import exponents_of, is_int, layer_fields, need
 
 __all__ = ["encode_payload", "decode_payload", "MAX_HEADER_BYTES"]
 
 MAX_HEADER_BYTES = 16 << 20
-MAX_NUMEL = 1 << 34
 MAX_LEVELS_PER_BYTE = 4096  # 1/512 bit per weight: far below any code's rate
 MIN_LEVELS_BOUND = 1 << 26
-MAX_EXPONENT = 320
 _U32 = struct.Struct("<I")
 _RAW = {"float32": "<f4", "float16": "<f2", "bfloat16": "<f4", "float64": "<f8", "int64": "<i8", "int32": "<i4",
         "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "?"}
 
-
-def _need(condition: bool, message: str) -> None:
-    if not condition:
-        raise FormatError(message)
 
 
 # ---------------------------------------------------------------- writing
@@ -89,20 +84,20 @@ def encode_payload(meta: dict, codes: list[tuple[str, LayerCode]], floats: list[
 
 def _no_duplicates(pairs: list) -> dict:
     keys = [key for key, _ in pairs]
-    _need(len(set(keys)) == len(keys), "corrupt header: duplicate keys")
+    need(len(set(keys)) == len(keys), "corrupt header: duplicate keys")
     return dict(pairs)
 
 
 def _header(payload: bytes) -> tuple[dict, int]:
-    _need(len(payload) >= _U32.size, "corrupt payload: no header")
+    need(len(payload) >= _U32.size, "corrupt payload: no header")
     length = _U32.unpack_from(payload)[0]
-    _need(length <= len(payload) - _U32.size, f"corrupt payload: header length {length}")
+    need(length <= len(payload) - _U32.size, f"corrupt payload: header length {length}")
     inflater = zlib.decompressobj()
     try:
         text = inflater.decompress(payload[_U32.size:_U32.size + length], MAX_HEADER_BYTES)
     except zlib.error as exc:
         raise FormatError(f"corrupt header: {exc}") from None
-    _need(inflater.eof and not inflater.unconsumed_tail and not inflater.unused_data,
+    need(inflater.eof and not inflater.unconsumed_tail and not inflater.unused_data,
           f"corrupt header: not one zlib stream of at most {MAX_HEADER_BYTES} bytes")
     try:
         meta = json.loads(text, object_pairs_hook=_no_duplicates)
@@ -110,17 +105,14 @@ def _header(payload: bytes) -> tuple[dict, int]:
         raise
     except (ValueError, RecursionError) as exc:
         raise FormatError(f"corrupt header: {str(exc)[:200]}") from None
-    _need(isinstance(meta, dict) and meta.get("format") == "cbdnet", "corrupt header: not cbdnet metadata")
-    _need(isinstance(meta.get("layers"), list) and isinstance(meta.get("floats"), list), "corrupt header: no layers")
+    need(isinstance(meta, dict) and meta.get("format") == "cbdnet", "corrupt header: not cbdnet metadata")
+    need(isinstance(meta.get("layers"), list) and isinstance(meta.get("floats"), list), "corrupt header: no layers")
     return meta, _U32.size + length
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 def _int(value, what: str, low: int, high: int) -> int:
-    _need(_is_int(value) and low <= value <= high, f"corrupt header: {what} = {value!r}"[:200])
+    need(is_int(value) and low <= value <= high, f"corrupt header: {what} = {value!r}"[:200])
     return value
 
 
@@ -129,48 +121,40 @@ class _Cursor:
         self.data, self.pos = data, start
 
     def take(self, size: int, what: str) -> bytes:
-        _need(0 <= size <= len(self.data) - self.pos, f"truncated payload: {what} needs {size} bytes"[:200])
+        need(0 <= size <= len(self.data) - self.pos, f"truncated payload: {what} needs {size} bytes"[:200])
         self.pos += size
         return self.data[self.pos - size:self.pos]
 
 
 def _layer_shape(layer: dict) -> tuple[str, tuple[int, ...], type[LayerCode], tuple[int, ...]]:
-    _need(isinstance(layer, dict) and isinstance(layer.get("name"), str), "corrupt layer entry")
-    name = layer["name"]
-    shape = layer.get("shape")
-    _need(isinstance(shape, list) and len(shape) in (2, 4), f"layer {name}: bad shape")
-    shape = tuple(_int(s, f"{name}.shape", 1, 1 << 31) for s in shape)
-    _need(math.prod(shape) <= MAX_NUMEL, f"layer {name}: shape {shape} too large")
-    kind = CODE_TYPES.get(layer.get("mode")) if isinstance(layer.get("mode"), str) else None
-    _need(kind is not None, f"layer {name}: unknown mode {layer.get('mode')!r}"[:200])
-    planes = _int(layer.get("planes"), f"{name}.planes", 1, MAX_PLANES)
+    name, shape, kind, planes = layer_fields(layer, _int)
     exponents = layer.get("exponents")
-    _need(isinstance(exponents, list) and len(exponents) == kind.expected_planes(planes),
+    need(isinstance(exponents, list) and len(exponents) == kind.expected_planes(planes),
           f"layer {name}: wrong number of exponents")
-    exponents = tuple(_int(e, f"{name}.exponent", -MAX_EXPONENT, MAX_EXPONENT) for e in exponents)
+    exponents = exponents_of(exponents, name, _int)
     low = min(exponents, default=0)
-    _need([e - low for e in exponents] == list(range(len(exponents) - 1, -1, -1)),
+    need([e - low for e in exponents] == list(range(len(exponents) - 1, -1, -1)),
           f"layer {name}: exponents are not consecutive and descending")
     return name, shape, kind, exponents
 
 
 def _stream_entry(layer: dict, name: str, h: int, w: int, nplanes: int) -> tuple[str, list[int], list]:
     stream = layer.get("stream")
-    _need(isinstance(stream, dict), f"layer {name}: no stream entry")
+    need(isinstance(stream, dict), f"layer {name}: no stream entry")
     coding, sizes, factored = stream.get("coding"), stream.get("blob_bytes"), stream.get("factored")
     blobs = {"none": 0, "ans": 1, "gf2+ans": 2}.get(coding) if isinstance(coding, str) else None
-    _need(blobs is not None and (coding == "none") == (nplanes == 0), f"layer {name}: bad coding {coding!r}"[:200])
-    _need(isinstance(sizes, list) and len(sizes) == blobs, f"layer {name}: bad blob sizes")
+    need(blobs is not None and (coding == "none") == (nplanes == 0), f"layer {name}: bad coding {coding!r}"[:200])
+    need(isinstance(sizes, list) and len(sizes) == blobs, f"layer {name}: bad blob sizes")
     sizes = [_int(s, f"{name}.blob_bytes", 6, 1 << 40) for s in sizes]
-    _need(isinstance(factored, list) and (coding == "gf2+ans" or not factored) and len(factored) <= nplanes,
+    need(isinstance(factored, list) and (coding == "gf2+ans" or not factored) and len(factored) <= nplanes,
           f"layer {name}: bad factored-plane list")
     checked = []
     for entry in factored:
-        _need(isinstance(entry, list) and len(entry) == 3, f"layer {name}: bad factored plane")
+        need(isinstance(entry, list) and len(entry) == 3, f"layer {name}: bad factored plane")
         index = _int(entry[0], f"{name}.factored.index", 0, nplanes - 1)
         rank = _int(entry[1], f"{name}.factored.rank", 0, min(h, w))
         checked.append((index, rank, _int(entry[2], f"{name}.factored.crc", 0, (1 << 32) - 1)))
-    _need(len({e[0] for e in checked}) == len(checked), f"layer {name}: a plane is factored twice")
+    need(len({e[0] for e in checked}) == len(checked), f"layer {name}: a plane is factored twice")
     return coding, sizes, checked
 
 
@@ -181,14 +165,14 @@ def _check_budget(layers: list, floats: list, payload_size: int) -> None:
         _name, shape, kind, exponents = _layer_shape(layer)
         total += math.prod(shape) if exponents else 0
     bound = max(MIN_LEVELS_BOUND, MAX_LEVELS_PER_BYTE * payload_size)
-    _need(total <= bound, f"the layers claim {total} coded weights, more than this file's size allows ({bound})")
+    need(total <= bound, f"the layers claim {total} coded weights, more than this file's size allows ({bound})")
     constants = 0
     for entry in floats:
         if isinstance(entry, dict) and entry.get("stored") == "constant" and isinstance(entry.get("shape"), list):
-            _need(len(entry["shape"]) <= 8 and all(_is_int(d) and 0 <= d <= 1 << 40 for d in entry["shape"]),
+            need(len(entry["shape"]) <= 8 and all(is_int(d) and 0 <= d <= 1 << 40 for d in entry["shape"]),
                   "corrupt header: bad constant tensor shape")
             constants += math.prod(entry["shape"])
-    _need(constants <= bound, f"the constant tensors claim {constants} values, more than this file's size allows")
+    need(constants <= bound, f"the constant tensors claim {constants} values, more than this file's size allows")
 
 
 def _decode_layer(layer: dict, cursor: _Cursor
@@ -204,7 +188,7 @@ def _decode_layer(layer: dict, cursor: _Cursor
         raise FormatError(f"layer {name}: {exc}") from None
     prefix = f"cbd/{name}/"
     half = layer.get("scales16", False)
-    _need(half is True or half is False, f"layer {name}: bad scales16 flag")
+    need(half is True or half is False, f"layer {name}: bad scales16 flag")
     width, raw = (2, "<f2") if half else (4, "<f4")
     tensors = {prefix + "scales": np.frombuffer(cursor.take(width * count, f"{name} scales"), raw).astype(np.float32)}
     coding, sizes, factored = _stream_entry(layer, name, h, w, len(exponents))
@@ -245,15 +229,15 @@ def _decode_layer(layer: dict, cursor: _Cursor
 
 
 def _decode_float(entry, cursor: _Cursor) -> tuple[dict, dict[str, np.ndarray]]:
-    _need(isinstance(entry, dict) and isinstance(entry.get("key"), str), "corrupt float entry")
+    need(isinstance(entry, dict) and isinstance(entry.get("key"), str), "corrupt float entry")
     key, dtype, shape, stored = entry["key"], entry.get("dtype"), entry.get("shape"), entry.get("stored")
-    _need(isinstance(dtype, str) and dtype in _RAW, f"float tensor {key}: unsupported dtype {dtype!r}"[:200])
-    _need(isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d) and 0 <= d <= 1 << 40 for d in shape),
+    need(isinstance(dtype, str) and dtype in _RAW, f"float tensor {key}: unsupported dtype {dtype!r}"[:200])
+    need(isinstance(shape, list) and len(shape) <= 8 and all(is_int(d) and 0 <= d <= 1 << 40 for d in shape),
           f"float tensor {key}: bad shape"[:200])
     target = np.float32 if dtype == "bfloat16" else np.dtype(_RAW[dtype]).newbyteorder("=")
     if stored == "constant":
         return _constant(entry, key, shape, target)
-    _need(stored == "raw" or (stored == "float16" and dtype in FLOATING), f"float tensor {key}: bad storage"[:200])
+    need(stored == "raw" or (stored == "float16" and dtype in FLOATING), f"float tensor {key}: bad storage"[:200])
     numpy_dtype = np.dtype("<f2" if stored == "float16" else _RAW[dtype])
     count = math.prod(shape)
     raw = cursor.take(count * numpy_dtype.itemsize, f"float tensor {key}"[:100])
@@ -265,15 +249,15 @@ def _constant(entry: dict, key: str, shape: list, target) -> tuple[dict, dict[st
     """A tensor stored as its one value: the value must be a number that ``target`` holds exactly."""
     value = entry.get("value")
     kind = np.dtype(target)
-    _need(isinstance(value, bool) if kind == np.bool_ else
-          _is_int(value) if np.issubdtype(kind, np.integer) else isinstance(value, (int, float)) and
+    need(isinstance(value, bool) if kind == np.bool_ else
+          is_int(value) if np.issubdtype(kind, np.integer) else isinstance(value, (int, float)) and
           not isinstance(value, bool), f"float tensor {key}: bad constant {value!r}"[:200])
     with np.errstate(over="ignore", invalid="ignore"):
         try:
             cast = np.asarray(value).astype(kind)
         except (OverflowError, ValueError):
             cast = None
-    _need(cast is not None and bool(np.isfinite(cast) if kind.kind == "f" else True) and cast == value,
+    need(cast is not None and bool(np.isfinite(cast) if kind.kind == "f" else True) and cast == value,
           f"float tensor {key}: constant {value!r} does not fit {kind}"[:200])
     entry = {k: v for k, v in entry.items() if k not in ("stored", "value")}
     return entry, {"float/" + key: np.full(shape, cast, dtype=kind)}
@@ -290,7 +274,7 @@ def decode_payload(payload: bytes) -> tuple[dict, dict[str, np.ndarray], dict[st
     layers, floats, levels, streams = [], [], {}, {}
     for layer in meta["layers"]:
         entry, parts, signed, stream = _decode_layer(layer, cursor)
-        _need(not set(parts) & set(tensors), "corrupt header: duplicate layer names")
+        need(not set(parts) & set(tensors), "corrupt header: duplicate layer names")
         layers.append(entry)
         tensors.update(parts)
         streams[entry["name"]] = stream
@@ -298,8 +282,8 @@ def decode_payload(payload: bytes) -> tuple[dict, dict[str, np.ndarray], dict[st
             levels[entry["name"]] = signed
     for item in meta["floats"]:
         entry, parts = _decode_float(item, cursor)
-        _need(not set(parts) & set(tensors), "corrupt header: duplicate float tensor keys")
+        need(not set(parts) & set(tensors), "corrupt header: duplicate float tensor keys")
         floats.append(entry)
         tensors.update(parts)
-    _need(cursor.pos == len(payload), f"corrupt payload: {len(payload) - cursor.pos} bytes after the last tensor")
+    need(cursor.pos == len(payload), f"corrupt payload: {len(payload) - cursor.pos} bytes after the last tensor")
     return {**meta, "layers": layers, "floats": floats}, tensors, levels, streams
