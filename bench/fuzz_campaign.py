@@ -87,6 +87,31 @@ JSON_VALUE = st.recursive(JSON_SCALAR, lambda inner: st.one_of(st.lists(inner, m
 
 
 
+
+def flipped(draw_data, pool) -> bytes:
+    """A file from ``pool`` with 1..8 bytes XOR-ed anywhere (the checksum must refuse it)."""
+    good = draw_data.draw(pool)
+    corrupt = bytearray(good)
+    for _ in range(draw_data.draw(st.integers(1, 8))):
+        corrupt[draw_data.draw(st.integers(0, len(good) - 1))] ^= draw_data.draw(st.integers(1, 255))
+    return bytes(corrupt)
+
+
+def resigned_mutation(draw_data, pool, version: int) -> bytes:
+    """A file from ``pool`` whose payload had bytes flipped, was cut or had bytes spliced in, re-signed as a
+    format-``version`` file (so only the reader's own checks stand between it and a model)."""
+    payload = bytearray(payload_of(draw_data.draw(pool)))
+    kind = draw_data.draw(st.sampled_from(["flip", "cut", "splice"]))
+    if kind == "flip":
+        for _ in range(draw_data.draw(st.integers(1, 8))):
+            payload[draw_data.draw(st.integers(0, len(payload) - 1))] ^= draw_data.draw(st.integers(1, 255))
+    elif kind == "cut":
+        payload = payload[: draw_data.draw(st.integers(0, len(payload)))]
+    else:
+        at = draw_data.draw(st.integers(0, len(payload)))
+        payload[at:at] = draw_data.draw(st.binary(min_size=1, max_size=64))
+    return sign(bytes(payload), version=version)
+
 class Campaign:
     def __init__(self, files: list[bytes], folder: Path, v2_files: list[bytes] = ()) -> None:
         self.files, self.folder, self.v2_files = files + list(v2_files), folder, list(v2_files)
@@ -129,11 +154,7 @@ class Campaign:
         v2_files = st.sampled_from(self.v2_files or self.files)
 
         def flip(draw_data):
-            good = draw_data.draw(files)
-            corrupt = bytearray(good)
-            for _ in range(draw_data.draw(st.integers(1, 8))):
-                corrupt[draw_data.draw(st.integers(0, len(good) - 1))] ^= draw_data.draw(st.integers(1, 255))
-            return bytes(corrupt)
+            return flipped(draw_data, files)
 
         def truncate(draw_data):
             good = draw_data.draw(files)
@@ -146,17 +167,7 @@ class Campaign:
             return sign(blob) if draw_data.draw(st.booleans()) else blob
 
         def resigned(draw_data):
-            payload = bytearray(payload_of(draw_data.draw(files)))
-            kind = draw_data.draw(st.sampled_from(["flip", "cut", "splice"]))
-            if kind == "flip":
-                for _ in range(draw_data.draw(st.integers(1, 8))):
-                    payload[draw_data.draw(st.integers(0, len(payload) - 1))] ^= draw_data.draw(st.integers(1, 255))
-            elif kind == "cut":
-                payload = payload[: draw_data.draw(st.integers(0, len(payload)))]
-            else:
-                at = draw_data.draw(st.integers(0, len(payload)))
-                payload[at:at] = draw_data.draw(st.binary(min_size=1, max_size=64))
-            return sign(bytes(payload))
+            return resigned_mutation(draw_data, files, version=1)
 
         def metadata(draw_data):
             good = draw_data.draw(files)
@@ -213,24 +224,10 @@ class Campaign:
             return buffer.getvalue()
 
         def v2_flip(draw_data):
-            good = draw_data.draw(v2_files)
-            corrupt = bytearray(good)
-            for _ in range(draw_data.draw(st.integers(1, 8))):
-                corrupt[draw_data.draw(st.integers(0, len(good) - 1))] ^= draw_data.draw(st.integers(1, 255))
-            return bytes(corrupt)
+            return flipped(draw_data, v2_files)
 
         def v2_resigned(draw_data):
-            payload = bytearray(payload_of(draw_data.draw(v2_files)))
-            kind = draw_data.draw(st.sampled_from(["flip", "cut", "splice"]))
-            if kind == "flip":
-                for _ in range(draw_data.draw(st.integers(1, 8))):
-                    payload[draw_data.draw(st.integers(0, len(payload) - 1))] ^= draw_data.draw(st.integers(1, 255))
-            elif kind == "cut":
-                payload = payload[: draw_data.draw(st.integers(0, len(payload)))]
-            else:
-                at = draw_data.draw(st.integers(0, len(payload)))
-                payload[at:at] = draw_data.draw(st.binary(min_size=1, max_size=64))
-            return sign(bytes(payload), version=2)
+            return resigned_mutation(draw_data, v2_files, version=2)
 
         def v2_header(draw_data):
             good = draw_data.draw(v2_files)

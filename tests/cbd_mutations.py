@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hypothesis import strategies as st
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
@@ -46,6 +47,14 @@ def sign(payload: bytes, version: int = 1, flags: int = 0) -> bytes:
     """Wrap a payload in a container with a correct length and SHA-256 trailer."""
     head = _PREFIX.pack(MAGIC, version, flags, len(payload)) + payload
     return head + hashlib.sha256(head).digest()
+
+
+def resigned_flips(data, good: bytes, version: int = 1) -> bytes:
+    """``good`` with 1..4 payload bytes XOR-ed (drawn from hypothesis ``data``), re-signed as ``version``."""
+    payload = bytearray(payload_of(good))
+    for _ in range(data.draw(st.integers(1, 4))):
+        payload[data.draw(st.integers(0, len(payload) - 1))] ^= data.draw(st.integers(1, 255))
+    return sign(bytes(payload), version=version)
 
 
 def payload_of(data: bytes) -> bytes:
