@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,29 @@ def test_int8_activations_run_integer_kernels_close_to_torch(tmp_path, small):
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
     assert ops.count("QLinearConv") == 2, ops  # both Conv2d run as integer kernels
+
+
+def test_int8_export_keeps_the_bias_of_a_channel_whose_batchnorm_scale_is_zero(tmp_path):
+    """A pruned channel (BatchNorm gamma 0) folds to a weight step of 0; its output is the BN shift alone.
+    The int32 bias needs the scale x_scale * w_scale, so a zero step must not reach it (it lost the shift:
+    49 % relative output error before the fix, and numpy warned of a division by zero)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 5)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].bias.uniform_(0.2, 1.0)  # every channel's shift is positive: it survives the ReLU
+        model[1].weight[1] = 0.0
+    model, _ = cbdnet.compress(model, cbdnet.RTNConfig(bits=4, granularity="channel"), progress=False)
+    path = tmp_path / "pruned.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division by zero on the way
+        export_onnx(model, path, input_shape=(1, 3, 8, 8), int8=True, calibration=_inputs(4, 2))
+    inits = _inits(path)
+    assert (inits["0.weight_scale"] > 0).all() and not inits["0.weight_quantized"][1].any()
+    batches = _inputs(2, 3)
+    got, want = _ort(path, batches), _torch(model, batches)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.04  # int8 activation noise only (measured 1.2 %)
 
 
 def test_library_refuses_and_leaves_nothing(tmp_path, small):

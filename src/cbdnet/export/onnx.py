@@ -273,6 +273,20 @@ def _fold_bn(gr: _Graph, conv: onnx.NodeProto, levels: np.ndarray, scale: np.nda
     return levels, np.abs(folded).astype(np.float32), ((bias - mean) * factor + beta).astype(np.float32)
 
 
+def _positive_steps(levels: np.ndarray, scale: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every channel whose step is 0 (a folded BatchNorm with gamma 0: the channel's weights decode to 0)
+    gets level 0 and step 1, which decode to the same zeros: a zero weight scale would give its bias the
+    scale ``x_scale * 0``, which no int32 bias can use (the bias was lost, and numpy divided by zero)."""
+    scale = np.asarray(scale, np.float32).reshape(-1)
+    zero = scale == 0
+    if not zero.any():
+        return levels, scale
+    shape = [1] * levels.ndim
+    shape[axis] = -1  # the steps' axis: output channels (axis 1 where a Linear's weight is transposed)
+    rows = np.broadcast_to(zero, (levels.shape[axis],)).reshape(shape)
+    return np.where(rows, 0, levels).astype(levels.dtype), np.where(zero, np.float32(1), scale)
+
+
 def _weight_init(gr: _Graph, model: nn.Module, name: str) -> str:
     pname = f"{name}.weight"
     if pname in gr.inits:
@@ -319,6 +333,7 @@ def _quantize_weights(gr: _Graph, model: nn.Module, codes: dict[str, _Code],
             entry.negated_channels = int((folded[0] != levels).any(axis=tuple(range(1, levels.ndim))).sum())
             levels, scale, bias = folded
             entry.bn_folded = True
+        levels, scale = _positive_steps(levels, scale, axis)
         per_channel = scale.size > 1
         q = gr.add_init(f"{name}.weight_quantized", levels.astype(np.int8))
         s = gr.add_init(f"{name}.weight_scale", scale if per_channel else np.float32(scale.reshape(())))
