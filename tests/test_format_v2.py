@@ -11,14 +11,20 @@ import numpy as np
 import pytest
 import torch
 from cbd_mutations import (
+    header_of,
     json_paths,
+    meta_of,
     outcome,
     payload_of,
+    rebuild,
     replace_at,
     resigned_flips,
+    tensors_of,
+    tiny_file,
     tiny_model,
     v2_header_of,
     v2_with_header,
+    with_header,
 )
 from cbd_mutations import sign as sign_any
 from hypothesis import HealthCheck, given, settings
@@ -202,6 +208,20 @@ def test_header_bombs_and_bad_zlib_are_refused(good):
     huge["layers"][0]["shape"] = [1 << 20, 1 << 10, 3, 3]  # a billion weights from a tiny blob
     with pytest.raises(FormatError):
         parse(v2_with_header(good, huge))
+
+
+def test_duplicate_json_keys_are_refused_by_both_readers(good):
+    """A JSON key given twice (the parser would keep the last one silently) is corruption in either format."""
+    def duplicated(document: dict) -> bytes:  # its first key given once more, before the real one
+        return ("{" + json.dumps(next(iter(document))) + ": null, " + json.dumps(document)[1:]).encode()
+
+    with pytest.raises(FormatError, match="corrupt header: duplicate keys"):
+        parse(v2_with_header(good, duplicated(v2_header_of(good))))
+    v1 = tiny_file(version=1)
+    with pytest.raises(FormatError, match="corrupt payload header: duplicate keys"):
+        parse(with_header(v1, duplicated(header_of(v1))))
+    with pytest.raises(FormatError, match="corrupt cbdnet metadata: duplicate keys"):
+        parse(rebuild(tensors_of(v1), duplicated(meta_of(v1)).decode()))
 
 
 def test_a_wrong_factor_is_refused_by_its_crc(tmp_path):

@@ -53,7 +53,7 @@ from ..fileio import OutputSet, escape_name, read_regular_file
 from ..nn import COMPRESSIBLE, CBDModule, from_module
 from ..nn.walk import coded_keys
 from . import v2
-from .entries import exponents_of, is_int, layer_fields, need
+from .entries import exponents_of, is_int, layer_fields, need, strict_json
 
 __all__ = ["save", "load", "read", "parse", "verify", "atomic_write", "check_writable", "check_fits", "CBDFile",
            "release_free_memory",
@@ -242,24 +242,6 @@ def _split_container(data: bytes) -> tuple[int, bytes]:
     return version, payload
 
 
-def _no_duplicates(pairs: list) -> dict:
-    keys = [key for key, _ in pairs]
-    need(len(set(keys)) == len(keys), "corrupt JSON: duplicate keys")
-    return dict(pairs)
-
-
-def _json(text: bytes | str, what: str):
-    """Parse JSON, turning every parser failure (bad UTF-8, syntax, nesting too deep, a 5,000-digit
-    integer, duplicate keys) into a FormatError."""
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
-    except FormatError:
-        raise
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise FormatError(f"corrupt {what}: {str(exc)[:200]}") from None
-
-
-
 def _tensor_header(payload: bytes) -> dict:
     """Check the safetensors JSON header ourselves before the safetensors parser sees (and allocates for) it:
     a bounded tensor count, known dtypes, at most MAX_DIMS non-negative dimensions, and byte ranges that tile
@@ -267,7 +249,7 @@ def _tensor_header(payload: bytes) -> dict:
     header_len = struct.unpack_from("<Q", payload)[0]
     raw = payload[8:8 + header_len]
     need(raw.count(b"data_offsets") <= MAX_TENSORS, f"corrupt payload: more than {MAX_TENSORS} tensors")
-    header = _json(raw, "payload header")
+    header = strict_json(raw, "payload header")
     need(isinstance(header, dict) and len(header) <= MAX_TENSORS + 1, "corrupt payload header")
     data_len = len(payload) - 8 - header_len
     spans = []
@@ -304,7 +286,7 @@ def _parse_meta(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
         raise FormatError(f"corrupt tensor payload: {str(exc)[:200]}") from None
     raw = st_meta.get("cbdnet")
     need(isinstance(raw, str), "no cbdnet metadata in the payload")
-    return _check_meta(_json(raw, "cbdnet metadata")), tensors
+    return _check_meta(strict_json(raw, "cbdnet metadata")), tensors
 
 
 def _check_meta(meta) -> dict:

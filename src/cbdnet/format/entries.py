@@ -4,13 +4,14 @@ exponents) are checked here once for both."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 
 from ..codec import CODE_TYPES, MAX_PLANES, LayerCode
 from ..errors import FormatError
 
-__all__ = ["need", "is_int", "layer_fields", "exponents_of", "MAX_NUMEL", "MAX_EXPONENT"]
+__all__ = ["need", "is_int", "strict_json", "layer_fields", "exponents_of", "MAX_NUMEL", "MAX_EXPONENT"]
 
 MAX_NUMEL = 1 << 34
 MAX_EXPONENT = 320  # |plane exponent|; float32 ratios need at most ~277, and 2.0**320 cannot overflow
@@ -25,6 +26,22 @@ def need(condition: bool, message: str) -> None:
 
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def strict_json(text: bytes | str, what: str):
+    """Parse JSON, turning every parser failure (bad UTF-8, syntax, nesting too deep, a 5,000-digit
+    integer, duplicate keys) into one ``corrupt {what}: ...`` FormatError."""
+    def no_duplicates(pairs: list) -> dict:
+        keys = [key for key, _ in pairs]
+        need(len(set(keys)) == len(keys), f"corrupt {what}: duplicate keys")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
+    except FormatError:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise FormatError(f"corrupt {what}: {str(exc)[:200]}") from None
 
 
 def layer_fields(layer, as_int: IntCheck) -> tuple[str, tuple[int, ...], type[LayerCode], int]:

@@ -33,7 +33,7 @@ from ..codec.code import stored_scales
 from ..codec.floats import FLOATING, constant_value, exact_float16
 from ..codec.stream import FactoredPlane, Stream, StreamError, decode_stream, factor_sizes
 from ..errors import FormatError
-from .entries import exponents_of, is_int, layer_fields, need
+from .entries import exponents_of, is_int, layer_fields, need, strict_json
 
 __all__ = ["encode_payload", "decode_payload", "MAX_HEADER_BYTES"]
 
@@ -82,12 +82,6 @@ def encode_payload(meta: dict, codes: list[tuple[str, LayerCode]], floats: list[
 
 # ---------------------------------------------------------------- reading
 
-def _no_duplicates(pairs: list) -> dict:
-    keys = [key for key, _ in pairs]
-    need(len(set(keys)) == len(keys), "corrupt header: duplicate keys")
-    return dict(pairs)
-
-
 def _header(payload: bytes) -> tuple[dict, int]:
     need(len(payload) >= _U32.size, "corrupt payload: no header")
     length = _U32.unpack_from(payload)[0]
@@ -99,12 +93,7 @@ def _header(payload: bytes) -> tuple[dict, int]:
         raise FormatError(f"corrupt header: {exc}") from None
     need(inflater.eof and not inflater.unconsumed_tail and not inflater.unused_data,
           f"corrupt header: not one zlib stream of at most {MAX_HEADER_BYTES} bytes")
-    try:
-        meta = json.loads(text, object_pairs_hook=_no_duplicates)
-    except FormatError:
-        raise
-    except (ValueError, RecursionError) as exc:
-        raise FormatError(f"corrupt header: {str(exc)[:200]}") from None
+    meta = strict_json(text, "header")
     need(isinstance(meta, dict) and meta.get("format") == "cbdnet", "corrupt header: not cbdnet metadata")
     need(isinstance(meta.get("layers"), list) and isinstance(meta.get("floats"), list), "corrupt header: no layers")
     return meta, _U32.size + length
