@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import cbdnet
 from cbdnet.calib.configs import ConfigError, config_from_dict
 from cbdnet.calib.stats import collect_stats
-from cbdnet.cli import main
+from cbdnet.cli import commands, main
 from cbdnet.nn import CBDModule
 from cbdnet.zoo.data import digits
 from cbdnet.zoo.models import build, load_weights
@@ -98,6 +99,31 @@ def test_cli_and_python_api_write_byte_identical_files(case, checkpoint, tmp_pat
     assert "planes" not in meta["extra"]["config"] or case != "rtn"  # an RTN run records no planes/bottleneck
     assert meta["extra"]["weights_sha256"] == cbdnet.zoo.models.file_sha256(checkpoint)
 
+
+
+def test_cli_compress_encodes_the_file_once_and_writes_what_the_evaluated_model_encodes_to(checkpoint, tmp_path,
+                                                                                            monkeypatch):
+    """``cbdnet compress -o`` writes the bytes that compress measured for ``file_bytes``: one encoding of the
+    model, not a second one after evaluation; and evaluation between the two changed nothing the file stores."""
+    original = cbdnet.format.cbdfile.encode_file
+    encoded, evaluated = [], []
+
+    def counting(model, **kwargs):
+        encoded.append(original(model, **kwargs))
+        return encoded[-1]
+
+    for name, module in list(sys.modules.items()):  # wherever a cbdnet module imported the encoder from
+        if name.split(".")[0] == "cbdnet" and getattr(module, "encode_file", None) is original:
+            monkeypatch.setattr(module, "encode_file", counting)
+    real_evaluate = commands.evaluate
+    monkeypatch.setattr(commands, "evaluate", lambda model, *a, **k: evaluated.append(model) or
+                        real_evaluate(model, *a, **k))
+    out, report = tmp_path / "m.cbd", tmp_path / "m.json"
+    assert main(["compress", "--arch", "digits-cnn", "--weights", str(checkpoint), "--planes", "4", "--data",
+                 "digits:test", "-o", str(out), "--json", str(report), "--quiet"]) == 0
+    assert len(encoded) == 1 and len(evaluated) == 2  # one encoding; the model evaluated before and after
+    assert out.read_bytes() == encoded[0] and json.loads(report.read_text())["file_bytes"] == len(encoded[0])
+    assert original(evaluated[-1]) == encoded[0]  # the model as it stands after evaluation encodes to these bytes
 
 def test_calibration_takes_pairs_loaders_or_bare_images(checkpoint):
     train = digits("train")

@@ -61,7 +61,7 @@ def test_output_into_a_directory_or_missing_folder_is_refused_before_work(tmp_pa
     def no_work(*args, **kwargs):
         raise AssertionError("compression started although the output was refused")
 
-    monkeypatch.setattr(cli, "compress", no_work)
+    monkeypatch.setattr(cli, "compress_encoded", no_work)
     for target, why in ((tmp_path, "is a directory"), (tmp_path / "absent" / "m.cbd", "does not exist")):
         code, err = run([*COMPRESS, "-o", str(target), "--force"], capsys)
         assert code == 2 and why in one_error_line(err)
@@ -171,7 +171,7 @@ def test_internal_errors_exit_1_without_traceback_unless_debug(capsys, monkeypat
     def crash(*args, **kwargs):
         raise ValueError("first line\nsecond line")
 
-    monkeypatch.setattr(cli, "compress", crash)
+    monkeypatch.setattr(cli, "compress_encoded", crash)
     code, err = run(COMPRESS, capsys)
     assert code == 1 and "internal error: ValueError: first line / second line" in one_error_line(err)
     with pytest.raises(ValueError, match="first line"):

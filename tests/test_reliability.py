@@ -141,13 +141,13 @@ def test_a_failing_report_with_force_leaves_the_old_model(tmp_path, capsys, monk
 def test_an_output_that_appears_during_the_run_is_not_replaced(tmp_path, capsys, monkeypatch):
     """Two runs to the same new -o: the later one (here: a file created while this run works) loses."""
     target = tmp_path / "m.cbd"
-    real = cli.compress
+    real = cli.compress_encoded
 
     def compress_while_another_run_wins(*args, **kwargs):
         target.write_bytes(OLD)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "compress", compress_while_another_run_wins)
+    monkeypatch.setattr(cli, "compress_encoded", compress_while_another_run_wins)
     refused([*COMPRESS, "-o", str(target)], capsys, "appeared while this run was working")
     assert target.read_bytes() == OLD and temps(tmp_path) == []
 
@@ -176,7 +176,7 @@ def test_demo_uses_the_output_policy(tmp_path, capsys, monkeypatch):
 
 def test_a_failed_demo_leaves_no_folder_it_created_and_an_old_one_as_it_was(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "train_digits_cnn", lambda seed, quiet: build("digits-cnn", width=4).eval())
-    real_compress, calls = demo.compress, []
+    real_compress, calls = demo.compress_encoded, []
 
     def compress_then_fail(*args, **kwargs):  # the first model is staged in the folder, then the run fails
         calls.append(1)
@@ -184,7 +184,7 @@ def test_a_failed_demo_leaves_no_folder_it_created_and_an_old_one_as_it_was(tmp_
             raise DataError("the second setting failed")
         return real_compress(*args, **kwargs)
 
-    monkeypatch.setattr(demo, "compress", compress_then_fail)
+    monkeypatch.setattr(demo, "compress_encoded", compress_then_fail)
     new = tmp_path / "new"
     refused(["demo", "--out-dir", str(new), "--quiet"], capsys, "the second setting failed")
     assert len(calls) == 2 and not new.exists()

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..codec import LayerCode
 from ..codec.grid import composite_steps, grid_code, half_steps, round_levels, rtn_steps
-from .stats import LayerStats, gptq_levels, output_error
+from .stats import LayerStats, gptq_levels_stacked, output_error
 
 __all__ = ["Candidate", "layer_candidates", "choose", "CLIP_RATIOS", "RTN_BITS", "COMPOSITE_PLANES", "FREE_LEVELS",
            "level_candidate"]
@@ -47,25 +47,27 @@ def _predicted_loss(weight: np.ndarray, code: LayerCode, stats: LayerStats | Non
     return float(0.5 * (stats.fisher.numpy() * output_error(delta, stats)).sum())
 
 
-def _levels(weight, steps, mag_bits, stats, gptq: bool) -> np.ndarray:
+def _levels(weight, grids, stats, gptq: bool) -> list[np.ndarray]:
+    """The levels of ``weight`` on each ``(steps, mag_bits)`` grid: GPTQ's (all grids in one stacked run)
+    where calibration statistics are there, else rounding."""
     if gptq and stats is not None:
-        return gptq_levels(weight, steps, mag_bits, stats.hessian)
-    return round_levels(weight, steps, mag_bits)
+        return gptq_levels_stacked(weight, grids, stats.hessian)
+    return [round_levels(weight, steps, mag_bits) for steps, mag_bits in grids]
 
 
 def _stored(steps: np.ndarray, half: bool) -> np.ndarray:
     return half_steps(steps) if half else np.asarray(steps, np.float32)
 
 
-def rtn_candidate(weight: np.ndarray, bits: int, stats: LayerStats | None, gptq: bool = True,
-                  clip_ratios=CLIP_RATIOS, half: bool = False) -> Candidate:
-    """The best (lowest predicted loss) per-channel K-bit grid over a few clipping ratios of the step
-    (``half``: each step rounded to float16 first, as the file will store it)."""
+def _rtn_grids(weight, bits: int, clip_ratios, half: bool) -> list[tuple[np.ndarray, int]]:
     base = rtn_steps(weight, bits, "channel")
+    return [(_stored(base * np.float32(ratio), half), bits - 1) for ratio in clip_ratios]
+
+
+def _rtn_best(weight, bits: int, stats, gptq: bool, clip_ratios, grids, levels) -> Candidate:
     best = None
-    for ratio in clip_ratios:
-        steps = _stored(base * np.float32(ratio), half)
-        code = grid_code(_levels(weight, steps, bits - 1, stats, gptq), steps, bits - 1,
+    for ratio, (steps, mag_bits), chosen in zip(clip_ratios, grids, levels, strict=True):
+        code = grid_code(chosen, steps, mag_bits,
                          reason=f"rtn {bits} bits per channel, clip {ratio}{', gptq' if gptq and stats else ''}")
         code.extra["label"] = f"rtn{bits}/ch"
         loss = _predicted_loss(weight, code, stats)
@@ -74,16 +76,24 @@ def rtn_candidate(weight: np.ndarray, bits: int, stats: LayerStats | None, gptq:
     return best
 
 
-def level_candidate(weight: np.ndarray, levels: int, stats: LayerStats | None, gptq: bool = True,
-                    clip_ratios=CLIP_RATIOS, half: bool = False) -> Candidate:
-    """The best per-channel grid of ``levels`` levels per side (step ``max|w_c| / levels`` times a clipping
-    ratio) over a few clipping ratios; rounding clips at the planes' top, ``2^B - 1 >= levels``."""
+def rtn_candidate(weight: np.ndarray, bits: int, stats: LayerStats | None, gptq: bool = True,
+                  clip_ratios=CLIP_RATIOS, half: bool = False) -> Candidate:
+    """The best (lowest predicted loss) per-channel K-bit grid over a few clipping ratios of the step
+    (``half``: each step rounded to float16 first, as the file will store it)."""
+    grids = _rtn_grids(weight, bits, clip_ratios, half)
+    return _rtn_best(weight, bits, stats, gptq, clip_ratios, grids, _levels(weight, grids, stats, gptq))
+
+
+def _level_grids(weight, levels: int, clip_ratios, half: bool) -> list[tuple[np.ndarray, int]]:
     base = rtn_steps(weight, 2, "channel") / np.float32(levels)  # 2-bit RTN's step is max|w_c|
     mag_bits = int(levels).bit_length()
+    return [(_stored(base * np.float32(ratio), half), mag_bits) for ratio in clip_ratios]
+
+
+def _level_best(weight, levels: int, stats, gptq: bool, clip_ratios, grids, chosen_levels) -> Candidate:
     best = None
-    for ratio in clip_ratios:
-        steps = _stored(base * np.float32(ratio), half)
-        code = grid_code(_levels(weight, steps, mag_bits, stats, gptq), steps, mag_bits,
+    for ratio, (steps, mag_bits), chosen in zip(clip_ratios, grids, chosen_levels, strict=True):
+        code = grid_code(chosen, steps, mag_bits,
                          reason=f"{levels} levels per side per channel, clip {ratio}"
                                 f"{', gptq' if gptq and stats else ''}")
         code.extra["label"] = f"L{levels}/ch"
@@ -93,25 +103,56 @@ def level_candidate(weight: np.ndarray, levels: int, stats: LayerStats | None, g
     return best
 
 
-def composite_candidate(weight: np.ndarray, planes: int, stats: LayerStats | None, gptq: bool = True,
-                        bottleneck: float = 0.3, half: bool = False) -> Candidate:
+def level_candidate(weight: np.ndarray, levels: int, stats: LayerStats | None, gptq: bool = True,
+                    clip_ratios=CLIP_RATIOS, half: bool = False) -> Candidate:
+    """The best per-channel grid of ``levels`` levels per side (step ``max|w_c| / levels`` times a clipping
+    ratio) over a few clipping ratios; rounding clips at the planes' top, ``2^B - 1 >= levels``."""
+    grids = _level_grids(weight, levels, clip_ratios, half)
+    return _level_best(weight, levels, stats, gptq, clip_ratios, grids, _levels(weight, grids, stats, gptq))
+
+
+def _composite_grid(weight, planes: int, bottleneck: float, half: bool) -> tuple[list, np.ndarray]:
     steps, factor_from, _ = composite_steps(weight, planes, bottleneck, "channel")
-    steps = _stored(steps, half)
-    code = grid_code(_levels(weight, steps, planes, stats, gptq), steps, planes, factor_from=factor_from,
+    return [(_stored(steps, half), planes)], factor_from
+
+
+def _composite_of(weight, planes: int, stats, gptq: bool, grids, factor_from, levels) -> Candidate:
+    (steps, _), = grids
+    code = grid_code(levels[0], steps, planes, factor_from=factor_from,
                      reason=f"composite J={planes} per channel{', gptq' if gptq and stats else ''}")
     code.extra["label"] = f"cbd J={planes}/ch"
     return Candidate(f"cbd{planes}", code, code.coded_bits(), _predicted_loss(weight, code, stats))
 
 
+def composite_candidate(weight: np.ndarray, planes: int, stats: LayerStats | None, gptq: bool = True,
+                        bottleneck: float = 0.3, half: bool = False) -> Candidate:
+    grids, factor_from = _composite_grid(weight, planes, bottleneck, half)
+    return _composite_of(weight, planes, stats, gptq, grids, factor_from, _levels(weight, grids, stats, gptq))
+
+
 def layer_candidates(weight: np.ndarray, stats: LayerStats | None, gptq: bool = True,
                      rtn_bits=RTN_BITS, composite_planes=COMPOSITE_PLANES, levels=(), half: bool = False
                      ) -> list[Candidate]:
-    """Every candidate code of one layer (``half``: with float16 steps, see :func:`rtn_candidate`)."""
+    """Every candidate code of one layer (``half``: with float16 steps, see :func:`rtn_candidate`). The
+    levels of all candidates' grids come from one :func:`_levels` call: one stacked GPTQ run per layer."""
     weight = np.asarray(weight, np.float32)
-    out = [rtn_candidate(weight, bits, stats, gptq, half=half) for bits in rtn_bits]
-    out += [level_candidate(weight, count, stats, gptq, half=half) for count in levels]
+    plans = []  # (the grids, the candidate of their levels)
+    for bits in rtn_bits:
+        grids = _rtn_grids(weight, bits, CLIP_RATIOS, half)
+        plans.append((grids, lambda lv, b=bits, g=grids: _rtn_best(weight, b, stats, gptq, CLIP_RATIOS, g, lv)))
+    for count in levels:
+        grids = _level_grids(weight, count, CLIP_RATIOS, half)
+        plans.append((grids, lambda lv, c=count, g=grids: _level_best(weight, c, stats, gptq, CLIP_RATIOS, g, lv)))
     if np.any(weight != 0):  # the composite scale search needs a non-zero entry
-        out += [composite_candidate(weight, planes, stats, gptq, half=half) for planes in composite_planes]
+        for planes in composite_planes:
+            grids, factor_from = _composite_grid(weight, planes, 0.3, half)
+            plans.append((grids, lambda lv, p=planes, g=grids, f=factor_from:
+                          _composite_of(weight, p, stats, gptq, g, f, lv)))
+    every = _levels(weight, [grid for grids, _ in plans for grid in grids], stats, gptq)
+    out, first = [], 0
+    for grids, candidate in plans:
+        out.append(candidate(every[first:first + len(grids)]))
+        first += len(grids)
     return out
 
 

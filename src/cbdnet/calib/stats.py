@@ -19,6 +19,7 @@ push each column's error onto the columns not yet quantised, Frantar et al. 2022
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,8 +30,9 @@ from torch import nn
 
 from .batches import CalibrationSet, as_calibration_set
 
-__all__ = ["single_thread", "LayerStats", "collect_stats", "task_loss", "gptq_levels", "output_error",
-           "bias_correct", "bias_correct_if_better", "reestimate_bn", "following_bn", "calibration_loss"]
+__all__ = ["single_thread", "LayerStats", "collect_stats", "task_loss", "gptq_levels", "gptq_levels_stacked",
+           "output_error", "bias_correct", "bias_correct_if_better", "reestimate_bn", "following_bn",
+           "calibration_loss"]
 
 
 @contextmanager
@@ -186,35 +188,64 @@ def gptq_levels(weight: np.ndarray, steps: np.ndarray, mag_bits: int, hessian: t
                 damp: float = 0.01) -> np.ndarray:
     """Signed integer levels on the per-output-channel grid ``steps`` chosen by GPTQ (act order); a grouped
     layer's ``hessian`` ``[groups, d, d]`` is applied to each group's output channels in turn."""
-    if hessian.ndim == 3:
-        out, groups = weight.shape[0], hessian.shape[0]
-        per_out = np.broadcast_to(np.asarray(steps, np.float64).reshape(-1), (out,))
-        size = out // groups
-        return np.concatenate([_gptq_levels(weight[g * size:(g + 1) * size], per_out[g * size:(g + 1) * size],
-                                            mag_bits, hessian[g], damp) for g in range(groups)])
-    return _gptq_levels(weight, steps, mag_bits, hessian, damp)
+    return gptq_levels_stacked(weight, [(steps, mag_bits)], hessian, damp)[0]
 
 
-def _gptq_levels(weight: np.ndarray, steps: np.ndarray, mag_bits: int, hessian: torch.Tensor,
-                 damp: float = 0.01) -> np.ndarray:
-    """Signed integer levels on the per-output-channel grid ``steps`` chosen by GPTQ (act order).
+MAX_STACKED_ELEMENTS = 1 << 22  # float64 weight entries GPTQ updates at once (32 MiB; a few such arrays live)
 
-    Columns are quantised one by one, in order of decreasing ``H`` diagonal; each column's rounding error
-    (scaled by the inverse Hessian) is pushed onto the columns not yet quantised, which minimises
-    ``sum_o dW[o] @ H @ dW[o]`` greedily instead of ``|dW|^2``.
-    """
+
+def gptq_levels_stacked(weight: np.ndarray, grids: Sequence[tuple[np.ndarray, int]], hessian: torch.Tensor,
+                        damp: float = 0.01) -> list[np.ndarray]:
+    """:func:`gptq_levels` of one weight on each ``(steps, mag_bits)`` grid, the same levels as one call per
+    grid: GPTQ treats every output row on its own, so the grids' copies of the weight are stacked as rows of
+    one matrix (up to :data:`MAX_STACKED_ELEMENTS` at once) and the Hessian is factored once, not per grid.
+    A budget tries some 30 grids per layer; their column loops were the calibrated budget's main cost."""
     out = weight.shape[0]
-    w = torch.from_numpy(np.asarray(weight, np.float64).reshape(out, -1).copy())
-    step = torch.from_numpy(np.broadcast_to(np.asarray(steps, np.float64).reshape(-1), (out,)).copy())
-    top = float((1 << mag_bits) - 1)
+    groups = hessian.shape[0] if hessian.ndim == 3 else 1
+    size = out // groups
+    per_out = [np.broadcast_to(np.asarray(steps, np.float64).reshape(-1), (out,)) for steps, _ in grids]
+    tops = [float((1 << mag_bits) - 1) for _, mag_bits in grids]
+    flat = np.asarray(weight, np.float64).reshape(out, -1)
+    parts = [[] for _ in grids]
+    for g in range(groups):
+        rows = slice(g * size, (g + 1) * size)
+        factor = _gptq_factor(hessian[g] if hessian.ndim == 3 else hessian, damp)
+        per_chunk = max(1, MAX_STACKED_ELEMENTS // max(1, size * flat.shape[1]))
+        for first in range(0, len(grids), per_chunk):
+            chosen = range(first, min(first + per_chunk, len(grids)))
+            levels = _gptq_rows(flat[rows], [per_out[i][rows] for i in chosen], [tops[i] for i in chosen], factor)
+            for i, part in zip(chosen, levels, strict=True):
+                parts[i].append(part)
+    return [np.concatenate(part).astype(np.int64).reshape(weight.shape) for part in parts]
+
+
+def _gptq_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dead inputs (zero ``H`` diagonal), the act order, and the upper Cholesky factor of the ordered,
+    damped ``H^-1`` that GPTQ pushes each column's error with."""
     h = hessian.clone()
     dead = torch.diag(h) <= 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     order = torch.argsort(torch.diag(h), descending=True)
-    w, h = w[:, order], h[order][:, order]
+    h = h[order][:, order]
     h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return dead, order, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def _gptq_rows(weight: np.ndarray, steps: list[np.ndarray], tops: list[float], factor) -> list[np.ndarray]:
+    """GPTQ levels of ``weight`` [out, d] on each per-row grid ``steps[k]`` (clamped to ``+-tops[k]``).
+
+    Columns are quantised one by one, in order of decreasing ``H`` diagonal; each column's rounding error
+    (scaled by the inverse Hessian) is pushed onto the columns not yet quantised, which minimises
+    ``sum_o dW[o] @ H @ dW[o]`` greedily instead of ``|dW|^2``. Every step is elementwise per row, so the grids
+    stacked as rows give each the levels it would get alone.
+    """
+    dead, order, upper = factor
+    out, k = weight.shape[0], len(steps)
+    w = torch.from_numpy(np.tile(weight, (k, 1)))
+    step = torch.from_numpy(np.concatenate(steps))
+    top = torch.from_numpy(np.repeat(np.asarray(tops, np.float64), out))
+    w[:, dead] = 0.0
+    w = w[:, order]
     levels = torch.zeros_like(w)
     for col in range(w.shape[1]):
         q = torch.clamp(torch.round(w[:, col] / step), -top, top)
@@ -223,7 +254,7 @@ def _gptq_levels(weight: np.ndarray, steps: np.ndarray, mag_bits: int, hessian: 
         w[:, col + 1:] -= error[:, None] * upper[col, col + 1:][None, :]
     restored = torch.empty_like(levels)
     restored[:, order] = levels
-    return restored.numpy().astype(np.int64).reshape(weight.shape)
+    return list(restored.numpy().reshape(k, out, -1))
 
 
 def output_error(delta: np.ndarray, stats: LayerStats) -> np.ndarray:

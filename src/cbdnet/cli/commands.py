@@ -20,7 +20,7 @@ from ..calib.configs import OPTION_NAMES, ConfigError, config_from_options
 from ..codec import FALLBACK_RULES, GRANULARITIES
 from ..errors import CBDError
 from ..fileio import OutputSet, escape_name, parse_positive_int
-from ..format import compress, encode_file, read, verify
+from ..format import compress_encoded, read, verify
 from ..format.cbdfile import MAX_ARCH_ARG, check_fits
 from ..zoo import load
 from ..zoo.data import calibration_data, load_spec
@@ -140,15 +140,13 @@ def _compress_run(args, config, settings, out: OutputSet, model_path, json_targe
         if checked is not None:
             check_data_fits(model, checked, spec)
     before = _evaluate(model, args.data, args, data)
-    model, report = compress(model, config, calibration=calib, calibration_config=settings, skip=args.skip or (),
-                             progress=not args.quiet, workers=args.workers, float32=args.float32,
-                             fold_bn=not args.no_fold_bn)
+    model, report, encoded = compress_encoded(model, config, calibration=calib, calibration_config=settings,
+                                              skip=args.skip or (), progress=not args.quiet, workers=args.workers,
+                                              float32=args.float32, fold_bn=not args.no_fold_bn)
     report.extra.update({"arch": args.arch, "weights": source, "cbdnet_version": __version__})
     after = _evaluate(model, args.data, args, data)  # before writing: a failure here leaves any old output as it was
-    if model_path is not None:
-        encoded = encode_file(model)
+    if model_path is not None:  # the bytes compress measured (evaluation changes no weight or float tensor)
         out.write(model_path, encoded)
-        report.file_bytes = len(encoded)
     if before is not None:
         report.extra.update({"data": args.data, "eval_before": before, "eval_after": after})
     finish(out, json_target, report.to_dict())  # every output published (or none) before the summary says so

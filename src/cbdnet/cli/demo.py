@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..calib import CBDConfig, UniformConfig
 from ..fileio import OutputSet
-from ..format import compress, encode_file
+from ..format import compress_encoded
 from ..zoo import load
 from ..zoo.data import digits
 from ..zoo.metrics import evaluate_classification
@@ -96,11 +96,10 @@ def _run(out: OutputSet, paths: list[Path], folder: Path, quiet: bool, seed: int
     for (method, planes, bottleneck, fallback), path in zip(SETTINGS, paths, strict=True):
         config = UniformConfig(planes=planes) if method == "uniform" else \
             CBDConfig(planes=planes, bottleneck=bottleneck, fallback=fallback)
-        compressed, report = compress(copy.deepcopy(model), config, progress=not quiet)
+        compressed, report, encoded = compress_encoded(copy.deepcopy(model), config, progress=not quiet)
         uniform_layers = [layer for layer in report.layers if layer.mode == "uniform"]
         label = f"uniform J={planes} (baseline)" if method == "uniform" else \
             f"{'paper' if fallback == 'size' else 'cbdnet'} J={planes} b={bottleneck}"
-        encoded = encode_file(compressed)
         out.write(path, encoded)
         size = len(encoded)
         reloaded = load(out.staged(path))  # the very bytes that will be published

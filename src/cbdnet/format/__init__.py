@@ -2,7 +2,7 @@
 architectures: a loader that builds models by name passes a builder (see :func:`cbdnet.load`)."""
 
 from .cbdfile import FORMAT_VERSION, CBDFile, atomic_write, check_writable, encode_file, load, parse, read, save, verify
-from .fit import compress
+from .fit import compress, compress_encoded
 
-__all__ = ["FORMAT_VERSION", "CBDFile", "atomic_write", "check_writable", "compress", "encode_file", "load", "parse",
-           "read", "save", "verify"]
+__all__ = ["FORMAT_VERSION", "CBDFile", "atomic_write", "check_writable", "compress", "compress_encoded", "encode_file",
+           "load", "parse", "read", "save", "verify"]

@@ -21,7 +21,7 @@ from ..errors import CBDError
 from ..nn import Report
 from .cbdfile import encode_file
 
-__all__ = ["compress", "MAX_BUDGET_TRIES"]
+__all__ = ["compress", "compress_encoded", "MAX_BUDGET_TRIES"]
 
 MAX_BUDGET_TRIES = 3
 
@@ -30,22 +30,37 @@ def compress(model: nn.Module, config=None, **options) -> tuple[nn.Module, Repor
     """Compress ``model`` in place (see :func:`cbdnet.calib.compress` for ``config`` and ``options``); the
     report's ``file_bytes`` is the size :func:`cbdnet.save` will write. Under a ``BudgetConfig`` the whole file
     is at most ``target_bits`` bits per compressed weight, header, float tensors and checksum included
-    (the model is copied once, to restore it if a second try is needed)."""
+    (the model is copied once, to restore it if a second try is needed). To write the file too, use
+    :func:`compress_encoded`: it returns the bytes this call encodes to measure the file, so they need not be
+    encoded again."""
+    model, report, _ = compress_encoded(model, config, **options)
+    return model, report
+
+
+def compress_encoded(model: nn.Module, config=None, **options) -> tuple[nn.Module, Report, bytes]:
+    """:func:`compress`, plus the ``.cbd`` file's bytes: exactly what :func:`cbdnet.save` would write for the
+    returned model (``encode_file(model)``), encoded once. ``report.file_bytes`` is their length."""
     if not isinstance(config, BudgetConfig):
         model, report = compress_layers_of(model, config, **options)
-        report.file_bytes = len(encode_file(model))
-        return model, report
+        return model, report, _measured(model, report)
     pristine = copy.deepcopy(model)
     target = config
     for attempt in range(MAX_BUDGET_TRIES):
         if attempt:
             model.__dict__.update(copy.deepcopy(pristine).__dict__)  # the same object, back to its original state
         model, report = compress_layers_of(model, target, **options)
-        report.file_bytes = len(encode_file(model))
+        encoded = _measured(model, report)
         excess = 8 * report.file_bytes - config.target_bits * report.params
         report.extra["budget_retries"] = attempt
         if excess <= 0:
-            return model, report
+            return model, report, encoded
         target = dataclasses.replace(target, target_bits=target.target_bits - excess / report.params - 1e-3)
     raise CBDError(f"target_bits {config.target_bits}: the file is {report.file_bits_per_weight:.4f} bits per "
                    f"weight after {MAX_BUDGET_TRIES} tries")
+
+
+def _measured(model: nn.Module, report: Report) -> bytes:
+    """The model's file bytes; sets ``report.file_bytes`` to their length."""
+    encoded = encode_file(model)
+    report.file_bytes = len(encoded)
+    return encoded

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..calib.configs import config_from_options
-from ..format import compress, save
+from ..format import atomic_write, compress_encoded
 from ..zoo import load
 from ..zoo.data import calibration_data, load_spec
 from ..zoo.metrics import evaluate
@@ -60,12 +60,14 @@ def run_point(task: dict) -> dict:
     config, settings = config_from_options(options)
     calib = calibration_data(task["calib_data"]) if options.get("calib") else None
     with torch.no_grad():
-        model, report = compress(build_model(task), config, calibration=calib, calibration_config=settings,
-                                 skip=task.get("skip") or (), progress=False)
+        model, report, encoded = compress_encoded(build_model(task), config, calibration=calib,
+                                                  calibration_config=settings, skip=task.get("skip") or (),
+                                                  progress=False)
         compress_seconds = time.perf_counter() - start
         path = Path(task["files_dir"]) / f"{task['key']}.cbd"
-        file_bytes = save(model, path)
-        del model
+        atomic_write(path, encoded)  # what save(model, path) would write, without encoding the model again
+        file_bytes = len(encoded)
+        del model, encoded
         result = evaluate(load(path), load_spec(task["eval_data"]), progress=False)
     return {"file_bits_per_weight": file_bytes * 8 / report.params, "file_bytes": file_bytes,
             "bits_per_weight": report.bits_per_weight, "coded_bits_per_weight": report.coded_bits_per_weight,

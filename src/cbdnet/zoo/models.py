@@ -340,19 +340,27 @@ def torchvision_weights_file(arch: str) -> tuple[Path, str]:
 
 # ---------------------------------------------------------------- the paper's ImageNet/detection/segmentation nets
 
+def _vision(name: str, num_classes: int) -> Callable[..., nn.Module]:
+    """torchvision's classifier ``name`` (weights=None); torchvision is imported when one is built, not when
+    cbdnet is imported (it pulls in torch._dynamo: seconds at every ``cbdnet`` start)."""
+    def builder(num_classes: int = num_classes, **kw) -> nn.Module:
+        from torchvision import models as tv
+        return getattr(tv, name)(weights=None, num_classes=num_classes, **kw)
+    return builder
+
+
+def _ssd300(num_classes: int = 91, **kw) -> nn.Module:
+    from torchvision.models import detection as tvd
+    return tvd.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes, **kw)
+
+
 def _register_zoo() -> None:
     """torchvision definitions (weights=None, so torchvision state dicts load unchanged) and SegNet."""
-    from torchvision import models as tv
-    from torchvision.models import detection as tvd
-
     from .segnet import SegNet, SegNetBasic
 
-    register("resnet18")(lambda num_classes=1000, **kw: tv.resnet18(weights=None, num_classes=num_classes, **kw))
-    register("vgg16")(lambda num_classes=1000, **kw: tv.vgg16(weights=None, num_classes=num_classes, **kw))
-    register("densenet121")(
-        lambda num_classes=1000, **kw: tv.densenet121(weights=None, num_classes=num_classes, **kw))
-    register("ssd300")(lambda num_classes=91, **kw: tvd.ssd300_vgg16(
-        weights=None, weights_backbone=None, num_classes=num_classes, **kw))
+    for name in ("resnet18", "vgg16", "densenet121"):
+        register(name)(_vision(name, 1000))
+    register("ssd300")(_ssd300)
     register("segnet")(SegNet)
     register("segnet-basic")(SegNetBasic)
 
