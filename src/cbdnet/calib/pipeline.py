@@ -8,6 +8,7 @@ walker runs, so the per-layer encoder it calls only looks them up.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -23,11 +24,12 @@ from ..codec.floats import as_float16, stored_float_bytes
 from ..codec.grid import half_steps
 from ..errors import CBDError
 from ..nn.fold import fold_batchnorm, foldable_norms, replace_steps
-from ..nn.report import Report
+from ..nn.report import Report, layer_report
 from ..nn.walk import Encoder, check_skip, compress_layers, compressible_layers, float_state
 from .batches import CalibrationSet, as_calibration_set
 from .budget import choose, layer_candidates, rtn_candidate
 from .configs import BudgetConfig, CalibrationConfig, CBDConfig, CompressConfig, RTNConfig, UniformConfig
+from .reconstruct import refine_rounding
 from .stats import (
     LayerStats,
     bias_correct,
@@ -204,6 +206,16 @@ def _recount_coded_bits(model: nn.Module, report: Report) -> None:
             layer.coded_bits_per_weight = layer.coded_bits / code.numel
 
 
+def _refresh_layers(model: nn.Module, report: Report, originals: dict, names: list[str]) -> None:
+    """The report's entries of the layers whose levels changed after the walk (learned rounding)."""
+    changed = set(names)
+    for index, old in enumerate(report.layers):
+        if old.name in changed:
+            module = model.get_submodule(old.name)
+            report.layers[index] = layer_report(old.name, module, module.code, originals[old.name], old.seconds,
+                                                old.output_positions)
+
+
 def _check_config(config) -> CompressConfig:
     if config is None:
         return CBDConfig()
@@ -239,6 +251,7 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
     layers = compressible_layers(model, skip)
     originals = {name: m.weight.detach().double().cpu().numpy() for name, m in layers}
     calib = _calibrate(model, layers, calibration, settings)
+    float_model = copy.deepcopy(model) if settings.adaround and calib.data is not None else None
     gptq = bool(settings.gptq and calib.stats)
     overhead = 0
     if isinstance(config, BudgetConfig):  # every candidate is a per-channel grid: the pairs found now will fold
@@ -250,8 +263,15 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
         recorded["calibration"] = {**settings.to_dict(), "gptq": gptq}
     model, report = compress_layers(model, encoder, skip=skip, config=recorded, progress=progress, workers=workers,
                                     input_shape=input_shape)
+    rounding = None
+    if float_model is not None:
+        rounding = refine_rounding(model, float_model, [name for name, _ in layers], calib.data, settings.adaround)
+        _refresh_layers(model, report, originals, rounding.layers_changed)
+        del float_model
     if calib.data is not None:
         report.extra["calibration"] = {**_correct(model, originals, calib, settings), **chosen}
+        if rounding is not None:
+            report.extra["calibration"]["adaround"] = rounding.to_dict()
     elif chosen:
         report.extra["budget"] = chosen
     if fold_bn:

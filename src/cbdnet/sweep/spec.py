@@ -57,7 +57,7 @@ class SpecError(SweepError, ValueError):
 
 METHODS = ("cbd", "uniform", "rtn")
 POINT_KEYS = ("method", "bits", "granularity", "planes", "bottleneck", "fallback", "target-bits", "calib",
-              "gptq", "bias-correction", "bn-reestimate", "calib-images", "skip", "label")
+              "gptq", "bias-correction", "bn-reestimate", "adaround", "calib-images", "skip", "label")
 _SPLITS = {"digits": ("train", "test"), "camvid-npz": ("train", "val", "test")}
 _DIR_KINDS = ("imagefolder", "voc")
 RANDOM = "random"
@@ -172,6 +172,7 @@ _CHECKS: dict[str, Check] = {
     "gptq": _bool_check("gptq"),
     "bias-correction": _bool_check("bias-correction"),
     "bn-reestimate": _bool_check("bn-reestimate"),
+    "adaround": _int_check("adaround", 0, 1_000_000),
     "calib-images": _int_check("calib-images", 1),
     "skip": _skip_check,
     "label": _label_check,
@@ -449,6 +450,8 @@ def series_label(point: dict) -> str:
         suffix += " + bias-corr"
     if calib and point.get("bn-reestimate"):
         suffix += " + bn-reest"
+    if calib and point.get("adaround"):
+        suffix += " + adaround"
     if point.get("skip"):
         suffix += f" (skip {len(point['skip'])})"
     return base + suffix
