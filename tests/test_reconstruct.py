@@ -18,7 +18,7 @@ from cbdnet.format import encode_file
 from cbdnet.zoo.data import ClassificationData
 from cbdnet.zoo.models import CifarResNet, build
 
-STEPS = 100
+STEPS = 800
 
 
 def _resnet8() -> nn.Module:
@@ -50,8 +50,9 @@ def test_blocks_are_the_residual_blocks_and_the_lone_layers():
 @pytest.fixture(scope="module")
 def pair():
     """The same 3-bit RTN compress of ResNet-8 (rounded to nearest: GPTQ off) without and with learned rounding
-    (bias correction off, so that the two differ only in the levels). Measured: 4 of the 5 blocks kept, each
-    block's relative output error 10-35 % lower (the linear layer's got worse, so it kept its levels)."""
+    (bias correction off, so that the two differ only in the levels). Measured: 4 of the 5 blocks kept, the
+    residual blocks' relative output errors 4-23 % lower; the linear layer's did not go down, so it kept its
+    levels. (Started near the chosen levels, fewer than ~500 steps move none of them.)"""
     data = _data()
     out = []
     for steps in (0, STEPS):

@@ -206,6 +206,21 @@ def _recount_coded_bits(model: nn.Module, report: Report) -> None:
             layer.coded_bits_per_weight = layer.coded_bits / code.numel
 
 
+def _refine_if_better(model: nn.Module, float_model: nn.Module, names: list[str], calib: _Calibration,
+                      steps: int):
+    """:func:`refine_rounding`, undone unless it lowers the whole model's calibration loss (block errors can
+    fall while the task loss rises: measured on ResNet-20 at 2.5 bits, 0.577 -> 0.604)."""
+    codes = {name: model.get_submodule(name).code for name in names}
+    loss_before = calibration_loss(model, calib.data)
+    rounding = refine_rounding(model, float_model, names, calib.data, steps)
+    rounding.loss = (loss_before, calibration_loss(model, calib.data))
+    if rounding.layers_changed and rounding.loss[1] >= rounding.loss[0]:
+        for name in rounding.layers_changed:
+            model.get_submodule(name).set_code(codes[name])
+        rounding.undone = True
+    return rounding
+
+
 def _refresh_layers(model: nn.Module, report: Report, originals: dict, names: list[str]) -> None:
     """The report's entries of the layers whose levels changed after the walk (learned rounding)."""
     changed = set(names)
@@ -265,7 +280,7 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
                                     input_shape=input_shape)
     rounding = None
     if float_model is not None:
-        rounding = refine_rounding(model, float_model, [name for name, _ in layers], calib.data, settings.adaround)
+        rounding = _refine_if_better(model, float_model, [name for name, _ in layers], calib, settings.adaround)
         _refresh_layers(model, report, originals, rounding.layers_changed)
         del float_model
     if calib.data is not None:

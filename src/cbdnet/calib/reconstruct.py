@@ -5,8 +5,11 @@ code's levels are learned again against the output of the *block* the layer sits
 the layer alone), given the block's input in the compressed model so far, so that errors earlier in the
 network are compensated downstream. The steps (and so the grid and its bit width) stay as chosen.
 
-Per layer, a weight ``w`` on the per-channel grid ``s`` gets ``floor(w / s) + h(V)``, with
-``h(V) = clip(1.2 * sigmoid(V) - 0.1, 0, 1)`` started at the fractional part of ``w / s``. Per block, Adam
+Per layer, a weight ``w`` on the per-channel grid ``s`` whose chosen level is ``q`` (GPTQ's) gets ``b + h(V)``,
+``h(V) = clip(1.2 * sigmoid(V) - 0.1, 0, 1)``, where ``b`` is ``q`` or ``q - 1`` (whichever side of ``w / s`` lets
+it keep ``q`` or move one step toward ``w``), with ``h`` started at 0.15 or 0.85: near ``q``, not saturated.
+(Started at the fractional part of ``w / s``, as in the AdaRound paper, 2,000 steps did worse than GPTQ's
+levels in 10 of ResNet-20's 11 blocks; started at them, better in 8, see BENCHMARKS.md.) Per block, Adam
 minimises ``E|f(x; W(V)) - y|^2 / E|y|^2 + (lam / n) * sum(1 - |2 h(V) - 1|^beta)``: the block output ``f``
 against the float model's ``y``, relative, plus a term that drives every ``h`` to 0 or 1 (off for the first
 20 % of the steps, then ``beta`` annealed from 20 to 2). The hard levels ``floor(w / s) + [h >= 0.5]``,
@@ -47,13 +50,16 @@ class _Stop(Exception):
 class SoftRounding(nn.Module):
     """One layer's learnable rounding on its fixed grid: ``step * clamp(floor(w / step) + h(V), -top, top)``."""
 
-    def __init__(self, weight: torch.Tensor, steps: np.ndarray, top: int) -> None:
+    def __init__(self, weight: torch.Tensor, steps: np.ndarray, top: int, levels: np.ndarray) -> None:
         super().__init__()
         shape = (-1,) + (1,) * (weight.ndim - 1)
         self.step = torch.as_tensor(np.asarray(steps, np.float32)).reshape(shape)
         ratio = weight.detach().float() / self.step
-        self.floor = torch.floor(ratio)
-        start = ((ratio - self.floor + 0.1) / 1.2).clamp(1e-4, 1 - 1e-4)  # h(V) = frac(w / step) at the start
+        chosen = torch.as_tensor(levels, dtype=torch.float32)  # the levels GPTQ (or rounding) chose
+        above = ratio >= chosen
+        self.floor = torch.where(above, chosen, chosen - 1)  # each weight may keep its level or move one toward w
+        near = torch.where(above, 0.15, 0.85)  # h(V) near the chosen level, not saturated (a gradient to move on)
+        start = (near + 0.1) / 1.2
         self.logit = nn.Parameter(torch.log(start / (1 - start)))
         self.top = float(top)
 
@@ -83,11 +89,14 @@ class RoundingResult:
     images: int = 0
     seconds: float = 0.0
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)  # block: relative error before, learned
+    loss: tuple[float, float] | None = None  # the model's calibration loss before and after (set by the caller)
+    undone: bool = False  # the caller restored the previous levels (the calibration loss did not go down)
 
     def to_dict(self) -> dict:
         return {"iters": self.iters, "blocks": self.blocks, "blocks_kept": self.blocks_kept,
                 "layers_changed": len(self.layers_changed), "levels_changed": self.levels_changed,
-                "images": self.images, "seconds": round(self.seconds, 2),
+                "images": self.images, "seconds": round(self.seconds, 2), "undone": self.undone,
+                "calibration_loss": None if self.loss is None else [round(v, 6) for v in self.loss],
                 "block_errors": {name: [round(before, 6), round(after, 6)]
                                  for name, (before, after) in self.errors.items()}}
 
@@ -227,7 +236,7 @@ def _refine_unit(model, float_model, unit_name: str, members: list[str], data: C
         module = model.get_submodule(layer)
         levels, steps = module.code.levels()
         key = layer[len(prefix):] + ".weight" if layer != unit_name else "weight"
-        rounds[key] = SoftRounding(float_model.get_submodule(layer).weight, steps, int(np.abs(levels).max()))
+        rounds[key] = SoftRounding(float_model.get_submodule(layer).weight, steps, int(np.abs(levels).max()), levels)
         codes[key] = (layer, module, levels, steps)
     before = _relative_error(unit, {}, inputs, target)
     _learn(unit, rounds, inputs, target, iters, seed)
