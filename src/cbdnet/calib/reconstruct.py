@@ -12,7 +12,7 @@ it keep ``q`` or move one step toward ``w``), with ``h`` started at 0.15 or 0.85
 levels in 10 of ResNet-20's 11 blocks; started at them, better in 8, see BENCHMARKS.md.) Per block, Adam
 minimises ``E|f(x; W(V)) - y|^2 / E|y|^2 + (lam / n) * sum(1 - |2 h(V) - 1|^beta)``: the block output ``f``
 against the float model's ``y``, relative, plus a term that drives every ``h`` to 0 or 1 (off for the first
-20 % of the steps, then ``beta`` annealed from 20 to 2). The hard levels ``floor(w / s) + [h >= 0.5]``,
+20 % of the steps, then ``beta`` annealed from 20 to 2). The hard levels ``b + [h >= 0.5]``,
 clamped to the code's range, are kept for a block only where they lower its reconstruction error on the
 calibration images below that of the levels it had.
 """
@@ -48,7 +48,8 @@ class _Stop(Exception):
 
 
 class SoftRounding(nn.Module):
-    """One layer's learnable rounding on its fixed grid: ``step * clamp(floor(w / step) + h(V), -top, top)``."""
+    """One layer's learnable rounding on its fixed grid, started at its chosen ``levels``:
+    ``step * clamp(b + h(V), -top, top)``, ``b`` the chosen level or the one below it (see the module text)."""
 
     def __init__(self, weight: torch.Tensor, steps: np.ndarray, top: int, levels: np.ndarray) -> None:
         super().__init__()
@@ -209,24 +210,23 @@ def _refine_units(model, float_model, layers, data, iters, seed, result, modules
     for index, (unit_name, members) in enumerate(reconstruction_units(model, layers)):
         # grid codes only, and not a weight several layers share (one code: refining it per layer would untie it)
         members = [m for m in members if isinstance(modules[m].code, GridCode) and users[id(modules[m].weight)] == 1]
-        unit = modules[unit_name]
         if not members:
             continue
-        per_image = _capture(model, unit, data, 1, "input")
-        if per_image is None:  # a unit called with several inputs: its layers one by one
+        refined = _refine_unit(model, float_model, unit_name, members, data, iters, seed + index, result)
+        if not refined and members != [unit_name]:  # a unit not called with one tensor: its layers one by one
             for layer in members:
                 _refine_unit(model, float_model, layer, [layer], data, iters, seed + index, result)
-            continue
-        _refine_unit(model, float_model, unit_name, members, data, iters, seed + index, result)
 
 
 def _refine_unit(model, float_model, unit_name: str, members: list[str], data: CalibrationSet, iters: int,
-                 seed: int, result: RoundingResult) -> None:
+                 seed: int, result: RoundingResult) -> bool:
+    """Learn the rounding of ``members`` against the output of the module ``unit_name``; False where that
+    module is not called with exactly one tensor (nothing learned)."""
     unit, float_unit = model.get_submodule(unit_name), float_model.get_submodule(unit_name)
     one_in = _capture(model, unit, data, 1, "input")
     one_out = _capture(float_model, float_unit, data, 1, "output")
     if one_in is None or one_out is None:
-        return
+        return False
     images = max(1, min(len(data), MAX_CAPTURE_BYTES // max(1, 4 * (one_in.numel() + one_out.numel()))))
     inputs = _capture(model, unit, data, images, "input")
     target = _capture(float_model, float_unit, data, images, "output")
@@ -247,7 +247,7 @@ def _refine_unit(model, float_model, unit_name: str, members: list[str], data: C
     after = _relative_error(unit, trial, inputs, target)
     result.errors[unit_name] = (before, after)
     if after >= before:
-        return
+        return True
     result.blocks_kept += 1
     for key, (layer, module, levels, steps) in codes.items():
         changed = int((hard[key] != levels).sum())
@@ -259,3 +259,4 @@ def _refine_unit(model, float_model, unit_name: str, members: list[str], data: C
         module.code.extra.update(code.extra)
         result.layers_changed.append(layer)
         result.levels_changed += changed
+    return True
