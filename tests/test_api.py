@@ -42,8 +42,11 @@ def _model(checkpoint) -> nn.Module:
     lambda: cbdnet.UniformConfig(planes=17), lambda: cbdnet.RTNConfig(bits=1),
     lambda: cbdnet.RTNConfig(granularity="row"), lambda: cbdnet.BudgetConfig(target_bits=0.5),
     lambda: cbdnet.BudgetConfig(target_bits=float("nan")),
-    lambda: cbdnet.BudgetConfig(rtn_bits=(), composite_planes=(), levels=()),
-    lambda: cbdnet.BudgetConfig(levels=(0,)),
+    lambda: cbdnet.BudgetConfig(rtn_bits=(), composite_planes=(), levels=(), weighted_levels=()),
+    lambda: cbdnet.BudgetConfig(levels=(0,)), lambda: cbdnet.BudgetConfig(weighted_levels=(0,)),
+    lambda: cbdnet.BudgetConfig(weighted_levels=(float("inf"),)),
+    lambda: cbdnet.BudgetConfig(sensitivity_exponents=(1.5,)), lambda: cbdnet.BudgetConfig(sensitivity_exponents=()),
+    lambda: cbdnet.BudgetConfig(sensitivity_exponents=(True,)),
     lambda: cbdnet.CalibrationConfig(images=0), lambda: cbdnet.CalibrationConfig(bias_correction="maybe"),
 ])
 def test_configs_refuse_bad_fields(make):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from cbdnet.calib.budget import Candidate, choose
+from cbdnet.calib.budget import RTN_BITS, SENSITIVITY_EXPONENTS, Candidate, choose
 from cbdnet.cli import main
 from cbdnet.codec.grid import encode_rtn
 from cbdnet.format import cbdfile as io
@@ -78,5 +78,65 @@ def test_all_zero_layer_gets_candidates_that_decode_to_zero():
     from cbdnet.calib.budget import layer_candidates
 
     weight = np.zeros((4, 3, 3, 3), np.float32)
-    options = layer_candidates(weight, None)
-    assert options and all(not option.code.decode().any() for option in options)
+    options = layer_candidates(weight, None, levels=(3,), weighted_levels=(2, 4))
+    assert len(options) == len(RTN_BITS) + 1 + 2 * len(SENSITIVITY_EXPONENTS)  # no composite code: nothing to factor
+    assert all(not option.code.decode().any() for option in options)
+
+
+def _stats(fisher: np.ndarray, d: int, seed: int = 0):
+    import torch
+
+    from cbdnet.calib.stats import LayerStats
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((4 * d, d))
+    return LayerStats(torch.from_numpy(x.T @ x / len(x)), torch.zeros(d, dtype=torch.float64),
+                      torch.from_numpy(np.asarray(fisher, np.float64)), len(x))
+
+
+def test_weighted_steps_follow_range_at_exponent_0_and_sensitivity_at_1():
+    from cbdnet.calib.budget import weighted_steps
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 4, 3, 3)) * rng.uniform(0.1, 2.0, (8, 1, 1, 1))
+    ranges = np.abs(weight.reshape(8, -1)).max(1)
+    fisher = rng.uniform(0.01, 10.0, 8)
+    steps, mag_bits = weighted_steps(weight, fisher, 5, 0.0)
+    np.testing.assert_allclose(steps, ranges / 5, rtol=1e-6)  # a per-channel grid of 5 levels per side
+    assert mag_bits == 3
+    steps, _ = weighted_steps(weight, fisher, 5, 1.0)
+    np.testing.assert_allclose(steps * np.sqrt(fisher), (steps * np.sqrt(fisher))[0], rtol=1e-6)  # s_c ~ f_c^-1/2
+    assert np.exp(np.log(ranges / steps).mean()) == pytest.approx(5, rel=1e-6)  # 5 levels at the geometric mean
+    steps, _ = weighted_steps(weight, np.ones(8), 5, 1.0)  # without calibration: one step for the layer
+    np.testing.assert_allclose(steps, steps[0], rtol=1e-6)
+
+
+def test_weighted_steps_zero_dead_channels_and_fit_six_bits():
+    from cbdnet.calib.budget import weighted_steps
+    from cbdnet.codec.grid import round_levels
+
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((6, 10)).astype(np.float32)
+    fisher = np.array([1.0, 0.0, 1e6, 1.0, 1e-20, 2.0])  # channel 1 dead, 2 very sensitive, 4 dead to 1e-12
+    steps, mag_bits = weighted_steps(weight, fisher, 3, 1.0)
+    levels = round_levels(weight, steps, mag_bits)
+    assert not levels[[1, 4]].any()  # no bits for channels the loss does not see
+    ranges = np.abs(weight).max(1)
+    assert steps[2] == pytest.approx(ranges[2] / 63, rel=1e-6)  # capped: int8 kernels need no narrowing
+    assert mag_bits == 6 and np.abs(levels).max() == 63
+
+
+def test_weighted_grids_lose_less_than_per_channel_grids_at_equal_size():
+    """Where channels differ in sensitivity, the same coded size buys less predicted loss with steps that
+    follow the sensitivity (the point of the weighted candidates)."""
+    from cbdnet.calib.budget import level_candidate, weighted_candidate
+
+    rng = np.random.default_rng(2)
+    weight = (rng.standard_normal((32, 8, 3, 3)) * 0.1).astype(np.float32)
+    stats = _stats(np.exp(rng.uniform(-3, 3, 32)), 72)
+    plain = [level_candidate(weight, count, stats, clip_ratios=(1.0,)) for count in (2, 3, 4, 6, 8, 12)]
+    weighted = [weighted_candidate(weight, count, 1.0, stats) for count in (1.5, 2, 3, 4, 6, 8, 12)]
+    curve = sorted((c.bits, c.loss) for c in weighted)
+    for candidate in plain[1:-1]:  # inside the weighted curve's range of sizes
+        loss_at = np.exp(np.interp(candidate.bits, [b for b, _ in curve], [np.log(loss) for _, loss in curve]))
+        assert loss_at < 0.8 * candidate.loss, candidate.label

@@ -1,7 +1,8 @@
 """Per-layer settings under a global bit budget (``--target-bits X``).
 
-Every layer gets a list of candidate codes (RTN grids of 2..8 bits per output channel, the composite code
-per channel, each rounded by GPTQ when calibration statistics are there), each with its exact coded size
+Every layer gets a list of candidate codes (RTN grids of 2..8 bits per output channel, grids of L levels per
+side, sensitivity-weighted grids (:func:`weighted_steps`), the composite code per channel, each rounded by GPTQ
+when calibration statistics are there), each with its exact coded size
 (:meth:`cbdnet.codec.LayerCode.coded_bits`: the entropy-coded levels and steps, what format 2 stores) and
 its predicted calibration-loss increase
 ``0.5 * sum_o fisher[o] * dW[o] @ H @ dW[o]`` (:mod:`cbdnet.calib.stats`). The choice minimises the summed
@@ -22,7 +23,8 @@ from ..codec.grid import composite_steps, grid_code, half_steps, round_levels, r
 from .stats import LayerStats, gptq_levels_stacked, output_error
 
 __all__ = ["Candidate", "layer_candidates", "choose", "CLIP_RATIOS", "RTN_BITS", "COMPOSITE_PLANES", "FREE_LEVELS",
-           "level_candidate"]
+           "level_candidate", "weighted_steps", "weighted_candidate", "WEIGHTED_LEVELS", "SENSITIVITY_EXPONENTS",
+           "WEIGHTED_MAX_BITS"]
 
 RTN_BITS = (2, 3, 4, 5, 6, 8)
 COMPOSITE_PLANES = (3, 4)
@@ -30,6 +32,14 @@ COMPOSITE_PLANES = (3, 4)
 # coding the rate follows log2(2L + 1), not the bit width
 FREE_LEVELS = (2, 4, 5, 6, 10, 12, 20)
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7)
+# sensitivity-weighted grids (see weighted_steps): levels per side at the geometric mean of the channels' steps,
+# and the exponents that blend per-channel range (0) into sensitivity (1)
+WEIGHTED_LEVELS = (1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 31)
+SENSITIVITY_EXPONENTS = (0.5, 1.0)
+# at most 63 levels per side: int8 kernels run them without narrowing the activations (ONNX export narrows the
+# inputs of layers with levels above 64, see cbdnet.export)
+WEIGHTED_MAX_BITS = 6
+DEAD_STEP = 16.0  # a channel with no sensitivity gets step 16 * max|w_c|: all its levels round to 0
 
 
 @dataclass
@@ -111,6 +121,67 @@ def level_candidate(weight: np.ndarray, levels: int, stats: LayerStats | None, g
     return _level_best(weight, levels, stats, gptq, clip_ratios, grids, _levels(weight, grids, stats, gptq))
 
 
+def _sensitivity(stats: LayerStats | None, out: int) -> np.ndarray:
+    """Per-output-channel sensitivity: the Fisher weight of the predicted loss, or 1 without statistics (then
+    the predicted loss is the squared error, which weighs every channel alike)."""
+    if stats is None:
+        return np.ones(out)
+    return np.asarray(stats.fisher.numpy(), np.float64)
+
+
+def weighted_steps(weight: np.ndarray, sensitivity: np.ndarray, levels: float, exponent: float,
+                   max_bits: int = WEIGHTED_MAX_BITS) -> tuple[np.ndarray, int]:
+    """float32 per-channel steps that spend bits where the loss is sensitive, and the magnitude bits they need.
+
+    With entropy-coded levels, a weight rounded with step ``s_c`` costs about ``h - log2 s_c`` bits and adds
+    ``s_c^2 / 12`` to its squared error, so channel ``c`` adds about ``f_c * s_c^2 * tr(H) / 12`` to the predicted
+    loss ``0.5 * sum_c f_c dW_c H dW_c`` (``f_c``: ``sensitivity``). Minimising that plus ``lambda`` times the
+    bits gives ``s_c`` proportional to ``f_c^(-1/2)`` (the high-rate optimum), where a per-channel RTN grid sets
+    ``s_c`` proportional to the channel's range ``r_c = max|w_c|``, spending as many bits on an insensitive channel
+    as on a sensitive one. At low rates the high-rate model overstates the gain, so ``exponent`` (``e``) blends:
+    ``s_c = k * r_c^(1 - e) * f_c^(-e / 2)``, with ``k`` set so that the geometric mean of ``r_c / s_c`` over the
+    live channels is ``levels`` (``e = 0`` is a per-channel grid of ``levels`` levels per side; ``e = 1`` without
+    calibration data, ``f_c = 1``, is one step for the whole layer). A channel with no sensitivity (below
+    ``1e-12`` of the largest: a ReLU that is off on every calibration image) gets ``DEAD_STEP * r_c``, so its
+    levels round to 0; steps stay at least ``r_c / (2^max_bits - 1)``.
+    """
+    rows = np.abs(np.asarray(weight, np.float64).reshape(weight.shape[0], -1))
+    ranges = rows.max(axis=1)
+    sensitivity = np.asarray(sensitivity, np.float64)
+    live = (ranges > 0) & (sensitivity > 1e-12 * sensitivity.max()) if sensitivity.max() > 0 else ranges > 0
+    steps = np.where(ranges > 0, DEAD_STEP * ranges, 1.0)
+    if live.any():
+        shape = ranges[live] ** (1.0 - exponent) * sensitivity[live] ** (-0.5 * exponent)
+        levels_now = np.exp(np.mean(np.log(ranges[live] / shape)))  # geometric mean of r_c / shape_c
+        top = float((1 << max_bits) - 1)
+        steps[live] = np.maximum(shape * levels_now / float(levels), ranges[live] / top)
+    largest = int(np.ceil(np.max(ranges[live] / steps[live]) - 1e-9)) if live.any() else 1
+    return steps.astype(np.float32), max(1, min(max_bits, largest.bit_length()))
+
+
+def _weighted_grid(weight, sensitivity, levels: float, exponent: float, half: bool) -> list[tuple[np.ndarray, int]]:
+    steps, mag_bits = weighted_steps(weight, sensitivity, levels, exponent)
+    return [(_stored(steps, half), mag_bits)]
+
+
+def _weighted_of(weight, levels: float, exponent: float, stats, gptq: bool, grids, chosen_levels) -> Candidate:
+    (steps, mag_bits), = grids
+    code = grid_code(chosen_levels[0], steps, mag_bits,
+                     reason=f"sensitivity-weighted steps per channel (exponent {exponent:g}), {levels:g} levels per "
+                            f"side at the geometric mean{', gptq' if gptq and stats else ''}")
+    code.extra["label"] = f"w{levels:g}e{exponent:g}/ch"
+    return Candidate(f"w{levels:g}e{exponent:g}", code, code.coded_bits(), _predicted_loss(weight, code, stats))
+
+
+def weighted_candidate(weight: np.ndarray, levels: float, exponent: float, stats: LayerStats | None,
+                       gptq: bool = True, half: bool = False) -> Candidate:
+    """The sensitivity-weighted grid (:func:`weighted_steps`) of ``levels`` levels per side at the geometric
+    mean and sensitivity ``exponent``, rounded by GPTQ where ``stats`` are there."""
+    weight = np.asarray(weight, np.float32)
+    grids = _weighted_grid(weight, _sensitivity(stats, weight.shape[0]), levels, exponent, half)
+    return _weighted_of(weight, levels, exponent, stats, gptq, grids, _levels(weight, grids, stats, gptq))
+
+
 def _composite_grid(weight, planes: int, bottleneck: float, half: bool) -> tuple[list, np.ndarray]:
     steps, factor_from, _ = composite_steps(weight, planes, bottleneck, "channel")
     return [(_stored(steps, half), planes)], factor_from
@@ -131,8 +202,8 @@ def composite_candidate(weight: np.ndarray, planes: int, stats: LayerStats | Non
 
 
 def layer_candidates(weight: np.ndarray, stats: LayerStats | None, gptq: bool = True,
-                     rtn_bits=RTN_BITS, composite_planes=COMPOSITE_PLANES, levels=(), half: bool = False
-                     ) -> list[Candidate]:
+                     rtn_bits=RTN_BITS, composite_planes=COMPOSITE_PLANES, levels=(), half: bool = False,
+                     weighted_levels=(), exponents=SENSITIVITY_EXPONENTS) -> list[Candidate]:
     """Every candidate code of one layer (``half``: with float16 steps, see :func:`rtn_candidate`). The
     levels of all candidates' grids come from one :func:`_levels` call: one stacked GPTQ run per layer."""
     weight = np.asarray(weight, np.float32)
@@ -143,6 +214,12 @@ def layer_candidates(weight: np.ndarray, stats: LayerStats | None, gptq: bool = 
     for count in levels:
         grids = _level_grids(weight, count, CLIP_RATIOS, half)
         plans.append((grids, lambda lv, c=count, g=grids: _level_best(weight, c, stats, gptq, CLIP_RATIOS, g, lv)))
+    sensitivity = _sensitivity(stats, weight.shape[0])
+    for count in weighted_levels:
+        for exponent in exponents:
+            grids = _weighted_grid(weight, sensitivity, count, exponent, half)
+            plans.append((grids, lambda lv, c=count, e=exponent, g=grids:
+                          _weighted_of(weight, c, e, stats, gptq, g, lv)))
     if np.any(weight != 0):  # the composite scale search needs a non-zero entry
         for planes in composite_planes:
             grids, factor_from = _composite_grid(weight, planes, 0.3, half)

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from ..codec import FALLBACK_RULES, GRANULARITIES, MAX_PLANES
 from ..errors import CBDError
-from .budget import COMPOSITE_PLANES, FREE_LEVELS, RTN_BITS
+from .budget import COMPOSITE_PLANES, FREE_LEVELS, RTN_BITS, SENSITIVITY_EXPONENTS, WEIGHTED_LEVELS
 
 __all__ = ["ConfigError", "CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig", "CalibrationConfig",
            "CompressConfig",
@@ -37,6 +37,18 @@ class ConfigError(CBDError, ValueError):
 def _int_in(value, name: str, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+
+
+def _numbers(values, name: str, low: float, high: float, low_included: bool = True) -> tuple[float, ...]:
+    """``values`` as a tuple of floats, each in ``[low, high]`` (``(low, high]`` unless ``low_included``)."""
+    out = []
+    for value in values:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value > high or value < low or value == low and not low_included:
+            raise ConfigError(f"{name} must hold numbers in {'[' if low_included else '('}{low:g}, {high:g}], "
+                              f"got {value!r}")
+        out.append(float(value))
+    return tuple(out)
 
 
 def _choice(value, name: str, options: tuple[str, ...]) -> None:
@@ -114,16 +126,21 @@ class RTNConfig(_Config):
 @dataclass(frozen=True)
 class BudgetConfig(_Config):
     """The code of every layer chosen among candidates (per-channel RTN with ``rtn_bits`` bits, per-channel
-    composite codes with ``composite_planes`` planes, per-channel grids of ``levels`` levels per side) to
-    minimise the predicted loss, with the whole file (coded layers, float tensors, header) at most
-    ``target_bits`` bits per compressed weight. The loss is predicted from calibration data where it
-    is given, else from the weights' squared error."""
+    composite codes with ``composite_planes`` planes, per-channel grids of ``levels`` levels per side,
+    sensitivity-weighted grids of ``weighted_levels`` levels per side at the geometric mean, one per
+    ``sensitivity_exponents`` entry: :func:`cbdnet.calib.budget.weighted_steps`) to minimise the predicted loss,
+    with the whole file (coded layers, float tensors, header) at most ``target_bits`` bits per compressed weight.
+    The loss is predicted from calibration data where it is given, else from the weights' squared error."""
 
     method: ClassVar[str] = "target-bits"
     target_bits: float = 4.0
     rtn_bits: tuple[int, ...] = RTN_BITS
     composite_planes: tuple[int, ...] = COMPOSITE_PLANES
     levels: tuple[int, ...] = FREE_LEVELS  # per-channel grids of L levels per side (step = max|w| / L)
+    # sensitivity-weighted grids (cbdnet.calib.budget.weighted_steps): levels per side at the geometric mean,
+    # one candidate per exponent (0: steps follow each channel's range; 1: its loss sensitivity)
+    weighted_levels: tuple[float, ...] = WEIGHTED_LEVELS
+    sensitivity_exponents: tuple[float, ...] = SENSITIVITY_EXPONENTS
 
     def __post_init__(self) -> None:
         if isinstance(self.target_bits, bool) or not isinstance(self.target_bits, (int, float)) \
@@ -135,8 +152,16 @@ class BudgetConfig(_Config):
         object.__setattr__(self, "levels", tuple(self.levels))
         for count in self.levels:
             _int_in(count, "levels", 1, (1 << 16) - 1)
-        if not self.rtn_bits and not self.composite_planes and not self.levels:
-            raise ConfigError("BudgetConfig needs at least one candidate code (rtn_bits or composite_planes)")
+        object.__setattr__(self, "weighted_levels", _numbers(self.weighted_levels, "weighted_levels", 0.0, 127.0,
+                                                            low_included=False))
+        object.__setattr__(self, "sensitivity_exponents", _numbers(self.sensitivity_exponents,
+                                                                  "sensitivity_exponents", 0.0, 1.0))
+        if self.weighted_levels and not self.sensitivity_exponents:
+            raise ConfigError("sensitivity_exponents must not be empty when weighted_levels are given")
+        weighted = bool(self.weighted_levels)
+        if not self.rtn_bits and not self.composite_planes and not self.levels and not weighted:
+            raise ConfigError("BudgetConfig needs at least one candidate code (rtn_bits, composite_planes, levels "
+                              "or weighted_levels)")
         for bits in self.rtn_bits:
             _int_in(bits, "rtn_bits", 2, 17)
         for planes in self.composite_planes:

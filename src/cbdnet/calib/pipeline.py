@@ -121,7 +121,9 @@ def _budget_encoder(config: BudgetConfig, originals: dict, calib: _Calibration, 
         with single_thread():
             candidates[name] = layer_candidates(weight.astype(np.float32), calib.stats.get(name), gptq=gptq,
                                                 rtn_bits=config.rtn_bits, composite_planes=config.composite_planes,
-                                                levels=config.levels, half=half)
+                                                levels=config.levels, half=half,
+                                                weighted_levels=config.weighted_levels,
+                                                exponents=config.sensitivity_exponents)
     params = sum(weight.size for weight in originals.values())
     try:  # the whole file: the layers get what the header, float tensors and container leave
         chosen = choose(candidates, config.target_bits * params - overhead_bits)
