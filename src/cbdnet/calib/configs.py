@@ -177,7 +177,9 @@ class CalibrationConfig(_Config):
     ``gptq``: error-compensating rounding for RTN and budgeted codes. ``bias_correction``: remove each layer's
     mean output shift (``"auto"``: kept only where it lowers the calibration loss). ``bn_reestimate``:
     recompute BatchNorm statistics on the calibration images (off by default: from 1,000 images it re-fits
-    noisy statistics and raised the loss where measured). ``adaround``: after the codes are chosen, learn
+    noisy statistics and raised the loss where measured). ``refit``: after the codes are chosen, round every
+    GPTQ-rounded grid again, layer by layer on the compressed model, against the float layer's output
+    (:mod:`cbdnet.calib.refit`; on by default where GPTQ runs). ``adaround``: after the codes are chosen, learn
     every grid code's rounding block by block for this many steps per block (:mod:`cbdnet.calib.reconstruct`;
     0, the default: off; 2,000 is the measured setting)."""
 
@@ -187,12 +189,13 @@ class CalibrationConfig(_Config):
     bias_correction: bool | str = "auto"
     bn_reestimate: bool = False
     adaround: int = 0
+    refit: bool = True
 
     def __post_init__(self) -> None:
         if self.images is not None:
             _int_in(self.images, "images", 1, 1 << 31)
         _int_in(self.adaround, "adaround", 0, 1_000_000)
-        for name in ("gptq", "bn_reestimate"):
+        for name in ("gptq", "bn_reestimate", "refit"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.bias_correction not in BIAS_CORRECTION or isinstance(self.bias_correction, int) \
@@ -226,7 +229,7 @@ class OptionError(CBDError, ValueError):
 
 # The ``compress`` option names (CLI flags without ``--``, sweep spec keys) that :func:`config_from_options` reads.
 OPTION_NAMES = ("method", "bits", "granularity", "planes", "bottleneck", "fallback", "target-bits", "calib",
-                "calib-images", "gptq", "bias-correction", "bn-reestimate", "adaround")
+                "calib-images", "gptq", "bias-correction", "bn-reestimate", "adaround", "refit")
 
 
 def _given(options: dict, prefix: str, *names: str) -> list[str]:
@@ -266,19 +269,24 @@ def _method_config(options: dict, prefix: str) -> CompressConfig:
 def _calibration_config(options: dict, config: CompressConfig, prefix: str) -> CalibrationConfig:
     get = options.get
     if not get("calib"):
-        _refuse(_given(options, prefix, "calib-images", "gptq", "bias-correction", "bn-reestimate", "adaround"),
+        _refuse(_given(options, prefix, "calib-images", "gptq", "bias-correction", "bn-reestimate", "adaround",
+                       "refit"),
                 f"they need {prefix}calib")
         return CalibrationConfig()
     gptq_used = isinstance(config, BudgetConfig) or isinstance(config, RTNConfig) and config.granularity == "channel"
     if get("gptq") is not None and not gptq_used:
         raise OptionError(f"{prefix}gptq/{prefix}no-gptq apply to {prefix}method rtn per channel and "
                           f"{prefix}target-bits only")
+    if get("refit") is not None and not gptq_used:
+        raise OptionError(f"{prefix}refit/{prefix}no-refit apply to {prefix}method rtn per channel and "
+                          f"{prefix}target-bits only (it re-rounds GPTQ's grids)")
     if get("adaround") and not isinstance(config, (BudgetConfig, RTNConfig)):
         raise OptionError(f"{prefix}adaround applies to {prefix}method rtn and {prefix}target-bits only (their "
                           f"codes are grids)")
     return CalibrationConfig(images=get("calib-images"), gptq=True if get("gptq") is None else get("gptq"),
                              bias_correction="auto" if get("bias-correction") is None else get("bias-correction"),
-                             bn_reestimate=bool(get("bn-reestimate")), adaround=get("adaround") or 0)
+                             bn_reestimate=bool(get("bn-reestimate")), adaround=get("adaround") or 0,
+                             refit=True if get("refit") is None else get("refit"))
 
 
 def config_from_options(options: dict, prefix: str = "") -> tuple[CompressConfig, CalibrationConfig]:

@@ -30,6 +30,7 @@ from .batches import CalibrationSet, as_calibration_set
 from .budget import choose, layer_candidates, rtn_candidate
 from .configs import BudgetConfig, CalibrationConfig, CBDConfig, CompressConfig, RTNConfig, UniformConfig
 from .reconstruct import refine_rounding
+from .refit import refit_levels
 from .stats import (
     LayerStats,
     bias_correct,
@@ -271,8 +272,10 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
     layers = compressible_layers(model, skip)
     originals = {name: m.weight.detach().double().cpu().numpy() for name, m in layers}
     calib = _calibrate(model, layers, calibration, settings)
-    float_model = copy.deepcopy(model) if settings.adaround and calib.data is not None else None
     gptq = bool(settings.gptq and calib.stats)
+    refit = settings.refit and gptq and (isinstance(config, BudgetConfig)
+                                         or isinstance(config, RTNConfig) and config.granularity == "channel")
+    float_model = copy.deepcopy(model) if (settings.adaround or refit) and calib.data is not None else None
     overhead = 0
     if isinstance(config, BudgetConfig):  # every candidate is a per-channel grid: the pairs found now will fold
         folds = foldable_norms(model, {name for name, _ in layers}) if fold_bn else []
@@ -283,16 +286,21 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
         recorded["calibration"] = {**settings.to_dict(), "gptq": gptq}
     model, report = compress_layers(model, encoder, skip=skip, config=recorded, progress=progress, workers=workers,
                                     input_shape=input_shape)
-    rounding = None
-    if float_model is not None:
+    rounding = refitted = None
+    if refit:
+        refitted = refit_levels(model, float_model, [name for name, _ in layers], calib.data)
+        _refresh_layers(model, report, originals, [] if refitted.undone else refitted.layers_changed)
+    if float_model is not None and settings.adaround:
         rounding = _refine_if_better(model, float_model, [name for name, _ in layers], calib, settings.adaround)
         _refresh_layers(model, report, originals, rounding.layers_changed)
-        del float_model
+    del float_model
     if calib.data is not None:
         loss_now = None if rounding is None else rounding.loss[0] if rounding.undone else rounding.loss[1]
         report.extra["calibration"] = {**_correct(model, originals, calib, settings, loss_now), **chosen}
         if rounding is not None:
             report.extra["calibration"]["adaround"] = rounding.to_dict()
+        if refitted is not None:
+            report.extra["calibration"]["refit"] = refitted.to_dict()
     elif chosen:
         report.extra["budget"] = chosen
     if fold_bn:

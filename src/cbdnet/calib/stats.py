@@ -30,9 +30,9 @@ from torch import nn
 
 from .batches import CalibrationSet, as_calibration_set
 
-__all__ = ["single_thread", "LayerStats", "collect_stats", "task_loss", "gptq_levels", "gptq_levels_stacked",
-           "output_error", "bias_correct", "bias_correct_if_better", "reestimate_bn", "following_bn",
-           "calibration_loss"]
+__all__ = ["single_thread", "LayerStats", "collect_stats", "input_patches", "task_loss", "gptq_levels",
+           "gptq_levels_stacked", "output_error", "bias_correct", "bias_correct_if_better", "reestimate_bn",
+           "following_bn", "calibration_loss"]
 
 
 @contextmanager
@@ -85,8 +85,9 @@ class LayerStats:
         return LayerStats(self.hessian[index], self.mean[index], self.fisher[rows], self.samples)
 
 
-def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Input columns ``[N * positions, d]`` in the order of ``weight.reshape(out, -1)``."""
+def input_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Linear or Conv2d layer's input columns ``[N * positions, d]`` for its input ``x``, in the order of
+    ``weight.reshape(out, -1)``."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
     cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
@@ -108,7 +109,7 @@ def _patch_chunks(module: nn.Module, x: torch.Tensor, positions: int, generator:
     images_per_chunk = max(1, MAX_PATCH_ELEMENTS // max(1, positions * d))
     for start in range(0, x.shape[0], images_per_chunk):
         part = x[start:start + images_per_chunk]
-        cols = _patches(module, part)
+        cols = input_patches(module, part)
         per_image = cols.shape[0] // part.shape[0]
         if per_image > MAX_POSITIONS:
             keep = torch.cat([i * per_image + torch.randperm(per_image, generator=generator)[:MAX_POSITIONS]

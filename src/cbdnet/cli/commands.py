@@ -372,6 +372,10 @@ def _method_args(parser: argparse.ArgumentParser) -> None:
                              "lowers the calibration loss)")
     parser.add_argument("--bn-reestimate", action=argparse.BooleanOptionalAction, default=None,
                         help="with --calib: recompute BatchNorm statistics on the calibration images (default off)")
+    parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --calib: after the codes are chosen, round each GPTQ grid again on the compressed "
+                             "model so far, against the float layer's output (default on; rtn per channel and "
+                             "--target-bits)")
     parser.add_argument("--adaround", type=_bounded("--adaround", 0, 1_000_000), default=None, metavar="STEPS",
                         help="with --calib and --target-bits or --method rtn: learn each block's rounding for STEPS "
                              "optimiser steps after the codes are chosen (AdaRound/BRECQ; 2000 measured; 0: off, "

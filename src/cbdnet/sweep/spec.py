@@ -57,7 +57,7 @@ class SpecError(SweepError, ValueError):
 
 METHODS = ("cbd", "uniform", "rtn")
 POINT_KEYS = ("method", "bits", "granularity", "planes", "bottleneck", "fallback", "target-bits", "calib",
-              "gptq", "bias-correction", "bn-reestimate", "adaround", "calib-images", "skip", "label")
+              "gptq", "bias-correction", "bn-reestimate", "adaround", "refit", "calib-images", "skip", "label")
 _SPLITS = {"digits": ("train", "test"), "camvid-npz": ("train", "val", "test")}
 _DIR_KINDS = ("imagefolder", "voc")
 RANDOM = "random"
@@ -173,6 +173,7 @@ _CHECKS: dict[str, Check] = {
     "bias-correction": _bool_check("bias-correction"),
     "bn-reestimate": _bool_check("bn-reestimate"),
     "adaround": _int_check("adaround", 0, 1_000_000),
+    "refit": _bool_check("refit"),
     "calib-images": _int_check("calib-images", 1),
     "skip": _skip_check,
     "label": _label_check,
@@ -452,6 +453,8 @@ def series_label(point: dict) -> str:
         suffix += " + bn-reest"
     if calib and point.get("adaround"):
         suffix += " + adaround"
+    if calib and point.get("refit") is False:
+        suffix += " (no refit)"
     if point.get("skip"):
         suffix += f" (skip {len(point['skip'])})"
     return base + suffix

@@ -1,0 +1,197 @@
+"""Sequential, output-matching GPTQ: each chosen grid re-rounded against the float layer's output.
+
+The budget's GPTQ rounds every layer against its own output error on the *float* model's inputs,
+``min E|W x - W_hat x|^2``. In the compressed network the layer sees ``x~``, its input after every earlier layer
+was compressed, so what reaches its output is ``W x - W_hat x~``. Here every grid code's levels are rounded
+again, layer by layer in module order on the compressed model so far, to minimise that error::
+
+    E|W x - W_hat x~|^2 = (W_hat - W*) H~ (W_hat - W*)^T + const,   H~ = E[x~ x~^T],   W* = W E[x x~^T] H~^-1
+
+that is, GPTQ with the compressed inputs' Hessian ``H~`` toward the target ``W*``, which absorbs the error the
+earlier layers left (the asymmetric objective some GPTQ variants use). Steps, bit widths and so the grids stay
+as chosen. A layer keeps its new levels only where they lower that error; the whole step is undone unless it
+lowers the compressed model's KL divergence from the float model on the calibration images.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..codec.code import GridCode
+from ..codec.grid import grid_code
+from .batches import CalibrationSet, as_calibration_set
+from .stats import gptq_levels, input_patches, single_thread
+
+__all__ = ["RefitResult", "refit_levels", "calibration_kl", "POSITIONS"]
+
+POSITIONS = 256  # input patches per image that enter the moments (a seeded random subset)
+DAMP = 0.01  # added to H~'s diagonal, relative to its mean, before it is inverted (as GPTQ damps)
+
+
+@dataclass
+class RefitResult:
+    """What :func:`refit_levels` did, for the report."""
+
+    layers: int = 0
+    layers_changed: list[str] = field(default_factory=list)
+    levels_changed: int = 0
+    kl: tuple[float, float] | None = None  # calibration KL(float || compressed) before, after
+    undone: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "layers_changed": len(self.layers_changed),
+                "levels_changed": self.levels_changed, "kl_before": self.kl[0] if self.kl else None,
+                "kl_after": self.kl[1] if self.kl else None, "undone": self.undone,
+                "seconds": round(self.seconds, 2)}
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: the rest of the forward pass is not needed."""
+
+
+def _inputs(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+    """``layer``'s input tensor for ``images`` (the forward pass stops there), or None where it is not called
+    with one tensor."""
+    got = []
+
+    def hook(_module, args):
+        if len(args) == 1 and isinstance(args[0], torch.Tensor):
+            got.append(args[0].detach())
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad(), suppress(_Stop):
+            model(images)
+    finally:
+        handle.remove()
+    return got[0] if got else None
+
+
+def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> tuple | None:
+    """``(H~, E[x x~^T])`` of layer ``name`` over the calibration images (None where it cannot be captured)."""
+    layer, float_layer = model.get_submodule(name), float_model.get_submodule(name)
+    hessian = cross = None
+    count = 0
+    for images, _labels in data.batches(data.batch_size_for(100)):
+        compressed_in, float_in = _inputs(model, layer, images), _inputs(float_model, float_layer, images)
+        if compressed_in is None or float_in is None:
+            return None
+        x_tilde, x = input_patches(layer, compressed_in.float()), input_patches(layer, float_in.float())
+        per_image = x.shape[0] // len(images)
+        if per_image > POSITIONS:
+            keep = torch.cat([i * per_image + torch.randperm(per_image, generator=generator)[:POSITIONS]
+                              for i in range(len(images))])
+            x_tilde, x = x_tilde[keep], x[keep]
+        part_hessian, part_cross = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()  # float32 products
+        hessian = part_hessian if hessian is None else hessian + part_hessian
+        cross = part_cross if cross is None else cross + part_cross
+        count += x.shape[0]
+    return hessian / count, cross / count
+
+
+def _output_error(levels: np.ndarray, steps: np.ndarray, weight: torch.Tensor, hessian: torch.Tensor,
+                  cross: torch.Tensor) -> float:
+    """``E|W x - W_hat x~|^2`` up to a constant: ``sum_o W_hat[o] H~ W_hat[o] - 2 W[o] E[x x~^T] W_hat[o]``."""
+    approx = torch.from_numpy(levels.reshape(levels.shape[0], -1).astype(np.float64) * steps.reshape(-1, 1))
+    return float(((approx @ hessian) * approx).sum() - 2.0 * ((weight @ cross) * approx).sum())
+
+
+def _target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """``W* = W E[x x~^T] H~^-1``, written ``W + W (E[x x~^T] - H~) H~^-1`` so that damping ``H~`` shrinks only
+    the correction: where the inputs are the float ones (``x~ = x``, the first layer) the target is ``W``."""
+    damped = hessian + DAMP * torch.diag(hessian).mean() * torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    return weight + torch.linalg.solve(damped, (weight @ (cross - hessian)).T).T  # H~ is symmetric
+
+
+def _refit_layer(model, float_model, name: str, data: CalibrationSet, generator, result: RefitResult) -> None:
+    module = model.get_submodule(name)
+    code = module.code
+    moments = _moments(model, float_model, name, data, generator)
+    if moments is None:
+        return
+    hessian, cross = moments
+    weight = float_model.get_submodule(name).weight.detach().double().reshape(code.shape[0], -1)
+    levels, steps = code.levels()
+    steps = np.broadcast_to(steps.reshape(-1), (code.shape[0],)).astype(np.float64)
+    new = gptq_levels(_target(weight, hessian, cross).numpy().reshape(code.shape), steps.astype(np.float32),
+                      code.num_planes, hessian)
+    result.layers += 1
+    if _output_error(new, steps, weight, hessian, cross) >= _output_error(levels, steps, weight, hessian, cross):
+        return
+    changed = int((new != levels).sum())
+    if changed:
+        factor_from = min((p.exponent for p in code.planes if p.rank >= 0), default=None)
+        module.set_code(grid_code(new, code.scales(), code.num_planes, factor_from=factor_from,
+                                  reason=f"{code.reason}, refit"))
+        module.code.extra.update(code.extra)
+        result.layers_changed.append(name)
+        result.levels_changed += changed
+
+
+@torch.no_grad()
+def calibration_kl(model: nn.Module, float_model: nn.Module, data) -> float:
+    """Mean ``KL(float || compressed)`` of the class (or per-pixel) distributions over the calibration images
+    (``data``: a :class:`CalibrationSet` or anything :func:`as_calibration_set` takes)."""
+    data = as_calibration_set(data, float_model)
+    total, count = 0.0, 0
+    for images, _labels in data.batches(data.batch_size_for(100)):
+        out, ref = model(images), float_model(images)
+        if isinstance(out, dict):
+            out, ref = out["out"], ref["out"]
+        total += float(F.kl_div(F.log_softmax(out.float(), 1), F.log_softmax(ref.float(), 1), log_target=True,
+                                reduction="sum")) / (out[0, 0].numel() if out.ndim > 2 else 1)
+        count += len(images)
+    return total / max(count, 1)
+
+
+def refit_levels(model: nn.Module, float_model: nn.Module, layers: list[str], data, seed: int = 0) -> RefitResult:
+    """Re-round, in module order, every grid-coded layer of ``layers`` in the compressed ``model`` (in place;
+    ``float_model``: the network before compression) against the float layer's output on the calibration
+    ``data`` (as :func:`calibration_kl` takes it), see the module text. Linear and ungrouped Conv2d layers only;
+    a weight several layers share keeps its code."""
+    start = time.perf_counter()
+    data = as_calibration_set(data, float_model)
+    result = RefitResult()
+    modules = dict(model.named_modules())
+    users = Counter(id(m.weight) for m in modules.values() if getattr(m, "code", None) is not None)
+    wanted = set(layers)
+    names = [name for name, m in modules.items() if name in wanted and isinstance(getattr(m, "code", None), GridCode)
+             and users[id(m.weight)] == 1 and _refittable(m)]
+    codes = {name: modules[name].code for name in names}
+    modes = [(m, m.training) for m in (model, float_model)]
+    model.eval()
+    float_model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        with single_thread():
+            before = calibration_kl(model, float_model, data)
+            for name in names:
+                _refit_layer(model, float_model, name, data, generator, result)
+            after = calibration_kl(model, float_model, data) if result.layers_changed else before
+    finally:
+        for module, training in modes:
+            module.train(training)
+    result.kl = (before, after)
+    if after >= before and result.layers_changed:
+        for name in result.layers_changed:
+            modules[name].set_code(codes[name])
+        result.undone = True
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _refittable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
+        and not isinstance(module.padding, str)

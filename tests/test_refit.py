@@ -1,0 +1,138 @@
+"""Sequential output-matching GPTQ after the codes are chosen (``CalibrationConfig(refit=...)``, ``--refit``)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cbdnet
+from cbdnet.calib import refit as refit_module
+from cbdnet.calib.refit import calibration_kl, refit_levels
+from cbdnet.calib.stats import input_patches
+from cbdnet.cli import main
+from cbdnet.format import encode_file
+from cbdnet.zoo.data import ClassificationData
+from cbdnet.zoo.models import CifarResNet
+
+
+def _resnet8() -> nn.Module:
+    torch.manual_seed(0)
+    model = CifarResNet(1, num_classes=4)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _data(n: int = 96, seed: int = 0) -> ClassificationData:
+    g = torch.Generator().manual_seed(seed)
+    return ClassificationData(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g), "toy")
+
+
+def _codes(model) -> dict:
+    return {name: m.code for name, m in model.named_modules() if getattr(m, "code", None) is not None}
+
+
+@pytest.fixture(scope="module")
+def compressed():
+    """ResNet-8, 3-bit RTN per channel with GPTQ, no refit and no bias correction (so refit alone changes it)."""
+    float_model = _resnet8()
+    settings = cbdnet.CalibrationConfig(bias_correction=False, refit=False)
+    model, _ = cbdnet.compress(copy.deepcopy(float_model), cbdnet.RTNConfig(bits=3), calibration=_data(),
+                               calibration_config=settings, progress=False, fold_bn=False)
+    return float_model, model
+
+
+def _layer_error(model, float_model, name: str, data) -> float:
+    """E|W x - W_hat x~|^2 of one layer: the float layer on the float input against the compressed layer on
+    the compressed model's input."""
+    inputs = {}
+    for key, net in (("float", float_model), ("compressed", model)):
+        handle = net.get_submodule(name).register_forward_pre_hook(lambda m, a, k=key: inputs.__setitem__(k, a[0]))
+        with torch.no_grad():
+            net(data.images)
+        handle.remove()
+    layer = model.get_submodule(name)
+    exact = input_patches(layer, inputs["float"]) @ float_model.get_submodule(name).weight.reshape(
+        layer.weight.shape[0], -1).T
+    approx = input_patches(layer, inputs["compressed"]) @ layer.weight.reshape(layer.weight.shape[0], -1).T
+    return float(((exact - approx) ** 2).sum().detach())
+
+
+def test_refit_keeps_the_grids_and_lowers_each_changed_layers_output_error(compressed):
+    float_model, plain = compressed
+    model = copy.deepcopy(plain)
+    data = _data()
+    names = list(_codes(model))
+    result = refit_levels(model, float_model, names, data)
+    assert result.layers == len(names) and not result.undone
+    assert result.layers_changed and result.levels_changed > 0
+    assert result.kl[1] < result.kl[0] == pytest.approx(calibration_kl(plain, float_model, data))
+    before, after = _codes(plain), _codes(model)
+    for name, code in after.items():
+        np.testing.assert_array_equal(code.scales(), before[name].scales())  # the same grid: steps and planes
+        assert code.num_planes == before[name].num_planes
+        levels, steps = code.levels()
+        np.testing.assert_array_equal(code.decode(), (levels * steps.reshape(-1, 1, 1, 1)
+                                                      if levels.ndim == 4 else levels * steps.reshape(-1, 1)))
+        if name not in result.layers_changed:
+            np.testing.assert_array_equal(code.decode(), before[name].decode())
+    # in module order, each refitted layer's error against the float layer is below plain GPTQ's (the model
+    # up to that layer being the refitted one)
+    for index, name in enumerate(names):
+        if name in result.layers_changed:
+            mixed = copy.deepcopy(model)
+            for later in names[index:]:
+                mixed.get_submodule(later).set_code(before[later])
+            assert _layer_error(model, float_model, name, data) < _layer_error(mixed, float_model, name, data)
+
+
+def test_refit_is_undone_unless_the_kl_falls(compressed, monkeypatch):
+    float_model, plain = compressed
+    model = copy.deepcopy(plain)
+    had = _codes(model)
+    values = iter([0.1, 0.2])  # before, after: worse
+    monkeypatch.setattr(refit_module, "calibration_kl", lambda *args: next(values))
+    result = refit_levels(model, float_model, list(had), _data())
+    assert result.undone and result.layers_changed and result.kl == (0.1, 0.2)
+    for name, code in _codes(model).items():
+        assert code is had[name]  # the very codes it had
+
+
+def test_compress_reports_refit_and_the_file_round_trips(tmp_path):
+    data = _data()
+    model, report = cbdnet.compress(_resnet8(), cbdnet.BudgetConfig(target_bits=3.0), calibration=data,
+                                    progress=False)
+    summary = report.extra["calibration"]["refit"]
+    assert summary["layers"] == len(report.layers) == 8 and summary["kl_after"] <= summary["kl_before"]
+    changed = [layer for layer in report.layers if layer.reason.endswith(", refit")]
+    assert len(changed) == (0 if summary["undone"] else summary["layers_changed"])
+    path = tmp_path / "m.cbd"
+    path.write_bytes(encode_file(model))
+    loaded = cbdnet.load(str(path), model=CifarResNet(1, num_classes=4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(data.images), model(data.images), rtol=0, atol=0)
+    off, report_off = cbdnet.compress(_resnet8(), cbdnet.BudgetConfig(target_bits=3.0), calibration=data,
+                                      calibration_config=cbdnet.CalibrationConfig(refit=False), progress=False)
+    assert "refit" not in report_off.extra["calibration"]
+
+
+def test_cli_refit_flags(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["compress", "--quiet", "--arch", "digits-cnn", "--weights", "random", "--method", "rtn", "--bits",
+                 "4", "--calib", "digits:train", "--calib-images", "64", "--no-refit", "--json", str(out)]) == 0
+    assert "refit" not in json.loads(out.read_text())["calibration"]
+    assert main(["compress", "--quiet", "--arch", "digits-cnn", "--weights", "random", "--refit"]) == 2
+    assert "need --calib" in capsys.readouterr().err
+    assert main(["compress", "--quiet", "--arch", "digits-cnn", "--weights", "random", "--method", "cbd",
+                 "--calib", "digits:train", "--refit"]) == 2
+    assert "--refit/--no-refit apply to" in capsys.readouterr().err
+    with pytest.raises(cbdnet.CBDError, match="refit must be True or False"):
+        cbdnet.CalibrationConfig(refit=1)
