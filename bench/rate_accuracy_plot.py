@@ -7,7 +7,9 @@ JSON list of ``{"label", "file_bits_per_weight", "top1"}`` (optionally ``"bytes"
 points as one line per series; else bytes =
 file_bits_per_weight * weights / 8). For each cbdnet point it prints NNCodec's bytes at the same top-1,
 interpolated linearly in top-1 between the measured QPs on NNCodec's monotone front (the fewest bytes that reach
-each top-1), and the ratio cbdnet bytes / NNCodec bytes.
+each top-1), and the ratio cbdnet bytes / NNCodec bytes. A second table takes every accuracy level, not only
+cbdnet's points: for each top-1 that either tool measured, the smallest real file of each that reaches it (per
+cbdnet series), and prints the worst ratio and the levels only NNCodec reaches.
 
 Top-1 on the 10,000 test images is noisy (sigma about 0.4 points for a single model) and NNCodec's top-1 is
 not monotone in QP, so the monotone front keeps NNCodec's luckiest QPs while each cbdnet point is one draw: the
@@ -30,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nncodec", type=Path, default=REPO / "bench" / "results" / "nncodec_resnet20.json")
-    p.add_argument("--cbdnet", type=Path, help="JSON list of {label, file_bits_per_weight, top1[, bytes]}")
+    p.add_argument("--cbdnet", type=Path, help="JSON list of {label, file_bits_per_weight, top1[, bytes]}, or a "
+                                                "`cbdnet sweep` results.json (its finished points)")
     p.add_argument("-o", "--out", type=Path, help="write the plot here, e.g. docs/rate_accuracy_resnet20.png")
     return p.parse_args()
 
@@ -125,6 +128,35 @@ def compare(cbd: list[dict], front: list[dict], weights: int, nnc_points: list[d
     return rows
 
 
+def smallest_reaching(points: list[tuple[float, float]], top1: float) -> float | None:
+    """The fewest bytes of a file (``(bytes, top-1)`` pairs) whose top-1 is at least ``top1``; None if none."""
+    sizes = [size for size, acc in points if acc >= top1]
+    return min(sizes) if sizes else None
+
+
+def every_level(cbd: list[dict], nnc_points: list[dict], weights: int) -> list[str]:
+    """The ratio at *every* accuracy level, not only at cbdnet's points: for each top-1 ``a`` measured by either
+    tool, the smallest file of each that reaches ``a`` (real files, no interpolation), per cbdnet series; the
+    worst ratio and where it is, and the levels only one tool reaches."""
+    nnc = [(float(p["bytes"]), p["top1"]) for p in nnc_points]
+    series: dict[str, list[tuple[float, float]]] = {}
+    for c in cbd:
+        series.setdefault(c.get("series") or c["label"], []).append((_size(c, weights), c["top1"]))
+    rows = ["| cbdnet series | points | worst cbdnet / NNCodec (real files, every top-1 both reach) | at top-1 |"
+            " top-1 only NNCodec reaches |", "| --- | ---: | ---: | ---: | --- |"]
+    for name, points in series.items():
+        levels = sorted({acc for _, acc in points} | {acc for _, acc in nnc})
+        worst, where, only = 0.0, None, []
+        for level in levels:
+            mine, theirs = smallest_reaching(points, level), smallest_reaching(nnc, level)
+            if mine is None and theirs is not None:
+                only.append(f"{level:.4f}")
+            elif mine is not None and theirs is not None and mine / theirs > worst:
+                worst, where = mine / theirs, level
+        rows.append(f"| {name} | {len(points)} | {worst:.3f} | {where:.4f} | {', '.join(only) or 'none'} |")
+    return rows
+
+
 def plot(nnc: dict, cbd: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -160,15 +192,31 @@ def plot(nnc: dict, cbd: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def points_of(entries: list[dict]) -> list[dict]:
+    """cbdnet points from a points list or a sweep's results.json (finished points with a file size)."""
+    out = []
+    for entry in entries:
+        if "status" not in entry:
+            out.append(entry)
+        elif entry["status"] == "done" and entry.get("file_bytes"):
+            label = " ".join(f"{key}={entry[key]}" for key in ("target-bits", "method", "bits", "planes")
+                             if key in entry)
+            out.append({"label": label, "series": entry["series"], "bytes": entry["file_bytes"],
+                        "file_bits_per_weight": entry["file_bits_per_weight"], "top1": entry["top1"]})
+    return out
+
+
 def main() -> None:
     args = parse_args()
     nnc = json.loads(args.nncodec.read_text())
-    cbd = json.loads(args.cbdnet.read_text()) if args.cbdnet else []
+    cbd = points_of(json.loads(args.cbdnet.read_text())) if args.cbdnet else []
     front = monotone_front(nnc["points"])
     print(f"NNCodec front: {len(front)} of {len(nnc['points'])} QPs, top-1 {front[0]['top1']:.4f} … "
           f"{front[-1]['top1']:.4f} ({front[0]['bytes']:,} … {front[-1]['bytes']:,} B)")
     if cbd:
         print("\n".join(compare(cbd, front, nnc["weights_counted"], nnc["points"])))
+        print()
+        print("\n".join(every_level(cbd, nnc["points"], nnc["weights_counted"])))
     if args.out:
         plot(nnc, cbd, args.out)
         print(f"wrote {args.out}")
