@@ -106,6 +106,16 @@ def test_refit_is_undone_unless_the_kl_falls(compressed, monkeypatch):
         assert code is had[name]  # the very codes it had
 
 
+def test_refit_spends_no_more_bits_than_the_budget_left(compressed):
+    float_model, plain = compressed
+    free, tight = copy.deepcopy(plain), copy.deepcopy(plain)
+    unbounded = refit_levels(free, float_model, list(_codes(free)), _data())
+    bounded = refit_levels(tight, float_model, list(_codes(tight)), _data(), spare_bits=0)
+    assert bounded.extra_bits <= 0 <= bounded.spare_bits
+    grown = sum(_codes(tight)[n].coded_bits() - _codes(plain)[n].coded_bits() for n in bounded.layers_changed)
+    assert grown == bounded.extra_bits and unbounded.extra_bits > 0  # unbounded, this model's refit grows
+
+
 def test_compress_reports_refit_and_the_file_round_trips(tmp_path):
     data = _data()
     model, report = cbdnet.compress(_resnet8(), cbdnet.BudgetConfig(target_bits=3.0), calibration=data,

@@ -288,7 +288,12 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
                                     input_shape=input_shape)
     rounding = refitted = None
     if refit:
-        refitted = refit_levels(model, float_model, [name for name, _ in layers], calib.data)
+        spare = None
+        if isinstance(config, BudgetConfig):  # refit may spend what the budget left, never more
+            params = sum(weight.size for weight in originals.values())
+            used = sum(model.get_submodule(name).code.coded_bits() for name, _ in layers)
+            spare = config.target_bits * params - overhead - used
+        refitted = refit_levels(model, float_model, [name for name, _ in layers], calib.data, spare_bits=spare)
         _refresh_layers(model, report, originals, [] if refitted.undone else refitted.layers_changed)
     if float_model is not None and settings.adaround:
         rounding = _refine_if_better(model, float_model, [name for name, _ in layers], calib, settings.adaround)

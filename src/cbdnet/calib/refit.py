@@ -45,12 +45,15 @@ class RefitResult:
     levels_changed: int = 0
     kl: tuple[float, float] | None = None  # calibration KL(float || compressed) before, after
     undone: bool = False
+    extra_bits: int = 0  # coded bits the kept layers gained (negative: saved)
+    spare_bits: float | None = None  # what a budget had left, spent as layers grow (None: no budget)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "layers_changed": len(self.layers_changed),
                 "levels_changed": self.levels_changed, "kl_before": self.kl[0] if self.kl else None,
                 "kl_after": self.kl[1] if self.kl else None, "undone": self.undone,
+                "extra_coded_bits": 0 if self.undone else self.extra_bits,
                 "seconds": round(self.seconds, 2)}
 
 
@@ -126,16 +129,22 @@ def _refit_layer(model, float_model, name: str, data: CalibrationSet, generator,
     new = gptq_levels(_target(weight, hessian, cross).numpy().reshape(code.shape), steps.astype(np.float32),
                       code.num_planes, hessian)
     result.layers += 1
-    if _output_error(new, steps, weight, hessian, cross) >= _output_error(levels, steps, weight, hessian, cross):
-        return
     changed = int((new != levels).sum())
-    if changed:
-        factor_from = min((p.exponent for p in code.planes if p.rank >= 0), default=None)
-        module.set_code(grid_code(new, code.scales(), code.num_planes, factor_from=factor_from,
-                                  reason=f"{code.reason}, refit"))
-        module.code.extra.update(code.extra)
-        result.layers_changed.append(name)
-        result.levels_changed += changed
+    if not changed or _output_error(new, steps, weight, hessian, cross) >= _output_error(levels, steps, weight,
+                                                                                           hessian, cross):
+        return
+    factor_from = min((p.exponent for p in code.planes if p.rank >= 0), default=None)
+    refitted = grid_code(new, code.scales(), code.num_planes, factor_from=factor_from, reason=f"{code.reason}, refit")
+    extra_bits = refitted.coded_bits() - code.coded_bits()
+    if result.spare_bits is not None and extra_bits > result.spare_bits:
+        return  # the new levels cost more than the budget has left
+    if result.spare_bits is not None:
+        result.spare_bits -= extra_bits
+    refitted.extra.update(code.extra)
+    module.set_code(refitted)
+    result.layers_changed.append(name)
+    result.levels_changed += changed
+    result.extra_bits += extra_bits
 
 
 @torch.no_grad()
@@ -154,14 +163,16 @@ def calibration_kl(model: nn.Module, float_model: nn.Module, data) -> float:
     return total / max(count, 1)
 
 
-def refit_levels(model: nn.Module, float_model: nn.Module, layers: list[str], data, seed: int = 0) -> RefitResult:
+def refit_levels(model: nn.Module, float_model: nn.Module, layers: list[str], data, seed: int = 0,
+                 spare_bits: float | None = None) -> RefitResult:
     """Re-round, in module order, every grid-coded layer of ``layers`` in the compressed ``model`` (in place;
     ``float_model``: the network before compression) against the float layer's output on the calibration
     ``data`` (as :func:`calibration_kl` takes it), see the module text. Linear and ungrouped Conv2d layers only;
-    a weight several layers share keeps its code."""
+    a weight several layers share keeps its code. ``spare_bits``: what a bit budget has left; a layer whose new
+    levels would code to more bits than remain keeps its own (None: no budget)."""
     start = time.perf_counter()
     data = as_calibration_set(data, float_model)
-    result = RefitResult()
+    result = RefitResult(spare_bits=spare_bits)
     modules = dict(model.named_modules())
     users = Counter(id(m.weight) for m in modules.values() if getattr(m, "code", None) is not None)
     wanted = set(layers)
