@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from small_nets import resnet8, toy_data
 from torch import nn
 
 import cbdnet
@@ -15,27 +16,11 @@ from cbdnet.calib.reconstruct import reconstruction_units
 from cbdnet.cli import main
 from cbdnet.codec.code import GridCode
 from cbdnet.format import encode_file
-from cbdnet.zoo.data import ClassificationData
 from cbdnet.zoo.models import CifarResNet, build
 
 STEPS = 800
 
 
-def _resnet8() -> nn.Module:
-    """A 3-block CIFAR ResNet (ResNet-8) with non-trivial BatchNorm statistics."""
-    torch.manual_seed(0)
-    model = CifarResNet(1, num_classes=4)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-def _data(n: int = 96, seed: int = 0) -> ClassificationData:
-    g = torch.Generator().manual_seed(seed)
-    return ClassificationData(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g), "toy")
 
 
 def test_blocks_are_the_residual_blocks_and_the_lone_layers():
@@ -53,11 +38,11 @@ def pair():
     (bias correction off, so that the two differ only in the levels). Measured: 4 of the 5 blocks kept, the
     residual blocks' relative output errors 4-23 % lower; the linear layer's did not go down, so it kept its
     levels. (Started near the chosen levels, fewer than ~500 steps move none of them.)"""
-    data = _data()
+    data = toy_data()
     out = []
     for steps in (0, STEPS):
         settings = cbdnet.CalibrationConfig(gptq=False, bias_correction=False, adaround=steps)
-        model, report = cbdnet.compress(_resnet8(), cbdnet.RTNConfig(bits=3), calibration=data,
+        model, report = cbdnet.compress(resnet8(), cbdnet.RTNConfig(bits=3), calibration=data,
                                         calibration_config=settings, progress=False)
         out.append((model, report))
     return out
@@ -95,25 +80,25 @@ def test_learned_rounding_keeps_the_grid_and_only_blocks_it_improves(pair):
 
 def test_learned_rounding_lowers_the_calibration_loss_and_round_trips(pair, tmp_path):
     (plain, _), (refined, report) = pair
-    data = _data()
+    data = toy_data()
     loss = {}
     for key, model in (("plain", plain), ("refined", refined)):
         with torch.no_grad():
             logits = torch.cat([model(x) for x, _ in data.batches(32)])
-            reference = torch.cat([_resnet8()(x) for x, _ in data.batches(32)])
+            reference = torch.cat([resnet8()(x) for x, _ in data.batches(32)])
         loss[key] = float(((logits - reference) ** 2).mean())
     assert loss["refined"] < loss["plain"], loss  # closer to the float model's outputs on the calibration data
     path = tmp_path / "r.cbd"
     cbdnet.save(refined, path)
     loaded = cbdnet.load(path, model=CifarResNet(1, num_classes=4)).eval()
-    x = _data(8, seed=5).images
+    x = toy_data(8, seed=5).images
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), refined(x), rtol=0, atol=0)
 
 
 def test_budget_with_learned_rounding_fits_the_file_target():
-    data = _data(64)
-    model, report = cbdnet.compress(_resnet8(), cbdnet.BudgetConfig(target_bits=3.0), calibration=data,
+    data = toy_data(64)
+    model, report = cbdnet.compress(resnet8(), cbdnet.BudgetConfig(target_bits=3.0), calibration=data,
                                     calibration_config=cbdnet.CalibrationConfig(adaround=20), progress=False)
     assert report.file_bits_per_weight <= 3.0 and report.extra["calibration"]["adaround"]["blocks"] == 5
     assert report.file_bytes == len(encode_file(copy.deepcopy(model)))

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
+from small_nets import resnet8, toy_data
 
 import cbdnet
 from cbdnet.calib import refit as refit_module
@@ -16,24 +16,7 @@ from cbdnet.calib.refit import calibration_kl, refit_levels
 from cbdnet.calib.stats import input_patches
 from cbdnet.cli import main
 from cbdnet.format import encode_file
-from cbdnet.zoo.data import ClassificationData
 from cbdnet.zoo.models import CifarResNet
-
-
-def _resnet8() -> nn.Module:
-    torch.manual_seed(0)
-    model = CifarResNet(1, num_classes=4)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-def _data(n: int = 96, seed: int = 0) -> ClassificationData:
-    g = torch.Generator().manual_seed(seed)
-    return ClassificationData(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g), "toy")
 
 
 def _codes(model) -> dict:
@@ -43,9 +26,9 @@ def _codes(model) -> dict:
 @pytest.fixture(scope="module")
 def compressed():
     """ResNet-8, 3-bit RTN per channel with GPTQ, no refit and no bias correction (so refit alone changes it)."""
-    float_model = _resnet8()
+    float_model = resnet8()
     settings = cbdnet.CalibrationConfig(bias_correction=False, refit=False)
-    model, _ = cbdnet.compress(copy.deepcopy(float_model), cbdnet.RTNConfig(bits=3), calibration=_data(),
+    model, _ = cbdnet.compress(copy.deepcopy(float_model), cbdnet.RTNConfig(bits=3), calibration=toy_data(),
                                calibration_config=settings, progress=False, fold_bn=False)
     return float_model, model
 
@@ -69,7 +52,7 @@ def _layer_error(model, float_model, name: str, data) -> float:
 def test_refit_keeps_the_grids_and_lowers_each_changed_layers_output_error(compressed):
     float_model, plain = compressed
     model = copy.deepcopy(plain)
-    data = _data()
+    data = toy_data()
     names = list(_codes(model))
     result = refit_levels(model, float_model, names, data)
     assert result.layers == len(names) and not result.undone
@@ -100,7 +83,7 @@ def test_refit_is_undone_unless_the_kl_falls(compressed, monkeypatch):
     had = _codes(model)
     values = iter([0.1, 0.2])  # before, after: worse
     monkeypatch.setattr(refit_module, "calibration_kl", lambda *args: next(values))
-    result = refit_levels(model, float_model, list(had), _data())
+    result = refit_levels(model, float_model, list(had), toy_data())
     assert result.undone and result.layers_changed and result.kl == (0.1, 0.2)
     for name, code in _codes(model).items():
         assert code is had[name]  # the very codes it had
@@ -109,16 +92,16 @@ def test_refit_is_undone_unless_the_kl_falls(compressed, monkeypatch):
 def test_refit_spends_no_more_bits_than_the_budget_left(compressed):
     float_model, plain = compressed
     free, tight = copy.deepcopy(plain), copy.deepcopy(plain)
-    unbounded = refit_levels(free, float_model, list(_codes(free)), _data())
-    bounded = refit_levels(tight, float_model, list(_codes(tight)), _data(), spare_bits=0)
+    unbounded = refit_levels(free, float_model, list(_codes(free)), toy_data())
+    bounded = refit_levels(tight, float_model, list(_codes(tight)), toy_data(), spare_bits=0)
     assert bounded.extra_bits <= 0 <= bounded.spare_bits
     grown = sum(_codes(tight)[n].coded_bits() - _codes(plain)[n].coded_bits() for n in bounded.layers_changed)
     assert grown == bounded.extra_bits and unbounded.extra_bits > 0  # unbounded, this model's refit grows
 
 
 def test_compress_reports_refit_and_the_file_round_trips(tmp_path):
-    data = _data()
-    model, report = cbdnet.compress(_resnet8(), cbdnet.BudgetConfig(target_bits=3.0), calibration=data,
+    data = toy_data()
+    model, report = cbdnet.compress(resnet8(), cbdnet.BudgetConfig(target_bits=3.0), calibration=data,
                                     progress=False)
     summary = report.extra["calibration"]["refit"]
     assert summary["layers"] == len(report.layers) == 8 and summary["kl_after"] <= summary["kl_before"]
@@ -129,7 +112,7 @@ def test_compress_reports_refit_and_the_file_round_trips(tmp_path):
     loaded = cbdnet.load(str(path), model=CifarResNet(1, num_classes=4))
     with torch.no_grad():
         torch.testing.assert_close(loaded(data.images), model(data.images), rtol=0, atol=0)
-    off, report_off = cbdnet.compress(_resnet8(), cbdnet.BudgetConfig(target_bits=3.0), calibration=data,
+    off, report_off = cbdnet.compress(resnet8(), cbdnet.BudgetConfig(target_bits=3.0), calibration=data,
                                       calibration_config=cbdnet.CalibrationConfig(refit=False), progress=False)
     assert "refit" not in report_off.extra["calibration"]
 

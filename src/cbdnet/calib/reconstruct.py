@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..codec.code import GridCode
-from ..codec.grid import grid_code
+from ..codec.grid import with_levels
 from .batches import CalibrationSet
 from .stats import single_thread
 
@@ -179,11 +179,6 @@ def _steps(unit, rounds, inputs, target, iters, optimiser, generator, energy, co
         optimiser.step()
 
 
-def _factor_from(code: GridCode) -> int | None:
-    tried = [plane.exponent for plane in code.planes if plane.rank >= 0]
-    return min(tried) if tried else None
-
-
 def refine_rounding(model: nn.Module, float_model: nn.Module, layers: list[str], data: CalibrationSet,
                     iters: int, seed: int = 0) -> RoundingResult:
     """Learn, block by block, the rounding of every grid-coded layer in ``layers`` of the compressed ``model``
@@ -249,14 +244,11 @@ def _refine_unit(model, float_model, unit_name: str, members: list[str], data: C
     if after >= before:
         return True
     result.blocks_kept += 1
-    for key, (layer, module, levels, steps) in codes.items():
+    for key, (layer, module, levels, _steps) in codes.items():
         changed = int((hard[key] != levels).sum())
         if not changed:
             continue
-        code = module.code
-        module.set_code(grid_code(hard[key], steps, code.num_planes, factor_from=_factor_from(code),
-                                  reason=f"{code.reason}, adaround"))
-        module.code.extra.update(code.extra)
+        module.set_code(with_levels(module.code, hard[key], "adaround"))
         result.layers_changed.append(layer)
         result.levels_changed += changed
     return True

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codec.code import GridCode
-from ..codec.grid import grid_code
+from ..codec.grid import with_levels
 from .batches import CalibrationSet, as_calibration_set
 from .stats import gptq_levels, input_patches, single_thread
 
@@ -133,14 +133,12 @@ def _refit_layer(model, float_model, name: str, data: CalibrationSet, generator,
     if not changed or _output_error(new, steps, weight, hessian, cross) >= _output_error(levels, steps, weight,
                                                                                            hessian, cross):
         return
-    factor_from = min((p.exponent for p in code.planes if p.rank >= 0), default=None)
-    refitted = grid_code(new, code.scales(), code.num_planes, factor_from=factor_from, reason=f"{code.reason}, refit")
+    refitted = with_levels(code, new, "refit")
     extra_bits = refitted.coded_bits() - code.coded_bits()
     if result.spare_bits is not None and extra_bits > result.spare_bits:
         return  # the new levels cost more than the budget has left
     if result.spare_bits is not None:
         result.spare_bits -= extra_bits
-    refitted.extra.update(code.extra)
     module.set_code(refitted)
     result.layers_changed.append(name)
     result.levels_changed += changed

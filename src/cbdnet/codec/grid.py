@@ -28,7 +28,7 @@ from .floats import FLOAT16_MAX_REL_ERROR
 from .planes import composite_layout, min_scale, to_matrix
 from .search import rank_bound, search_scale
 
-__all__ = ["GRANULARITIES", "group_count", "row_steps", "rtn_steps", "rtn_levels", "composite_steps",
+__all__ = ["with_levels", "GRANULARITIES", "group_count", "row_steps", "rtn_steps", "rtn_levels", "composite_steps",
            "grid_code", "encode_rtn", "encode_composite_grouped", "round_levels", "half_steps"]
 
 GRANULARITIES = ("channel", "tensor")
@@ -115,6 +115,17 @@ def composite_steps(weight: np.ndarray, planes: int, bottleneck: float,
     info = {"scale": float(search.scale), "bound": search.bound, "mask_rank": search.mask_rank,
             "rank_calls": search.rank_calls}
     return steps, max(0, min(planes, -low)), info
+
+
+def with_levels(code: GridCode, levels: np.ndarray, step: str) -> GridCode:
+    """``code`` with new signed ``levels`` on its own grid (steps, magnitude planes, the planes tried for
+    factoring), its reason extended by ``", " + step`` and its report extras kept: how a re-rounding step
+    (refit, learned rounding) replaces a chosen code."""
+    tried = [plane.exponent for plane in code.planes if plane.rank >= 0]
+    out = grid_code(levels, code.scales(), code.num_planes, factor_from=min(tried) if tried else None,
+                    reason=f"{code.reason}, {step}")
+    out.extra.update(code.extra)
+    return out
 
 
 def grid_code(levels: np.ndarray, steps: np.ndarray, mag_bits: int, *, factor_from: int | None = None,
