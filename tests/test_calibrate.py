@@ -205,3 +205,26 @@ def test_camvid_default_split_is_test_and_is_refused_for_calibration(tmp_path, c
     assert main(["compress", "--arch", "segnet-basic", "--weights", "random", "--target-bits", "4.0",
                  "--calib", f"camvid-npz:{npz}", "--quiet"]) == 2
     assert "must not use test images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Conv2d(3, 4, 3, padding=1), (5, 3, 9, 11)),
+    (nn.Conv2d(6, 2, (3, 5), stride=(2, 1), padding=(2, 1), dilation=(1, 2)), (3, 6, 13, 10)),
+    (nn.Conv2d(4, 4, 1, stride=2), (2, 4, 8, 8)),
+    (nn.Linear(7, 3), (4, 5, 7)),
+    (nn.Linear(7, 3), (4, 7)),
+])
+def test_input_patches_at_positions_are_the_unfolded_rows(layer, shape):
+    """Refit unfolds only the positions it keeps: the very rows (bitwise) that unfolding everything and
+    indexing gives, so its moments, and the files, do not change."""
+    from cbdnet.calib.stats import input_patches, input_patches_at, input_positions
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=generator)
+    every = input_patches(layer, x)
+    per_image = input_positions(layer, x)
+    assert per_image * shape[0] == every.shape[0]
+    positions = torch.stack([torch.randperm(per_image, generator=generator)[:max(1, per_image // 2)]
+                             for _ in range(shape[0])])
+    rows = torch.cat([i * per_image + positions[i] for i in range(shape[0])])
+    assert torch.equal(input_patches_at(layer, x, positions), every[rows])

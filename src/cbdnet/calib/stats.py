@@ -30,7 +30,8 @@ from torch import nn
 
 from .batches import CalibrationSet, as_calibration_set
 
-__all__ = ["single_thread", "LayerStats", "collect_stats", "input_patches", "task_loss", "gptq_levels",
+__all__ = ["single_thread", "LayerStats", "collect_stats", "input_patches", "input_positions", "input_patches_at",
+           "task_loss", "gptq_levels",
            "gptq_levels_stacked", "output_error", "bias_correct", "bias_correct_if_better", "reestimate_bn",
            "following_bn", "calibration_loss"]
 
@@ -92,6 +93,35 @@ def input_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])
     cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def input_positions(module: nn.Module, x: torch.Tensor) -> int:
+    """How many rows per image :func:`input_patches` gives for the input ``x`` (output positions)."""
+    if isinstance(module, nn.Linear):
+        return int(x[0].numel()) // int(x.shape[-1])
+    size = 1
+    for extent, kernel, stride, padding, dilation in zip(x.shape[2:], module.kernel_size, module.stride,
+                                                         module.padding, module.dilation, strict=True):
+        size *= (int(extent) + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    return size
+
+
+def input_patches_at(module: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The rows of :func:`input_patches` at ``positions`` (``[N, P]``, each image's own output positions, row-major):
+    ``[N * P, d]``, equal to ``input_patches(module, x)[i * per_image + positions[i]]`` stacked, without unfolding
+    the positions that are not asked for (ungrouped Conv2d with numeric padding, or Linear)."""
+    count = x.shape[0]
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(count, -1, x.shape[-1])
+        return rows[torch.arange(count)[:, None], positions].reshape(-1, x.shape[-1])
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
+    padded = F.pad(x, (pw, pw, ph, ph))
+    width = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    row = (positions // width)[:, :, None, None] * sh + (torch.arange(kh) * dh)[None, None, :, None]
+    col = (positions % width)[:, :, None, None] * sw + (torch.arange(kw) * dw)[None, None, None, :]
+    images = torch.arange(count)[:, None, None, None]
+    patches = padded[images, :, row, col]  # [N, P, kh, kw, C]: the advanced indices' dims come first
+    return patches.permute(0, 1, 4, 2, 3).reshape(-1, x.shape[1] * kh * kw)
 
 
 def _supported(module: nn.Module) -> bool:
