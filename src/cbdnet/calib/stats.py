@@ -31,9 +31,8 @@ from torch import nn
 from .batches import CalibrationSet, as_calibration_set
 
 __all__ = ["single_thread", "LayerStats", "collect_stats", "input_patches", "input_positions", "input_patches_at",
-           "task_loss", "gptq_levels",
-           "gptq_levels_stacked", "output_error", "bias_correct", "bias_correct_if_better", "reestimate_bn",
-           "following_bn", "calibration_loss"]
+           "task_loss", "gptq_levels", "gptq_levels_stacked", "output_error", "bias_correct", "bias_correct_if_better",
+           "reestimate_bn", "following_bn", "calibration_loss"]
 
 
 @contextmanager
@@ -109,7 +108,7 @@ def input_positions(module: nn.Module, x: torch.Tensor) -> int:
 def input_patches_at(module: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The rows of :func:`input_patches` at ``positions`` (``[N, P]``, each image's own output positions, row-major):
     ``[N * P, d]``, equal to ``input_patches(module, x)[i * per_image + positions[i]]`` stacked, without unfolding
-    the positions that are not asked for (ungrouped Conv2d with numeric padding, or Linear)."""
+    the positions that are not asked for (Conv2d with numeric zero padding, or Linear)."""
     count = x.shape[0]
     if isinstance(module, nn.Linear):
         rows = x.reshape(count, -1, x.shape[-1])
