@@ -115,3 +115,42 @@ def test_adaround_settings_are_checked(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all("adaround" in line for line in err), err
     assert not (tmp_path / "x.cbd").exists()
+
+
+def test_learned_rounding_is_undone_when_the_calibration_loss_rises(monkeypatch):
+    """The whole step is undone unless the model's calibration loss falls: here a stand-in for the learning
+    zeroes one layer's levels and the calibration loss counts 1 more while such a level is in the model (random
+    labels would make a real increase a coin toss); the model, its codes and its report come back as without
+    learned rounding."""
+    from cbdnet.calib import pipeline
+    from cbdnet.calib.reconstruct import RoundingResult
+    from cbdnet.codec.grid import with_levels
+
+    def zero_one_layer(model, float_model, layers, data, iters, seed=0):
+        name = layers[1]
+        module = model.get_submodule(name)
+        module.set_code(with_levels(module.code, np.zeros(module.code.shape, np.int64), "adaround"))
+        return RoundingResult(iters=iters, blocks=1, blocks_kept=1, layers_changed=[name],
+                              levels_changed=int(module.weight.numel()))
+
+    real_loss = pipeline.calibration_loss
+
+    def loss_with_penalty(model, data):
+        learned = any(getattr(m, "code", None) is not None and m.code.reason.endswith(", adaround")
+                      for m in model.modules())
+        return real_loss(model, data) + (1.0 if learned else 0.0)
+
+    monkeypatch.setattr(pipeline, "refine_rounding", zero_one_layer)
+    monkeypatch.setattr(pipeline, "calibration_loss", loss_with_penalty)
+    data, runs = toy_data(), {}
+    for steps in (0, 5):
+        settings = cbdnet.CalibrationConfig(bias_correction=False, refit=False, adaround=steps)
+        runs[steps] = cbdnet.compress(resnet8(), cbdnet.RTNConfig(bits=3), calibration=data,
+                                      calibration_config=settings, progress=False)
+    (plain, _), (undone, report) = runs[0], runs[5]
+    summary = report.extra["calibration"]["adaround"]
+    assert summary["undone"] and summary["calibration_loss"][1] > summary["calibration_loss"][0]
+    for name, code in _codes(undone).items():
+        np.testing.assert_array_equal(code.decode(), _codes(plain)[name].decode())
+        np.testing.assert_array_equal(undone.get_submodule(name).weight.detach().numpy(), code.decode())
+    assert not any("adaround" in layer.reason for layer in report.layers)
