@@ -228,3 +228,16 @@ def test_input_patches_at_positions_are_the_unfolded_rows(layer, shape):
                              for _ in range(shape[0])])
     rows = torch.cat([i * per_image + positions[i] for i in range(shape[0])])
     assert torch.equal(input_patches_at(layer, x, positions), every[rows])
+
+
+def test_statistics_thin_large_images_to_the_same_rows_as_unfolding_everything():
+    """Past MAX_POSITIONS output positions per image, the statistics gather only the seeded random subset:
+    the rows that unfolding every position and indexing with the same draws gives."""
+    layer = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(3, 2, 72, 72, generator=torch.Generator().manual_seed(1))  # 5,184 positions per image
+    per_image = 72 * 72
+    got = torch.cat(list(calibrate._patch_chunks(layer, x, per_image, torch.Generator().manual_seed(0))))
+    draws = torch.Generator().manual_seed(0)
+    keep = torch.cat([i * per_image + torch.randperm(per_image, generator=draws)[:calibrate.MAX_POSITIONS]
+                      for i in range(3)])
+    assert torch.equal(got, calibrate.input_patches(layer, x)[keep])

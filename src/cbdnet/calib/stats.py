@@ -98,11 +98,15 @@ def input_positions(module: nn.Module, x: torch.Tensor) -> int:
     """How many rows per image :func:`input_patches` gives for the input ``x`` (output positions)."""
     if isinstance(module, nn.Linear):
         return int(x[0].numel()) // int(x.shape[-1])
-    size = 1
-    for extent, kernel, stride, padding, dilation in zip(x.shape[2:], module.kernel_size, module.stride,
-                                                         module.padding, module.dilation, strict=True):
-        size *= (int(extent) + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    return size
+    height, width = _output_extents(module, x)
+    return height * width
+
+
+def _output_extents(module: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
+    """A Conv2d's output height and width for the input ``x`` (numeric padding)."""
+    return tuple((int(extent) + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+                 for extent, kernel, stride, padding, dilation in zip(x.shape[2:], module.kernel_size, module.stride,
+                                                                      module.padding, module.dilation, strict=True))
 
 
 def input_patches_at(module: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -115,7 +119,7 @@ def input_patches_at(module: nn.Module, x: torch.Tensor, positions: torch.Tensor
         return rows[torch.arange(count)[:, None], positions].reshape(-1, x.shape[-1])
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
     padded = F.pad(x, (pw, pw, ph, ph))
-    width = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    width = _output_extents(module, x)[1]
     row = (positions // width)[:, :, None, None] * sh + (torch.arange(kh) * dh)[None, None, :, None]
     col = (positions % width)[:, :, None, None] * sw + (torch.arange(kw) * dw)[None, None, None, :]
     images = torch.arange(count)[:, None, None, None]
@@ -133,18 +137,18 @@ def _supported(module: nn.Module) -> bool:
 
 def _patch_chunks(module: nn.Module, x: torch.Tensor, positions: int, generator: torch.Generator):
     """The input patches of ``x`` a few images at a time (at most ``MAX_PATCH_ELEMENTS`` unfolded at once),
-    each image's ``positions`` rows thinned to a seeded random ``MAX_POSITIONS`` of them."""
+    each image's ``positions`` rows thinned to a seeded random ``MAX_POSITIONS`` of them (only those unfolded)."""
     d = int(module.weight[0].numel()) * module.groups if not isinstance(module, nn.Linear) else int(x.shape[-1])
     images_per_chunk = max(1, MAX_PATCH_ELEMENTS // max(1, positions * d))
     for start in range(0, x.shape[0], images_per_chunk):
         part = x[start:start + images_per_chunk]
-        cols = input_patches(module, part)
-        per_image = cols.shape[0] // part.shape[0]
-        if per_image > MAX_POSITIONS:
-            keep = torch.cat([i * per_image + torch.randperm(per_image, generator=generator)[:MAX_POSITIONS]
-                              for i in range(part.shape[0])])
-            cols = cols[keep]
-        yield cols
+        per_image = input_positions(module, part)
+        if per_image > MAX_POSITIONS:  # only the kept positions are unfolded
+            keep = torch.stack([torch.randperm(per_image, generator=generator)[:MAX_POSITIONS]
+                                for _ in range(part.shape[0])])
+            yield input_patches_at(module, part, keep)
+        else:
+            yield input_patches(module, part)
 
 
 def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, batch_size: int = 100
