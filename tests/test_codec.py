@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -38,6 +40,32 @@ def test_cbd_layer_decodes_to_the_composite_reconstruction():
     magnitude = composite_decode(expected_planes, code.step, code.exponents)
     expected = from_matrix(np.float32(code.wmax) * np.where(matrix < 0, -1, 1) * magnitude, weight.shape)
     assert np.array_equal(code.decode(), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("shape,planes", [((32, 16, 3, 3), 5), ((32, 16, 3, 3), 8), ((4, 1, 3, 3), 4), ((24, 40), 16)])
+def test_decoding_through_the_level_table_gives_the_plane_sums_bit_for_bit(shape, planes):
+    """A composite or uniform code decodes by one gather from a table of its 2^(J+1) - 1 signed values: the
+    same float32 bits as summing the planes of the whole weight, except that a zero level is +0 where the sign
+    plane would make it -0."""
+    code = encode_weight(conv_weight(shape, planes), planes=planes, bottleneck=0.3)
+    h, w = code.matrix_shape
+    summed = (composite_decode(code.decode_planes(), code.step, code.exponents) if code.mode == "cbd"
+              else uniform_decode(code.decode_planes()))
+    signs = np.where(unpack_bits(code.sign, (h, w)), np.float32(-1.0), np.float32(1.0))
+    expected = from_matrix(np.float32(code.wmax) * signs * summed, code.shape)
+    for decoded in (code.decode(), _with_remembered_levels(code).decode()):
+        assert decoded.dtype == np.float32 and decoded.shape == tuple(shape)
+        nonzero = expected != 0
+        assert np.array_equal(decoded.view(np.uint32)[nonzero], expected.view(np.uint32)[nonzero])
+        assert np.all(decoded[~nonzero] == 0)
+
+
+def _with_remembered_levels(code):
+    """The code as a file decoder leaves it: the narrow signed levels remembered beside the planes."""
+    twin = copy.copy(code)
+    levels = code.signed_magnitudes()
+    twin.remember_levels(levels.astype(np.int8 if np.abs(levels).max() < 128 else np.int32))
+    return twin
 
 
 def test_factored_planes_multiply_back_and_respect_the_rank_bound():

@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cbdnet.codec.entropy import MAX_ABS_LEVEL, coded_size, decode_levels, encode_levels, estimate_bits
+from cbdnet.codec.entropy import (
+    MAX_ABS_LEVEL,
+    coded_size,
+    decode_levels,
+    encode_levels,
+    estimate_bits,
+    narrowest_signed,
+)
 
 EXT = (1 << 16) - 1
 
@@ -20,7 +27,19 @@ def roundtrip(x):
     assert y.dtype == np.int64 and y.shape == (x.size,)
     assert np.array_equal(y, x.reshape(-1).astype(np.int64))
     assert coded_size(x) == len(blob)
+    narrow = decode_levels(blob, x.size, narrow=True)  # the same values in the smallest type that negates them
+    assert np.array_equal(narrow, y) and narrow.dtype.kind == "i"
+    if y.size:
+        assert np.array_equal(np.abs(narrow), np.abs(y))
+        assert narrow.dtype == np.dtype(narrowest_signed(int(y.min()), int(y.max())))
+        assert narrow.dtype.itemsize == 1 or np.abs(y).max() > np.iinfo(np.dtype(f"i{narrow.dtype.itemsize // 2}")).max
     return blob
+
+
+def test_narrowest_signed_holds_the_range_and_its_negation():
+    assert narrowest_signed(-127, 127) == np.int8 and narrowest_signed(-128, 0) == np.int16
+    assert narrowest_signed(0, 32767) == np.int16 and narrowest_signed(-32768, 0) == np.int32
+    assert narrowest_signed(0, 1 << 31) == np.int64
 
 
 @pytest.mark.parametrize("x", [

@@ -14,7 +14,8 @@ import numpy as np
 from ..errors import WeightError
 from . import gf2
 
-__all__ = ["pack_bits", "unpack_bits", "packed_size", "plane_digest", "PlaneCode", "store_plane", "check_finite"]
+__all__ = ["pack_bits", "unpack_bits", "packed_size", "plane_digest", "packed_digest", "PlaneCode", "store_plane",
+           "check_finite"]
 
 
 def pack_bits(bits: np.ndarray) -> np.ndarray:
@@ -35,7 +36,12 @@ def packed_size(count: int) -> int:
 
 def plane_digest(plane: np.ndarray) -> str:
     """SHA-256 of a plane's packed bits."""
-    return hashlib.sha256(pack_bits(plane).tobytes()).hexdigest()
+    return packed_digest(pack_bits(plane))
+
+
+def packed_digest(packed: np.ndarray) -> str:
+    """:func:`plane_digest` of a plane already packed by :func:`pack_bits`."""
+    return hashlib.sha256(np.ascontiguousarray(packed, dtype=np.uint8).tobytes()).hexdigest()
 
 
 @dataclass
@@ -61,8 +67,9 @@ class PlaneCode:
 
 def store_plane(plane: np.ndarray, exponent: int, try_factor: bool) -> PlaneCode:
     """The smaller of the packed plane and (with ``try_factor``) its exact GF(2) factors."""
-    digest = plane_digest(plane)
-    plain = PlaneCode(exponent, "packed", -1, {"bits": pack_bits(plane)}, digest)
+    packed = pack_bits(plane)
+    digest = packed_digest(packed)
+    plain = PlaneCode(exponent, "packed", -1, {"bits": packed}, digest)
     if not try_factor:
         return plain
     left, right = gf2.factor(plane)

@@ -110,17 +110,18 @@ def encode_stream(q: np.ndarray, exponents: tuple[int, ...], planes: list[PlaneC
 
 def decode_stream(coding: str, parts: list[bytes], factored: list[tuple[int, int, int]], h: int, w: int,
                   exponents: tuple[int, ...]) -> tuple[np.ndarray, list[PlaneCode | None]]:
-    """``(q, planes)``: the signed ``h x w`` levels and, per plane, the factored :class:`PlaneCode` or None.
-    ``factored`` lists ``(index, rank, crc)``; ``parts`` are the blobs then B, C per factored plane. Checks that
-    the levels fit the planes and every factored product against its CRC-32 (:class:`StreamError`)."""
+    """``(q, planes)``: the signed ``h x w`` levels (a signed integer type wide enough for them) and, per plane,
+    the factored :class:`PlaneCode` or None. ``factored`` lists ``(index, rank, crc)``; ``parts`` are the blobs
+    then B, C per factored plane. Checks that the levels fit the planes and every factored product against its
+    CRC-32 (:class:`StreamError`)."""
     count = h * w
     limit = 1 << len(exponents)
     shifts = _shifts(exponents)
     out: list[PlaneCode | None] = [None] * len(exponents)
     try:
         if coding == "ans":
-            q = decode_levels(parts[0], count)
-            magnitude = np.abs(q)
+            q = decode_levels(parts[0], count, narrow=True)
+            largest = max(-int(q.min()), int(q.max())) if q.size else 0
         elif coding == "gf2+ans":
             magnitude = decode_levels(parts[0], count)
             if magnitude.size and magnitude.min() < 0:
@@ -144,11 +145,12 @@ def decode_stream(coding: str, parts: list[bytes], factored: list[tuple[int, int
                 raise StreamError("sign blob holds values other than 0 and 1")
             q = magnitude.copy()
             q[nonzero] = np.where(signs == 1, -magnitude[nonzero], magnitude[nonzero])
+            largest = int(magnitude.max()) if magnitude.size else 0
         else:
             raise StreamError(f"unknown coding {coding!r}")
     except ValueError as exc:
         raise StreamError(str(exc)) from None
-    if magnitude.size and magnitude.max() >= limit:
+    if largest >= limit:
         raise StreamError(f"levels exceed the {len(exponents)} planes of the code")
     return q.reshape(h, w), out
 

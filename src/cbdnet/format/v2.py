@@ -28,8 +28,9 @@ import zlib
 import numpy as np
 
 from ..codec import CodeError, LayerCode
-from ..codec.bits import pack_bits, plane_digest
+from ..codec.bits import pack_bits, packed_digest
 from ..codec.code import stored_scales
+from ..codec.entropy import narrowest_signed
 from ..codec.floats import FLOATING, constant_value, exact_float16
 from ..codec.stream import FactoredPlane, Stream, StreamError, decode_stream, factor_sizes
 from ..errors import FormatError
@@ -199,21 +200,22 @@ def _decode_layer(layer: dict, cursor: _Cursor
                      for index, rank, crc in factored])
     if kind.stores_sign:
         tensors[prefix + "sign"] = pack_bits(q < 0)
-    narrow = np.int16 if len(exponents) <= 15 else np.int32 if len(exponents) <= 31 else np.int64
-    q = q.astype(narrow)  # narrow: fast bit tests, and a small copy for the code to decode from
+    # the narrowest type that holds 2^J - 1: fast bit tests, and a small copy for the code to decode from
+    narrow = narrowest_signed(0, (1 << len(exponents)) - 1)
+    q = q.astype(narrow, copy=False)
     magnitude = np.abs(q)
     shifts = [e - min(exponents) for e in exponents]
     for index, (exponent, shift) in enumerate(zip(exponents, shifts, strict=True)):
-        bits = (magnitude & (1 << shift)) != 0
+        packed = pack_bits(magnitude & (1 << shift))  # packbits sets a bit for every non-zero entry
         plane = stored[index]
         if plane is None:
-            tensors[f"{prefix}p{index}.bits"] = pack_bits(bits)
+            tensors[f"{prefix}p{index}.bits"] = packed
             entry["plane_codes"].append({"exponent": exponent, "storage": "packed", "rank": -1,
-                                         "sha256": plane_digest(bits)})
+                                         "sha256": packed_digest(packed)})
         else:
             tensors[f"{prefix}p{index}.B"], tensors[f"{prefix}p{index}.C"] = plane.tensors["B"], plane.tensors["C"]
             entry["plane_codes"].append({"exponent": exponent, "storage": "factored", "rank": plane.rank,
-                                         "sha256": plane_digest(bits)})
+                                         "sha256": packed_digest(packed)})
     return entry, tensors, q, stream
 
 
