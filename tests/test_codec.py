@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cbdnet.codec import encode_weight, gf2, rd_cost, unpack_bits
+from cbdnet.codec.composite import encode_uniform, uniform_bits
 from cbdnet.codec.planes import (
     composite_decode,
     composite_encode,
@@ -66,6 +67,13 @@ def _with_remembered_levels(code):
     levels = code.signed_magnitudes()
     twin.remember_levels(levels.astype(np.int8 if np.abs(levels).max() < 128 else np.int32))
     return twin
+
+
+@pytest.mark.parametrize("shape,planes", [((32, 16, 3, 3), 5), ((3, 5, 1, 1), 3), ((7, 13), 16), ((1, 1), 1)])
+def test_uniform_size_is_known_before_the_uniform_code_is_built(shape, planes):
+    """encode_weight builds the uniform fallback only when it is chosen: its size comes from the formula."""
+    code = encode_uniform(conv_weight(shape, 4), planes)
+    assert code.bits() == uniform_bits(*code.matrix_shape, planes)
 
 
 def test_factored_planes_multiply_back_and_respect_the_rank_bound():

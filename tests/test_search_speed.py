@@ -83,3 +83,28 @@ def test_distinct_positive_equals_numpy_unique():
              np.array([[0.0, 1e-300, 5e-324, 1.0, 1.0, 0.5]]), np.zeros((3, 3))]
     for values in cases:
         assert np.array_equal(distinct_positive(values), np.unique(values[values > 0]))
+
+
+def test_distinct_values_from_float32_keys_equal_those_of_the_float64_matrix():
+    """encode_weight sorts the float32 |w| (32-bit keys) and divides by wmax, instead of sorting the float64
+    r = |w| / wmax: the division keeps float32 values ordered and distinct, so the search sees the same values,
+    and the code is the same one the float64 search finds."""
+    from cbdnet.codec import encode_weight
+    from cbdnet.codec.search import distinct_positive
+
+    rng = np.random.default_rng(5)
+    weights = [(rng.standard_normal((64, 32, 3, 3)) * 0.05).astype(np.float32),
+               np.round(rng.standard_normal((40, 30)), 1).astype(np.float32),  # many ties
+               (rng.standard_normal((20, 10)) * 1e-38).astype(np.float32),  # float32 subnormals
+               np.nextafter(np.float32(0.5), np.float32(1), dtype=np.float32) * np.ones((8, 8), np.float32)]
+    weights[1][0, 0] = 0.0
+    for weight in weights:
+        wmax = np.float32(np.abs(weight).max())
+        r2d = normalised(weight)
+        assert np.array_equal(r2d, np.abs(to_matrix(weight)).astype(np.float64) / np.float64(wmax))
+        from32 = distinct_positive(np.abs(weight)).astype(np.float64) / np.float64(wmax)
+        assert distinct_positive(np.abs(weight)).dtype == np.float32
+        assert np.array_equal(from32, np.unique(r2d[r2d > 0]))
+        code = encode_weight(weight, planes=5, bottleneck=0.3)
+        search = search_scale(r2d, rank_bound(*r2d.shape, 0.3))
+        assert (code.mask_rank, code.rank_calls) == (search.mask_rank, search.rank_calls)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bits import check_finite, pack_bits, store_plane
+from .bits import check_finite, pack_bits, packed_size, store_plane
 from .code import MAX_PLANES, CompositeCode, LayerCode, UniformCode, ZeroCode
 from .planes import (
     composite_encode,
@@ -16,9 +16,9 @@ from .planes import (
     uniform_encode,
     uniform_sq_error,
 )
-from .search import ScaleResult, rank_bound, search_scale
+from .search import ScaleResult, distinct_positive, rank_bound, search_scale
 
-__all__ = ["encode_weight", "encode_uniform", "rd_cost", "FALLBACK_RULES"]
+__all__ = ["encode_weight", "encode_uniform", "rd_cost", "uniform_bits", "FALLBACK_RULES"]
 
 FALLBACK_RULES = ("distortion", "size")
 
@@ -33,6 +33,12 @@ def _uniform_code(shape, r2d, negative, wmax, planes, reason, search: ScaleResul
     return code
 
 
+def uniform_bits(h: int, w: int, planes: int) -> int:
+    """:meth:`LayerCode.bits` of the uniform J-plane code of an ``h x w`` matrix, without building it: a packed
+    sign plane, ``planes`` packed magnitude planes and three float32 scales."""
+    return 8 * ((planes + 1) * packed_size(h * w) + 3 * 4)
+
+
 def rd_cost(sq_error: float, bits: int, numel: int) -> float:
     """``D * 4^R``: squared error times 4 to the power of the bits per weight. At high rate a scalar code's
     error falls 4x per extra bit per weight (6 dB/bit), so two codes of one layer compare fairly on this
@@ -40,18 +46,18 @@ def rd_cost(sq_error: float, bits: int, numel: int) -> float:
     return sq_error * 4.0 ** (bits / numel)
 
 
-def _choose(code: LayerCode, uniform: LayerCode, errors: tuple[float, float], fallback: str) -> LayerCode:
-    """The composite code, or the uniform one where the composite code does not pay (see ``encode_weight``).
-    Sizes are the paper's fixed-length counts (:meth:`LayerCode.bits`), so the decision is the paper's whatever
-    the file's entropy coder later makes of either code."""
+def _choose(code: LayerCode, make_uniform, errors: tuple[float, float], fallback: str) -> LayerCode:
+    """The composite code, or the uniform one (``make_uniform(reason)`` builds it, only when it is chosen) where
+    the composite code does not pay (see ``encode_weight``). Sizes are the paper's fixed-length counts
+    (:meth:`LayerCode.bits`), so the decision is the paper's whatever the file's entropy coder later makes of
+    either code."""
+    plain_bits = uniform_bits(*code.matrix_shape, code.num_planes)
     if fallback == "size":
-        return code if code.bits() < uniform.bits() else uniform
-    cbd_cost, uniform_cost = (rd_cost(e, c.bits(), c.numel) for e, c in zip(errors, (code, uniform), strict=True))
-    if cbd_cost <= uniform_cost:
+        return code if code.bits() < plain_bits else make_uniform("factored planes do not pay")
+    if rd_cost(errors[0], code.bits(), code.numel) <= rd_cost(errors[1], plain_bits, code.numel):
         return code
-    uniform.reason = (f"composite code's error ({errors[0] / max(errors[1], 1e-300):.2f}x the uniform code's) "
-                      f"costs more than its {(uniform.bits() - code.bits()) / code.numel:+.3f} bits/weight buy")
-    return uniform
+    return make_uniform(f"composite code's error ({errors[0] / max(errors[1], 1e-300):.2f}x the uniform code's) "
+                        f"costs more than its {(plain_bits - code.bits()) / code.numel:+.3f} bits/weight buy")
 
 
 def _check(planes: int, fallback: str) -> None:
@@ -70,6 +76,15 @@ def _normalised(weight: np.ndarray, name: str):
         return shape, wmax, None, None
     matrix = to_matrix(weight)
     return shape, wmax, matrix < 0, np.abs(matrix).astype(np.float64) / np.float64(np.float32(wmax))
+
+
+def _distinct_normalised(weight: np.ndarray, wmax: float) -> np.ndarray:
+    """``distinct_positive(r2d)`` of ``_normalised``'s ``r2d = |w| / wmax``, from the float32 ``|w|``: dividing by
+    ``wmax`` in float64 is correctly rounded, so it keeps the order of the float32 values and, since they differ
+    by at least 2^-24 of themselves against a rounding of 2^-53, keeps them distinct. The same values, sorted
+    on 32-bit keys instead of 64-bit ones (about 2.5x faster on a 100M-weight layer)."""
+    magnitudes = distinct_positive(np.abs(np.asarray(weight, np.float32)))
+    return magnitudes.astype(np.float64) / np.float64(np.float32(wmax))
 
 
 def _zero(shape, planes: int) -> ZeroCode:
@@ -104,7 +119,7 @@ def encode_weight(weight: np.ndarray, planes: int = 5, bottleneck: float = 0.3, 
     if r2d is None:
         return _zero(shape, planes)
     h, w = r2d.shape
-    search = search_scale(r2d, rank_bound(h, w, bottleneck))
+    search = search_scale(r2d, rank_bound(h, w, bottleneck), values=_distinct_normalised(weight, wmax))
     if not search.scale < r2d.max():
         return _uniform_code(shape, r2d, negative, wmax, planes, "no entries above the scale", search)
     # a scale so small that J planes cannot span [a, max] is raised to the smallest one that can
@@ -115,7 +130,7 @@ def encode_weight(weight: np.ndarray, planes: int = 5, bottleneck: float = 0.3, 
     code = CompositeCode(shape, planes, layout.exponents, pack_bits(negative), stored,
                          scale=float(np.float32(scale)), bound=search.bound, mask_rank=search.mask_rank,
                          rank_calls=search.rank_calls, wmax=wmax, step=float(np.float32(layout.step)))
-    uniform = _uniform_code(shape, r2d, negative, wmax, planes, "factored planes do not pay", search)
     errors = (0.0, 0.0) if fallback == "size" else \
         (composite_sq_error(r2d, layout), uniform_sq_error(r2d, planes))
-    return _choose(code, uniform, errors, fallback)
+    return _choose(code, lambda reason: _uniform_code(shape, r2d, negative, wmax, planes, reason, search),
+                   errors, fallback)

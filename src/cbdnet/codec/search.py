@@ -50,14 +50,14 @@ RADIX_BITS = 11
 
 @njit(cache=True, nogil=True)
 def _radix_sort_keys(keys):  # pragma: no cover - compiled
-    """LSD radix sort of ``uint64`` keys, 11 bits per pass; passes where all keys share the digit are
-    skipped (the exponent bits of values in (0, 1] mostly do)."""
+    """LSD radix sort of unsigned integer keys (``uint64`` or ``uint32``), 11 bits per pass; passes where all
+    keys share the digit are skipped (the exponent bits of values in (0, 1] mostly do)."""
     buckets = 1 << RADIX_BITS
     mask = np.uint64(buckets - 1)
     source = keys.copy()
     target = np.empty_like(source)
     counts = np.zeros(buckets, dtype=np.int64)
-    for shift in range(0, 64, RADIX_BITS):
+    for shift in range(0, keys.itemsize * 8, RADIX_BITS):
         counts[:] = 0
         for key in source:
             counts[(key >> np.uint64(shift)) & mask] += 1
@@ -82,7 +82,7 @@ def _positive_keys(values):  # pragma: no cover - compiled
     count = 0
     for v in flat:
         count += v > 0
-    keys = np.empty(count, dtype=np.float64)
+    keys = np.empty(count, dtype=flat.dtype)
     k = 0
     for v in flat:
         if v > 0:
@@ -103,15 +103,19 @@ def _dedupe_sorted(sorted_values):  # pragma: no cover - compiled
 
 
 def distinct_positive(r2d: np.ndarray) -> np.ndarray:
-    """``np.unique(r2d[r2d > 0])`` for a finite float64 array, by radix sort: positive IEEE-754 doubles
-    order like their bit patterns as unsigned integers, so sorting the bits sorts the values."""
-    keys = _positive_keys(np.ascontiguousarray(r2d, dtype=np.float64))
-    return _dedupe_sorted(_radix_sort_keys(keys.view(np.uint64)).view(np.float64))
+    """``np.unique(r2d[r2d > 0])`` for a finite float64 (or float32) array, in its dtype, by radix sort:
+    positive IEEE-754 numbers order like their bit patterns as unsigned integers, so sorting the bits sorts the
+    values."""
+    kind = np.float32 if np.asarray(r2d).dtype == np.float32 else np.float64
+    keys = _positive_keys(np.ascontiguousarray(r2d, dtype=kind))
+    bits = np.uint32 if kind == np.float32 else np.uint64
+    return _dedupe_sorted(_radix_sort_keys(keys.view(bits)).view(kind))
 
 
-def search_scale(r2d: np.ndarray, bound: int) -> ScaleResult:
-    """Binary search of ``a`` over the distinct positive values of ``r2d`` (a 2-D array in [0, 1])."""
-    values = distinct_positive(r2d)
+def search_scale(r2d: np.ndarray, bound: int, values: np.ndarray | None = None) -> ScaleResult:
+    """Binary search of ``a`` over the distinct positive values of ``r2d`` (a 2-D array in [0, 1]); ``values``:
+    those values, sorted, where the caller has them (``distinct_positive(r2d)`` otherwise)."""
+    values = distinct_positive(r2d) if values is None else values
     if values.size == 0:
         raise ValueError("cannot search a scale for an all-zero matrix")
     calls = probes = 0
