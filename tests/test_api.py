@@ -196,6 +196,19 @@ def test_tied_weights_stay_tied_and_are_coded_once(tmp_path):
     torch.testing.assert_close(loaded(x), model(x))
 
 
+def test_only_a_layer_with_a_code_of_its_own_may_change_it():
+    """Refit, learned rounding and float16 steps change a code only where no other layer shares it."""
+    from cbdnet.nn.walk import owns_its_code
+
+    tied, _ = cbdnet.compress(Tied(), cbdnet.RTNConfig(bits=4), progress=False)
+    own = owns_its_code(tied)
+    assert not own(tied.a) and not own(tied.b) and not own(tied)
+    untied, _ = cbdnet.compress(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16)),
+                                cbdnet.RTNConfig(bits=4), skip=["2"], progress=False)
+    own = owns_its_code(untied)
+    assert own(untied[0]) and not own(untied[1]) and not own(untied[2])  # coded; no weight; skipped (float)
+
+
 def test_saving_a_weight_edited_after_compression_is_an_error(tmp_path):
     model, _ = cbdnet.compress(build("digits-cnn"), cbdnet.RTNConfig(bits=4), progress=False)
     cbdnet.save(copy.deepcopy(model), tmp_path / "ok.cbd")  # a copy is not an edit

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -25,7 +24,7 @@ from ..codec.grid import half_steps
 from ..errors import CBDError
 from ..nn.fold import fold_batchnorm, foldable_norms, replace_steps
 from ..nn.report import Report, layer_report
-from ..nn.walk import Encoder, check_skip, compress_layers, compressible_layers, float_state
+from ..nn.walk import Encoder, check_skip, compress_layers, compressible_layers, float_state, owns_its_code
 from .batches import CalibrationSet, as_calibration_set
 from .budget import choose, layer_candidates, rtn_candidate
 from .configs import BudgetConfig, CalibrationConfig, CBDConfig, CompressConfig, RTNConfig, UniformConfig
@@ -191,10 +190,10 @@ def round_steps(model: nn.Module) -> int:
     values): the file then stores them in 2 bytes each. A weight shared by several layers keeps its steps (one
     code, coded once; rounding it per layer would untie it). Returns how many layers' steps changed."""
     changed = 0
-    users = Counter(id(m.weight) for m in model.modules() if getattr(m, "code", None) is not None)
+    own_code = owns_its_code(model)
     for module in model.modules():
         code = getattr(module, "code", None)
-        if isinstance(code, GridCode) and users[id(module.weight)] == 1:
+        if isinstance(code, GridCode) and own_code(module):
             steps = half_steps(code.scales())
             if not np.array_equal(steps, code.scales()):
                 replace_steps(module, steps)

@@ -20,7 +20,6 @@ calibration images below that of the levels it had.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -31,6 +30,7 @@ from torch.func import functional_call
 
 from ..codec.code import GridCode
 from ..codec.grid import with_levels
+from ..nn.walk import owns_its_code
 from .batches import CalibrationSet
 from .stats import single_thread
 
@@ -186,13 +186,13 @@ def refine_rounding(model: nn.Module, float_model: nn.Module, layers: list[str],
     start = time.perf_counter()
     result = RoundingResult(iters)
     modules = dict(model.named_modules())
-    users = Counter(id(module.weight) for module in modules.values() if getattr(module, "code", None) is not None)
+    own_code = owns_its_code(model)
     modes = [(m, m.training) for m in (model, float_model)]
     model.eval()
     float_model.eval()  # BatchNorm with its running statistics, as the model will run
     try:
         with single_thread():  # small convolutions: a second thread spins more than it helps on a shared box
-            _refine_units(model, float_model, layers, data, iters, seed, result, modules, users)
+            _refine_units(model, float_model, layers, data, iters, seed, result, modules, own_code)
     finally:
         for module, training in modes:
             module.train(training)
@@ -201,10 +201,10 @@ def refine_rounding(model: nn.Module, float_model: nn.Module, layers: list[str],
     return result
 
 
-def _refine_units(model, float_model, layers, data, iters, seed, result, modules, users) -> None:
+def _refine_units(model, float_model, layers, data, iters, seed, result, modules, own_code) -> None:
     for index, (unit_name, members) in enumerate(reconstruction_units(model, layers)):
         # grid codes only, and not a weight several layers share (one code: refining it per layer would untie it)
-        members = [m for m in members if isinstance(modules[m].code, GridCode) and users[id(modules[m].weight)] == 1]
+        members = [m for m in members if isinstance(modules[m].code, GridCode) and own_code(modules[m])]
         if not members:
             continue
         refined = _refine_unit(model, float_model, unit_name, members, data, iters, seed + index, result)

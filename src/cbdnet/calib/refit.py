@@ -16,7 +16,6 @@ lowers the compressed model's KL divergence from the float model on the calibrat
 from __future__ import annotations
 
 import time
-from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -27,6 +26,7 @@ from torch import nn
 
 from ..codec.code import GridCode
 from ..codec.grid import with_levels
+from ..nn.walk import owns_its_code
 from .batches import CalibrationSet, as_calibration_set
 from .stats import gptq_levels, input_patches, input_patches_at, input_positions, single_thread
 
@@ -174,10 +174,10 @@ def refit_levels(model: nn.Module, float_model: nn.Module, layers: list[str], da
     data = as_calibration_set(data, float_model)
     result = RefitResult(spare_bits=spare_bits)
     modules = dict(model.named_modules())
-    users = Counter(id(m.weight) for m in modules.values() if getattr(m, "code", None) is not None)
+    own_code = owns_its_code(model)
     wanted = set(layers)
     names = [name for name, m in modules.items() if name in wanted and isinstance(getattr(m, "code", None), GridCode)
-             and users[id(m.weight)] == 1 and _refittable(m)]
+             and own_code(m) and _refittable(m)]
     codes = {name: modules[name].code for name in names}
     modes = [(m, m.training) for m in (model, float_model)]
     model.eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +26,7 @@ from .ops import output_positions
 from .report import LayerReport, Report, layer_report
 
 __all__ = ["compress_layers", "compressible_layers", "coded_keys", "float_state", "float_layers",
-           "default_workers", "tied_weights", "Encoder"]
+           "default_workers", "tied_weights", "owns_its_code", "Encoder"]
 
 Encoder = Callable[[str, np.ndarray], LayerCode]
 
@@ -36,6 +36,13 @@ def compressible_layers(model: nn.Module, skip: Iterable[str] = ()) -> list[tupl
     skipped = set(skip)
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, COMPRESSIBLE) and not isinstance(module, CBDModule) and name not in skipped]
+
+
+def owns_its_code(model: nn.Module) -> Callable[[nn.Module], bool]:
+    """A test of whether a module of ``model`` carries a code no other coded module shares (a tied weight is
+    one code, coded once: changing it per layer would untie it)."""
+    users = Counter(id(m.weight) for m in model.modules() if getattr(m, "code", None) is not None)
+    return lambda module: getattr(module, "code", None) is not None and users[id(module.weight)] == 1
 
 
 def tied_weights(layers: list[tuple[str, nn.Module]]) -> dict[str, str]:
