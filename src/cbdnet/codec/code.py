@@ -215,7 +215,7 @@ def _decode_sign_magnitude(code: LayerCode, magnitude_of) -> np.ndarray:
     """``wmax * sign * magnitude_of(planes)`` in float32, in the weight's shape.
 
     ``magnitude_of`` maps a list of bool planes to float32 magnitudes elementwise. It is applied once, to the
-    planes of every magnitude ``0 .. 2^J - 1`` (``J <= MAX_PLANES``: at most 65,536 entries), and the weight is
+    planes of every magnitude ``0 .. 2^J - 1`` (``J <= MAX_PLANES``: at most 65,536 of them), and the weight is
     one gather from that table by the signed levels (the remembered ones where a file decoder left them): the
     same float32 operations per entry as decoding the planes of the whole weight (so bitwise the same values,
     except that a zero level decodes to +0), in one pass instead of several per plane."""
