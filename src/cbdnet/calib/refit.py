@@ -28,7 +28,7 @@ from ..codec.code import GridCode
 from ..codec.grid import with_levels
 from ..nn.walk import owns_its_code
 from .batches import CalibrationSet, as_calibration_set
-from .stats import gptq_levels, input_patches, input_patches_at, input_positions, single_thread
+from .stats import gptq_levels, sample_positions, sampled_patches, single_thread
 
 __all__ = ["RefitResult", "refit_levels", "calibration_kl", "POSITIONS"]
 
@@ -89,14 +89,8 @@ def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> 
         compressed_in, float_in = _inputs(model, layer, images), _inputs(float_model, float_layer, images)
         if compressed_in is None or float_in is None:
             return None
-        per_image = input_positions(layer, float_in)
-        if per_image > POSITIONS:  # only the kept positions are unfolded
-            keep = torch.stack([torch.randperm(per_image, generator=generator)[:POSITIONS]
-                                for _ in range(len(images))])
-            x_tilde = input_patches_at(layer, compressed_in.float(), keep)
-            x = input_patches_at(layer, float_in.float(), keep)
-        else:
-            x_tilde, x = input_patches(layer, compressed_in.float()), input_patches(layer, float_in.float())
+        keep = sample_positions(layer, float_in, POSITIONS, generator)  # the same positions in both models
+        x_tilde, x = sampled_patches(layer, compressed_in.float(), keep), sampled_patches(layer, float_in.float(), keep)
         part_hessian, part_cross = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()  # float32 products
         hessian = part_hessian if hessian is None else hessian + part_hessian
         cross = part_cross if cross is None else cross + part_cross

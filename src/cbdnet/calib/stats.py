@@ -31,6 +31,7 @@ from torch import nn
 from .batches import CalibrationSet, as_calibration_set
 
 __all__ = ["single_thread", "LayerStats", "collect_stats", "input_patches", "input_positions", "input_patches_at",
+           "sample_positions", "sampled_patches",
            "task_loss", "gptq_levels", "gptq_levels_stacked", "output_error", "bias_correct", "bias_correct_if_better",
            "reestimate_bn", "following_bn", "calibration_loss"]
 
@@ -127,6 +128,22 @@ def input_patches_at(module: nn.Module, x: torch.Tensor, positions: torch.Tensor
     return patches.permute(0, 1, 4, 2, 3).reshape(-1, x.shape[1] * kh * kw)
 
 
+def sample_positions(module: nn.Module, x: torch.Tensor, limit: int, generator: torch.Generator
+                     ) -> torch.Tensor | None:
+    """A seeded random ``limit`` of each image's output positions (``[N, limit]``, for :func:`sampled_patches`),
+    or None where an image has no more than ``limit`` of them (then every position is kept)."""
+    per_image = input_positions(module, x)
+    if per_image <= limit:
+        return None
+    return torch.stack([torch.randperm(per_image, generator=generator)[:limit] for _ in range(x.shape[0])])
+
+
+def sampled_patches(module: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The input patches of ``x`` at the positions :func:`sample_positions` kept (all of them for None); only
+    those are unfolded."""
+    return input_patches(module, x) if keep is None else input_patches_at(module, x, keep)
+
+
 def _supported(module: nn.Module) -> bool:
     """Linear and Conv2d layers (grouped and depthwise ones included). Transposed convolutions and convs with
     string or non-zero padding modes get no statistics: their codes are chosen by weight error."""
@@ -142,13 +159,7 @@ def _patch_chunks(module: nn.Module, x: torch.Tensor, positions: int, generator:
     images_per_chunk = max(1, MAX_PATCH_ELEMENTS // max(1, positions * d))
     for start in range(0, x.shape[0], images_per_chunk):
         part = x[start:start + images_per_chunk]
-        per_image = input_positions(module, part)
-        if per_image > MAX_POSITIONS:  # only the kept positions are unfolded
-            keep = torch.stack([torch.randperm(per_image, generator=generator)[:MAX_POSITIONS]
-                                for _ in range(part.shape[0])])
-            yield input_patches_at(module, part, keep)
-        else:
-            yield input_patches(module, part)
+        yield sampled_patches(module, part, sample_positions(module, part, MAX_POSITIONS, generator))
 
 
 def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, batch_size: int = 100

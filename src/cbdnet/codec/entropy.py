@@ -309,9 +309,10 @@ def decode_levels(data: bytes, count: int, *, narrow: bool = False) -> np.ndarra
         bits = np.unpackbits(np.frombuffer(data, np.uint8, need, r.pos), count=count * width, bitorder="little")
         vals = (bits.reshape(count, width).astype(np.int64) << np.arange(width, dtype=np.int64)).sum(axis=1)
         out = vals + lo
-        if out.max() > MAX_ABS_LEVEL:
+        high = int(out.max())
+        if high > MAX_ABS_LEVEL:
             raise ValueError("level out of range in levels blob")
-        return out.astype(narrowest_signed(lo, out.max())) if narrow else out
+        return out.astype(narrowest_signed(lo, high)) if narrow else out
     if mode != ANS:
         raise ValueError(f"unknown levels blob mode {mode}")
     span = r.varint(33)
