@@ -16,7 +16,8 @@ on). Targets, each run in rounds of ``--examples`` cases with a fresh seed until
                   inputs, hard links and symlinks to them, existing files, a FIFO, a directory, /dev/null, ``-``,
                   an empty name, a missing folder, the same path twice), with and without ``--force``
 - ``v2-flip``, ``v2-resigned``, ``v2-header``: the same against format-2 files (entropy-coded layers, zlib JSON
-  header): byte flips, re-signed payload flips/cuts/splices, random JSON put anywhere into the header
+  header; one file with kernel-context `ans-kernel` layers): byte flips, re-signed payload flips/cuts/splices,
+  random JSON put anywhere into the header
 - ``sweep``       ``cbdnet sweep`` resuming a finished sweep folder in which one of its own names (results,
                   spec copy, plot, lock, points/, files/) is replaced by an awkward target (a link to a user
                   file or an input, a dangling link, a FIFO, a folder, a hard link to an input), or whose
@@ -59,6 +60,7 @@ from cbd_mutations import (  # noqa: E402
     Marker,
     header_of,
     json_paths,
+    kernel_file,
     meta_of,
     outcome,
     payload_of,
@@ -449,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     files = [tiny_file(planes=3, bottleneck=0.3), tiny_file(planes=5, bottleneck=0.5), tiny_file(planes=1)]
     v2_files = [tiny_file(planes=3, bottleneck=0.3, version=2), tiny_file(planes=5, bottleneck=0.5, version=2),
-                tiny_file(planes=1, version=2)]
+                tiny_file(planes=1, version=2), kernel_file()]  # the last: ans-kernel layers (kernel contexts)
     with tempfile.TemporaryDirectory(prefix="cbd-fuzz-") as tmp:
         campaign = Campaign(files, Path(tmp), v2_files)
         rounds = 0

@@ -127,7 +127,7 @@ class LayerCode:
         entropy-coded remainder, whichever is smaller (computed once; a code is not changed after encoding)."""
         cached = self.__dict__.get("_stream")
         if cached is None:
-            cached = encode_stream(self.signed_magnitudes(), self.exponents, self.planes)
+            cached = encode_stream(self.signed_magnitudes(), self.exponents, self.planes, tuple(self.shape))
             self.__dict__["_stream"] = cached
         return cached
 

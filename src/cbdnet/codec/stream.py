@@ -4,6 +4,9 @@ A layer's code is signed integer magnitudes ``q = sign * m`` on an ``h x w`` mat
 (plane ``i`` at shift ``s_i = e_i - min(e)``). Two codings are tried and the smaller kept:
 
 - ``ans``: the signed levels ``q`` in one :mod:`.entropy` blob;
+- ``ans-kernel`` (convolutions with kernels of 2 or more positions): the signed levels in weight order
+  (``[out, in, kh, kw]``) in one blob coded with the kernel contexts of :mod:`.entropy` (mode KERNEL, naming
+  the layer's kernel; the other codings refuse that mode);
 - ``gf2+ans``: the planes the encoder stored as exact GF(2) factors ``B @ C`` (``rank * (h + w)`` bits, packed)
   plus two blobs: the remainder magnitudes ``m - sum_factored P_i << s_i`` and the signs of the non-zero ``m``.
   Each factored plane carries the CRC-32 of its packed bits, checked against ``B @ C`` on decoding.
@@ -20,9 +23,13 @@ import numpy as np
 
 from . import gf2
 from .bits import PlaneCode, pack_bits, packed_size, unpack_bits
-from .entropy import decode_levels, encode_levels
+from .entropy import decode_levels, encode_levels, uses_kernel
+from .planes import from_matrix, to_matrix
 
-__all__ = ["Stream", "FactoredPlane", "encode_stream", "decode_stream", "StreamError", "factor_sizes"]
+__all__ = ["Stream", "FactoredPlane", "encode_stream", "decode_stream", "StreamError", "factor_sizes", "kernel_of",
+           "CODINGS"]
+
+CODINGS = {"none": 0, "ans": 1, "ans-kernel": 1, "gf2+ans": 2}  # each coding's number of blobs
 
 
 class StreamError(ValueError):
@@ -46,7 +53,7 @@ class FactoredPlane:
 class Stream:
     """What v2 stores for one layer's levels (the steps/scales are stored beside it)."""
 
-    coding: str  # "ans", "gf2+ans" or "none" (an all-zero code: nothing stored)
+    coding: str  # "ans", "ans-kernel", "gf2+ans" or "none" (an all-zero code: nothing stored)
     blobs: list[bytes] = field(default_factory=list)
     factored: list[FactoredPlane] = field(default_factory=list)
 
@@ -83,12 +90,32 @@ def _as_int(q: np.ndarray) -> np.ndarray:
     return flat.astype(np.int32 if small else np.int64, copy=False)
 
 
-def encode_stream(q: np.ndarray, exponents: tuple[int, ...], planes: list[PlaneCode]) -> Stream:
-    """The smaller of the ``ans`` and (where the code has factored planes) ``gf2+ans`` codings of ``q``."""
+def kernel_of(shape: tuple[int, ...] | None) -> tuple[int, int] | None:
+    """``(kh, kw)`` of a convolution weight's ``shape`` whose kernel slices have 2 or more positions, else None."""
+    if shape is None or len(shape) != 4 or shape[2] * shape[3] < 2:
+        return None
+    return int(shape[2]), int(shape[3])
+
+
+def _plain(q: np.ndarray, flat: np.ndarray, shape: tuple[int, ...] | None) -> Stream:
+    """``ans``, or ``ans-kernel`` where the weight has kernels and their contexts code it smaller."""
+    plain = Stream("ans", [encode_levels(flat)])
+    kernel = kernel_of(shape)
+    if kernel is not None:
+        blob = encode_levels(_as_int(from_matrix(q, shape)), kernel=kernel)
+        if uses_kernel(blob) and len(blob) < len(plain.blobs[0]):
+            return Stream("ans-kernel", [blob])
+    return plain
+
+
+def encode_stream(q: np.ndarray, exponents: tuple[int, ...], planes: list[PlaneCode],
+                  shape: tuple[int, ...] | None = None) -> Stream:
+    """The smallest of the ``ans``, (for a convolution weight of ``shape``) ``ans-kernel`` and (where the code has
+    factored planes) ``gf2+ans`` codings of ``q``."""
     if not planes:
         return Stream("none")
     flat = _as_int(q)
-    plain = Stream("ans", [encode_levels(flat)])
+    plain = _plain(q, flat, shape)
     factored = [i for i, p in enumerate(planes) if p.storage == "factored"]
     if not factored:
         return plain
@@ -109,11 +136,12 @@ def encode_stream(q: np.ndarray, exponents: tuple[int, ...], planes: list[PlaneC
 
 
 def decode_stream(coding: str, parts: list[bytes], factored: list[tuple[int, int, int]], h: int, w: int,
-                  exponents: tuple[int, ...]) -> tuple[np.ndarray, list[PlaneCode | None]]:
+                  exponents: tuple[int, ...], shape: tuple[int, ...] | None = None
+                  ) -> tuple[np.ndarray, list[PlaneCode | None]]:
     """``(q, planes)``: the signed ``h x w`` levels (a signed integer type wide enough for them) and, per plane,
     the factored :class:`PlaneCode` or None. ``factored`` lists ``(index, rank, crc)``; ``parts`` are the blobs
-    then B, C per factored plane. Checks that the levels fit the planes and every factored product against its
-    CRC-32 (:class:`StreamError`)."""
+    then B, C per factored plane; ``shape``: the weight's (``ans-kernel`` needs it). Checks that the levels fit
+    the planes and every factored product against its CRC-32 (:class:`StreamError`)."""
     count = h * w
     limit = 1 << len(exponents)
     shifts = _shifts(exponents)
@@ -121,6 +149,13 @@ def decode_stream(coding: str, parts: list[bytes], factored: list[tuple[int, int
     try:
         if coding == "ans":
             q = decode_levels(parts[0], count, narrow=True)
+            largest = max(-int(q.min()), int(q.max())) if q.size else 0
+        elif coding == "ans-kernel":
+            if kernel_of(shape) is None or shape[0] * shape[2] != h or shape[1] * shape[3] != w:
+                raise StreamError(f"coding ans-kernel needs a convolution with kernels, not shape {shape}")
+            if not uses_kernel(parts[0]):
+                raise StreamError("coding ans-kernel without kernel contexts in its blob")
+            q = to_matrix(decode_levels(parts[0], count, narrow=True, kernel=kernel_of(shape)).reshape(shape))
             largest = max(-int(q.min()), int(q.max())) if q.size else 0
         elif coding == "gf2+ans":
             magnitude = decode_levels(parts[0], count)

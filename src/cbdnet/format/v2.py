@@ -32,7 +32,7 @@ from ..codec.bits import pack_bits, packed_digest
 from ..codec.code import stored_scales
 from ..codec.entropy import narrowest_signed
 from ..codec.floats import FLOATING, constant_value, exact_float16
-from ..codec.stream import FactoredPlane, Stream, StreamError, decode_stream, factor_sizes
+from ..codec.stream import CODINGS, FactoredPlane, Stream, StreamError, decode_stream, factor_sizes
 from ..errors import FormatError
 from .entries import exponents_of, is_int, layer_fields, need, strict_json
 
@@ -132,7 +132,9 @@ def _stream_entry(layer: dict, name: str, h: int, w: int, nplanes: int) -> tuple
     stream = layer.get("stream")
     need(isinstance(stream, dict), f"layer {name}: no stream entry")
     coding, sizes, factored = stream.get("coding"), stream.get("blob_bytes"), stream.get("factored")
-    blobs = {"none": 0, "ans": 1, "gf2+ans": 2}.get(coding) if isinstance(coding, str) else None
+    blobs = CODINGS.get(coding) if isinstance(coding, str) else None
+    need(blobs is not None or not isinstance(coding, str) or len(coding) > 40,
+         f"layer {name}: coding {coding!r} is not one this cbdnet reads (written by a newer version?)"[:200])
     need(blobs is not None and (coding == "none") == (nplanes == 0), f"layer {name}: bad coding {coding!r}"[:200])
     need(isinstance(sizes, list) and len(sizes) == blobs, f"layer {name}: bad blob sizes")
     sizes = [_int(s, f"{name}.blob_bytes", 6, 1 << 40) for s in sizes]
@@ -192,7 +194,7 @@ def _decode_layer(layer: dict, cursor: _Cursor
     if coding == "none":
         return entry, tensors, None, Stream("none")
     try:
-        q, stored = decode_stream(coding, parts, factored, h, w, exponents)
+        q, stored = decode_stream(coding, parts, factored, h, w, exponents, shape)
     except StreamError as exc:
         raise FormatError(f"layer {name}: {exc}") from None
     stream = Stream(coding, [bytes(part) for part in parts[:len(sizes)]],

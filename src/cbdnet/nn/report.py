@@ -47,8 +47,9 @@ class LayerReport:
     bitserial_adds: int | None = None  # per sample
     bitserial_mults: int | None = None  # per sample
     code: str = ""  # the code chosen for this layer, e.g. "cbd J=5", "rtn4/ch", "uniform J=5"
-    # how the file (format 2) stores the levels: "ans" (entropy-coded signed levels), "gf2+ans" (GF(2)-factored
-    # high planes plus entropy-coded remainder and signs) or "none" (all-zero)
+    # how the file (format 2) stores the levels: "ans" (entropy-coded signed levels, one static table),
+    # "ans-kernel" (the same, with per-kernel-position contexts), "gf2+ans" (GF(2)-factored high planes plus
+    # entropy-coded remainder and signs) or "none" (all-zero)
     coding: str = ""
     plane_coding: list[str] = field(default_factory=list)  # per plane: "ans" or "gf2 rank R, N B"
     # what the file (format 2) stores for this layer: the coded levels and the scales (float16 or float32);
@@ -154,7 +155,7 @@ class Report:
     def table(self) -> str:
         """A fixed-width per-layer table with a totals line."""
         head = (f"{'layer':<28} {'shape':<16} {'h x w':>11} {'code':<12} {'a':>6} {'fact/plain':>10} "
-                f"{'ranks':<22} {'bits/w':>6} {'coding':<8} {'coded':>6} {'rel.err':>7}")
+                f"{'ranks':<22} {'bits/w':>6} {'coding':<10} {'coded':>6} {'rel.err':>7}")
         lines = [head, "-" * len(head)]
         for layer in self.layers:
             ranks = ",".join(str(r) for r, s in zip(layer.plane_ranks, layer.plane_storage, strict=True)
@@ -164,7 +165,7 @@ class Report:
                 f"{f'{layer.h}x{layer.w}':>11} {_clip(layer.code or layer.mode, 12):<12} "
                 f"{f'{layer.scale:.3f}' if layer.scale > 0 else '':>6} "
                 f"{f'{layer.planes_factored}/{layer.planes_plain}':>10} {_clip(ranks, 22):<22} "
-                f"{layer.bits_per_weight:>6.3f} {layer.coding:<8} {layer.coded_bits_per_weight:>6.3f} "
+                f"{layer.bits_per_weight:>6.3f} {layer.coding:<10} {layer.coded_bits_per_weight:>6.3f} "
                 f"{layer.rel_error:>7.4f}")
         lines.append("-" * len(head))
         if self.file_bits_per_weight is not None:
