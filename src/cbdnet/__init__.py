@@ -8,7 +8,7 @@ The public API: the configs (:class:`CBDConfig`, :class:`UniformConfig`, :class:
 budget) -> ``zoo`` (architectures, data, metrics) -> ``cli``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .calib import BudgetConfig, CalibrationConfig, CBDConfig, RTNConfig, UniformConfig  # noqa: E402
 from .errors import CBDError, DataError, FormatError, WeightError  # noqa: E402

@@ -27,7 +27,7 @@ from .entropy import decode_levels, encode_levels, uses_kernel
 from .planes import from_matrix, to_matrix
 
 __all__ = ["Stream", "FactoredPlane", "encode_stream", "decode_stream", "StreamError", "factor_sizes", "kernel_of",
-           "CODINGS"]
+           "CODINGS", "KERNEL_MIN_SAVING"]
 
 CODINGS = {"none": 0, "ans": 1, "ans-kernel": 1, "gf2+ans": 2}  # each coding's number of blobs
 
@@ -90,6 +90,11 @@ def _as_int(q: np.ndarray) -> np.ndarray:
     return flat.astype(np.int32 if small else np.int64, copy=False)
 
 
+# kernel contexts decode about 3x slower than one table: kept only where they save at least this share of the
+# layer's levels (4-8 % on trained kernels; about 0.1 % on random ones, where they are not worth the time)
+KERNEL_MIN_SAVING = 0.01
+
+
 def kernel_of(shape: tuple[int, ...] | None) -> tuple[int, int] | None:
     """``(kh, kw)`` of a convolution weight's ``shape`` whose kernel slices have 2 or more positions, else None."""
     if shape is None or len(shape) != 4 or shape[2] * shape[3] < 2:
@@ -98,12 +103,13 @@ def kernel_of(shape: tuple[int, ...] | None) -> tuple[int, int] | None:
 
 
 def _plain(q: np.ndarray, flat: np.ndarray, shape: tuple[int, ...] | None) -> Stream:
-    """``ans``, or ``ans-kernel`` where the weight has kernels and their contexts code it smaller."""
+    """``ans``, or ``ans-kernel`` where the weight has kernels and their contexts code it at least
+    ``KERNEL_MIN_SAVING`` smaller."""
     plain = Stream("ans", [encode_levels(flat)])
     kernel = kernel_of(shape)
     if kernel is not None:
         blob = encode_levels(_as_int(from_matrix(q, shape)), kernel=kernel)
-        if uses_kernel(blob) and len(blob) < len(plain.blobs[0]):
+        if uses_kernel(blob) and len(blob) <= (1.0 - KERNEL_MIN_SAVING) * len(plain.blobs[0]):
             return Stream("ans-kernel", [blob])
     return plain
 
