@@ -15,6 +15,7 @@ from hypothesis.extra import numpy as hnp
 import cbdnet
 from cbdnet.codec import encode_rtn
 from cbdnet.codec.entropy import KERNEL, coded_size, decode_levels, encode_levels, kernel_order, uses_kernel
+from cbdnet.codec.planes import from_matrix
 from cbdnet.codec.stream import StreamError, decode_stream, encode_stream, kernel_of
 from cbdnet.errors import CBDError
 from cbdnet.format.cbdfile import encode_file, parse
@@ -224,3 +225,20 @@ def test_a_kernel_layer_relabelled_is_refused(kernel_bytes, coding, tmp_path):
         if (coding == "ans-kernel") != kernel:
             layer["stream"]["coding"] = coding
     assert outcome(v2_with_header(kernel_bytes, header), tmp_path) == "refused"
+
+
+def test_kernel_contexts_are_kept_only_where_they_save_a_percent():
+    """Independent levels (random weights): the kernel blob may be a little smaller, but not by KERNEL_MIN_SAVING,
+    so the layer stays ``ans`` (one table decodes faster); structured ones clear it by far."""
+    from cbdnet.codec.stream import KERNEL_MIN_SAVING
+
+    rng = np.random.default_rng(5)
+    shape = (64, 64, 3, 3)
+    for levels, expected in ((np.rint(rng.laplace(0, 4, shape)), "ans"), (structured(rng, *shape), "ans-kernel")):
+        code = encode_rtn(levels.astype(np.float64) * 0.01, 8, "channel")
+        q = code.signed_magnitudes()
+        stream = encode_stream(q, code.exponents, code.planes, code.shape)
+        kernel = len(encode_levels(from_matrix(q, shape), kernel=(3, 3)))
+        plain = len(encode_levels(q))
+        assert stream.coding == expected, (kernel, plain)
+        assert (kernel <= (1 - KERNEL_MIN_SAVING) * plain) == (expected == "ans-kernel")
