@@ -46,21 +46,26 @@ def tiny_file(planes: int = 3, bottleneck: float = 0.3, version: int = 1) -> byt
 KERNEL_ARCH = ("digits-cnn", {"width": 16})  # wide enough (32x16 kernels) for the kernel contexts to pay
 
 
+def structured_levels(rng: np.random.Generator, out: int, cin: int, kh: int, kw: int) -> np.ndarray:
+    """Levels shaped like trained kernels: a magnitude per slice, a smooth signed pattern within it (what the
+    kernel contexts of the levels coder exploit)."""
+    scale = rng.laplace(size=(out, cin, 1, 1)) * 4
+    y, x = np.meshgrid(np.arange(kh) - (kh - 1) / 2, np.arange(kw) - (kw - 1) / 2, indexing="ij")
+    pattern = rng.normal(size=(out, cin, 1, 1)) * np.exp(-(y**2 + x**2) / 4)
+    return np.rint(scale * (pattern + 0.4 * rng.normal(size=(out, cin, kh, kw)))).astype(np.int64)
+
+
 def kernel_file(seed: int = 0) -> bytes:
-    """A format-2 file of the digits CNN (width 16) whose 3x3 kernels have the structure of trained ones (a
-    magnitude per slice, a smooth signed pattern within it), RTN 6-bit per channel: its wider convolutions are
-    stored ``ans-kernel`` (the kernel-context mode of the levels coder)."""
+    """A format-2 file of the digits CNN (width 16) whose 3x3 kernels are :func:`structured_levels` (scaled), RTN
+    6-bit per channel: its wider convolutions are stored ``ans-kernel`` (the kernel-context mode of the levels
+    coder)."""
     torch.manual_seed(seed)
     model = build(KERNEL_ARCH[0], **KERNEL_ARCH[1]).eval()
     rng = np.random.default_rng(seed)
-    bump = np.exp(-((np.arange(3) - 1)[:, None] ** 2 + (np.arange(3) - 1)[None, :] ** 2) / 4)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (3, 3):
-                out, cin = module.weight.shape[:2]
-                slices = rng.laplace(size=(out, cin, 1, 1)) * rng.normal(size=(out, cin, 1, 1)) * bump
-                noise = 0.3 * np.abs(slices).mean() * rng.normal(size=(out, cin, 3, 3))
-                module.weight.copy_(torch.from_numpy(0.05 * (slices + noise)))
+                module.weight.copy_(torch.from_numpy(0.01 * structured_levels(rng, *module.weight.shape)))
     model, report = cbdnet.compress(model, cbdnet.RTNConfig(bits=6), progress=False)
     assert "ans-kernel" in {layer.coding for layer in report.layers}, [layer.coding for layer in report.layers]
     return encode_file(model)

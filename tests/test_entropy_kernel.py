@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from cbd_mutations import kernel_file, outcome, resigned_flips, v2_header_of, v2_with_header
+from cbd_mutations import structured_levels as structured
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -21,15 +22,6 @@ from cbdnet.errors import CBDError
 from cbdnet.format.cbdfile import encode_file, parse
 
 KERNELS = [(3, 3), (1, 3), (3, 1), (2, 2), (5, 5), (7, 7), (1, 2)]
-
-
-def structured(rng: np.random.Generator, out: int, cin: int, kh: int, kw: int) -> np.ndarray:
-    """Levels shaped like trained kernels: a magnitude per slice, a smooth signed pattern within it."""
-    scale = rng.laplace(size=(out, cin, 1, 1)) * 4
-    y, x = np.meshgrid(np.arange(kh) - (kh - 1) / 2, np.arange(kw) - (kw - 1) / 2, indexing="ij")
-    bump = np.exp(-(y**2 + x**2) / 4)
-    pattern = rng.normal(size=(out, cin, 1, 1)) * bump
-    return np.rint(scale * (pattern + 0.4 * rng.normal(size=(out, cin, kh, kw)))).astype(np.int64)
 
 
 def roundtrip(levels: np.ndarray, kernel) -> bytes:

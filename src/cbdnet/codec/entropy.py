@@ -47,8 +47,8 @@ import zlib
 import constriction
 import numpy as np
 
-__all__ = ["encode_levels", "decode_levels", "uses_kernel", "narrowest_signed", "coded_size", "estimate_bits",
-           "MAX_ABS_LEVEL", "FREQ_BITS", "kernel_order", "KERNEL_PRIOR", "MAX_KERNEL"]
+__all__ = ["encode_levels", "encode_kernel_levels", "decode_levels", "uses_kernel", "narrowest_signed", "coded_size",
+           "estimate_bits", "MAX_ABS_LEVEL", "FREQ_BITS", "kernel_order", "KERNEL_PRIOR", "MAX_KERNEL"]
 
 VERSION = 1
 EMPTY, CONST, ANS, RAW, KERNEL = 0, 1, 2, 3, 4
@@ -246,7 +246,6 @@ class _KernelSchedule:
 
     def __init__(self, slices: int, kh: int, kw: int, static: np.ndarray, dtype=np.int64) -> None:
         self.plan = _kernel_plan(kh, kw)
-        self.dtype = dtype
         self.static = static.astype(np.int64)
         self.prior = KERNEL_PRIOR * self.static
         self.scale = int(self.static.sum())
@@ -373,6 +372,21 @@ def _candidates(flat: np.ndarray, freq_bits: int | None, kernel: tuple[int, int]
         kh, kw = (int(k) for k in kernel)
         parts.append(_encode_kernel(flat, kh, kw, freq_bits))
     return [part for part in parts if part is not None]
+
+
+def encode_kernel_levels(levels, kernel: tuple[int, int], *, freq_bits: int | None = FREQ_BITS) -> bytes | None:
+    """The mode-KERNEL blob of ``levels`` (a convolution weight in weight order, see :func:`encode_levels`), or
+    None where that mode does not apply (fewer than two distinct levels, a kernel of one position, a size that
+    is not whole slices, too many distinct levels). Only that coding is run: a caller that already has the
+    static table's blob compares the two itself."""
+    flat = _as_levels(levels)
+    if flat.size == 0 or flat.min() == flat.max():
+        return None
+    parts = _encode_kernel(flat, int(kernel[0]), int(kernel[1]), freq_bits)
+    if parts is None:
+        return None
+    head, coder = parts
+    return _finish(head + coder.get_compressed().astype("<u4").tobytes(), flat.size)
 
 
 def encode_levels(levels, *, freq_bits: int | None = FREQ_BITS, kernel: tuple[int, int] | None = None) -> bytes:

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import gf2
 from .bits import PlaneCode, pack_bits, packed_size, unpack_bits
-from .entropy import decode_levels, encode_levels, uses_kernel
+from .entropy import decode_levels, encode_kernel_levels, encode_levels, uses_kernel
 from .planes import from_matrix, to_matrix
 
 __all__ = ["Stream", "FactoredPlane", "encode_stream", "decode_stream", "StreamError", "factor_sizes", "kernel_of",
@@ -107,10 +107,9 @@ def _plain(q: np.ndarray, flat: np.ndarray, shape: tuple[int, ...] | None) -> St
     ``KERNEL_MIN_SAVING`` smaller."""
     plain = Stream("ans", [encode_levels(flat)])
     kernel = kernel_of(shape)
-    if kernel is not None:
-        blob = encode_levels(_as_int(from_matrix(q, shape)), kernel=kernel)
-        if uses_kernel(blob) and len(blob) <= (1.0 - KERNEL_MIN_SAVING) * len(plain.blobs[0]):
-            return Stream("ans-kernel", [blob])
+    blob = None if kernel is None else encode_kernel_levels(_as_int(from_matrix(q, shape)), kernel)
+    if blob is not None and len(blob) <= (1.0 - KERNEL_MIN_SAVING) * len(plain.blobs[0]):
+        return Stream("ans-kernel", [blob])
     return plain
 
 
@@ -157,11 +156,12 @@ def decode_stream(coding: str, parts: list[bytes], factored: list[tuple[int, int
             q = decode_levels(parts[0], count, narrow=True)
             largest = max(-int(q.min()), int(q.max())) if q.size else 0
         elif coding == "ans-kernel":
-            if kernel_of(shape) is None or shape[0] * shape[2] != h or shape[1] * shape[3] != w:
+            kernel = kernel_of(shape)
+            if kernel is None or shape[0] * shape[2] != h or shape[1] * shape[3] != w:
                 raise StreamError(f"coding ans-kernel needs a convolution with kernels, not shape {shape}")
             if not uses_kernel(parts[0]):
                 raise StreamError("coding ans-kernel without kernel contexts in its blob")
-            q = to_matrix(decode_levels(parts[0], count, narrow=True, kernel=kernel_of(shape)).reshape(shape))
+            q = to_matrix(decode_levels(parts[0], count, narrow=True, kernel=kernel).reshape(shape))
             largest = max(-int(q.min()), int(q.max())) if q.size else 0
         elif coding == "gf2+ans":
             magnitude = decode_levels(parts[0], count)

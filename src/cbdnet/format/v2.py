@@ -133,7 +133,7 @@ def _stream_entry(layer: dict, name: str, h: int, w: int, nplanes: int) -> tuple
     need(isinstance(stream, dict), f"layer {name}: no stream entry")
     coding, sizes, factored = stream.get("coding"), stream.get("blob_bytes"), stream.get("factored")
     blobs = CODINGS.get(coding) if isinstance(coding, str) else None
-    need(blobs is not None or not isinstance(coding, str) or len(coding) > 40,
+    need(not isinstance(coding, str) or coding in CODINGS or len(coding) > 40,  # a long string is just corrupt
          f"layer {name}: coding {coding!r} is not one this cbdnet reads (written by a newer version?)"[:200])
     need(blobs is not None and (coding == "none") == (nplanes == 0), f"layer {name}: bad coding {coding!r}"[:200])
     need(isinstance(sizes, list) and len(sizes) == blobs, f"layer {name}: bad blob sizes")
