@@ -264,9 +264,9 @@ class _KernelSchedule:
         _, near = self.plan[t]
         if not near:
             return context + _DIRECTIONS // 2
-        lean = values[:, near[0]].copy()
+        lean = values[near[0]].copy()
         for q in near[1:]:
-            lean += values[:, q]
+            lean += values[q]
         lean *= 20 * t
         spread = len(near) * total
         direction = np.zeros(total.size, np.uint8)
@@ -276,22 +276,25 @@ class _KernelSchedule:
         return context + direction
 
     def groups(self, t: int, values: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(slices, table)`` per group of step ``t``; ``values``: the levels, valid at earlier steps' positions."""
+        """``(slices, table)`` per group of step ``t``; ``values``: the levels position-major (one row per kernel
+        position, one column per slice), valid in earlier steps' rows."""
         if t == 0:
             return [(np.arange(self.total.size), self.static)]
         self.context = self._contexts(t, values)
         perm = np.argsort(self.context, kind="stable")  # a radix sort on uint8
-        ordered = self.context[perm]
-        cuts = [0, *(np.flatnonzero(np.diff(ordered)) + 1).tolist(), ordered.size]
-        return [(perm[a:b], self.scale * self.counts[ordered[a]] + self.prior)
-                for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        sizes = np.bincount(self.context, minlength=_CONTEXTS)
+        used = np.flatnonzero(sizes)
+        ends = np.cumsum(sizes[used]).tolist()
+        starts = [0, *ends[:-1]]
+        return [(perm[a:b], self.scale * self.counts[c] + self.prior)
+                for c, a, b in zip(used.tolist(), starts, ends, strict=True)]
 
     def update(self, t: int, values: np.ndarray, index: np.ndarray) -> None:
         """Count step ``t``'s levels (their symbol ``index``) in their contexts; add their magnitudes."""
         if t:
-            flat = self.context.astype(np.int64) * self.symbols + index
+            flat = self.context.astype(np.int32) * np.int32(self.symbols) + index
             self.counts += np.bincount(flat, minlength=self.counts.size).reshape(self.counts.shape)
-        self.total += np.abs(values[:, self.plan[t][0]])
+        self.total += np.abs(values[self.plan[t][0]])
 
 
 def _context_dtype(lo: int, hi: int, n: int):
@@ -314,13 +317,13 @@ def _encode_kernel(flat: np.ndarray, kh: int, kw: int, freq_bits: int | None):
         return None
     lo, span, present, freqs, index = alphabet
     dtype = _context_dtype(lo, lo + span, n)
-    values = flat.reshape(-1, n).astype(dtype)
-    index = index.reshape(-1, n)
-    schedule = _KernelSchedule(values.shape[0], kh, kw, freqs, dtype)
+    values = np.ascontiguousarray(flat.reshape(-1, n).T, dtype)  # position-major: one row per kernel position
+    index = np.ascontiguousarray(index.reshape(-1, n).T, np.int32)
+    schedule = _KernelSchedule(values.shape[1], kh, kw, freqs, dtype)
     pending = []
     for t, (p, _) in enumerate(schedule.plan):
-        pending += [(index[rows, p], table) for rows, table in schedule.groups(t, values)]
-        schedule.update(t, values, index[:, p])
+        pending += [(index[p][rows], table) for rows, table in schedule.groups(t, values)]
+        schedule.update(t, values, index[p])
     coder = constriction.stream.stack.AnsCoder()
     for symbols, table in reversed(pending):  # a stack: the last group decoded goes in first
         coder.encode_reverse(np.ascontiguousarray(symbols, np.int32), _model(table))
@@ -331,18 +334,18 @@ def _decode_kernel(coder, slices: int, kh: int, kw: int, present: np.ndarray, fr
                    lo: int) -> np.ndarray:
     """The levels (weight order; int32 or int64) of a KERNEL stream; a malformed stream raises ValueError."""
     dtype = _context_dtype(lo, lo + int(present[-1]), kh * kw)
-    values = np.zeros((slices, kh * kw), dtype)
+    values = np.zeros((kh * kw, slices), dtype)  # position-major: one row per kernel position
     schedule = _KernelSchedule(slices, kh, kw, freqs, dtype)
     levels = (present + lo).astype(dtype)
+    index = np.empty(slices, np.int32)
     for t, (p, _) in enumerate(schedule.plan):
-        index = np.empty(slices, np.int32)
         for rows, table in schedule.groups(t, values):
-            index[rows] = np.asarray(coder.decode(_model(table), rows.size))
+            index[rows] = coder.decode(_model(table), rows.size)
         if index.min() < 0 or index.max() >= present.size:
             raise ValueError("corrupt levels stream")
-        values[:, p] = levels[index]
+        np.take(levels, index, out=values[p])
         schedule.update(t, values, index)
-    return values.reshape(-1)
+    return values.T.reshape(-1)
 
 
 def _raw_width(span: int) -> int:
