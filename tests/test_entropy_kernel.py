@@ -15,7 +15,15 @@ from hypothesis.extra import numpy as hnp
 
 import cbdnet
 from cbdnet.codec import encode_rtn
-from cbdnet.codec.entropy import KERNEL, coded_size, decode_levels, encode_levels, kernel_order, uses_kernel
+from cbdnet.codec.entropy import (
+    KERNEL,
+    coded_size,
+    decode_levels,
+    encode_levels,
+    kernel_order,
+    narrowest_signed,
+    uses_kernel,
+)
 from cbdnet.codec.planes import from_matrix
 from cbdnet.codec.stream import StreamError, decode_stream, encode_stream, kernel_of
 from cbdnet.errors import CBDError
@@ -28,7 +36,8 @@ def roundtrip(levels: np.ndarray, kernel) -> bytes:
     blob = encode_levels(levels, kernel=kernel)
     assert np.array_equal(decode_levels(blob, levels.size, kernel=kernel), levels.reshape(-1))
     narrow = decode_levels(blob, levels.size, narrow=True, kernel=kernel)
-    assert np.array_equal(narrow, levels.reshape(-1)) and narrow.dtype.itemsize <= 8
+    assert np.array_equal(narrow, levels.reshape(-1))
+    assert narrow.dtype == narrowest_signed(levels.min(), levels.max())
     assert coded_size(levels, kernel=kernel) == len(blob)
     if uses_kernel(blob):  # a KERNEL blob names its kernel: decoding it as plain levels, or another kernel, fails
         for wrong in (None, (kernel[1], kernel[0]) if kernel[0] != kernel[1] else (1, kernel[0] * kernel[1])):
@@ -54,6 +63,17 @@ def test_structured_kernels_round_trip_and_code_smaller_than_one_table(kernel):
     static = encode_levels(levels)
     assert blob[1] == KERNEL
     assert len(blob) < 0.97 * len(static), (len(blob), len(static))
+
+
+@pytest.mark.parametrize("low, high", [(-127, 127), (-128, 100), (-1000, 1000)])
+def test_kernel_levels_at_the_narrow_types_edges_round_trip(low, high):
+    """The decoder keeps the levels in the narrow output type and sums contexts in a wider one: levels at
+    int8's edges (and -128, whose negation needs int16) must come back exactly, with the same contexts."""
+    levels = structured(np.random.default_rng(3), 16, 8, 3, 3) * max(1, high // 6)
+    levels = np.clip(levels, low, high)
+    levels[0, 0, 1, 1], levels[1, 0, 1, 1] = low, high
+    blob = roundtrip(levels, (3, 3))
+    assert blob[1] == KERNEL
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -264,7 +264,7 @@ class _KernelSchedule:
         _, near = self.plan[t]
         if not near:
             return context + _DIRECTIONS // 2
-        lean = values[near[0]].copy()
+        lean = values[near[0]].astype(total.dtype)  # the decoder's values may be narrower than the sums
         for q in near[1:]:
             lean += values[q]
         lean *= 20 * t
@@ -331,12 +331,12 @@ def _encode_kernel(flat: np.ndarray, kh: int, kw: int, freq_bits: int | None):
 
 
 def _decode_kernel(coder, slices: int, kh: int, kw: int, present: np.ndarray, freqs: np.ndarray,
-                   lo: int) -> np.ndarray:
-    """The levels (weight order; int32 or int64) of a KERNEL stream; a malformed stream raises ValueError."""
-    dtype = _context_dtype(lo, lo + int(present[-1]), kh * kw)
-    values = np.zeros((kh * kw, slices), dtype)  # position-major: one row per kernel position
-    schedule = _KernelSchedule(slices, kh, kw, freqs, dtype)
-    levels = (present + lo).astype(dtype)
+                   lo: int, out_dtype) -> np.ndarray:
+    """The levels (weight order, ``out_dtype``: a signed type that holds every level and its negation) of a
+    KERNEL stream; a malformed stream raises ValueError. The contexts are summed in a wider type."""
+    values = np.zeros((kh * kw, slices), out_dtype)  # position-major: one row per kernel position
+    schedule = _KernelSchedule(slices, kh, kw, freqs, _context_dtype(lo, lo + int(present[-1]), kh * kw))
+    levels = (present + lo).astype(out_dtype)
     index = np.empty(slices, np.int32)
     for t, (p, _) in enumerate(schedule.plan):
         for rows, table in schedule.groups(t, values):
@@ -533,10 +533,11 @@ def decode_levels(data: bytes, count: int, *, narrow: bool = False,
     if (body_end - r.pos) % 4 or body_end == r.pos:
         raise ValueError("levels blob stream is not a whole number of words")
     words = np.frombuffer(data, dtype="<u4", count=(body_end - r.pos) // 4, offset=r.pos).astype(np.uint32)
+    dtype = narrowest_signed(lo, lo + span) if narrow else np.int64
     try:
         coder = constriction.stream.stack.AnsCoder(words)
         if mode == KERNEL:
-            out = _decode_kernel(coder, count // (kh * kw), kh, kw, present, freqs, lo)
+            out = _decode_kernel(coder, count // (kh * kw), kh, kw, present, freqs, lo, dtype)
         else:
             index = np.asarray(coder.decode(_model(freqs), count))
         ok = coder.is_empty()
@@ -546,9 +547,8 @@ def decode_levels(data: bytes, count: int, *, narrow: bool = False,
         raise ValueError(f"corrupt levels stream: {exc}") from None
     if not ok:
         raise ValueError("levels stream has trailing data (corrupt, or count does not match)")
-    dtype = narrowest_signed(lo, lo + span) if narrow else np.int64
     if mode == KERNEL:
-        return out.astype(dtype, copy=False)
+        return out
     if index.size != count or (index.size and (index.min() < 0 or index.max() >= present.size)):
         raise ValueError("corrupt levels stream")
     return (present + lo).astype(dtype)[index]
