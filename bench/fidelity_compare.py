@@ -12,14 +12,20 @@ file of both tools on the same images and prints, besides each file's figures, t
 file to the smallest NNCodec file that reach each fidelity level either tool measured (agreement at least,
 KL at most). It does not replace the top-1 comparison (bench/rate_accuracy_plot.py); both are printed.
 
-cbdnet's files: a ``cbdnet sweep`` results.json (its finished points' ``file``). NNCodec's: the decoded
-checkpoints ``resnet20_nncodec_qp{QP}.pt`` that bench/nncodec_resnet20.py leaves in its work folder, with the
-bitstream bytes from its JSON (bench/results/nncodec_resnet20.json).
+cbdnet's files: the finished points' ``file`` of one or more ``cbdnet sweep`` results.json (``--sweep``,
+repeatable: e.g. a sweep and a denser one at a few rates). NNCodec's: the decoded checkpoints
+``resnet20_nncodec_qp{QP}.pt`` that bench/nncodec_resnet20.py leaves in its work folder, with the bitstream bytes
+from its JSON (bench/results/nncodec_resnet20.json).
+
+Every point records the SHA-256 of the file it evaluated. ``--reuse PREVIOUS.json`` takes a point's figures from
+an earlier output instead of evaluating it again where the tool, setting and SHA-256 are the same (points
+without a digest are evaluated), so adding a few files to a comparison is one command, not a re-run of all.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -40,7 +46,8 @@ ARCH = "cifar-resnet20"
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", type=Path, required=True, help="a `cbdnet sweep` results.json of ResNet-20 files")
+    p.add_argument("--sweep", type=Path, action="append", required=True,
+                   help="a `cbdnet sweep` results.json of ResNet-20 files (repeatable)")
     p.add_argument("--extra", action="append", default=[], metavar="SETTING=FILE.cbd",
                    help="another cbdnet file of the same curve (e.g. a CLI run beside the sweep), repeatable")
     p.add_argument("--nncodec", type=Path, default=REPO / "bench" / "results" / "nncodec_resnet20.json")
@@ -48,6 +55,7 @@ def parse_args() -> argparse.Namespace:
                    help="decoded NNCodec checkpoints (bench/nncodec_resnet20.py's --work)")
     p.add_argument("--weights", default="/work/shared/models/cifar10_resnet20.th")
     p.add_argument("--data", default="cifar10-npz:/work/shared/data/cifar10_test.npz")
+    p.add_argument("--reuse", type=Path, help="an earlier output: its points of the same file (SHA-256) are reused")
     p.add_argument("-o", "--out", type=Path, help="write every file's figures here (JSON)")
     p.add_argument("--plot", type=Path, help="agreement and KL over file bits per weight, both tools")
     return p.parse_args()
@@ -78,39 +86,63 @@ class Reference:
                 "kl": float(kl)}
 
 
-def cbdnet_points(sweep: Path, extra: list[str], ref: Reference) -> list[dict]:
-    entries = [(f"--target-bits {e.get('target-bits')}", e["file"], e["top1"]) for e in json.loads(sweep.read_text())
-               if e.get("status") == "done" and e.get("file")]
+def file_digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class Evaluated:
+    """Figures of the files evaluated before (``--reuse``), by tool, setting and SHA-256."""
+
+    def __init__(self, previous: Path | None):
+        points = json.loads(previous.read_text())["points"] if previous else []
+        self.known = {(p["tool"], p["setting"], p["sha256"]): p for p in points if "sha256" in p}
+
+    def fidelity(self, ref: Reference, tool: str, setting: str, path, model) -> dict:
+        digest = file_digest(path)
+        done = self.known.get((tool, setting, digest))
+        if done is not None:
+            return {"sha256": digest, **{k: done[k] for k in ("top1", "agreement", "kl")}, "reused": True}
+        return {"sha256": digest, **ref.fidelity(model())}
+
+
+def cbdnet_points(sweeps: list[Path], extra: list[str], ref: Reference, seen: Evaluated) -> list[dict]:
+    entries = [(f"--target-bits {e.get('target-bits')}", e["file"], e["top1"]) for sweep in sweeps
+               for e in json.loads(sweep.read_text()) if e.get("status") == "done" and e.get("file")]
     for item in extra:
         setting, sep, path = item.rpartition("=")
         if not sep or not setting:
             raise SystemExit(f"--extra takes SETTING=FILE.cbd, got {item!r}")
         entries.append((setting, path, None))
+    settings = [setting for setting, _, _ in entries]
+    if len(set(settings)) != len(settings):
+        raise SystemExit(f"a setting appears twice among the sweeps: {sorted(settings)}")
     points = []
     for setting, path, top1 in entries:
-        model = cbdnet.load(path, model=build(ARCH))
-        point = {"tool": "cbdnet", "setting": setting, "bytes": Path(path).stat().st_size, **ref.fidelity(model)}
+        figures = seen.fidelity(ref, "cbdnet", setting, path, lambda p=path: cbdnet.load(p, model=build(ARCH)))
+        point = {"tool": "cbdnet", "setting": setting, "bytes": Path(path).stat().st_size, **figures}
         if top1 is not None and abs(point["top1"] - top1) > 1e-9:
             raise SystemExit(f"{path}: top-1 {point['top1']} here, {top1} in the sweep")
         points.append(point)
         print(f"  cbdnet {point['setting']}: {point['bytes']:,} B agreement {point['agreement']:.4f} "
-              f"KL {point['kl']:.4f}", flush=True)
+              f"KL {point['kl']:.4f}{' (reused)' if point.get('reused') else ''}", flush=True)
     return points
 
 
-def nncodec_points(results: Path, folder: Path, ref: Reference) -> list[dict]:
+def nncodec_points(results: Path, folder: Path, ref: Reference, seen: Evaluated) -> list[dict]:
     points = []
     for entry in json.loads(results.read_text())["points"]:
         checkpoint = folder / f"resnet20_nncodec_qp{entry['qp']}.pt"
         if not checkpoint.exists():
             raise SystemExit(f"{checkpoint} is missing: run bench/nncodec_resnet20.py --qps {entry['qp']} first")
-        point = {"tool": "nncodec", "setting": f"qp {entry['qp']}", "bytes": entry["bytes"],
-                 **ref.fidelity(load_weights(build(ARCH), str(checkpoint)))}
+        setting = f"qp {entry['qp']}"
+        figures = seen.fidelity(ref, "nncodec", setting, checkpoint,
+                                lambda c=checkpoint: load_weights(build(ARCH), str(c)))
+        point = {"tool": "nncodec", "setting": setting, "bytes": entry["bytes"], **figures}
         if abs(point["top1"] - entry["top1"]) > 1e-9:
             raise SystemExit(f"{checkpoint}: top-1 {point['top1']} here, {entry['top1']} in {results}")
         points.append(point)
         print(f"  NNCodec {point['setting']}: {point['bytes']:,} B agreement {point['agreement']:.4f} "
-              f"KL {point['kl']:.4f}", flush=True)
+              f"KL {point['kl']:.4f}{' (reused)' if point.get('reused') else ''}", flush=True)
     return points
 
 
@@ -197,8 +229,9 @@ def main() -> None:
           flush=True)
     ref = Reference(args.weights, args.data)
     weights = json.loads(args.nncodec.read_text())["weights_counted"]
-    cbd = cbdnet_points(args.sweep, args.extra, ref)
-    nnc = nncodec_points(args.nncodec, args.nncodec_dir, ref)
+    seen = Evaluated(args.reuse)
+    cbd = cbdnet_points(args.sweep, args.extra, ref, seen)
+    nnc = nncodec_points(args.nncodec, args.nncodec_dir, ref, seen)
     print("\n".join(table(cbd, nnc, weights)))
     agreement = every_level(cbd, nnc, "agreement", lambda value, level: value >= level)
     kl = every_level(cbd, nnc, "kl", lambda value, level: value <= level)
