@@ -25,7 +25,7 @@ from cbdnet.codec.entropy import (
     uses_kernel,
 )
 from cbdnet.codec.planes import from_matrix
-from cbdnet.codec.stream import StreamError, decode_stream, encode_stream, kernel_of
+from cbdnet.codec.stream import KERNEL_MIN_SAVING, StreamError, decode_stream, encode_stream, kernel_of
 from cbdnet.errors import CBDError
 from cbdnet.format.cbdfile import encode_file, parse
 
@@ -242,8 +242,6 @@ def test_a_kernel_layer_relabelled_is_refused(kernel_bytes, coding, tmp_path):
 def test_kernel_contexts_are_kept_only_where_they_save_a_percent():
     """Independent levels (random weights): the kernel blob may be a little smaller, but not by KERNEL_MIN_SAVING,
     so the layer stays ``ans`` (one table decodes faster); structured ones clear it by far."""
-    from cbdnet.codec.stream import KERNEL_MIN_SAVING
-
     rng = np.random.default_rng(5)
     shape = (64, 64, 3, 3)
     for levels, expected in ((np.rint(rng.laplace(0, 4, shape)), "ans"), (structured(rng, *shape), "ans-kernel")):

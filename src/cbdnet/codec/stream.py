@@ -90,7 +90,7 @@ def _as_int(q: np.ndarray) -> np.ndarray:
     return flat.astype(np.int32 if small else np.int64, copy=False)
 
 
-# kernel contexts decode about 3x slower than one table: kept only where they save at least this share of the
+# kernel contexts decode about 2x slower than one table: kept only where they save at least this share of the
 # layer's levels (4-8 % on trained kernels; about 0.1 % on random ones, where they are not worth the time)
 KERNEL_MIN_SAVING = 0.01
 
