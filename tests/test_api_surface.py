@@ -20,7 +20,7 @@ from cbdnet.calib.configs import ConfigError, config_from_dict
 from cbdnet.format.cbdfile import encode_file
 from cbdnet.nn.state import ModelState
 from cbdnet.zoo.data import digits
-from cbdnet.zoo.models import build
+from cbdnet.zoo.models import DigitsCNN, build
 
 
 def _model() -> torch.nn.Module:
@@ -233,6 +233,16 @@ def test_without_an_arch_a_skeleton_is_needed_and_save_can_record_one(tmp_path):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(cbdnet.load(tmp_path / "named.cbd")(x), model(x))
+
+
+def test_save_records_an_arch_for_a_model_built_without_the_zoo(tmp_path):
+    torch.manual_seed(0)
+    model, report = cbdnet.compress(DigitsCNN().eval(), cbdnet.RTNConfig(bits=4), progress=False)
+    assert model.cbdnet.arch is None and report.folded_batchnorm  # folded BatchNorms keep their tensors' shapes
+    cbdnet.save(model, tmp_path / "d.cbd", arch="digits-cnn")
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(cbdnet.load(tmp_path / "d.cbd")(x), model(x))
 
 
 def test_an_arch_that_does_not_fit_the_model_is_refused_before_compressing():

@@ -29,7 +29,7 @@ from .errors import CBDError
 from .format import cbdfile
 from .format import fit as _fit
 from .nn.report import Report
-from .nn.state import ModelState, record
+from .nn.state import ModelState, record, state_of
 from .nn.walk import compressible_layers
 from .zoo import load as _zoo_load
 from .zoo.models import build
@@ -138,7 +138,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, runtime: st
     Returns:
         The loaded model, in eval mode, with ``model.cbdnet`` (:class:`ModelState`) filled from the file.
     """
-    return _zoo_load(path, model, runtime=runtime, calibration=calibration)
+    loaded = _zoo_load(path, model, runtime=runtime, calibration=calibration)
+    state_of(loaded)  # present even where the file recorded nothing to fill it with
+    return loaded
 
 
 def verify(path: str | os.PathLike) -> list[str]:

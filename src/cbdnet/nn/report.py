@@ -85,7 +85,11 @@ class Report:
       float tensors and checksum included; known once the file is encoded).
 
     ``total_bits`` adds every float tensor the file stores (biases, BatchNorm, uncompressed layers, at the
-    width the file stores them) to ``weight_bits``."""
+    width the file stores them) to ``weight_bits``.
+
+    Typed views of ``extra`` (the JSON report's other entries): :attr:`codes`, :attr:`chosen` and
+    :attr:`budget` (the budget's choice), :attr:`calibration` (:class:`CalibrationSummary`) and
+    :attr:`folded_batchnorm`; :meth:`layer` finds a layer's row (:class:`LayerReport`)."""
 
     config: dict
     layers: list[LayerReport] = field(default_factory=list)
