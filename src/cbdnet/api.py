@@ -34,7 +34,7 @@ from .nn.walk import compressible_layers
 from .zoo import load as _zoo_load
 from .zoo.models import build
 
-__all__ = ["compress", "save", "load", "verify", "ModelState", "FilterFn"]
+__all__ = ["compress", "save", "load", "verify", "check_arch", "ModelState", "FilterFn"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 """``filter_fn(module, fqn) -> bool``: whether to compress the layer ``module`` named ``fqn`` (as torchao's
