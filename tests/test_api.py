@@ -4,6 +4,7 @@ the same bytes as the CLI, and the guards around it (tied weights, edited weight
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 
@@ -94,8 +95,8 @@ def test_cli_and_python_api_write_byte_identical_files(case, checkpoint, tmp_pat
     train = digits("train")
     loader = DataLoader(TensorDataset(train.images, train.labels), batch_size=64)  # any iterable of batches
     settings = cbdnet.CalibrationConfig(images=300) if "--calib-images" in flags else None
-    model, report = cbdnet.compress(_model(checkpoint), make_config(), calibration=loader if calibrated else None,
-                                    calibration_config=settings, progress=False)
+    config = dataclasses.replace(make_config(), calibration=settings)  # one config per call
+    model, report = cbdnet.compress(_model(checkpoint), config, loader if calibrated else None, progress=False)
     cbdnet.save(model, api_file)
     assert api_file.read_bytes() == cli_file.read_bytes()
     meta = cbdnet.format.read(api_file).meta
@@ -136,8 +137,8 @@ def test_calibration_takes_pairs_loaders_or_bare_images(checkpoint):
     results = []
     for data in ([(x[i:i + 50], y[i:i + 50]) for i in range(0, 200, 50)],
                  DataLoader(TensorDataset(x, y), batch_size=32), train):
-        model, report = cbdnet.compress(_model(checkpoint), config, calibration=data,
-                                        calibration_config=cbdnet.CalibrationConfig(images=200), progress=False)
+        settled = dataclasses.replace(config, calibration=cbdnet.CalibrationConfig(images=200))
+        model, report = cbdnet.compress(_model(checkpoint), settled, calibration=data, progress=False)
         results.append([m.code.levels()[0] for m in model.modules() if isinstance(m, CBDModule)])
         assert report.extra["calibration"]["images"] == 200 and report.config["calibration"]["gptq"]
     for levels in results[1:]:

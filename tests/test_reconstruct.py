@@ -42,8 +42,8 @@ def pair():
     out = []
     for steps in (0, STEPS):
         settings = cbdnet.CalibrationConfig(gptq=False, bias_correction=False, adaround=steps)
-        model, report = cbdnet.compress(resnet8(), cbdnet.RTNConfig(bits=3), calibration=data,
-                                        calibration_config=settings, progress=False)
+        model, report = cbdnet.compress(resnet8(), cbdnet.RTNConfig(bits=3, calibration=settings), data,
+                                        progress=False)
         out.append((model, report))
     return out
 
@@ -98,8 +98,8 @@ def test_learned_rounding_lowers_the_calibration_loss_and_round_trips(pair, tmp_
 
 def test_budget_with_learned_rounding_fits_the_file_target():
     data = toy_data(64)
-    model, report = cbdnet.compress(resnet8(), cbdnet.BudgetConfig(target_bits=3.0), calibration=data,
-                                    calibration_config=cbdnet.CalibrationConfig(adaround=20), progress=False)
+    config = cbdnet.BudgetConfig(target_bits=3.0, calibration=cbdnet.CalibrationConfig(adaround=20))
+    model, report = cbdnet.compress(resnet8(), config, data, progress=False)
     assert report.file_bits_per_weight <= 3.0 and report.extra["calibration"]["adaround"]["blocks"] == 5
     assert report.file_bytes == len(encode_file(copy.deepcopy(model)))
 
@@ -145,8 +145,8 @@ def test_learned_rounding_is_undone_when_the_calibration_loss_rises(monkeypatch)
     data, runs = toy_data(), {}
     for steps in (0, 5):
         settings = cbdnet.CalibrationConfig(bias_correction=False, refit=False, adaround=steps)
-        runs[steps] = cbdnet.compress(resnet8(), cbdnet.RTNConfig(bits=3), calibration=data,
-                                      calibration_config=settings, progress=False)
+        runs[steps] = cbdnet.compress(resnet8(), cbdnet.RTNConfig(bits=3, calibration=settings), data,
+                                      progress=False)
     (plain, _), (undone, report) = runs[0], runs[5]
     summary = report.extra["calibration"]["adaround"]
     assert summary["undone"] and summary["calibration_loss"][1] > summary["calibration_loss"][0]

@@ -28,8 +28,8 @@ def compressed():
     """ResNet-8, 3-bit RTN per channel with GPTQ, no refit and no bias correction (so refit alone changes it)."""
     float_model = resnet8()
     settings = cbdnet.CalibrationConfig(bias_correction=False, refit=False)
-    model, _ = cbdnet.compress(copy.deepcopy(float_model), cbdnet.RTNConfig(bits=3), calibration=toy_data(),
-                               calibration_config=settings, progress=False, fold_bn=False)
+    model, _ = cbdnet.compress(copy.deepcopy(float_model), cbdnet.RTNConfig(bits=3, calibration=settings), toy_data(),
+                               progress=False, fold_bn=False)
     return float_model, model
 
 
@@ -112,8 +112,8 @@ def test_compress_reports_refit_and_the_file_round_trips(tmp_path):
     loaded = cbdnet.load(str(path), model=CifarResNet(1, num_classes=4))
     with torch.no_grad():
         torch.testing.assert_close(loaded(data.images), model(data.images), rtol=0, atol=0)
-    off, report_off = cbdnet.compress(resnet8(), cbdnet.BudgetConfig(target_bits=3.0), calibration=data,
-                                      calibration_config=cbdnet.CalibrationConfig(refit=False), progress=False)
+    config_off = cbdnet.BudgetConfig(target_bits=3.0, calibration=cbdnet.CalibrationConfig(refit=False))
+    off, report_off = cbdnet.compress(resnet8(), config_off, data, progress=False)
     assert "refit" not in report_off.extra["calibration"]
 
 

@@ -10,11 +10,10 @@ budget) -> ``zoo`` (architectures, data, metrics) -> ``cli``.
 
 __version__ = "0.2.0"
 
+from .api import compress, load, save, verify  # noqa: E402
 from .calib import BudgetConfig, CalibrationConfig, CBDConfig, RTNConfig, UniformConfig  # noqa: E402
 from .errors import CBDError, DataError, FormatError, WeightError  # noqa: E402
-from .format import compress, save, verify  # noqa: E402
 from .nn import Report  # noqa: E402
-from .zoo import load  # noqa: E402
 
 __all__ = ["CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig", "CalibrationConfig", "compress", "Report",
            "save", "load", "verify", "CBDError", "FormatError", "WeightError", "DataError", "__version__"]

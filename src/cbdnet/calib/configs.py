@@ -9,6 +9,11 @@ argument) and serialises to ``{"method": ..., **fields}`` (:meth:`to_dict`), whi
 - :class:`RTNConfig`: round-to-nearest, the usual baseline (rounded by GPTQ where calibration data is given);
 - :class:`BudgetConfig`: the best code per layer under a whole-model bits/weight budget;
 - :class:`CalibrationConfig`: what calibration data is used for (GPTQ, bias correction, BN re-estimation).
+
+One config per call: each compress config carries its calibration settings in its ``calibration`` field
+(a :class:`CalibrationConfig`, or None for the defaults), used where calibration data is given. Each config
+has a user-facing ``name``; ``method`` is what files and reports record (for :class:`BudgetConfig`
+``"target-bits"``, the CLI flag's name, kept so that every existing file and JSON reads the same).
 """
 
 from __future__ import annotations
@@ -57,12 +62,25 @@ def _choice(value, name: str, options: tuple[str, ...]) -> None:
 
 
 class _Config:
+    # ``method``: what files, reports and JSON record (never renamed); ``name``: the user-facing name
     method: ClassVar[str]
+    name: ClassVar[str]
 
     def to_dict(self) -> dict:
-        """``{"method": ..., **fields}``, JSON-serialisable."""
-        values = {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        """``{"method": ..., **fields}``, JSON-serialisable; ``calibration`` as its own dict, omitted when None
+        (so that configs without it serialise as they always have)."""
+        values = {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()
+                  if key != "calibration"}
+        calibration = getattr(self, "calibration", None)
+        if calibration is not None:
+            values["calibration"] = calibration.to_dict()
         return {"method": self.method, **values}
+
+    def _check_calibration(self) -> None:
+        """``calibration``: the settings for calibration data, or None (the defaults)."""
+        calibration = getattr(self, "calibration", None)
+        if calibration is not None and not isinstance(calibration, CalibrationConfig):
+            raise ConfigError(f"calibration must be a CalibrationConfig or None, got {type(calibration).__name__}")
 
 
 @dataclass(frozen=True)
@@ -73,12 +91,15 @@ class CBDConfig(_Config):
     paper's ``"size"``); ``"channel"`` normalises each output channel (no fallback rule applies)."""
 
     method: ClassVar[str] = "cbd"
+    name: ClassVar[str] = "cbd"
     planes: int = 5
     bottleneck: float = 0.3
     fallback: str | None = None
     granularity: str = "tensor"
+    calibration: CalibrationConfig | None = None  # settings for calibration data (None: the defaults)
 
     def __post_init__(self) -> None:
+        self._check_calibration()
         _int_in(self.planes, "planes", 1, MAX_PLANES)
         if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, (int, float)) \
                 or not 0.0 <= self.bottleneck <= 1.0:
@@ -103,9 +124,12 @@ class UniformConfig(_Config):
     """The paper's plain uniform code on every layer: sign + ``planes`` (J) magnitude bits, per tensor."""
 
     method: ClassVar[str] = "uniform"
+    name: ClassVar[str] = "uniform"
     planes: int = 5
+    calibration: CalibrationConfig | None = None  # settings for calibration data (None: the defaults)
 
     def __post_init__(self) -> None:
+        self._check_calibration()
         _int_in(self.planes, "planes", 1, MAX_PLANES)
 
 
@@ -115,10 +139,13 @@ class RTNConfig(_Config):
     side), one step per output channel or per tensor. With calibration data (per channel), GPTQ rounds."""
 
     method: ClassVar[str] = "rtn"
+    name: ClassVar[str] = "rtn"
     bits: int = 4
     granularity: str = "channel"
+    calibration: CalibrationConfig | None = None  # settings for calibration data (None: the defaults)
 
     def __post_init__(self) -> None:
+        self._check_calibration()
         _int_in(self.bits, "bits", 2, 17)
         _choice(self.granularity, "granularity", GRANULARITIES)
 
@@ -130,9 +157,12 @@ class BudgetConfig(_Config):
     sensitivity-weighted grids of ``weighted_levels`` levels per side at the geometric mean, one per
     ``sensitivity_exponents`` entry: :func:`cbdnet.calib.budget.weighted_steps`) to minimise the predicted loss,
     with the whole file (coded layers, float tensors, header) at most ``target_bits`` bits per compressed weight.
-    The loss is predicted from calibration data where it is given, else from the weights' squared error."""
+    The loss is predicted from calibration data where it is given, else from the weights' squared error.
+    Its name is ``"budget"``; files and reports record it as method ``"target-bits"`` (the CLI flag's name, kept
+    for compatibility), and :func:`config_from_dict` reads either."""
 
-    method: ClassVar[str] = "target-bits"
+    method: ClassVar[str] = "target-bits"  # recorded in files and reports: kept as it is
+    name: ClassVar[str] = "budget"
     target_bits: float = 4.0
     rtn_bits: tuple[int, ...] = RTN_BITS
     composite_planes: tuple[int, ...] = COMPOSITE_PLANES
@@ -141,8 +171,10 @@ class BudgetConfig(_Config):
     # one candidate per exponent (0: steps follow each channel's range; 1: its loss sensitivity)
     weighted_levels: tuple[float, ...] = WEIGHTED_LEVELS
     sensitivity_exponents: tuple[float, ...] = SENSITIVITY_EXPONENTS
+    calibration: CalibrationConfig | None = None  # settings for calibration data (None: the defaults)
 
     def __post_init__(self) -> None:
+        self._check_calibration()
         if isinstance(self.target_bits, bool) or not isinstance(self.target_bits, (int, float)) \
                 or not math.isfinite(self.target_bits) or not 1.0 < self.target_bits <= 32.0:
             raise ConfigError(f"target_bits must be a number in (1, 32], got {self.target_bits!r}")
@@ -184,6 +216,7 @@ class CalibrationConfig(_Config):
     0, the default: off; 2,000 is the measured setting)."""
 
     method: ClassVar[str] = "calibration"
+    name: ClassVar[str] = "calibration"
     images: int | None = None
     gptq: bool = True
     bias_correction: bool | str = "auto"
@@ -210,17 +243,36 @@ CompressConfig = CBDConfig | UniformConfig | RTNConfig | BudgetConfig
 METHODS: dict[str, type] = {cls.method: cls for cls in (CBDConfig, UniformConfig, RTNConfig, BudgetConfig)}
 
 
+NAMES: dict[str, type] = {cls.name: cls for cls in METHODS.values()}  # user-facing names: "budget" for "target-bits"
+
+
+def _calibration_from_dict(entry) -> CalibrationConfig | None:
+    if entry is None or isinstance(entry, CalibrationConfig):
+        return entry
+    if not isinstance(entry, dict):
+        raise ConfigError(f"calibration must be a dict of CalibrationConfig fields, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - {f.name for f in fields(CalibrationConfig)})
+    if unknown:
+        raise ConfigError(f"CalibrationConfig has no field(s) {unknown}")
+    return CalibrationConfig(**entry)
+
+
 def config_from_dict(entry: dict) -> CompressConfig:
-    """The config that :meth:`to_dict` wrote (unknown methods or fields are a :class:`ConfigError`)."""
-    if not isinstance(entry, dict) or entry.get("method") not in METHODS:
-        raise ConfigError(f"unknown compression method {entry.get('method') if isinstance(entry, dict) else entry!r}"
-                          f"; expected one of {', '.join(METHODS)}")
-    cls = METHODS[entry["method"]]
+    """The config that :meth:`to_dict` wrote (unknown methods or fields are a :class:`ConfigError`); ``method``
+    may also be a config's user-facing ``name`` (``"budget"``), and ``calibration`` a dict of
+    :class:`CalibrationConfig` fields."""
+    method = entry.get("method") if isinstance(entry, dict) else entry
+    cls = METHODS.get(method) or NAMES.get(method) if isinstance(method, str) else None
+    if cls is None:
+        raise ConfigError(f"unknown compression method {method!r}; expected one of {', '.join(METHODS)}")
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(entry) - names - {"method"})
     if unknown:
         raise ConfigError(f"{cls.__name__} has no field(s) {unknown}")
-    return cls(**{key: value for key, value in entry.items() if key in names})
+    values = {key: value for key, value in entry.items() if key in names}
+    if "calibration" in values:
+        values["calibration"] = _calibration_from_dict(values["calibration"])
+    return cls(**values)
 
 
 class OptionError(CBDError, ValueError):

@@ -24,6 +24,7 @@ from ..codec.grid import half_steps
 from ..errors import CBDError
 from ..nn.fold import fold_batchnorm, foldable_norms, replace_steps
 from ..nn.report import Report, layer_report
+from ..nn.state import record
 from ..nn.walk import Encoder, check_skip, compress_layers, compressible_layers, float_state, owns_its_code
 from .batches import CalibrationSet, as_calibration_set
 from .budget import choose, layer_candidates, rtn_candidate
@@ -316,5 +317,5 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
     report.float_tensors = {key: 8 * stored_float_bytes(_numpy(value), str(value.dtype).removeprefix("torch."), True)
                             for key, value in float_state(model).items()}  # as the file will store them
     report.seconds = time.perf_counter() - start
-    model.cbdnet_config = recorded
+    record(model, config=recorded)
     return model, report

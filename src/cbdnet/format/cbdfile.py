@@ -51,6 +51,7 @@ from ..codec.bits import packed_size
 from ..errors import CBDError, FormatError
 from ..fileio import OutputSet, escape_name, read_regular_file
 from ..nn import COMPRESSIBLE, CBDModule, from_module
+from ..nn.state import record, recorded
 from ..nn.walk import coded_keys
 from . import v2
 from .entries import exponents_of, is_int, layer_fields, need, strict_json
@@ -167,15 +168,15 @@ def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict 
             float_arrays.append((key, tensors[f"float/{key}"]))
             floats.append({"key": key, "dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)})
     if extra is None:
-        config = getattr(model, "cbdnet_config", None)
+        config = recorded(model, "config")
         extra = {"config": config} if config is not None else {}
     for key in ("weights_sha256", "weights_source"):
-        if getattr(model, f"cbdnet_{key}", None) is not None and key not in extra:
-            extra = {**extra, key: getattr(model, f"cbdnet_{key}")}
+        if recorded(model, key) is not None and key not in extra:
+            extra = {**extra, key: recorded(model, key)}
     meta = {
         "format": "cbdnet", "format_version": version, "cbdnet_version": __version__,
-        "arch": arch if arch is not None else getattr(model, "cbdnet_arch", None),
-        "arch_kwargs": arch_kwargs if arch_kwargs is not None else getattr(model, "cbdnet_arch_kwargs", {}),
+        "arch": arch if arch is not None else recorded(model, "arch"),
+        "arch_kwargs": arch_kwargs if arch_kwargs is not None else recorded(model, "arch_kwargs", {}),
         "dtype": _model_dtype(model), "layers": layers, "floats": floats, "extra": extra,
     }
     if tied:
@@ -701,14 +702,11 @@ def _remember(model: nn.Module, meta: dict) -> None:
     """What ``save`` records beside the codes (architecture, config, weights' origin), so that saving a loaded
     model writes the same bytes."""
     extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
-    if isinstance(meta.get("arch"), str) and getattr(model, "cbdnet_arch", None) is None:
-        model.cbdnet_arch = meta["arch"]
-        model.cbdnet_arch_kwargs = dict(meta.get("arch_kwargs") or {})
-    if "config" in extra:
-        model.cbdnet_config = extra["config"]
-    for key in ("weights_sha256", "weights_source"):
+    if isinstance(meta.get("arch"), str) and recorded(model, "arch") is None:
+        record(model, arch=meta["arch"], arch_kwargs=dict(meta.get("arch_kwargs") or {}))
+    for key in ("config", "weights_sha256", "weights_source"):
         if key in extra:
-            setattr(model, f"cbdnet_{key}", extra[key])
+            record(model, **{key: extra[key]})
 
 
 def _file_digest(path: str | os.PathLike) -> bytes:

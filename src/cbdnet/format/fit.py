@@ -1,4 +1,5 @@
-"""``compress`` as users call it: :func:`cbdnet.calib.compress` plus the file it will make.
+""":func:`cbdnet.calib.compress` plus the file it will make: the engine under :func:`cbdnet.compress` (which is
+:func:`cbdnet.api.compress`, the call users make) and under the CLI and the sweep.
 
 The calibration layer chooses codes without knowing the file's exact header (it sets aside an allowance, see
 :func:`cbdnet.calib.pipeline.header_allowance`). Here, one floor up, the model is encoded as :func:`save` will

@@ -11,11 +11,26 @@ from torch import nn
 from ..codec import LayerCode
 from .ops import layer_ops, plane_popcounts
 
-__all__ = ["LayerReport", "Report", "layer_report"]
+__all__ = ["LayerReport", "Report", "layer_report", "BudgetChoice", "CalibrationSummary"]
 
 
 @dataclass
 class LayerReport:
+    """One compressed layer: one row of :meth:`Report.table`, one entry of the JSON report's ``layers``.
+
+    The fields users read most (the others are documented beside them):
+
+    Attributes:
+        name: The layer's module name in the model (``"layer1.0.conv1"``).
+        shape: The weight's shape.
+        params: The layer's weights.
+        code: The code chosen for the layer, e.g. ``"cbd J=5"``, ``"rtn4/ch"``, ``"uniform J=5"``.
+        reason: Why that code (the fallback rule's or the budget's reason; may be empty).
+        bits_per_weight: Bits per weight as the paper counts them (fixed-length planes, or GF(2) factors).
+        coded_bits_per_weight: Bits per weight as the file stores the layer (entropy-coded, scales included).
+        rel_error: ``||W_decoded - W|| / ||W||``.
+    """
+
     name: str
     kind: str  # conv / conv_transpose / linear
     shape: list[int]
@@ -70,7 +85,11 @@ class Report:
       float tensors and checksum included; known once the file is encoded).
 
     ``total_bits`` adds every float tensor the file stores (biases, BatchNorm, uncompressed layers, at the
-    width the file stores them) to ``weight_bits``."""
+    width the file stores them) to ``weight_bits``.
+
+    Typed views of ``extra`` (the JSON report's other entries): :attr:`codes`, :attr:`chosen` and
+    :attr:`budget` (the budget's choice), :attr:`calibration` (:class:`CalibrationSummary`) and
+    :attr:`folded_batchnorm`; :meth:`layer` finds a layer's row (:class:`LayerReport`)."""
 
     config: dict
     layers: list[LayerReport] = field(default_factory=list)
@@ -113,6 +132,42 @@ class Report:
     def file_bits_per_weight(self) -> float | None:
         """The whole file (header, float tensors, checksum included) in bits per compressed weight."""
         return 8 * self.file_bytes / self.params if self.file_bytes is not None and self.params else None
+
+    # Typed views of ``extra`` (the JSON report's top-level entries, which stay as they are).
+
+    def layer(self, name: str) -> LayerReport:
+        """The row of layer ``name``; a ``KeyError`` when no compressed layer has that name."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    @property
+    def codes(self) -> dict[str, str]:
+        """Every compressed layer's code, by layer name (e.g. ``{"conv1": "rtn4/ch"}``)."""
+        return {layer.name: layer.code or layer.mode for layer in self.layers}
+
+    @property
+    def budget(self) -> BudgetChoice | None:
+        """What the per-layer budget chose (``None`` unless the config was a :class:`~cbdnet.BudgetConfig`)."""
+        return BudgetChoice.from_extra(self.extra)
+
+    @property
+    def chosen(self) -> dict[str, str]:
+        """The budget's winning candidate per layer (e.g. ``{"conv1": "w5e0.5"}``); empty without a budget.
+        The same as the JSON's ``calibration.chosen`` (or ``budget.chosen`` without calibration data)."""
+        budget = self.budget
+        return dict(budget.chosen) if budget is not None else {}
+
+    @property
+    def calibration(self) -> CalibrationSummary | None:
+        """What calibration data did (``None`` when none was given): the JSON's ``calibration`` entry."""
+        return CalibrationSummary.from_extra(self.extra)
+
+    @property
+    def folded_batchnorm(self) -> list[str]:
+        """The BatchNorms folded into the coded layer before them (their scale lives in its steps)."""
+        return list(self.extra.get("folded_batchnorm") or [])
 
     def ops(self) -> dict:
         """Totals of the storage and of the operations a deployment performs (per sample, where known)."""
@@ -215,3 +270,75 @@ def layer_report(name: str, module: nn.Module, code: LayerCode, original: np.nda
         coded_bits_per_weight=code.coded_bits() / code.numel,
         rank_calls=code.rank_calls, seconds=seconds, plane_popcounts=popcounts,
         code=code.label, **layer_ops(code, popcounts, positions))
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """What a :class:`~cbdnet.BudgetConfig`'s budget chose (:attr:`Report.budget`).
+
+    Attributes:
+        chosen: The winning candidate per layer name (e.g. ``"w5e0.5"``, ``"rtn4"``).
+        overhead_bits: Bits set aside for what the file stores beside the coded layers (header, float tensors).
+        predicted_loss_increase: The sum of the chosen candidates' predicted loss increases.
+        retries: How often the whole file was compressed again because it overshot the target (0: never).
+    """
+
+    chosen: dict[str, str]
+    overhead_bits: int
+    predicted_loss_increase: float
+    retries: int = 0
+
+    @classmethod
+    def from_extra(cls, extra: dict) -> BudgetChoice | None:
+        """The budget's entry of a report's ``extra`` (under ``calibration`` where data was given), or None."""
+        entry = extra.get("calibration") if "chosen" in (extra.get("calibration") or {}) else extra.get("budget")
+        if not entry:
+            return None
+        return cls(chosen=dict(entry["chosen"]), overhead_bits=int(entry.get("overhead_bits", 0)),
+                   predicted_loss_increase=float(entry.get("predicted_loss_increase", 0.0)),
+                   retries=int(extra.get("budget_retries", 0)))
+
+
+@dataclass(frozen=True)
+class CalibrationSummary:
+    """What calibration data did (:attr:`Report.calibration`). Losses are the mean cross-entropy on the
+    calibration images (against their labels, or the float model's predictions where ``pseudo_labels``).
+
+    Attributes:
+        spec: The calibration data's name.
+        images: How many calibration images were used.
+        pseudo_labels: Whether the labels were the float model's own predictions.
+        seconds_stats: Seconds spent collecting per-layer statistics.
+        loss_before: The float model's calibration loss.
+        loss_compressed: The compressed model's loss before the corrections.
+        loss_after: The compressed model's loss after the corrections (what the model now has).
+        bias_corrected_layers: Layers whose mean output shift was removed.
+        bn_reestimated: BatchNorms whose statistics were recomputed.
+        adaround: Learned rounding's figures (:mod:`cbdnet.calib.reconstruct`), or None where it did not run.
+        refit: The re-rounding's figures (:mod:`cbdnet.calib.refit`), or None where it did not run.
+    """
+
+    spec: str
+    images: int
+    pseudo_labels: bool
+    seconds_stats: float
+    loss_before: float | None
+    loss_compressed: float | None
+    loss_after: float | None
+    bias_corrected_layers: int
+    bn_reestimated: int
+    adaround: dict | None = None
+    refit: dict | None = None
+
+    @classmethod
+    def from_extra(cls, extra: dict) -> CalibrationSummary | None:
+        """The ``calibration`` entry of a report's ``extra``, or None."""
+        entry = extra.get("calibration")
+        if not entry:
+            return None
+        return cls(spec=entry.get("spec"), images=entry.get("images"), pseudo_labels=entry.get("pseudo_labels"),
+                   seconds_stats=entry.get("seconds_stats"), loss_before=entry.get("loss_before"),
+                   loss_compressed=entry.get("loss_compressed"), loss_after=entry.get("loss_after"),
+                   bias_corrected_layers=entry.get("bias_corrected_layers", 0),
+                   bn_reestimated=entry.get("bn_reestimated", 0), adaround=entry.get("adaround"),
+                   refit=entry.get("refit"))

@@ -37,6 +37,7 @@ from torch import nn
 from ..calib import CalibrationConfig, as_calibration_set
 from ..errors import CBDError
 from ..nn import CBDConv2d, CBDConvTranspose2d, CBDLinear, CBDModule
+from ..nn.state import record, recorded
 
 __all__ = ["to_int8", "Int8Report", "Int8Layer", "model_bytes", "INT8_MIN", "INT8_MAX"]
 
@@ -291,9 +292,8 @@ def to_int8(model: nn.Module, calibration: Iterable, *, example_input: torch.Ten
             _finish_layer(layer, qmodules.get(layer.name), plans[layer.name], factors.get(layer.name))
     _strip_string_annotations(qmodel)
     qmodel.eval()
-    for key in ("arch", "arch_kwargs"):
-        if hasattr(model, f"cbdnet_{key}"):
-            setattr(qmodel, f"cbdnet_{key}", getattr(model, f"cbdnet_{key}"))
+    if recorded(model, "arch") is not None:
+        record(qmodel, arch=recorded(model, "arch"), arch_kwargs=recorded(model, "arch_kwargs", {}))
     notes = sorted({f"{w.category.__name__}: {str(w.message).strip().splitlines()[0][:160]}" for w in caught})
     return qmodel, Int8Report(layers, BACKEND, int(images.shape[0]), notes)
 

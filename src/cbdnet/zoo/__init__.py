@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import CBDError
 from ..format import cbdfile
+from ..nn.state import record
 from ..runtime import to_int8
 from .models import build, known_archs, load_weights, register
 
@@ -34,7 +35,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, runtime: st
     ``runtime="float"`` (default): the decoded FP32 model; each layer's code is re-read from ``path`` when it
     is needed (``cbdnet.save``), so the model holds no more memory than the FP32 one. ``runtime="int8"``:
     the stored integer codes run on PyTorch's int8 CPU kernels (:func:`cbdnet.runtime.to_int8`); it needs
-    ``calibration`` images (training images) for the activation scales. Its report is ``model.cbdnet_int8_report``.
+    ``calibration`` images (training images) for the activation scales. Its report is
+    ``model.cbdnet.int8_report``.
     """
     if runtime not in RUNTIMES:
         raise CBDError(f"unknown runtime {runtime!r}; expected one of: {', '.join(RUNTIMES)}")
@@ -48,5 +50,5 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, runtime: st
     del loaded
     gc.collect()  # torch.ao's graph objects form reference cycles: free the float model's tensors now
     cbdfile.release_free_memory()  # and give the freed pages (float model, calibration temporaries) back
-    qmodel.cbdnet_int8_report = report
+    record(qmodel, int8_report=report)
     return qmodel

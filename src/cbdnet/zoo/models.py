@@ -1,6 +1,6 @@
 """The architecture zoo and checkpoint loading.
 
-``build(arch)`` returns a fresh float model tagged with its registry name (``model.cbdnet_arch``), which is
+``build(arch)`` returns a fresh float model tagged with its registry name (``model.cbdnet.arch``), which is
 what :func:`cbdnet.save` records so that :func:`cbdnet.load` can rebuild it. ``load_weights`` reads a
 checkpoint with ``torch.load(weights_only=True)``: a bare state dict or a dict with a ``state_dict`` (or
 ``model``) entry, keys with or without the ``module.`` prefix of ``nn.DataParallel``.
@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import CBDError, WeightError
 from ..fileio import escape_name, read_regular_file
+from ..nn.state import record, recorded
 
 __all__ = ["ARCHS", "register", "build", "load_weights", "known_archs", "CifarResNet", "DigitsCNN",
            "TORCHVISION_WEIGHTS", "torchvision_weights_file", "torchvision_builders", "import_factory", "file_sha256"]
@@ -106,8 +107,7 @@ def build(arch: str, *, allow_import: bool = False, **kwargs) -> nn.Module:
     else:
         raise CBDError(f"unknown architecture {arch!r}; known: {', '.join(known_archs())}, torchvision:NAME "
                        f"or module.path:factory")
-    model.cbdnet_arch = arch
-    model.cbdnet_arch_kwargs = dict(kwargs)
+    record(model, arch=arch, arch_kwargs=dict(kwargs))
     return model
 
 
@@ -278,13 +278,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
             if keys:
                 parts.append(f"{label} {len(keys)}: {', '.join(keys[:6])}{' …' if len(keys) > 6 else ''}")
-        arch = getattr(model, "cbdnet_arch", type(model).__name__)
+        arch = recorded(model, "arch", type(model).__name__)
         raise WeightError(f"{path} does not fit {arch}: " + "; ".join(parts))
     for key, value in state.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise WeightError(f"{path}: tensor {key} holds NaN/Inf values")
     model.load_state_dict(state, strict=False)
-    model.cbdnet_weights_sha256 = digest
+    record(model, weights_sha256=digest)
     return model
 
 
