@@ -14,7 +14,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj|const):<code>(~?)([A-Za-z_][\w.]*)(\(\))?</code>")
+ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|exc|obj|const):<code>(~?)(\.*[A-Za-z_][\w.]*)(\(\))?</code>")
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
@@ -45,8 +45,10 @@ def _paths() -> tuple[frozenset[str], dict[str, list[str]]]:
 
 
 def resolve(target: str) -> str | None:
-    """The full path of the object a role names, or None where the package has no such object."""
+    """The full path of the object a role names, or None where the package has no such object. A relative name
+    (``.v2``, Sphinx's "this package" form) is looked up by its dotted suffix."""
     paths, by_suffix = _paths()
+    target = target.lstrip(".")
     if target in paths:
         return target
     if f"cbdnet.{target}" in paths:
@@ -57,7 +59,7 @@ def resolve(target: str) -> str | None:
 
 def _replace(match: re.Match) -> str:
     tilde, target, call = match.group(1), match.group(2), match.group(3) or ""
-    shown = (target.rsplit(".", 1)[-1] if tilde else target) + call
+    shown = (target.rsplit(".", 1)[-1] if tilde else target.lstrip(".")) + call
     code = f"<code>{shown}</code>"
     path = resolve(target)
     if path is None:
