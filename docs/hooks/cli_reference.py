@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 
 MARKER = "<!-- cli-reference -->"
-HELP_WIDTH = "100"  # argparse wraps to $COLUMNS; a fixed width keeps the page the same on every machine
+HELP_WIDTH = "80"  # argparse wraps to $COLUMNS; a fixed width keeps the page the same on every machine
 
 
 def _parser() -> argparse.ArgumentParser:
