@@ -10,6 +10,7 @@ script itself where chromium is missing, and skips only where it still cannot be
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -133,6 +134,7 @@ def rendered(site: Path, tmp_path_factory) -> dict[str, tuple[str, _Page]]:
         return dict(pool.map(one, enumerate(pages)))
 
 
+@pytest.mark.slow
 def test_every_page_renders(rendered):
     missing = sorted(set(EXPECTED) - set(rendered))
     assert not missing, f"pages missing from the site: {missing}"
@@ -147,6 +149,7 @@ def test_every_page_renders(rendered):
         assert left is None, f"{name}: a Sphinx role was left unrendered: {left.group(0) if left else ''}"
 
 
+@pytest.mark.slow
 def test_every_internal_link_resolves(site: Path, rendered):
     broken = []
     for name, (_dom, page) in rendered.items():
@@ -180,13 +183,47 @@ def test_every_internal_link_resolves(site: Path, rendered):
     assert not broken, f"{len(broken)} broken internal links:\n" + "\n".join(broken[:40])
 
 
-def test_cli_reference_lists_every_subcommand(rendered):
+def _subcommands() -> list[str]:
     from cbdnet.cli import build_parser
 
     parser = build_parser()
     names = [name for action in parser._actions if hasattr(action, "choices") and isinstance(action.choices, dict)
              for name in action.choices]
-    dom = rendered["reference/cli.html"][0]
     assert names, "the parser has no subcommands"
-    for name in names:
+    return names
+
+
+@pytest.mark.slow
+def test_cli_reference_lists_every_subcommand(rendered):
+    dom = rendered["reference/cli.html"][0]
+    for name in _subcommands():
         assert f"cbdnet {name}" in dom, f"the CLI reference lacks `cbdnet {name}`"
+
+
+def _hook(name: str):
+    spec = importlib.util.spec_from_file_location(f"docs_hook_{name}", ROOT / "docs" / "hooks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_reference_hook_renders_each_subcommands_help():
+    """Fast twin of the browser tests for the generated CLI page: the hook's Markdown has every subcommand's
+    exact --help text, and leaves pages without the marker alone."""
+    hook = _hook("cli_reference")
+    markdown = hook.on_page_markdown(f"# CLI\n\n{hook.MARKER}\n", None, None, None)
+    for name in _subcommands():
+        assert f"## `cbdnet {name}`" in markdown
+    assert "--target-bits" in markdown and "usage: cbdnet compress" in markdown
+    assert hook.on_page_markdown("no marker here", None, None, None) == "no marker here"
+
+
+def test_sphinx_roles_become_links_or_code():
+    hook = _hook("sphinx_roles")
+    html = hook.on_page_content(
+        "see :class:<code>CBDConfig</code>, :func:<code>~cbdnet.codec.gf2.rank</code>, :mod:<code>.v2</code> and "
+        ":func:<code>no_such_thing</code>", None, None, None)
+    assert '<autoref identifier="cbdnet.CBDConfig" optional><code>CBDConfig</code></autoref>' in html
+    assert '<autoref identifier="cbdnet.codec.gf2.rank" optional><code>rank</code></autoref>' in html
+    assert '<autoref identifier="cbdnet.format.v2" optional><code>v2</code></autoref>' in html
+    assert "<code>no_such_thing</code>" in html and ":func:" not in html and ":class:" not in html

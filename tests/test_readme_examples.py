@@ -74,6 +74,7 @@ def test_readme_has_both_examples_and_stays_short():
     assert "../shared" not in python_example() + "\n".join(cli_example())
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs(sandbox):
     work, env = sandbox
     script = work / "example.py"
@@ -83,6 +84,7 @@ def test_readme_python_example_runs(sandbox):
     assert (work / "squeezenet.cbd").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_readme_cli_example_runs(sandbox):
     work, env = sandbox
     for line in cli_example():
