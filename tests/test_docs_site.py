@@ -227,3 +227,13 @@ def test_sphinx_roles_become_links_or_code():
     assert '<autoref identifier="cbdnet.codec.gf2.rank" optional><code>rank</code></autoref>' in html
     assert '<autoref identifier="cbdnet.format.v2" optional><code>v2</code></autoref>' in html
     assert "<code>no_such_thing</code>" in html and ":func:" not in html and ":class:" not in html
+
+
+def test_benchmark_pages_name_no_path_outside_the_repository():
+    """The benchmarks (today's page, the historical log and the BENCHMARKS.md pointer) name no absolute path of a
+    machine and no folder beside the clone: data and checkpoints are `$DATA`/`$MODELS`."""
+    outside = re.compile(r"(?<![\w.$])(/work/|/tmp/|/home/|/root/|\.\./shared|\.\./\.\./)")
+    for path in (ROOT / "BENCHMARKS.md", ROOT / "docs" / "benchmarks.md", ROOT / "docs/history/benchmarks-log.md"):
+        text = path.read_text(encoding="utf-8")
+        found = [line.strip()[:120] for line in text.splitlines() if outside.search(line)]
+        assert not found, f"{path.relative_to(ROOT)} names paths outside the repository: {found[:5]}"
