@@ -299,7 +299,7 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out_dir, quiet=args.quiet, seed=args.seed, force=args.force)
+    run_demo(out_dir=args.out_dir, quiet=args.quiet, seed=args.seed, force=args.force, plot=args.plot)
     return 0
 
 

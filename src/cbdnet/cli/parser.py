@@ -320,7 +320,10 @@ def _demo(sub) -> None:
     outputs = p.add_argument_group("outputs")
     outputs.add_argument("--out-dir", default=None, help="keep the demo's .cbd files and plot in this folder "
                                                          "(default: a temporary folder, removed at the end)")
-    outputs.add_argument("--force", action="store_true", help="overwrite the demo's existing files in --out-dir")
+    outputs.add_argument("--plot", default=None, metavar="PATH",
+                         help="write the plot here ('': no plot) (default: DIR/cbdnet-demo.png with --out-dir, "
+                              "else cbdnet-demo.png in the current folder unless one is there already)")
+    outputs.add_argument("--force", action="store_true", help="overwrite the demo's existing files")
     run = _run_group(p)
     run.add_argument("--seed", type=bounded("--seed", 0, MAX_SEED), default=0,
                      help="seed of the training (initialisation and batch order) and of the calibration sample")
