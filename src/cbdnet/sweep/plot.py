@@ -47,7 +47,8 @@ def point_setting(row: dict) -> str:
 
 
 # Where a label may go around its point, in points (x, y), tried in this order: right, above, below, left, further.
-_OFFSETS = ((5, 4), (5, -11), (-6, 7), (-6, -14), (9, 14), (9, -21), (-14, 17), (-14, -24), (5, 26), (5, -33))
+_OFFSETS = ((5, 4), (5, -11), (-6, 7), (-6, -14), (9, 14), (9, -21), (-14, 17), (-14, -24), (5, 26), (5, -33),
+            (-14, 29), (-14, -36), (5, 38), (5, -45), (-14, 41), (5, 50), (-14, 53), (5, 62))
 
 
 def place_labels(ax, points: list[tuple[float, float]], texts: list[str], colors: list[str] | None = None,
