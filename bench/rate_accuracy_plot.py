@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cbdnet.sweep.plot import place_labels
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -167,9 +169,6 @@ def plot(nnc: dict, cbd: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     ax.plot([p["file_bits_per_weight"] for p in pts], [p["top1"] for p in pts], "o-", color="tab:gray",
             label=f"{nnc['tool'].replace('nncodec', 'NNCodec')} (data-free, QP {pts[-1]['qp']} … {pts[0]['qp']})")
-    for p in pts:
-        ax.annotate(str(p["qp"]), (p["file_bits_per_weight"], p["top1"]), textcoords="offset points",
-                    xytext=(4, -10), fontsize=7, color="tab:gray")
     groups: dict[str, list[dict]] = {}
     for c in cbd:  # points with a "series" are drawn as one line per series, the others one by one
         groups.setdefault(c.get("series") or c["label"], []).append(c)
@@ -187,6 +186,11 @@ def plot(nnc: dict, cbd: list[dict], out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
+    # NNCodec's QP beside each of its points, clear of every marker (cbdnet's included) and of the other labels
+    obstacles = [(p["file_bits_per_weight"], p["top1"]) for p in pts] + \
+        [(c["file_bits_per_weight"], c["top1"]) for c in cbd]
+    place_labels(ax, obstacles, [str(p["qp"]) for p in pts] + [""] * len(cbd), ["tab:gray"] * len(obstacles),
+                 fontsize=7)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)

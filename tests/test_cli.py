@@ -64,13 +64,6 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
     assert needle in err and "Traceback" not in err
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out-dir", str(tmp_path)]) == 0
-    text = capsys.readouterr().out
-    assert "float32" in text and "paper J=5 b=0.3" in text and "cbdnet J=5 b=0.3" in text
-    assert len(list(tmp_path.glob("*.cbd"))) == 6
-
-
 def test_fallback_rule_is_an_option_recorded_in_the_report(tmp_path):
     reports = {}
     for rule in ("distortion", "size"):

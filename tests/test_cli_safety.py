@@ -154,7 +154,7 @@ def test_written_files_get_normal_permissions(tmp_path):
 
 
 def test_usage_errors_are_one_line_exit_2(capsys, tmp_path):
-    cases = [([], "required: command"), (["compress", "--planes", "x"], "invalid int value"),
+    cases = [([], "required: COMMAND"), (["compress", "--planes", "x"], "invalid int value"),
              (["compress", "--arch", "nope"], "known: cifar-resnet110"), (["compress"], "--arch is required"),
              (["compress", "--arch", "digits-cnn", "-J", "40"], "--planes: planes must be an integer in 1..16"),
              (["frobnicate"], "invalid choice"), (["info"], "required: file"),

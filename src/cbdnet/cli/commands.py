@@ -6,29 +6,28 @@ Every failure ends in one line on stderr: exit code 2 for bad input or usage, 1 
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import platform
 import sys
 import time
-from typing import NoReturn
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..calib import CalibrationConfig
 from ..calib.configs import OPTION_NAMES, ConfigError, config_from_options
-from ..codec import FALLBACK_RULES, GRANULARITIES
-from ..errors import CBDError
-from ..fileio import OutputSet, escape_name, parse_positive_int
+from ..errors import CBDError, FormatError
+from ..fileio import OutputSet, escape_name
 from ..format import compress_encoded, read, verify
-from ..format.cbdfile import MAX_ARCH_ARG, check_fits
+from ..format.cbdfile import check_fits
+from ..nn.report import layer_table, plane_coding, totals_lines
 from ..zoo import load
 from ..zoo.data import calibration_data, load_spec
 from ..zoo.metrics import check_data_fits, evaluate
 from ..zoo.models import build, known_archs, load_weights, torchvision_weights_file
-from .export_cmd import add_export_parser, is_onnx, onnx_model
-from .policy import finish, json_bytes, open_outputs
-from .sweep_cmd import add_sweep_parser
+from .export_cmd import is_onnx, onnx_model
+from .parser import build_parser, one_line
+from .policy import finish, open_outputs
 
 __all__ = ["main", "build_parser"]
 
@@ -180,6 +179,26 @@ def _refuse_set(args, names: tuple[str, ...], why: str) -> None:
         raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: {why}")
 
 
+@contextlib.contextmanager
+def reading_cbd(path: str, hint: str = ""):
+    """A :class:`FormatError` of reading ``path`` names the file; where the file is no .cbd file at all, the
+    message ends with ``hint`` (what the user most likely meant, e.g. a checkpoint for ``--weights``)."""
+    try:
+        yield
+    except FormatError as exc:
+        text = _one_line(str(exc))
+        not_cbd = text.startswith("not a .cbd file")
+        raise FormatError(f"{escape_name(path)}: {text}" + (f"; {hint}" if not_cbd and hint else "")) from None
+
+
+def checkpoint_hint(path: str, command: str) -> str:
+    name = escape_name(path)
+    if command == "eval":
+        return f"for a checkpoint (state dict) give --arch NAME --weights {name} instead"
+    return (f"if it is a checkpoint (state dict), make a .cbd file first: cbdnet compress --arch NAME --weights "
+            f"{name} -o OUT.cbd")
+
+
 def cmd_eval(args) -> int:
     if not is_onnx(args.file):
         _refuse_set(args, ("threads",), "--threads is for .onnx files (ONNX Runtime)")
@@ -193,7 +212,8 @@ def cmd_eval(args) -> int:
         if is_onnx(args.file):
             model, source = onnx_model(args.file, args.threads), args.file
         elif args.file:
-            model, source = load(args.file, _skeleton(args)), args.file
+            with reading_cbd(args.file, checkpoint_hint(args.file, "eval")):
+                model, source = load(args.file, _skeleton(args)), args.file
         else:
             model, source = _model_from_args(args)
         check_data_fits(model, data, args.data)
@@ -208,20 +228,23 @@ def cmd_eval(args) -> int:
 def _info_dict(path: str, parsed) -> dict:
     """What ``info`` prints: per layer the planes as the file holds them, the paper's fixed-length count
     (``bits``, as ``compress`` reported it) and what the file spends on them (``coded_bits``: entropy-coded in
-    format 2; the same as ``bits`` in format 1), and the whole file per compressed weight (``parsed``: the
-    file as :func:`read` returned it)."""
+    format 2; the same as ``bits`` in format 1), the fields of ``compress``'s table (``code``, ``h``, ``w``,
+    ``scale``, ``plane_coding``), and the whole file per compressed weight (``parsed``: the file as
+    :func:`read` returned it)."""
     version = parsed.meta.get("format_version")
     coded = (lambda c: c.bits()) if version == 1 else (lambda c: c.coded_bits())
     paper = {layer["name"]: layer.get("paper_bits") for layer in parsed.meta["layers"]}  # format 2 records it
     bits = {name: paper.get(name) or code.bits() for name, code in parsed.codes.items()}
     layers = []
     for name, code in parsed.codes.items():
+        h, w = code.matrix_shape
         layers.append({"name": name, "shape": list(code.shape), "mode": code.mode, "planes": code.num_planes,
                        "exponents": list(code.exponents), "bits": bits[name],
                        "bits_per_weight": bits[name] / code.numel, "coded_bits": coded(code),
                        "coded_bits_per_weight": coded(code) / code.numel,
                        "coding": "fixed" if version == 1 else code.stream().coding,
-                       "wmax": code.wmax, "a": code.scale,
+                       "wmax": code.wmax, "a": code.scale, "scale": code.scale, "code": code.label, "h": h, "w": w,
+                       "plane_coding": [] if version == 1 else plane_coding(code), "reason": code.reason,
                        "step": code.step,
                        "plane_storage": [p.storage for p in code.planes], "plane_ranks": [p.rank for p in code.planes]})
     params = sum(c.numel for c in parsed.codes.values())
@@ -234,33 +257,40 @@ def _info_dict(path: str, parsed) -> dict:
             "float_tensors": len(parsed.floats), "layers": layers}
 
 
+def _info_text(args, info: dict) -> None:
+    """``info`` as text: the whole file's bits per weight first, then the table ``compress`` printed."""
+    _say(args, f"{escape_name(info['file'])}: {info['file_bits_per_weight']:.3f} bits/weight for the whole file "
+               f"({info['file_bytes']:,} bytes), .cbd format v{info['format_version']}, "
+               f"arch {escape_name(info['arch'])}, {len(info['layers'])} compressed layers")
+    rows = [{**layer, "name": escape_name(layer["name"]), "planes": len(layer["plane_storage"]),
+             "code": escape_name(layer["code"]), "rel_error": None} for layer in info["layers"]]
+    _say(args, "\n".join(layer_table(rows) + totals_lines(
+        info["file_bytes"], info["params"], info["coded_bits_per_weight"], info["bits_per_weight"],
+        len(info["layers"]), None)))
+
+
 def cmd_info(args) -> int:
-    parsed = read(args.file)
-    info = _info_dict(args.file, parsed)
-    if args.arch is not None:
-        with torch.device("meta"):
-            check_fits(_skeleton(args), parsed)
-        info["fits_arch"] = args.arch
-    if args.verify:
-        problems = verify(args.file, parsed)
-        info["verify"] = {"ok": not problems, "problems": problems}
-    if args.json:
-        sys.stdout.write(json_bytes(info).decode())
-    else:
-        _say(args, f"{escape_name(info['file'])}: .cbd format v{info['format_version']}, "
-                   f"arch {escape_name(info['arch'])}, "
-                   f"{info['file_bytes']:,} bytes, {len(info['layers'])} compressed layers, "
-                   f"{info['params']:,} weights at {info['bits_per_weight']:.3f} bits/weight, entropy-coded "
-                   f"{info['coded_bits_per_weight']:.3f}, whole file {info['file_bits_per_weight']:.3f}")
-        for layer in info["layers"]:
-            storage = "".join("F" if s == "factored" else "p" for s in layer["plane_storage"])
-            shape = "x".join(map(str, layer["shape"]))
-            _say(args, f"  {escape_name(layer['name']):<28} {shape:<16} {layer['mode']:<7} "
-                       f"planes {storage:<8} ranks {layer['plane_ranks']} {layer['bits_per_weight']:.3f} b/w, "
-                       f"{layer['coding']} {layer['coded_bits_per_weight']:.3f}")
+    if args.file is None and args.json not in (None, "-"):  # `info --json FILE.cbd`, as before --json took a path
+        args.file, args.json = args.json, "-"
+    if args.file is None:
+        raise UsageError("the following arguments are required: file (the .cbd file to show; see cbdnet info --help)")
+    out, (json_target,) = open_outputs(args, [(args.json, "JSON report")])
+    with out:
+        with reading_cbd(args.file, checkpoint_hint(args.file, "info")):
+            parsed = read(args.file)
+        info = _info_dict(args.file, parsed)
+        if args.arch is not None:
+            with torch.device("meta"):
+                check_fits(_skeleton(args), parsed)
+            info["fits_arch"] = args.arch
         if args.verify:
-            status = "OK: checksum and every plane verified" if not problems else "FAILED"
-            _say(args, f"verify: {status}")
+            problems = verify(args.file, parsed)
+            info["verify"] = {"ok": not problems, "problems": problems}
+        if args.json is None:
+            _info_text(args, info)
+            if args.verify:
+                _say(args, f"verify: {'OK: checksum and every plane verified' if not problems else 'FAILED'}")
+        finish(out, json_target, info)
     for problem in info.get("verify", {}).get("problems", []):  # at most one line per layer, names escaped
         print(f"cbdnet: verify: {escape_name(problem, max_len=400)}", file=sys.stderr)
     return 0 if not info.get("verify") or info["verify"]["ok"] else 1
@@ -269,145 +299,11 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out_dir, quiet=args.quiet, seed=args.seed, force=args.force)
+    run_demo(out_dir=args.out_dir, quiet=args.quiet, seed=args.seed, force=args.force, plot=args.plot)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cbdnet", description="Compress pretrained CNNs by composite binary "
-                     "decomposition (CBDNet), without retraining.")
-    parser.add_argument("--version", action="version", version=f"cbdnet {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", action="store_true", help="no progress bars or tables")
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def model_args(p):
-        p.add_argument("--arch", help="architecture: " + ", ".join(known_archs()) + ", torchvision:NAME (any "
-                       "torchvision classification or segmentation model) or module.path:factory (your own code)")
-        p.add_argument("--weights", help="checkpoint (state dict) path, 'random' (seeded), or 'torchvision' (the "
-                       "default torchvision weights of resnet18/vgg16/densenet121/ssd300 from torch's local cache; "
-                       "never downloaded)")
-        p.add_argument("--seed", type=_bounded("--seed", 0, MAX_SEED), default=0, help="seed for --weights random")
-        p.add_argument("--batch-size", type=_bounded("--batch-size", 1, MAX_BATCH), default=500)
-        p.add_argument("--num-classes", type=_bounded("--num-classes", 1, MAX_ARCH_ARG), default=None,
-                       help="class count of the checkpoint's head (e.g. 21 for a VOC-trained ssd300; default: the "
-                            "architecture's own: 1000 ImageNet, 91 COCO for ssd300, 11 CamVid for segnet)")
-
-    p = sub.add_parser("compress", parents=[common], help="compress a model to a .cbd file")
-    model_args(p)
-    p.add_argument("--planes", "-J", type=int, default=None, help="bit planes J (default 5)")
-    p.add_argument("--bottleneck", "-b", type=float, default=None, help="rank bound / min(h, w) (default 0.3)")
-    p.add_argument("--method", choices=("cbd", "uniform", "rtn"), default=None,
-                   help="cbd (composite planes + GF(2) factors), uniform (plain J-bit code, the baseline) or "
-                        "rtn (K-bit symmetric round-to-nearest, sign included, the usual baseline)")
-    p.add_argument("--fallback", choices=FALLBACK_RULES, default=None,
-                   help="when a layer's composite code is replaced by the uniform J-plane code: 'distortion' "
-                        "(default: where its squared error x 4^(bits/weight) is higher) or 'size' (the paper: only "
-                        "where it takes no fewer bits)")
-    _method_args(p)
-    p.add_argument("--skip", nargs="*", help="layer names to keep in float")
-    p.add_argument("--workers", type=_bounded("--workers", 1, 256), default=None,
-                   help="layers encoded at once in threads (default 1, or $CBDNET_WORKERS); same result")
-    p.add_argument("--data", help="evaluate before and after on this data spec, e.g. cifar10-npz:PATH")
-    p.add_argument("-o", "--output", help="output .cbd file")
-    p.add_argument("--json", help="write the report as JSON here ('-': standard output)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    p.add_argument("--no-fold-bn", action="store_true",
-                   help="keep each BatchNorm as it is instead of folding it into the per-channel steps of the "
-                        "layer before it (the file then stores its scale, mean and variance too)")
-    p.add_argument("--float32", action="store_true",
-                   help="keep float tensors (BatchNorm, biases) at their own precision instead of rounding them to "
-                        "float16 where float16 is precise enough (the file stores what the model holds)")
-    p.set_defaults(func=cmd_compress)
-
-    p = sub.add_parser("eval", parents=[common], help="accuracy of a .cbd file or a float model")
-    p.add_argument("file", nargs="?", help=".cbd or .onnx file (or give --arch/--weights)")
-    model_args(p)
-    p.add_argument("--threads", type=int, default=None, help=".onnx: ONNX Runtime intra-op threads (default 1)")
-    p.add_argument("--data", required=True, help="data spec, e.g. cifar10-npz:PATH")
-    p.add_argument("--json", help="write the result as JSON here ('-': standard output)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
-    p.set_defaults(func=cmd_eval)
-
-    add_export_parser(sub, common)
-
-    p = sub.add_parser("info", parents=[common], help="show (and --verify) a .cbd file")
-    p.add_argument("file")
-    p.add_argument("--arch", help="check that the file fits this architecture (registered, torchvision:NAME or "
-                                  "module.path:factory)")
-    p.add_argument("--num-classes", type=_bounded("--num-classes", 1, MAX_ARCH_ARG), default=None,
-                   help="class count of the architecture's head")
-    p.add_argument("--verify", action="store_true", help="re-check every checksum and factorisation")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_info)
-
-    add_sweep_parser(sub, common)
-
-    p = sub.add_parser("demo", parents=[common], help="train a small CNN on digits, compress it, report")
-    p.add_argument("--out-dir", default=None, help="where to write the demo's .cbd files (default: a temp dir)")
-    p.add_argument("--seed", type=_bounded("--seed", 0, MAX_SEED), default=0)
-    p.add_argument("--force", action="store_true", help="overwrite the demo's existing .cbd files in --out-dir")
-    p.set_defaults(func=cmd_demo)
-    return parser
-
-
-def _method_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bits", type=int, default=None,
-                        help="--method rtn: bits per weight K, sign included (2^(K-1)-1 levels per side; default 4)")
-    parser.add_argument("--granularity", choices=GRANULARITIES, default=None,
-                        help="one scale per output channel or per tensor (default: channel for rtn, tensor "
-                             "for cbd, i.e. the paper's code)")
-    parser.add_argument("--calib", help="calibration data spec (training images only), e.g. "
-                                        "cifar10-npz:../shared/data/cifar10_calib1000.npz")
-    parser.add_argument("--calib-images", type=int, default=None, help="use only the first N calibration images")
-    parser.add_argument("--target-bits", type=float, default=None,
-                        help="choose per-layer settings to fit X bits/weight (as stored), by predicted --calib loss "
-                             "(without --calib: by weight squared error)")
-    parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
-                        help="with --calib: error-compensating rounding (GPTQ) instead of round-to-nearest "
-                             "(default on; rtn per channel and --target-bits)")
-    parser.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
-                        help="with --calib: remove each layer's mean output shift (default: kept where it "
-                             "lowers the calibration loss)")
-    parser.add_argument("--bn-reestimate", action=argparse.BooleanOptionalAction, default=None,
-                        help="with --calib: recompute BatchNorm statistics on the calibration images (default off)")
-    parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
-                        help="with --calib: after the codes are chosen, round each GPTQ grid again on the compressed "
-                             "model so far, against the float layer's output (default on; rtn per channel and "
-                             "--target-bits)")
-    parser.add_argument("--adaround", type=_bounded("--adaround", 0, 1_000_000), default=None, metavar="STEPS",
-                        help="with --calib and --target-bits or --method rtn: learn each block's rounding for STEPS "
-                             "optimiser steps after the codes are chosen (AdaRound/BRECQ; 2000 measured; 0: off, "
-                             "the default)")
-
-
-MAX_SEED = 2**63 - 1
-MAX_BATCH = 1 << 20
-
-
-def _bounded(flag: str, low: int, high: int):
-    """An argparse type: a whole number in ``[low, high]`` (a usage error, exit 2, naming the flag otherwise)."""
-    def parse(text: str) -> int:
-        try:
-            return parse_positive_int(text, name=flag, low=low, high=high)
-        except CBDError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    parse.__name__ = flag
-    return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit code 2), not the whole usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
-
-
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return " / ".join(lines)[:500] if lines else "(no message)"
+_one_line = one_line  # the name main() and the commands use
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..errors import CBDError
 from ..export import OnnxModel, export_onnx_bytes, input_spec
-from ..export.onnx import CALIBRATION_METHODS
 from ..format import read
 from ..zoo import load
 from ..zoo.data import calibration_data
 from ..zoo.models import build
 from .policy import finish, open_outputs
 
-__all__ = ["add_export_parser", "cmd_export", "is_onnx", "onnx_model"]
+__all__ = ["cmd_export", "is_onnx", "onnx_model", "default_output"]
 
 
 def is_onnx(path: str | None) -> bool:
@@ -66,7 +65,17 @@ def _metadata(parsed, arch: str, spec, args) -> dict[str, str]:
                                                        "method": args.calib_method} if args.int8 else None)}
 
 
+def default_output(path: str) -> str:
+    """Where ``export FILE`` writes without ``-o``: FILE's name with ``.onnx``, beside it (``r20.cbd`` ->
+    ``r20.onnx``); an existing file there is replaced only with ``--force``, as every output."""
+    return str(Path(path).with_suffix(".onnx"))
+
+
 def cmd_export(args) -> int:
+    from .commands import checkpoint_hint, reading_cbd  # commands imports this module
+
+    if args.output is None:
+        args.output = default_output(args.file)
     if args.int8 and not args.calib:
         raise CBDError("--int8 needs --calib SPEC (training images to calibrate the activation ranges)")
     if not args.int8 and (args.calib or args.calib_images is not None or args.calib_method != "mse"):
@@ -77,7 +86,8 @@ def cmd_export(args) -> int:
     shape = _input_shape(args.input_shape)
     out, (onnx_target, json_target) = open_outputs(args, [(args.output, "ONNX file"), (args.json, "JSON report")])
     with out:  # outputs checked before any work, published together at the very end
-        parsed = read(args.file)
+        with reading_cbd(args.file, checkpoint_hint(args.file, "export")):
+            parsed = read(args.file)
         arch = args.arch or parsed.meta.get("arch")
         spec = input_spec(arch, shape)
         skeleton = None
@@ -107,27 +117,3 @@ def cmd_export(args) -> int:
                  + (f"; {len(report.narrow_activations)} onto 0..127, inputs of layers with levels > 64)"
                     if report.narrow_activations else ")") if args.int8 else ""), file=stream)
     return 0
-
-
-def add_export_parser(sub, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser("export", parents=[common], help="export a .cbd file for deployment (ONNX, QDQ int8)")
-    p.add_argument("file", help=".cbd file")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="output format (onnx)")
-    p.add_argument("-o", "--output", required=True, help="output .onnx file")
-    p.add_argument("--int8", action="store_true", help="quantize activations too (calibrated), so ONNX Runtime runs "
-                                                       "integer kernels; needs --calib")
-    p.add_argument("--calib", help="calibration data spec (training images) for --int8, e.g. "
-                                   "cifar10-npz:../shared/data/cifar10_calib1000.npz")
-    p.add_argument("--calib-images", type=int, default=None, help="use only the first N calibration images")
-    p.add_argument("--activations", choices=("uint8", "int8"), default="uint8",
-                   help="activation type under --int8 (default uint8: ONNX Runtime fuses every Conv on AVX2 CPUs)")
-    p.add_argument("--calib-method", choices=CALIBRATION_METHODS, default="mse",
-                   help="--int8 activation ranges: mse (default: least quantization squared error over the "
-                        "calibration set) or minmax (the observed extremes)")
-    p.add_argument("--arch", help="architecture to build (default: the one the file names)")
-    p.add_argument("--num-classes", type=int, default=None, help="class count of the architecture's head")
-    p.add_argument("--input-shape", help="example input N,C,H,W (default: the architecture's, e.g. 1,3,32,32)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    p.add_argument("--json", help="write the export report as JSON here")
-    p.set_defaults(func=cmd_export)
-    return p

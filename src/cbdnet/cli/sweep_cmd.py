@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import stat
 from pathlib import Path
@@ -11,23 +10,7 @@ from ..errors import CBDError
 from ..sweep import load_spec, plot_pareto, run_sweep
 from ..sweep.engine import PLOT
 
-__all__ = ["add_sweep_parser", "cmd_sweep"]
-
-
-def add_sweep_parser(sub, common: argparse.ArgumentParser) -> None:
-    """The ``sweep`` subcommand."""
-    p = sub.add_parser("sweep", parents=[common], help="compress + evaluate a grid of settings (a TOML spec) on "
-                                                       "Dask workers; resumable")
-    p.add_argument("spec", help="sweep spec (TOML: [model], [data], [[point]] tables; see README)")
-    p.add_argument("-o", "--output", required=True, help="output folder (created; rerun to resume)")
-    p.add_argument("--cluster", help="address of an existing Dask scheduler, e.g. tcp://HOST:8786 (default: a "
-                                     "local cluster of worker processes)")
-    p.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per CPU, at "
-                                                             "most one per point)")
-    p.add_argument("--metric", default=None, help="metric to plot (default: top1, or miou for segmentation)")
-    p.add_argument("--force", action="store_true", help="write into an existing non-empty folder that holds no "
-                                                        "sweep (a sweep's own folder is resumed without it)")
-    p.set_defaults(func=cmd_sweep)
+__all__ = ["cmd_sweep"]
 
 
 def _check_output(path: str) -> None:

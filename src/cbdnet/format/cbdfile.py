@@ -141,6 +141,18 @@ def _coded_layers(model: nn.Module) -> tuple[list[tuple[str, CBDModule]], list[d
     return coded, tied
 
 
+def _no_codes_message(model: nn.Module) -> str:
+    """Why a model without compressed layers cannot be saved, and what to do: an int8-runtime model (its
+    weights are quantized tensors, the .cbd codes are gone) is not a model that was never compressed."""
+    quantized = any(isinstance(t, torch.Tensor) and t.is_quantized for t in model.state_dict().values()) \
+        or hasattr(model, "cbdnet_int8_report")
+    if quantized:
+        return ("an int8-runtime model (cbdnet.load(..., runtime='int8')) cannot be saved as a .cbd file: its "
+                "layers hold torch int8 kernels, not .cbd codes; keep the .cbd file it was loaded from, or load "
+                "that file with runtime='float' (the default) to save it again")
+    return "the model has no compressed layers: run cbdnet.compress(model) first"
+
+
 def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict | None = None,
                 extra: dict | None = None, version: int = FORMAT_VERSION) -> bytes:
     """The bytes of the ``.cbd`` file for a compressed model. ``extra`` defaults to the config that
@@ -153,7 +165,7 @@ def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict 
     layers = []
     coded, tied = _coded_layers(model)
     if not coded:
-        raise CBDError("the model has no compressed layers: run cbdnet.compress(model) first")
+        raise CBDError(_no_codes_message(model))
     with _codes_held(module for _, module in coded):
         for name, module in coded:
             code = module.code

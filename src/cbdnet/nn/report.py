@@ -11,7 +11,8 @@ from torch import nn
 from ..codec import LayerCode
 from .ops import layer_ops, plane_popcounts
 
-__all__ = ["LayerReport", "Report", "layer_report", "BudgetChoice", "CalibrationSummary"]
+__all__ = ["LayerReport", "Report", "layer_report", "BudgetChoice", "CalibrationSummary", "layer_table", "totals_lines",
+           "plane_coding", "gf2_ranks"]
 
 
 @dataclass
@@ -208,35 +209,67 @@ class Report:
         }
 
     def table(self) -> str:
-        """A fixed-width per-layer table with a totals line."""
-        head = (f"{'layer':<28} {'shape':<16} {'h x w':>11} {'code':<12} {'a':>6} {'fact/plain':>10} "
-                f"{'ranks':<22} {'bits/w':>6} {'coding':<10} {'coded':>6} {'rel.err':>7}")
-        lines = [head, "-" * len(head)]
-        for layer in self.layers:
-            ranks = ",".join(str(r) for r, s in zip(layer.plane_ranks, layer.plane_storage, strict=True)
-                             if s == "factored") or "-"
-            lines.append(
-                f"{_clip(layer.name, 28):<28} {'x'.join(map(str, layer.shape)):<16} "
-                f"{f'{layer.h}x{layer.w}':>11} {_clip(layer.code or layer.mode, 12):<12} "
-                f"{f'{layer.scale:.3f}' if layer.scale > 0 else '':>6} "
-                f"{f'{layer.planes_factored}/{layer.planes_plain}':>10} {_clip(ranks, 22):<22} "
-                f"{layer.bits_per_weight:>6.3f} {layer.coding:<10} {layer.coded_bits_per_weight:>6.3f} "
-                f"{layer.rel_error:>7.4f}")
-        lines.append("-" * len(head))
-        if self.file_bits_per_weight is not None:
-            lines.append(f"file: {self.file_bytes:,} bytes = {self.file_bits_per_weight:.3f} bits per compressed "
-                         "weight (header, float tensors and checksum included)")
-        lines.append(f"total: {len(self.layers)} layers, {self.params:,} weights, "
-                     f"{self.bits_per_weight:.3f} bits/weight ({self.weight_bits / 8 / 1024:.1f} KiB), "
-                     f"entropy-coded {self.coded_bits_per_weight:.3f} ({self.coded_weight_bits / 8 / 1024:.1f} KiB), "
-                     f"float tensors {self.float_bits / 8 / 1024:.1f} KiB, "
-                     f"fp32 {4 * self.params / 1024:.1f} KiB, {self.seconds:.1f} s")
+        """A fixed-width per-layer table (:func:`layer_table`) with the totals, led by the whole file's bits per
+        weight (:func:`totals_lines`)."""
+        rows = [{"name": layer.name, "shape": layer.shape, "h": layer.h, "w": layer.w,
+                 "code": layer.code or layer.mode, "scale": layer.scale, "planes": len(layer.plane_storage),
+                 "coding": layer.coding, "plane_coding": layer.plane_coding,
+                 "coded_bits_per_weight": layer.coded_bits_per_weight, "bits_per_weight": layer.bits_per_weight,
+                 "rel_error": layer.rel_error} for layer in self.layers]
+        lines = layer_table(rows)
+        lines += totals_lines(self.file_bytes, self.params, self.coded_bits_per_weight, self.bits_per_weight,
+                              len(self.layers), self.float_bits, self.seconds)
         for name, owner in self.tied.items():
             lines.append(f"tied: {name} shares the weight of {owner} (coded and counted once)")
         return "\n".join(lines)
 
 
-def _plane_coding(code: LayerCode) -> list[str]:
+def gf2_ranks(plane_coding: list[str]) -> str:
+    """The GF(2) ranks of the planes the file stores factored, e.g. ``"29"`` or ``"1,14"`` (``-``: none)."""
+    ranks = [part.split()[2].rstrip(",") for part in plane_coding if part.startswith("gf2 rank ")]
+    return ",".join(ranks) or "-"
+
+
+def layer_table(rows: list[dict]) -> list[str]:
+    """The per-layer table that ``compress`` and ``info`` both print, from the same fields: shape, h x w, the
+    code and its scale ``a``, planes J, how the file codes the levels (and the GF(2) ranks of the planes it
+    stores factored), the layer's coded bits per weight in the file, the paper's fixed-length count, and the
+    relative error (None: not known, e.g. read from a file)."""
+    head = (f"{'layer':<28} {'shape':<16} {'h x w':>11} {'code':<12} {'a':>6} {'J':>2} {'file coding':<11} "
+            f"{'gf2 ranks':<12} {'coded b/w':>9} {'paper b/w':>9} {'rel.err':>7}")
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        error = "-" if row.get("rel_error") is None else f"{row['rel_error']:.4f}"
+        hw = f"{row['h']}x{row['w']}"
+        scale = f"{row['scale']:.3f}" if row["scale"] > 0 else ""
+        lines.append(
+            f"{_clip(row['name'], 28):<28} {'x'.join(map(str, row['shape'])):<16} {hw:>11} "
+            f"{_clip(row['code'], 12):<12} {scale:>6} {row['planes']:>2} {_clip(row['coding'], 11):<11} "
+            f"{_clip(gf2_ranks(row['plane_coding']), 12):<12} {row['coded_bits_per_weight']:>9.3f} "
+            f"{row['bits_per_weight']:>9.3f} {error:>7}")
+    lines.append("-" * len(head))
+    return lines
+
+
+def totals_lines(file_bytes: int | None, params: int, coded_bpw: float, paper_bpw: float, layers: int,
+                 float_bits: int | None, seconds: float | None = None) -> list[str]:
+    """The totals, one number first: the whole file's bits per compressed weight (header, float tensors and
+    checksum included), then the layers as the file codes them, then the paper's fixed-length count, labelled."""
+    if file_bytes is not None and params:
+        first = (f"whole file: {8 * file_bytes / params:.3f} bits/weight ({file_bytes:,} bytes for {params:,} "
+                 "compressed weights; header, float tensors and checksum included)")
+    else:
+        first = f"whole file: not written yet ({params:,} compressed weights)"
+    timing = "" if seconds is None else f", {seconds:.1f} s"
+    floats = "" if float_bits is None else f"float tensors {float_bits / 8 / 1024:.1f} KiB, "
+    return [first,
+            f"layers: {layers}, entropy-coded {coded_bpw:.3f} bits/weight ({coded_bpw * params / 8 / 1024:.1f} KiB), "
+            f"{floats}fp32 {4 * params / 1024:.1f} KiB{timing}",
+            f"paper's code count: {paper_bpw:.3f} bits/weight (fixed-length sign and planes or their GF(2) "
+            f"factors, plus scales: the paper's accounting, not the file)"]
+
+
+def plane_coding(code: LayerCode) -> list[str]:
     factored = {plane.index: plane for plane in code.stream().factored}
     return [f"gf2 rank {factored[i].rank}, {factored[i].nbytes} B" if i in factored else "ans"
             for i in range(len(code.planes))]
@@ -266,7 +299,7 @@ def layer_report(name: str, module: nn.Module, code: LayerCode, original: np.nda
         plane_ranks=[p.rank for p in code.planes], plane_storage=[p.storage for p in code.planes],
         planes_factored=code.factored_planes, planes_plain=len(code.planes) - code.factored_planes,
         bits=code.bits(), bits_per_weight=code.bits() / code.numel, rel_error=error,
-        coding=code.stream().coding, plane_coding=_plane_coding(code), coded_bits=code.coded_bits(),
+        coding=code.stream().coding, plane_coding=plane_coding(code), coded_bits=code.coded_bits(),
         coded_bits_per_weight=code.coded_bits() / code.numel,
         rank_calls=code.rank_calls, seconds=seconds, plane_popcounts=popcounts,
         code=code.label, **layer_ops(code, popcounts, positions))

@@ -238,10 +238,12 @@ def _setting(row: dict) -> str:
 
 
 def markdown_table(rows: list[dict], metric: str = "top1") -> str:
-    """The rows as a markdown table: series, setting, whole-file and code bits per weight, file bytes, the
-    metric; FP32 first, the points sorted by series then size. Failed and pending points are listed as such."""
+    """The rows as a markdown table: series, setting, the whole file's bits per weight (first), the paper's
+    fixed-length count (labelled so), file bytes, the metric; FP32 first, the points sorted by series then size.
+    Failed and pending points are listed as such."""
     fp32 = next((r[f"fp32_{metric}"] for r in rows if f"fp32_{metric}" in r), None)
-    lines = [f"| series | setting | file bits/weight | code bits/weight | file bytes | {metric} |",
+    lines = [f"| series | setting | whole-file bits/weight | paper's code count (bits/weight) | file bytes "
+             f"| {metric} |",
              "| --- | --- | --- | --- | --- | --- |"]
     if fp32 is not None:
         lines.append(f"| FP32 | - | 32 | 32 | - | {fp32:.4f} |")
@@ -381,14 +383,17 @@ def sweep_inputs(spec: Spec, out: Path) -> list[Path]:
 
 
 class _Progress:
-    """One tqdm bar for the sweep: points done and failed, with an ETA."""
+    """One tqdm bar for the sweep: the spec's points done and failed (the FP32 evaluation is not a point), with
+    an ETA; drawn only on a terminal (a redirected stderr gets no bar)."""
 
-    def __init__(self, total: int, skipped: int, enabled: bool) -> None:
+    def __init__(self, total: int, skipped: int, enabled: bool, stream: Any = None) -> None:
         from tqdm import tqdm
 
+        stream = sys.stderr if stream is None else stream
+        enabled = enabled and bool(getattr(stream, "isatty", lambda: False)())
         self.done, self.failed = skipped, 0
         self.bar = tqdm(total=total, initial=skipped, desc="sweep", unit="pt", disable=not enabled,
-                        file=sys.stderr, dynamic_ncols=True)
+                        file=stream, dynamic_ncols=True)
         self.bar.set_postfix(done=self.done, failed=0, refresh=False)
 
     def step(self, failed: bool) -> None:
@@ -433,7 +438,8 @@ def run_sweep(spec: Spec, out_dir: str | os.PathLike, *, cluster: str | None = N
         _write_results(out, rows(), inputs)
         if not todo:
             return rows()
-        bar = _Progress(len(wanted), len(wanted) - len(todo), progress)
+        points_todo = sum(k != fp32 for k in todo)
+        bar = _Progress(len(wanted) - 1, len(wanted) - 1 - points_todo, progress)
         try:
             with _client(cluster, workers, len(todo), connect_timeout) as client:
                 _check_workers(client, spec, out / "files")
@@ -467,5 +473,6 @@ def _submit_and_collect(client: Any, todo: list[str], fp32: str, first: dict, sp
         publish({out / "points" / f"{key}.json": json.dumps(record, indent=1) + "\n"}, inputs)
         records[key] = record
         _write_results(out, rows(), inputs)
-        bar.step(bool(result.get("error")))
+        if key != fp32:
+            bar.step(bool(result.get("error")))
         future.release()
