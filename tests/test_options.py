@@ -45,6 +45,8 @@ def _values(opt: Option) -> list:
                 math.nan, math.inf, -math.inf, True, "x", "", [high]]
     if opt.kind == "choice":
         return [*opt.choices, "nope", "", opt.choices[0].upper(), 1, True, list(opt.choices[:1])]
+    if opt.kind == "str":
+        return [*opt.examples, "", " ", "a\nb", 1, True, list(opt.examples[:1])]
     return [True, False, 1, 0, "yes", "true", *[u for u in opt.unset if u is not None]]
 
 
@@ -188,3 +190,24 @@ def test_every_compress_flag_is_declared_and_its_help_shows_its_default():
         assert tuple(action.choices or ()) == opt.choices, opt.name
         if opt.short:
             assert flags[opt.short] is action
+
+
+DEVICE = Option("device", "device", "str", "where calibration runs", ("rtn", "budget"), "budget",
+                pattern=r"cpu|cuda(:[0-9]+)?|mps", accepts="cpu, cuda, cuda:N or mps", examples=("cpu", "cuda:1"),
+                unset=(None,), default_help="the model's")
+
+
+def test_a_string_option_is_declared_once_too(monkeypatch, capsys):
+    """A new flag such as --device (a CalibrationConfig field) is one Option: its check, type and help follow."""
+    assert DEVICE.check("cuda:1") == "cuda:1" and DEVICE.check(None) is None
+    for bad in ("gpu", "cuda:", "", "cpu\n", 1, True):
+        with pytest.raises(options.ConfigError, match=r"^device must be cpu, cuda, cuda:N or mps, got "):
+            DEVICE.check(bad)
+    monkeypatch.setattr(options, "OPTIONS", (*OPTIONS, DEVICE))
+    assert build_parser().parse_args(["compress", "--device", "cuda:0"]).device == "cuda:0"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", "--device", "gpu"])
+    assert "argument --device: device must be cpu, cuda, cuda:N or mps, got 'gpu'" in capsys.readouterr().err
+    compress = build_parser()._subparsers._group_actions[0].choices["compress"]
+    device = next(action for action in compress._actions if "--device" in action.option_strings)
+    assert device.help.endswith("(default: the model's)") and device.default is None

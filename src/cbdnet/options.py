@@ -7,9 +7,18 @@ The configs (:mod:`cbdnet.calib.configs`) validate their fields with :meth:`Opti
 point's keys with :meth:`Option.check`, so the three accept the same values (``tests/test_options.py``).
 
 A leaf: the standard library and :mod:`cbdnet.errors` only, so that ``cbdnet --help`` imports neither torch nor
-numpy. To add an option, append an :class:`Option` to :data:`OPTIONS` (the CLI and the sweep see it at once), add
-its field to the config(s) with ``default=option("name").default`` and a ``check`` in ``__post_init__``, and
-map it in :func:`cbdnet.calib.configs.config_from_options`.
+numpy. To add an option (e.g. ``--device``, a :class:`~cbdnet.calib.configs.CalibrationConfig` field):
+
+1. append ``Option("device", "device", "str", "where calibration runs", ("cbd", "uniform", "rtn", "budget"),
+   "budget", pattern=r"cpu|cuda(:[0-9]+)?|mps", accepts="cpu, cuda, cuda:N or mps", examples=("cpu",),
+   unset=(None,), default_help="...")`` to :data:`OPTIONS` (``group``: the CLI argument group it joins; a group
+   other than "method"/"budget" needs one ``_add_options(group, NAME)`` line in the parser). The CLI flag and
+   the sweep key exist at once, checked alike;
+2. give the config field ``device: str | None = by_field("device").default`` and add ``"device"`` to the
+   ``_checked(self, ...)`` call of its ``__post_init__``;
+3. pass it on in :func:`cbdnet.calib.configs.config_from_options` (``_fields(options, ..., "device")``), add it
+   to :data:`cbdnet.sweep.spec.POINT_KEYS` (the results' column order), and refuse it where its method ignores
+   it. ``tests/test_options.py`` then tries its values on all three.
 """
 
 from __future__ import annotations
@@ -48,8 +57,9 @@ class ConfigError(CBDError, ValueError):
 class Option:
     """One ``compress`` option.
 
-    ``kind`` is ``"int"``, ``"float"``, ``"choice"``, ``"bool"`` (a ``--flag/--no-flag`` pair on the CLI) or
-    ``"data"`` (``calib``: a data spec on the CLI, ``true``/``false`` in a sweep point, no config field).
+    ``kind`` is ``"int"``, ``"float"``, ``"choice"``, ``"str"`` (a string matching ``pattern``, described by
+    ``accepts``; ``examples`` are valid ones, for the tests), ``"bool"`` (a ``--flag/--no-flag`` pair on the CLI)
+    or ``"data"`` (``calib``: a data spec on the CLI, ``true``/``false`` in a sweep point, no config field).
     ``low``/``high`` bound numbers, each end open where ``low_open``/``high_open``; ``default`` is the
     library's (per method where ``method_defaults`` says so); ``unset`` is a field value that means "not given"
     (``None`` images: all; ``"auto"`` bias correction), accepted by the config only. ``methods``: the methods it
@@ -72,6 +82,9 @@ class Option:
     short: str | None = None
     metavar: str | None = None
     default_help: str | None = None  # the CLI's default in words, where it is not ``default``
+    pattern: str | None = None  # kind "str": the regular expression a value matches as a whole
+    accepts: str | None = None  # kind "str": what a value is, in words ("a device such as cpu or cuda:0")
+    examples: tuple[str, ...] = ()  # kind "str": valid values
 
     @property
     def flag(self) -> str:
@@ -86,6 +99,8 @@ class Option:
             return f"a number in {left}{self.low:g}, {self.high:g}{right}"
         if self.kind == "choice":
             return f"one of {', '.join(self.choices)}"
+        if self.kind == "str":
+            return self.accepts or "a non-empty string"
         extra = [repr(unset) for unset in self.unset if unset is not None]
         return f"True, False or {' or '.join(extra)}" if extra else "True or False"
 
@@ -104,6 +119,10 @@ class Option:
             return value
         if self.kind == "choice":
             if not isinstance(value, str) or value not in self.choices:
+                raise self._fail(value, name)
+            return value
+        if self.kind == "str":
+            if not isinstance(value, str) or not value or not re.fullmatch(self.pattern or r".+", value):
                 raise self._fail(value, name)
             return value
         number = not isinstance(value, bool) and isinstance(value, int if self.kind == "int" else (int, float))

@@ -7,7 +7,9 @@ run), each option's help ends with its default where it has one, and each subcom
 examples. To add a flag: put it in the group it belongs to, in the subcommand's function below (``_compress``,
 ``_eval``, ``_export``, ``_info``, ``_sweep``, ``_demo``; or in ``_model_group``/``_budget_group``/``_run_group``
 where several subcommands share it); its help says what it does and, where the default
-is ``None`` because the library resolves it, what that default is.
+is ``None`` because the library resolves it, what that default is. A ``compress`` option that sets a config
+field (method, budget and calibration flags) is not written here: it is declared once in :mod:`cbdnet.options`,
+and :func:`_add_options` builds its flag from that declaration (the configs and the sweep spec check the same).
 """
 
 from __future__ import annotations
