@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import CBDError
@@ -71,14 +72,14 @@ class Option:
     help: str
     methods: tuple[str, ...]
     group: str  # the CLI's argument group: "method" or "budget"
-    low: float | None = None
-    high: float | None = None
+    low: float = -math.inf
+    high: float = math.inf
     low_open: bool = False
     high_open: bool = False
-    choices: tuple = ()
+    choices: tuple[str, ...] = ()
     default: Any = None
-    method_defaults: dict = field(default_factory=dict)
-    unset: tuple = ()
+    method_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    unset: tuple[Any, ...] = ()
     short: str | None = None
     metavar: str | None = None
     default_help: str | None = None  # the CLI's default in words, where it is not ``default``
@@ -105,8 +106,8 @@ class Option:
         return f"True, False or {' or '.join(extra)}" if extra else "True or False"
 
     def _fail(self, value: Any, name: str | None) -> ConfigError:
-        return ConfigError(f"{name or self.field or self.name} must be {self.describe()}, got {value!r}",
-                           self.field or self.name)
+        name = name or self.field or self.name
+        return ConfigError(f"{name} must be {self.describe()}, got {value!r}", name)
 
     def check(self, value: Any, name: str | None = None) -> Any:
         """``value`` checked (a :class:`ConfigError` naming ``name``, the field by default, otherwise) and
