@@ -42,7 +42,7 @@ METHODS = ("cbd", "uniform", "rtn")  # the --method choices; --target-bits is th
 GRANULARITIES = ("channel", "tensor")
 FALLBACK_RULES = ("distortion", "size")
 MAX_PLANES = 16
-BIAS_CORRECTION = (True, False, "auto")
+BIAS_CORRECTION = (True, False, "auto")  # CalibrationConfig.bias_correction's values
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 
 
@@ -63,8 +63,9 @@ class Option:
     or ``"data"`` (``calib``: a data spec on the CLI, ``true``/``false`` in a sweep point, no config field).
     ``low``/``high`` bound numbers, each end open where ``low_open``/``high_open``; ``default`` is the
     library's (per method where ``method_defaults`` says so); ``unset`` is a field value that means "not given"
-    (``None`` images: all; ``"auto"`` bias correction), accepted by the config only. ``methods``: the methods it
-    applies to (``"budget"``: ``--target-bits``; ``"calib"``: with calibration data, whatever the method)."""
+    (``None`` images: all; ``"auto"`` bias correction), accepted as it is (the CLI says it by leaving the flag
+    out). ``methods``: the methods it applies to (``"budget"``: ``--target-bits``); ``tests/test_options.py``
+    checks them against the configs' fields."""
 
     name: str
     field: str | None
