@@ -22,8 +22,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
-from ..codec import FALLBACK_RULES, GRANULARITIES, MAX_PLANES
 from ..errors import CBDError
+from ..options import METHODS as METHOD_CHOICES
+from ..options import OPTIONS, ConfigError, by_field, option
 from .budget import COMPOSITE_PLANES, FREE_LEVELS, RTN_BITS, SENSITIVITY_EXPONENTS, WEIGHTED_LEVELS
 
 __all__ = ["ConfigError", "CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig", "CalibrationConfig",
@@ -31,12 +32,11 @@ __all__ = ["ConfigError", "CBDConfig", "UniformConfig", "RTNConfig", "BudgetConf
            "config_from_dict", "config_from_options", "OptionError", "OPTION_NAMES", "METHODS"]
 
 
-class ConfigError(CBDError, ValueError):
-    """A config field out of range or of the wrong type; ``field`` names it."""
-
-    def __init__(self, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.field = field or message.split(" ", 1)[0]
+def _checked(config, *names: str) -> None:
+    """Check each field ``name`` with its option's spec (:mod:`cbdnet.options`: the CLI and sweep check the same)
+    and store its normalised value (a float field's int as a float)."""
+    for name in names:
+        object.__setattr__(config, name, by_field(name).check(getattr(config, name)))
 
 
 def _int_in(value, name: str, low: int, high: int) -> None:
@@ -54,11 +54,6 @@ def _numbers(values, name: str, low: float, high: float, low_included: bool = Tr
                               f"got {value!r}")
         out.append(float(value))
     return tuple(out)
-
-
-def _choice(value, name: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r}")
 
 
 class _Config:
@@ -92,25 +87,19 @@ class CBDConfig(_Config):
 
     method: ClassVar[str] = "cbd"
     name: ClassVar[str] = "cbd"
-    planes: int = 5
-    bottleneck: float = 0.3
+    planes: int = option("planes").default
+    bottleneck: float = option("bottleneck").default
     fallback: str | None = None
-    granularity: str = "tensor"
+    granularity: str = option("granularity").method_defaults["cbd"]
     calibration: CalibrationConfig | None = None  # settings for calibration data (None: the defaults)
 
     def __post_init__(self) -> None:
         self._check_calibration()
-        _int_in(self.planes, "planes", 1, MAX_PLANES)
-        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, (int, float)) \
-                or not 0.0 <= self.bottleneck <= 1.0:
-            raise ConfigError(f"bottleneck must be a number in [0, 1], got {self.bottleneck!r}")
-        _choice(self.granularity, "granularity", GRANULARITIES)
+        _checked(self, "planes", "bottleneck", "granularity", "fallback")
         if self.granularity == "channel" and self.fallback is not None:
             raise ConfigError("fallback applies to the per-tensor composite code only (granularity='tensor')")
-        if self.granularity == "tensor":
-            object.__setattr__(self, "fallback", "distortion" if self.fallback is None else self.fallback)
-            _choice(self.fallback, "fallback", FALLBACK_RULES)
-        object.__setattr__(self, "bottleneck", float(self.bottleneck))
+        if self.granularity == "tensor" and self.fallback is None:
+            object.__setattr__(self, "fallback", option("fallback").default)
 
     def to_dict(self) -> dict:
         out = super().to_dict()
@@ -125,12 +114,12 @@ class UniformConfig(_Config):
 
     method: ClassVar[str] = "uniform"
     name: ClassVar[str] = "uniform"
-    planes: int = 5
+    planes: int = option("planes").default
     calibration: CalibrationConfig | None = None  # settings for calibration data (None: the defaults)
 
     def __post_init__(self) -> None:
         self._check_calibration()
-        _int_in(self.planes, "planes", 1, MAX_PLANES)
+        _checked(self, "planes")
 
 
 @dataclass(frozen=True)
@@ -140,14 +129,13 @@ class RTNConfig(_Config):
 
     method: ClassVar[str] = "rtn"
     name: ClassVar[str] = "rtn"
-    bits: int = 4
-    granularity: str = "channel"
+    bits: int = option("bits").default
+    granularity: str = option("granularity").method_defaults["rtn"]
     calibration: CalibrationConfig | None = None  # settings for calibration data (None: the defaults)
 
     def __post_init__(self) -> None:
         self._check_calibration()
-        _int_in(self.bits, "bits", 2, 17)
-        _choice(self.granularity, "granularity", GRANULARITIES)
+        _checked(self, "bits", "granularity")
 
 
 @dataclass(frozen=True)
@@ -163,7 +151,7 @@ class BudgetConfig(_Config):
 
     method: ClassVar[str] = "target-bits"  # recorded in files and reports: kept as it is
     name: ClassVar[str] = "budget"
-    target_bits: float = 4.0
+    target_bits: float = option("target-bits").default
     rtn_bits: tuple[int, ...] = RTN_BITS
     composite_planes: tuple[int, ...] = COMPOSITE_PLANES
     levels: tuple[int, ...] = FREE_LEVELS  # per-channel grids of L levels per side (step = max|w| / L)
@@ -175,10 +163,7 @@ class BudgetConfig(_Config):
 
     def __post_init__(self) -> None:
         self._check_calibration()
-        if isinstance(self.target_bits, bool) or not isinstance(self.target_bits, (int, float)) \
-                or not math.isfinite(self.target_bits) or not 1.0 < self.target_bits <= 32.0:
-            raise ConfigError(f"target_bits must be a number in (1, 32], got {self.target_bits!r}")
-        object.__setattr__(self, "target_bits", float(self.target_bits))
+        _checked(self, "target_bits")
         object.__setattr__(self, "rtn_bits", tuple(self.rtn_bits))
         object.__setattr__(self, "composite_planes", tuple(self.composite_planes))
         object.__setattr__(self, "levels", tuple(self.levels))
@@ -194,13 +179,10 @@ class BudgetConfig(_Config):
         if not self.rtn_bits and not self.composite_planes and not self.levels and not weighted:
             raise ConfigError("BudgetConfig needs at least one candidate code (rtn_bits, composite_planes, levels "
                               "or weighted_levels)")
-        for bits in self.rtn_bits:
-            _int_in(bits, "rtn_bits", 2, 17)
+        for bits in self.rtn_bits:  # the candidates take the values that --bits and --planes take
+            option("bits").check(bits, "rtn_bits")
         for planes in self.composite_planes:
-            _int_in(planes, "composite_planes", 1, MAX_PLANES)
-
-
-BIAS_CORRECTION = (True, False, "auto")
+            option("planes").check(planes, "composite_planes")
 
 
 @dataclass(frozen=True)
@@ -218,22 +200,14 @@ class CalibrationConfig(_Config):
     method: ClassVar[str] = "calibration"
     name: ClassVar[str] = "calibration"
     images: int | None = None
-    gptq: bool = True
-    bias_correction: bool | str = "auto"
-    bn_reestimate: bool = False
-    adaround: int = 0
-    refit: bool = True
+    gptq: bool = by_field("gptq").default
+    bias_correction: bool | str = by_field("bias_correction").default
+    bn_reestimate: bool = by_field("bn_reestimate").default
+    adaround: int = by_field("adaround").default
+    refit: bool = by_field("refit").default
 
     def __post_init__(self) -> None:
-        if self.images is not None:
-            _int_in(self.images, "images", 1, 1 << 31)
-        _int_in(self.adaround, "adaround", 0, 1_000_000)
-        for name in ("gptq", "bn_reestimate", "refit"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.bias_correction not in BIAS_CORRECTION or isinstance(self.bias_correction, int) \
-                and not isinstance(self.bias_correction, bool):
-            raise ConfigError(f"bias_correction must be True, False or 'auto', got {self.bias_correction!r}")
+        _checked(self, "images", "adaround", "gptq", "bn_reestimate", "refit", "bias_correction")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -280,8 +254,7 @@ class OptionError(CBDError, ValueError):
 
 
 # The ``compress`` option names (CLI flags without ``--``, sweep spec keys) that :func:`config_from_options` reads.
-OPTION_NAMES = ("method", "bits", "granularity", "planes", "bottleneck", "fallback", "target-bits", "calib",
-                "calib-images", "gptq", "bias-correction", "bn-reestimate", "adaround", "refit")
+OPTION_NAMES = tuple(opt.name for opt in OPTIONS)
 
 
 def _given(options: dict, prefix: str, *names: str) -> list[str]:
@@ -299,23 +272,26 @@ def _method_config(options: dict, prefix: str) -> CompressConfig:
         _refuse(_given(options, prefix, "method", "bits", "planes", "bottleneck", "fallback", "granularity"),
                 f"{prefix}target-bits chooses every layer's code itself")
         return BudgetConfig(target_bits=get("target-bits"))
-    method = get("method") or "cbd"
-    if method not in ("cbd", "uniform", "rtn"):
-        raise OptionError(f"unknown method {method!r}; expected one of cbd, uniform, rtn")
+    method = option("method").default if get("method") is None else get("method")
+    if not isinstance(method, str) or method not in METHOD_CHOICES:  # "" is no method, not the default
+        raise OptionError(f"unknown method {method!r}; expected one of {', '.join(METHOD_CHOICES)}")
     if method == "rtn":
         _refuse(_given(options, prefix, "planes", "bottleneck", "fallback"),
                 f"{prefix}method rtn takes {prefix}bits and {prefix}granularity")
-        return RTNConfig(bits=4 if get("bits") is None else get("bits"), granularity=get("granularity") or "channel")
+        return RTNConfig(**_fields(options, "bits", "granularity"))
     _refuse(_given(options, prefix, "bits"), f"{prefix}bits is for {prefix}method rtn; {prefix}method {method} takes "
                                              f"{prefix}planes")
-    planes = 5 if get("planes") is None else get("planes")
     if method == "uniform":
         _refuse(_given(options, prefix, "bottleneck", "fallback"), f"{prefix}method uniform has no scale search")
         if get("granularity") == "channel":
             raise OptionError(f"{prefix}granularity channel is not available for {prefix}method uniform")
-        return UniformConfig(planes=planes)
-    return CBDConfig(planes=planes, bottleneck=0.3 if get("bottleneck") is None else get("bottleneck"),
-                     fallback=get("fallback"), granularity=get("granularity") or "tensor")
+        return UniformConfig(**_fields(options, "planes"))
+    return CBDConfig(**_fields(options, "planes", "bottleneck", "fallback", "granularity"))
+
+
+def _fields(options: dict, *names: str) -> dict:
+    """The config fields of the given options (absent or None: left to the config's default)."""
+    return {option(name).field: options[name] for name in names if options.get(name) is not None}
 
 
 def _calibration_config(options: dict, config: CompressConfig, prefix: str) -> CalibrationConfig:
@@ -335,10 +311,8 @@ def _calibration_config(options: dict, config: CompressConfig, prefix: str) -> C
     if get("adaround") and not isinstance(config, (BudgetConfig, RTNConfig)):
         raise OptionError(f"{prefix}adaround applies to {prefix}method rtn and {prefix}target-bits only (their "
                           f"codes are grids)")
-    return CalibrationConfig(images=get("calib-images"), gptq=True if get("gptq") is None else get("gptq"),
-                             bias_correction="auto" if get("bias-correction") is None else get("bias-correction"),
-                             bn_reestimate=bool(get("bn-reestimate")), adaround=get("adaround") or 0,
-                             refit=True if get("refit") is None else get("refit"))
+    return CalibrationConfig(**_fields(options, "calib-images", "gptq", "bias-correction", "bn-reestimate",
+                                       "adaround", "refit"))
 
 
 def config_from_options(options: dict, prefix: str = "") -> tuple[CompressConfig, CalibrationConfig]:

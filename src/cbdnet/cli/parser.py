@@ -7,7 +7,9 @@ run), each option's help ends with its default where it has one, and each subcom
 examples. To add a flag: put it in the group it belongs to, in the subcommand's function below (``_compress``,
 ``_eval``, ``_export``, ``_info``, ``_sweep``, ``_demo``; or in ``_model_group``/``_budget_group``/``_run_group``
 where several subcommands share it); its help says what it does and, where the default
-is ``None`` because the library resolves it, what that default is.
+is ``None`` because the library resolves it, what that default is. A ``compress`` option that sets a config
+field (method, budget and calibration flags) is not written here: it is declared once in :mod:`cbdnet.options`,
+and :func:`_add_options` builds its flag from that declaration (the configs and the sweep spec check the same).
 """
 
 from __future__ import annotations
@@ -17,21 +19,20 @@ import importlib
 from collections.abc import Callable
 from typing import NoReturn
 
+from .. import options
 from .._version import __version__
 from ..errors import CBDError
+from ..options import FALLBACK_RULES, GRANULARITIES, METHODS
 
 __all__ = ["build_parser", "parse_only", "one_line", "bounded", "ARCHS", "FALLBACK_RULES", "GRANULARITIES",
-           "CALIBRATION_METHODS", "MAX_ARCH_ARG", "MAX_SEED", "MAX_BATCH"]
+           "CALIBRATION_METHODS", "METHODS", "MAX_ARCH_ARG", "MAX_SEED", "MAX_BATCH"]
 
 # The library's own choices, written out so that the parser needs no torch; tests/test_cli_help.py checks each
-# against the module that defines it (cbdnet.zoo.models.known_archs, cbdnet.codec, cbdnet.export.onnx,
-# cbdnet.format.cbdfile), so they cannot drift apart.
+# against the module that defines it (cbdnet.zoo.models.known_archs, cbdnet.export.onnx, cbdnet.format.cbdfile),
+# so they cannot drift apart. The compress options' choices, ranges and defaults come from cbdnet.options.
 ARCHS = ("cifar-resnet110", "cifar-resnet20", "cifar-resnet32", "cifar-resnet44", "cifar-resnet56", "densenet121",
          "digits-cnn", "resnet18", "segnet", "segnet-basic", "ssd300", "vgg16")
-FALLBACK_RULES = ("distortion", "size")
-GRANULARITIES = ("channel", "tensor")
 CALIBRATION_METHODS = ("mse", "minmax")
-METHODS = ("cbd", "uniform", "rtn")
 MAX_ARCH_ARG = 100_000
 MAX_SEED = 2**63 - 1
 MAX_BATCH = 1 << 20
@@ -141,22 +142,7 @@ def _compress(sub) -> None:
 """)
     _model_group(p, "model", "what to compress (a registered architecture and its checkpoint)")
     method = p.add_argument_group("method", "the code each layer's weights are stored with")
-    method.add_argument("--method", choices=METHODS, default=None,
-                        help="cbd (composite planes + GF(2) factors, the paper's), uniform (plain J-bit code, the "
-                             "paper's baseline) or rtn (K-bit symmetric round-to-nearest, sign included, the usual "
-                             "baseline) (default: cbd)")
-    method.add_argument("--planes", "-J", type=int, default=None, help="cbd/uniform: bit planes J (default 5)")
-    method.add_argument("--bottleneck", "-b", type=float, default=None,
-                        help="cbd: rank bound / min(h, w) of a factored plane (default 0.3)")
-    method.add_argument("--fallback", choices=FALLBACK_RULES, default=None,
-                        help="cbd: when a layer's composite code is replaced by the uniform J-plane code: "
-                             "'distortion' (default: where its squared error x 4^(bits/weight) is higher) or "
-                             "'size' (the paper's rule: only where it takes no fewer bits)")
-    method.add_argument("--bits", type=int, default=None,
-                        help="rtn: bits per weight K, sign included (2^(K-1)-1 levels per side; default 4)")
-    method.add_argument("--granularity", choices=GRANULARITIES, default=None,
-                        help="one scale per output channel or per tensor (default: channel for rtn, tensor for "
-                             "cbd, i.e. the paper's code)")
+    _add_options(method, "method")
     method.add_argument("--skip", nargs="*", help="layer names to keep in float")
     _budget_group(p)
     evaluation = p.add_argument_group("evaluation", "score the model before and after (optional)")
@@ -179,32 +165,28 @@ def _compress(sub) -> None:
     p.set_defaults(func=_lazy("commands", "cmd_compress"))
 
 
+def _add_options(group: argparse._ArgumentGroup, name: str) -> None:
+    """The compress options of one group, as :mod:`cbdnet.options` declares them: flag, type checker (the
+    configs' own check), choices, help with range and default. Every default here is None, so that the library
+    knows which options were given (:func:`cbdnet.calib.configs.config_from_options`)."""
+    for opt in options.OPTIONS:
+        if opt.group != name:
+            continue
+        flags = [opt.flag, opt.short] if opt.short else [opt.flag]
+        if opt.kind == "bool":
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=opt.help_text())
+        elif opt.kind == "data":
+            group.add_argument(*flags, default=None, help=opt.help_text())
+        else:
+            group.add_argument(*flags, type=opt.parse, choices=opt.choices or None, default=None,
+                               metavar=opt.metavar, help=opt.help_text())
+
+
 def _budget_group(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group(
         "budget and calibration", "choose each layer's code within a size budget, and correct the rounding on "
         "calibration images (training images, never the test set)")
-    group.add_argument("--target-bits", type=float, default=None, metavar="X",
-                       help="choose per-layer codes to fit X bits per weight of the whole file, by predicted "
-                            "--calib loss (without --calib: by weight squared error) (default: off)")
-    group.add_argument("--calib", help="calibration data spec (training images only), e.g. "
-                                       "cifar10-npz:../shared/data/cifar10_calib1000.npz (default: none)")
-    group.add_argument("--calib-images", type=int, default=None, metavar="N",
-                       help="use only the first N calibration images (default: all)")
-    group.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
-                       help="with --calib: error-compensating rounding (GPTQ) instead of round-to-nearest "
-                            "(default on; rtn per channel and --target-bits)")
-    group.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
-                       help="with --calib: remove each layer's mean output shift (default: kept where it "
-                            "lowers the calibration loss)")
-    group.add_argument("--bn-reestimate", action=argparse.BooleanOptionalAction, default=None,
-                       help="with --calib: recompute BatchNorm statistics on the calibration images (default off)")
-    group.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
-                       help="with --calib: after the codes are chosen, round each GPTQ grid again on the "
-                            "compressed model so far, against the float layer's output (default on; rtn per "
-                            "channel and --target-bits)")
-    group.add_argument("--adaround", type=bounded("--adaround", 0, 1_000_000), default=None, metavar="STEPS",
-                       help="with --calib and --target-bits or --method rtn: learn each block's rounding for STEPS "
-                            "optimiser steps after the codes are chosen (AdaRound/BRECQ; 0: off, the default)")
+    _add_options(group, "budget")
 
 
 def _eval(sub) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import stat
 import tomllib
@@ -37,9 +36,9 @@ from typing import Any
 import torch
 
 from ..calib.configs import ConfigError, OptionError, config_from_options
-from ..codec import FALLBACK_RULES, GRANULARITIES
 from ..errors import CBDError
 from ..nn.walk import check_skip
+from ..options import OPTIONS, option
 from ..zoo.data import SPEC_KINDS
 from ..zoo.models import build
 
@@ -55,7 +54,7 @@ class SpecError(SweepError, ValueError):
     """A sweep spec that cannot be run; raised before any point runs."""
 
 
-METHODS = ("cbd", "uniform", "rtn")
+# the columns of results.csv, in this order (a contract): the compress options, skip and label
 POINT_KEYS = ("method", "bits", "granularity", "planes", "bottleneck", "fallback", "target-bits", "calib",
               "gptq", "bias-correction", "bn-reestimate", "adaround", "refit", "calib-images", "skip", "label")
 _SPLITS = {"digits": ("train", "test"), "camvid-npz": ("train", "val", "test")}
@@ -108,34 +107,15 @@ def _type_name(value: Any) -> str:
             dict: "a table"}.get(type(value), type(value).__name__)
 
 
-def _int_check(name: str, low: int, high: int | None = None) -> Check:
+def _option_check(name: str) -> Check:
+    """The check of a ``compress`` option: the one the configs and the CLI use (:mod:`cbdnet.options`)."""
+    spec = option(name)
+
     def check(value: Any) -> tuple[Any, str | None]:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return None, f"{name} must be an integer, got {_type_name(value)} {value!r}"
-        if value < low or (high is not None and value > high):
-            bound = f"in {low}..{high}" if high is not None else f"at least {low}"
-            return None, f"{name} must be {bound}, got {value}"
-        return value, None
-    return check
-
-
-def _float_check(name: str, low: float, high: float) -> Check:
-    def check(value: Any) -> tuple[Any, str | None]:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return None, f"{name} must be a number, got {_type_name(value)} {value!r}"
-        if not low < value <= high:
-            return None, f"{name} must be in ({low}, {high}], got {value}"
-        return float(value), None  # 3 and 3.0 are one point, with one key
-    return check
-
-
-def _choice_check(name: str, choices: tuple[str, ...]) -> Check:
-    def check(value: Any) -> tuple[Any, str | None]:
-        if not isinstance(value, str):
-            return None, f"{name} must be a string, got {_type_name(value)} {value!r}"
-        if value not in choices:
-            return None, f"{name} must be one of {', '.join(choices)}; got {value!r}"
-        return value, None
+        try:
+            return spec.check(value, name), None
+        except ConfigError as exc:
+            return None, str(exc)
     return check
 
 
@@ -161,20 +141,8 @@ def _label_check(value: Any) -> tuple[Any, str | None]:
 
 
 _CHECKS: dict[str, Check] = {
-    "method": _choice_check("method", METHODS),
-    "bits": _int_check("bits", 2, 16),
-    "granularity": _choice_check("granularity", tuple(GRANULARITIES)),
-    "planes": _int_check("planes", 1, 16),
-    "bottleneck": _float_check("bottleneck", 0.0, 1.0),
-    "fallback": _choice_check("fallback", tuple(FALLBACK_RULES)),
-    "target-bits": _float_check("target-bits", 1.0, 32.0),
-    "calib": _bool_check("calib"),
-    "gptq": _bool_check("gptq"),
-    "bias-correction": _bool_check("bias-correction"),
-    "bn-reestimate": _bool_check("bn-reestimate"),
-    "adaround": _int_check("adaround", 0, 1_000_000),
-    "refit": _bool_check("refit"),
-    "calib-images": _int_check("calib-images", 1),
+    **{opt.name: _option_check(opt.name) for opt in OPTIONS if opt.kind != "data"},
+    "calib": _bool_check("calib"),  # a point's calib says whether [data].calib is used
     "skip": _skip_check,
     "label": _label_check,
 }
