@@ -8,13 +8,12 @@ The public API: the configs (:class:`CBDConfig`, :class:`UniformConfig`, :class:
 budget) -> ``zoo`` (architectures, data, metrics) -> ``cli``.
 """
 
-__version__ = "0.2.0"
-
-from .calib import BudgetConfig, CalibrationConfig, CBDConfig, RTNConfig, UniformConfig  # noqa: E402
-from .errors import CBDError, DataError, FormatError, WeightError  # noqa: E402
-from .format import compress, save, verify  # noqa: E402
-from .nn import Report  # noqa: E402
-from .zoo import load  # noqa: E402
+from ._version import __version__
+from .calib import BudgetConfig, CalibrationConfig, CBDConfig, RTNConfig, UniformConfig
+from .errors import CBDError, DataError, FormatError, WeightError
+from .format import compress, save, verify
+from .nn import Report
+from .zoo import load
 
 __all__ = ["CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig", "CalibrationConfig", "compress", "Report",
            "save", "load", "verify", "CBDError", "FormatError", "WeightError", "DataError", "__version__"]

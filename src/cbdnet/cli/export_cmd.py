@@ -11,10 +11,10 @@ import torch
 
 from .. import __version__
 from ..errors import CBDError
-from ..export import OnnxModel, export_onnx_bytes, input_spec
+from ..export import OnnxModel, export_onnx_bytes
 from ..export.onnx import CALIBRATION_METHODS
 from ..format import read
-from ..zoo import load
+from ..zoo import input_spec, load
 from ..zoo.data import calibration_data
 from ..zoo.models import build
 from .policy import finish, open_outputs

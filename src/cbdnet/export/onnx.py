@@ -41,12 +41,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..errors import CBDError
 from ..format import atomic_write, check_writable
-from ..zoo.data import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["ExportReport", "LayerExport", "export_onnx", "input_spec", "OPSET", "build_proto", "CALIBRATION_METHODS"]
+__all__ = ["ExportReport", "LayerExport", "export_onnx", "OPSET", "build_proto", "CALIBRATION_METHODS"]
 
 OPSET = 17
 _WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -63,38 +62,6 @@ CALIBRATION_METHODS = ("mse", "minmax")
 # input gets the 7-bit range 0..127 (127 * 256 <= 32767), as torch.ao's x86 ``reduce_range`` does everywhere.
 _SATURATING_LEVEL = 64
 _NARROW_QMAX = 127
-
-
-# ------------------------------------------------------------------------------------------- input spec
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the model expects: one input of ``shape`` (batch 1), normalised by ``(x - mean) / std``."""
-
-    shape: tuple[int, ...]
-    task: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-def input_spec(arch: str | None, shape: tuple[int, ...] | None = None) -> InputSpec:
-    """The input of a registered architecture (CIFAR ResNets 1x3x32x32, digits-cnn 1x1x8x8, SegNets
-    1x3x180x240 as the CamVid data, ImageNet models 1x3x224x224); ``shape`` overrides the size."""
-    name = (arch or "").lower()
-    task = "segmentation" if "segnet" in name or "segmentation" in name else "classification"
-    if name.startswith("cifar-resnet"):
-        default: tuple[int, ...] | None = (1, 3, 32, 32)
-    elif name == "digits-cnn":
-        return InputSpec(tuple(shape or (1, 1, 8, 8)), task, (0.0,), (1.0,))
-    elif name.startswith("segnet"):
-        default = (1, 3, 180, 240)
-    elif name in ("resnet18", "vgg16", "densenet121") or name.startswith("torchvision:"):
-        default = (1, 3, 224, 224)
-    else:
-        default = None
-    if shape is None and default is None:
-        raise CBDError(f"no known input shape for architecture {arch!r}: pass --input-shape N,C,H,W")
-    return InputSpec(tuple(shape or default), task, IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ------------------------------------------------------------------------------------------- report

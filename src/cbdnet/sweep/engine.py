@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..fileio import OutputSet, file_kind
 from .point import run_fp32, run_point
 from .spec import POINT_KEYS, Spec, SweepError, content_digests, expand_points, fp32_key, point_key, series_label

@@ -13,9 +13,10 @@ from torch import nn
 from ..errors import CBDError
 from ..format import cbdfile
 from ..runtime import to_int8
+from .inputs import InputSpec, input_spec
 from .models import build, known_archs, load_weights, register
 
-__all__ = ["build", "known_archs", "load_weights", "register", "load"]
+__all__ = ["build", "known_archs", "load_weights", "register", "load", "InputSpec", "input_spec"]
 
 
 def _build_named(arch: str, kwargs: dict) -> nn.Module:
