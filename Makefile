@@ -23,7 +23,7 @@ demo: $(STAMP)
 	@echo
 	@echo "cbdnet is installed in $(VENV): run '$(BIN)/cbdnet --help', or '. $(BIN)/activate' to put cbdnet on PATH."
 
-test: lint
+test: lint typecheck
 	$(BIN)/python -m pytest -q
 
 test-fast: lint

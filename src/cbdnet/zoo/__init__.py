@@ -39,15 +39,16 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, runtime: st
     """
     if runtime not in RUNTIMES:
         raise CBDError(f"unknown runtime {runtime!r}; expected one of: {', '.join(RUNTIMES)}")
-    if runtime == "int8" and calibration is None:
+    if runtime == "int8" and calibration is None:  # (checked again below, for the type checker)
         raise CBDError("runtime='int8' needs calibration images (training images) to set the activation scales: "
                        "pass calibration=...")
     if runtime == "float":
         return cbdfile.load(path, model, builder=_build_named)
+    assert calibration is not None
     loaded = cbdfile.load(path, model, builder=_build_named, keep_codes=True)  # read once, not per layer
     qmodel, report = to_int8(loaded, calibration)
     del loaded
     gc.collect()  # torch.ao's graph objects form reference cycles: free the float model's tensors now
     cbdfile.release_free_memory()  # and give the freed pages (float model, calibration temporaries) back
-    qmodel.cbdnet_int8_report = report
+    qmodel.cbdnet_int8_report = report  # type: ignore[assignment]
     return qmodel

@@ -79,7 +79,7 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise CBDError(f"architecture {spec}: cannot import {module_name} ({exc}); is it on PYTHONPATH?") from None
-    factory = module
+    factory: object = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
     if not callable(factory):
@@ -106,8 +106,9 @@ def build(arch: str, *, allow_import: bool = False, **kwargs) -> nn.Module:
     else:
         raise CBDError(f"unknown architecture {arch!r}; known: {', '.join(known_archs())}, torchvision:NAME "
                        f"or module.path:factory")
-    model.cbdnet_arch = arch
-    model.cbdnet_arch_kwargs = dict(kwargs)
+    # plain attributes on the model (torch's stubs type Module attributes as tensors or modules only)
+    model.cbdnet_arch = arch  # type: ignore[assignment]
+    model.cbdnet_arch_kwargs = dict(kwargs)  # type: ignore[assignment]
     return model
 
 
@@ -135,6 +136,10 @@ class _BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """The 6n+2-layer CIFAR ResNet, state-dict compatible with the common public checkpoints."""
+
+    layer1: nn.Sequential  # set by name in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
 
     def __init__(self, blocks_per_stage: int, num_classes: int = 10) -> None:
         super().__init__()
@@ -284,7 +289,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise WeightError(f"{path}: tensor {key} holds NaN/Inf values")
     model.load_state_dict(state, strict=False)
-    model.cbdnet_weights_sha256 = digest
+    model.cbdnet_weights_sha256 = digest  # type: ignore[assignment]
     return model
 
 
