@@ -31,11 +31,12 @@ class CBDModule:
 
     __jit_unused_properties__ = ["code"]
 
-    # what the torch layer this is mixed into provides (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-    weight: torch.Tensor
-    bias: Any  # a Tensor or None (Any: nn.Linear leaves it undeclared)
-    training: bool
-    if TYPE_CHECKING:
+    if TYPE_CHECKING:  # what the torch layer this is mixed into provides (nn.Conv2d, nn.ConvTranspose2d,
+        # nn.Linear); for the type checker only, as TorchScript would read class annotations as attributes
+        weight: torch.Tensor
+        bias: Any  # a Tensor or None (Any: nn.Linear leaves it undeclared)
+        training: bool
+
         def __init__(self, *args: Any, **kwargs: Any) -> None: ...
         def train(self, mode: bool = True) -> Self: ...
 

@@ -16,6 +16,7 @@ import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -137,9 +138,10 @@ class _BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """The 6n+2-layer CIFAR ResNet, state-dict compatible with the common public checkpoints."""
 
-    layer1: nn.Sequential  # set by name in __init__
-    layer2: nn.Sequential
-    layer3: nn.Sequential
+    if TYPE_CHECKING:  # set by name in __init__ (not a class annotation at run time, which TorchScript would read)
+        layer1: nn.Sequential
+        layer2: nn.Sequential
+        layer3: nn.Sequential
 
     def __init__(self, blocks_per_stage: int, num_classes: int = 10) -> None:
         super().__init__()
