@@ -9,9 +9,9 @@ PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
 
 .PHONY: demo test test-fast lint typecheck bench clean
 
+# setuptools >= 77 reads the SPDX licence fields; tests/test_packaging.py builds the wheel with this venv's setuptools
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	# setuptools >= 77 reads the SPDX licence fields; the wheel test builds with this venv's setuptools
 	$(PIP_INSTALL) --upgrade pip setuptools
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt

@@ -64,6 +64,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
     assert needle in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out-dir", str(tmp_path)]) == 0
     text = capsys.readouterr().out

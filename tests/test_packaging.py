@@ -113,6 +113,7 @@ def _env_with_torch(root: Path) -> Path:
     return fresh
 
 
+@pytest.mark.slow
 def test_wheel_installs_into_an_env_with_torch_and_keeps_it(built, tmp_path):
     wheel, _ = built
     fresh = _env_with_torch(tmp_path)

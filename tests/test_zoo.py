@@ -159,6 +159,7 @@ def test_torchvision_state_dicts_load_unchanged(tmp_path):
         assert torch.equal(model.state_dict()[key], value)
 
 
+@pytest.mark.slow
 def test_big_archs_match_torchvision_and_run():
     """Same state-dict layout as torchvision's constructors (built on the meta device: no weight init cost)."""
     references = {"vgg16": lambda: tv.vgg16(weights=None), "resnet18": lambda: tv.resnet18(weights=None),
