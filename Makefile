@@ -1,28 +1,40 @@
-# Two entry points: `make demo` and `make test`. Both create .venv when missing and install the package.
+# Entry points: `make demo`, `make test` (everything: lint, import contract, types, the whole suite) and
+# `make test-fast` (the inner loop: tests not marked slow). Each creates .venv when missing and installs the
+# package there at the exact versions of constraints.txt (pyproject.toml itself declares compatible ranges).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint typecheck bench clean
 
+# setuptools >= 77 reads the SPDX licence fields; tests/test_packaging.py builds the wheel with this venv's setuptools
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(PIP_INSTALL) --upgrade pip setuptools
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[dev]'
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(PIP_INSTALL) -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/cbdnet demo
+	@echo
+	@echo "cbdnet is installed in $(VENV): run '$(BIN)/cbdnet --help', or '. $(BIN)/activate' to put cbdnet on PATH."
 
-test: $(STAMP)
-	$(BIN)/ruff check src tests bench
+test: lint typecheck
 	$(BIN)/python -m pytest -q
+
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -86,7 +86,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if CASES[c][2] else c for c in CASES])
 def test_cli_and_python_api_write_byte_identical_files(case, checkpoint, tmp_path):
     flags, make_config, calibrated = CASES[case]
     cli_file, api_file = tmp_path / "cli.cbd", tmp_path / "api.cbd"
@@ -130,6 +130,7 @@ def test_cli_compress_encodes_the_file_once_and_writes_what_the_evaluated_model_
     assert out.read_bytes() == encoded[0] and json.loads(report.read_text())["file_bytes"] == len(encoded[0])
     assert original(evaluated[-1]) == encoded[0]  # the model as it stands after evaluation encodes to these bytes
 
+@pytest.mark.slow
 def test_calibration_takes_pairs_loaders_or_bare_images(checkpoint):
     train = digits("train")
     x, y = train.images[:200], train.labels[:200]

@@ -46,6 +46,7 @@ def test_budget_below_the_cheapest_setting_is_an_error():
         choose(candidates, 1.0 * sum(c[0].code.numel for c in candidates.values()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["3.0", "4.5"])
 def test_cli_target_bits_counts_bits_as_the_file_stores_them(tmp_path, target):
     out, report = tmp_path / "m.cbd", tmp_path / "r.json"

@@ -181,6 +181,7 @@ def _camvid_npz(path, n=4, seed=0):
     return path
 
 
+@pytest.mark.slow
 def test_segmentation_calibration_ignores_void_and_fits_the_budget(tmp_path):
     npz = _camvid_npz(tmp_path / "cam.npz")
     report = tmp_path / "r.json"

@@ -51,6 +51,7 @@ def _image_folder(root, classes=2, per_class=3, size=(48, 40)):
     return root
 
 
+@pytest.mark.slow
 def test_any_torchvision_model_from_the_cli(tmp_path, capsys):
     folder = _image_folder(tmp_path / "images")
     out, report = tmp_path / "m.cbd", tmp_path / "r.json"
@@ -81,6 +82,7 @@ def test_a_users_own_factory_from_the_cli_is_never_imported_on_a_files_word(tmp_
     assert "cannot import" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_imagefolder_calibration_with_an_image_limit(tmp_path):
     folder = _image_folder(tmp_path / "train", classes=2, per_class=4, size=(64, 64))
     report = tmp_path / "r.json"

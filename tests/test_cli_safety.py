@@ -192,6 +192,7 @@ def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_same_input_and_flags_give_a_byte_identical_file(tmp_path):
     weights = tmp_path / "w.pt"
     torch.save(build("digits-cnn").state_dict(), weights)
@@ -204,6 +205,7 @@ def test_same_input_and_flags_give_a_byte_identical_file(tmp_path):
     assert outputs[0] == outputs[1] and outputs[0].startswith(cbdnet.format.cbdfile.MAGIC)
 
 
+@pytest.mark.slow
 def test_real_process_exit_codes_and_stderr(tmp_path):
     bad = tmp_path / "bad.cbd"
     bad.write_bytes(b"\x89CBD\r\n\x1a\n" + bytes(40))

@@ -245,6 +245,7 @@ def _shuffled(path, n: int, seed: int = 0):
     return data.images[index], data.labels[index]
 
 
+@pytest.mark.slow
 def test_resnet20_int8_export_top1_on_real_data(tmp_path, resnet20_weights, cifar_calib, cifar_test):
     """ResNet-20, RTN 4-bit per channel with GPTQ on 128 calibration images (the issue's --target-bits 4.0
     compression takes minutes: it is in bench/bench_runtime.py), exported --int8: ORT top-1 on 2000 seeded
@@ -269,6 +270,7 @@ def test_resnet20_int8_export_top1_on_real_data(tmp_path, resnet20_weights, cifa
 SEGNET = Path(__file__).resolve().parents[1] / "models" / "segnet_basic_camvid.pt"
 
 
+@pytest.mark.slow
 def test_segnet_basic_max_unpool_exports_and_ort_matches_torch(tmp_path):
     """The trained SegNet-Basic (max_unpool2d decoders) on 3 CamVid val frames, batch 3: the exporter's
     MaxUnpool must turn PyTorch's per-plane pooling indices into ONNX's whole-tensor ones (a wrong offset
@@ -300,6 +302,7 @@ def test_segnet_basic_max_unpool_exports_and_ort_matches_torch(tmp_path):
     assert rel < 0.2 and agree >= 0.95, (rel, agree)  # measured 0.12, 0.973; a wrong scale: far worse
 
 
+@pytest.mark.slow
 def test_resnet20_onnx_int8_and_torch_int8_runtime_agree(tmp_path, resnet20_weights, cifar_calib, cifar_test):
     """The two integer runtimes of one file (ResNet-20, RTN 8-bit per channel), calibrated on the same 256
     training images with the same activation-range chooser (least quantization MSE, torch.ao's

@@ -52,6 +52,7 @@ def _codes(model) -> dict[str, GridCode]:
     return {name: m.code for name, m in model.named_modules() if getattr(m, "code", None) is not None}
 
 
+@pytest.mark.slow
 def test_learned_rounding_keeps_the_grid_and_only_blocks_it_improves(pair):
     (plain, _), (refined, report) = pair
     summary = report.extra["calibration"]["adaround"]
@@ -78,6 +79,7 @@ def test_learned_rounding_keeps_the_grid_and_only_blocks_it_improves(pair):
             (not np.array_equal(levels, old_levels))
 
 
+@pytest.mark.slow
 def test_learned_rounding_lowers_the_calibration_loss_and_round_trips(pair, tmp_path):
     (plain, _), (refined, report) = pair
     data = toy_data()
@@ -96,6 +98,7 @@ def test_learned_rounding_lowers_the_calibration_loss_and_round_trips(pair, tmp_
         torch.testing.assert_close(loaded(x), refined(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_budget_with_learned_rounding_fits_the_file_target():
     data = toy_data(64)
     config = cbdnet.BudgetConfig(target_bits=3.0, calibration=cbdnet.CalibrationConfig(adaround=20))

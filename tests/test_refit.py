@@ -49,6 +49,7 @@ def _layer_error(model, float_model, name: str, data) -> float:
     return float(((exact - approx) ** 2).sum().detach())
 
 
+@pytest.mark.slow
 def test_refit_keeps_the_grids_and_lowers_each_changed_layers_output_error(compressed):
     float_model, plain = compressed
     model = copy.deepcopy(plain)
@@ -99,6 +100,7 @@ def test_refit_spends_no_more_bits_than_the_budget_left(compressed):
     assert grown == bounded.extra_bits and unbounded.extra_bits > 0  # unbounded, this model's refit grows
 
 
+@pytest.mark.slow
 def test_compress_reports_refit_and_the_file_round_trips(tmp_path):
     data = toy_data()
     model, report = cbdnet.compress(resnet8(), cbdnet.BudgetConfig(target_bits=3.0), calibration=data,

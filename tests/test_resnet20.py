@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import cbdnet
@@ -10,6 +11,7 @@ from cbdnet.zoo.metrics import evaluate_classification
 from cbdnet.zoo.models import build, load_weights
 
 
+@pytest.mark.slow
 def test_resnet20_j5_b03_bits_and_accuracy(resnet20_weights, cifar_test, tmp_path):
     model = load_weights(build("cifar-resnet20"), resnet20_weights).eval()
     data = load_spec(f"cifar10-npz:{cifar_test}")

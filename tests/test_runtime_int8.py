@@ -192,6 +192,7 @@ def test_float_load_holds_no_more_than_fp32(tmp_path, arch, shape):
         cbdnet.save(loaded, again)
 
 
+@pytest.mark.slow
 def test_resnet20_int8_top1_within_one_point(tmp_path, resnet20_weights, cifar_test, cifar_calib):
     model = load_weights(build("cifar-resnet20"), resnet20_weights).eval()
     calibration = load_spec(f"cifar10-npz:{cifar_calib}")

@@ -25,6 +25,7 @@ def camvid_val_subset() -> SegmentationData:
     return SegmentationData(data.images[::4], data.labels[::4], data.name + "[::4]", data.classes, data.ignore_index)
 
 
+@pytest.mark.slow
 def test_trained_segnet_basic_float_and_cbd(camvid_val_subset):
     assert WEIGHTS.is_file(), "models/segnet_basic_camvid.pt is part of the repository"
     model = load_weights(build("segnet-basic"), WEIGHTS).eval()

@@ -241,6 +241,7 @@ def _finished(out: Path) -> dict[str, str]:
     return {p.name: json.loads(p.read_text())["finished"] for p in (out / "points").glob("*.json")}
 
 
+@pytest.mark.slow
 def test_real_sweep_rerun_cluster_and_direct_compress(tmp_path, scheduler):
     spec_path = write(tmp_path, TINY)
     out = tmp_path / "out"
@@ -295,6 +296,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_with_valid_rows(tmp_path, scheduler):
     import psutil
 
@@ -333,6 +335,7 @@ def test_killed_sweep_resumes_with_valid_rows(tmp_path, scheduler):
     assert all(isinstance(t, float) and 0.0 <= t <= 1.0 for t in tops)
 
 
+@pytest.mark.slow
 def test_failing_point_is_recorded_and_the_rest_go_on(tmp_path, scheduler):
     spec = load_spec(write(tmp_path, HEAD + "[[point]]\nmethod = 'rtn'\nbits = [3, 4]\n"))
     rows = run_sweep(spec, tmp_path / "out", cluster=scheduler, progress=False,

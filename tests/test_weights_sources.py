@@ -80,6 +80,7 @@ def test_missing_or_unknown_torchvision_weights_are_one_line_errors(cache, arch,
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_densenet_checkpoint_with_torchvisions_old_key_names_loads(tmp_path):
     torch.manual_seed(2)
     state = build("densenet121").state_dict()

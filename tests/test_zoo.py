@@ -159,6 +159,7 @@ def test_torchvision_state_dicts_load_unchanged(tmp_path):
         assert torch.equal(model.state_dict()[key], value)
 
 
+@pytest.mark.slow
 def test_big_archs_match_torchvision_and_run():
     """Same state-dict layout as torchvision's constructors (built on the meta device: no weight init cost)."""
     references = {"vgg16": lambda: tv.vgg16(weights=None), "resnet18": lambda: tv.resnet18(weights=None),
@@ -225,3 +226,17 @@ def test_transposed_conv_is_coded_and_other_convs_are_listed_as_float():
     assert set(rows) == {"1", "4", "5"} and "1-D/3-D" in rows["4"]["reason"] and "transposed" in rows["5"]["reason"]
     _, skipped = compress(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(2, 2)), skip=["1"], progress=False)
     assert skipped.float_layers[0]["name"] == "1" and "skipped" in skipped.float_layers[0]["reason"]
+
+
+def test_input_spec_knows_the_registered_architectures_and_refuses_others():
+    from cbdnet.errors import CBDError
+    from cbdnet.zoo import input_spec
+
+    assert input_spec("cifar-resnet20").shape == (1, 3, 32, 32)
+    digits = input_spec("digits-cnn")
+    assert (digits.shape, digits.mean, digits.std) == ((1, 1, 8, 8), (0.0,), (1.0,))
+    assert input_spec("segnet-basic").task == "segmentation" and input_spec("segnet").shape == (1, 3, 180, 240)
+    assert input_spec("torchvision:resnet50").shape == (1, 3, 224, 224)
+    assert input_spec("mine.py:Net", (2, 3, 16, 16)).shape == (2, 3, 16, 16)  # an explicit shape for any name
+    with pytest.raises(CBDError, match="--input-shape"):
+        input_spec("mine.py:Net")

@@ -26,6 +26,7 @@ def _forward(model, arch):
         return model([x]) if arch == "ssd300" else model(x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", list(INPUTS))
 def test_compress_verify_and_reload_at_full_size(arch, tmp_path, capsys, assert_same):
     out, report = tmp_path / f"{arch}.cbd", tmp_path / f"{arch}.json"

@@ -11,9 +11,9 @@ import torch
 
 from .._version import __version__
 from ..errors import CBDError
-from ..export import OnnxModel, export_onnx_bytes, input_spec
+from ..export import OnnxModel, export_onnx_bytes
 from ..format import read
-from ..zoo import load
+from ..zoo import input_spec, load
 from ..zoo.data import calibration_data
 from ..zoo.models import build
 from .policy import finish, open_outputs

@@ -170,7 +170,7 @@ class LayerCode:
         small = np.int16 if span < 14 else np.int32 if span < 30 else np.int64  # the work in a narrow type: fast
         q = np.zeros((h, w), dtype=small)
         for plane, exponent in zip(self.decode_planes(), self.exponents, strict=True):
-            q |= plane.view(np.uint8).astype(small) << small(exponent - low)
+            q |= np.left_shift(plane.view(np.uint8).astype(small), small(exponent - low))
         if self.stores_sign:
             np.negative(q, out=q, where=unpack_bits(self.sign, (h, w)))
         return q.astype(np.int64)
@@ -207,11 +207,11 @@ class LayerCode:
     def from_stored(cls, common: dict, scales: np.ndarray, meta: dict) -> LayerCode:
         """Rebuild a code from the file's parts (``common``: the constructor's common fields)."""
         cls.check_exponents(common["num_planes"], common["exponents"])
-        wmax, scale, step = (float(v) for v in scales)
-        return cls(**{**common, "scale": scale}, wmax=wmax, step=step)
+        wmax, scale, step = (float(v) for v in scales)  # the kinds with these three scales (not grid codes)
+        return cls(**{**common, "scale": scale, "wmax": wmax, "step": step})
 
 
-def _decode_sign_magnitude(code: LayerCode, magnitude_of) -> np.ndarray:
+def _decode_sign_magnitude(code: CompositeCode | UniformCode, magnitude_of) -> np.ndarray:
     """``wmax * sign * magnitude_of(planes)`` in float32, in the weight's shape.
 
     ``magnitude_of`` maps a list of bool planes to float32 magnitudes elementwise. It is applied once, to the

@@ -144,24 +144,6 @@ def _model(freqs: np.ndarray):
     return constriction.stream.model.Categorical(freqs.astype(np.float64), perfect=False)
 
 
-def _write_table(out: bytearray, hist: np.ndarray, present: np.ndarray, freqs: np.ndarray) -> None:
-    full = np.zeros(hist.size, dtype=np.int64)
-    full[present] = freqs
-    i, n = 0, full.size
-    nz = np.flatnonzero(full)
-    k = 0  # index into nz: next present symbol
-    while i < n:
-        if full[i]:
-            _put_varint(out, int(full[i]))
-            i += 1
-            k += 1
-        else:
-            nxt = int(nz[k]) if k < nz.size else n
-            out.append(0)
-            _put_varint(out, nxt - i - 1)
-            i = nxt
-
-
 def _alphabet(flat: np.ndarray, freq_bits: int | None):
     """``(lo, span, present, freqs, index)`` of non-empty, non-constant ``flat``: the present symbols (offsets
     from ``lo``), their stored frequencies, and each level's index among them (int32); None if there are more

@@ -68,11 +68,6 @@ class Stream:
             out += [plane.left.tobytes(), plane.right.tobytes()]
         return out
 
-    def describe(self) -> dict:
-        """Per-part sizes for reports: the blobs' bytes and, per factored plane, its rank and bytes."""
-        return {"coding": self.coding, "blob_bytes": [len(b) for b in self.blobs],
-                "factored": [{"plane": f.index, "rank": f.rank, "bytes": f.nbytes} for f in self.factored]}
-
 
 def _shifts(exponents: tuple[int, ...]) -> list[int]:
     low = min(exponents) if exponents else 0
@@ -107,7 +102,7 @@ def _plain(q: np.ndarray, flat: np.ndarray, shape: tuple[int, ...] | None) -> St
     ``KERNEL_MIN_SAVING`` smaller."""
     plain = Stream("ans", [encode_levels(flat)])
     kernel = kernel_of(shape)
-    blob = None if kernel is None else encode_kernel_levels(_as_int(from_matrix(q, shape)), kernel)
+    blob = None if kernel is None or shape is None else encode_kernel_levels(_as_int(from_matrix(q, shape)), kernel)
     if blob is not None and len(blob) <= (1.0 - KERNEL_MIN_SAVING) * len(plain.blobs[0]):
         return Stream("ans-kernel", [blob])
     return plain
@@ -157,7 +152,7 @@ def decode_stream(coding: str, parts: list[bytes], factored: list[tuple[int, int
             largest = max(-int(q.min()), int(q.max())) if q.size else 0
         elif coding == "ans-kernel":
             kernel = kernel_of(shape)
-            if kernel is None or shape[0] * shape[2] != h or shape[1] * shape[3] != w:
+            if kernel is None or shape is None or shape[0] * shape[2] != h or shape[1] * shape[3] != w:
                 raise StreamError(f"coding ans-kernel needs a convolution with kernels, not shape {shape}")
             if not uses_kernel(parts[0]):
                 raise StreamError("coding ans-kernel without kernel contexts in its blob")

@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -41,12 +42,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..errors import CBDError
 from ..format import atomic_write, check_writable
-from ..zoo.data import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["ExportReport", "LayerExport", "export_onnx", "input_spec", "OPSET", "build_proto", "CALIBRATION_METHODS"]
+__all__ = ["ExportReport", "LayerExport", "export_onnx", "OPSET", "build_proto", "CALIBRATION_METHODS"]
 
 OPSET = 17
 _WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
@@ -63,38 +63,6 @@ CALIBRATION_METHODS = ("mse", "minmax")
 # input gets the 7-bit range 0..127 (127 * 256 <= 32767), as torch.ao's x86 ``reduce_range`` does everywhere.
 _SATURATING_LEVEL = 64
 _NARROW_QMAX = 127
-
-
-# ------------------------------------------------------------------------------------------- input spec
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the model expects: one input of ``shape`` (batch 1), normalised by ``(x - mean) / std``."""
-
-    shape: tuple[int, ...]
-    task: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-def input_spec(arch: str | None, shape: tuple[int, ...] | None = None) -> InputSpec:
-    """The input of a registered architecture (CIFAR ResNets 1x3x32x32, digits-cnn 1x1x8x8, SegNets
-    1x3x180x240 as the CamVid data, ImageNet models 1x3x224x224); ``shape`` overrides the size."""
-    name = (arch or "").lower()
-    task = "segmentation" if "segnet" in name or "segmentation" in name else "classification"
-    if name.startswith("cifar-resnet"):
-        default: tuple[int, ...] | None = (1, 3, 32, 32)
-    elif name == "digits-cnn":
-        return InputSpec(tuple(shape or (1, 1, 8, 8)), task, (0.0,), (1.0,))
-    elif name.startswith("segnet"):
-        default = (1, 3, 180, 240)
-    elif name in ("resnet18", "vgg16", "densenet121") or name.startswith("torchvision:"):
-        default = (1, 3, 224, 224)
-    else:
-        default = None
-    if shape is None and default is None:
-        raise CBDError(f"no known input shape for architecture {arch!r}: pass --input-shape N,C,H,W")
-    return InputSpec(tuple(shape or default), task, IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -163,6 +131,7 @@ def _codes(model: nn.Module, report: list[LayerExport], int8: bool) -> dict[str,
 
 
 def _check_weight(name: str, module: nn.Module, levels: np.ndarray, steps: np.ndarray) -> None:
+    assert isinstance(module.weight, torch.Tensor)
     weight = module.weight.detach().cpu().float().numpy()
     if levels.shape != weight.shape or steps.size not in (1, weight.shape[0]):
         raise CBDError(f"layer {name}: its code ({levels.shape}, {steps.size} steps) does not fit its weight "
@@ -197,7 +166,7 @@ class _Graph:
         tensor = self.inits.get(name)
         return None if tensor is None else numpy_helper.to_array(tensor)
 
-    def add_init(self, name: str, array: np.ndarray) -> str:
+    def add_init(self, name: str, array: np.ndarray | np.generic) -> str:
         tensor = numpy_helper.from_array(np.array(array, order="C", copy=True), name)
         if name in self.inits:
             self.g.initializer.remove(self.inits[name])
@@ -230,8 +199,12 @@ def _fold_constants(gr: _Graph) -> None:
         standard = node.domain in ("", "ai.onnx")
         if standard and node.op_type == "Constant":
             attr = {a.name: a for a in node.attribute}
-            value = (numpy_helper.to_array(attr["value"].t) if "value" in attr
-                     else ReferenceEvaluator(node).run(None, {})[0])
+            if "value" in attr:
+                value = numpy_helper.to_array(attr["value"].t)
+            else:
+                outputs = ReferenceEvaluator(node).run(None, {})
+                assert isinstance(outputs, list)  # a list of outputs (a dict only with intermediate=True)
+                value = outputs[0]
             gr.add_init(node.output[0], np.asarray(value))
         elif standard and names and all(i in gr.inits for i in names) and "Quantize" not in node.op_type:
             values = ReferenceEvaluator(node).run(None, {i: gr.const(i) for i in names})
@@ -253,8 +226,8 @@ def _fold_bn(gr: _Graph, conv: onnx.NodeProto, levels: np.ndarray, scale: np.nda
     if conv.op_type != "Conv" or len(users) != 1 or users[0].op_type != "BatchNormalization" or out in gr.outputs():
         return None
     bn = users[0]
-    params = [gr.const(i) for i in bn.input[1:5]]
-    if any(p is None for p in params) or len(bn.output) != 1:
+    params = [p for p in (gr.const(i) for i in bn.input[1:5]) if p is not None]
+    if len(params) != 4 or len(bn.output) != 1:
         return None
     gamma, beta, mean, var = (p.astype(np.float64) for p in params)
     eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
@@ -267,7 +240,10 @@ def _fold_bn(gr: _Graph, conv: onnx.NodeProto, levels: np.ndarray, scale: np.nda
     if levels.max(initial=0) > 127:  # a negated -128
         return None
     bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
-    bias = gr.const(bias_name).astype(np.float64) if bias_name else np.zeros(factor.size)
+    bias = gr.const(bias_name) if bias_name else np.zeros(factor.size)
+    if bias is None:  # a bias computed in the graph, not a constant: left unfolded
+        return None
+    bias = bias.astype(np.float64)
     conv.output[0] = bn.output[0]
     gr.g.node.remove(bn)
     return levels, np.abs(folded).astype(np.float32), ((bias - mean) * factor + beta).astype(np.float32)
@@ -338,8 +314,9 @@ def _quantize_weights(gr: _Graph, model: nn.Module, codes: dict[str, _Code],
         q = gr.add_init(f"{name}.weight_quantized", levels.astype(np.int8))
         s = gr.add_init(f"{name}.weight_scale", scale if per_channel else np.float32(scale.reshape(())))
         z = gr.add_init(f"{name}.weight_zero_point", np.zeros(scale.size, np.int8) if per_channel else np.int8(0))
+        axis_attr: dict[str, Any] = {"axis": axis} if per_channel else {}
         dq = helper.make_node("DequantizeLinear", [q, s, z], [f"{name}.weight_dequantized"],
-                              name=f"{name}.weight_DQ", **({"axis": axis} if per_channel else {}))
+                              name=f"{name}.weight_DQ", **axis_attr)
         gr.g.node.insert(list(gr.g.node).index(node), dq)
         node.input[1] = dq.output[0]
         if bias is not None:
@@ -501,7 +478,10 @@ def _quantize_biases(gr: _Graph, weight_nodes: dict[str, onnx.NodeProto], act_sc
         dq = gr.producer(node.input[1])
         if bias is None or x not in act_scales or dq is None or dq.op_type != "DequantizeLinear":
             continue
-        w_scale = gr.const(dq.input[1]).astype(np.float64).reshape(-1)
+        w_const = gr.const(dq.input[1])
+        if w_const is None:
+            continue
+        w_scale = w_const.astype(np.float64).reshape(-1)
         if w_scale.size not in (1, bias.size):  # ConvTranspose steps per *input* channel: the bias stays float
             continue
         b_scale = act_scales[x] * np.broadcast_to(w_scale, bias.shape)
@@ -544,17 +524,22 @@ def _max_unpool2d_symbolic(g, x, indices, output_size):
                 kernel_shape_i=ratio, strides_i=ratio)
 
 
+def _registered(name: str, opset: int) -> bool:
+    """Whether torch's TorchScript exporter already has a symbolic for ``name`` at ``opset``."""
+    try:
+        from torch.onnx._internal.torchscript_exporter.registration import registry
+    except ImportError:  # another torch layout: assume nothing is registered
+        return False
+    return bool(registry.is_registered_op(name, opset))
+
+
 @contextmanager
 def _export_symbolics(opset: int):
     """Our symbolics for ops the TorchScript exporter lacks, registered for this export only (an existing
     registration, e.g. a user's or a later torch's, is left alone)."""
-    try:
-        from torch.onnx._internal.torchscript_exporter.registration import registry
-    except ImportError:  # another torch layout: assume nothing is registered
-        registry = None
     added = []
     for name, fn in (("aten::max_unpool2d", _max_unpool2d_symbolic),):
-        if registry is None or not registry.is_registered_op(name, opset):
+        if not _registered(name, opset):
             torch.onnx.register_custom_op_symbolic(name, fn, opset)
             added.append(name)
     try:
@@ -577,8 +562,10 @@ def _trace(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelPro
             if not isinstance(out, torch.Tensor):
                 raise CBDError(f"the model returns {type(out).__name__}, not one tensor")
             with _export_symbolics(opset):
-                torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
-                                  do_constant_folding=False, input_names=["input"], output_names=["output"],
+                # the TorchScript exporter (dynamo=False) writes to a file object too; torch's stub says paths only
+                torch.onnx.export(model, (example,), buffer,  # type: ignore[arg-type]
+                                  dynamo=False, opset_version=opset, do_constant_folding=False,
+                                  input_names=["input"], output_names=["output"],
                                   dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     except CBDError as exc:
         raise CBDError(f"cannot export this architecture to ONNX: {exc}") from None
@@ -611,6 +598,7 @@ def build_proto(model: nn.Module, example: torch.Tensor, *, int8: bool = False, 
     weight_nodes = _quantize_weights(gr, model, codes, layers)
     quantized, narrowed = 0, []
     if int8:
+        assert calibration is not None  # checked above
         floats = _float_tensors(proto)
         ids = {id(n) for n in weight_nodes.values()}
         narrow = _narrow_inputs(weight_nodes, codes, activation_dtype)

@@ -99,7 +99,7 @@ def _open_regular(path, what: str) -> tuple[int, os.stat_result]:
     return fd, info
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:,} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
@@ -320,19 +320,16 @@ def json_safe(obj, *, nonfinite=None, _depth: int = 0):
     if isinstance(obj, (list, tuple, set, frozenset)):
         items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
         return [json_safe(v, nonfinite=nonfinite, _depth=_depth + 1) for v in items]
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        np = None
-    if np is not None:
-        if isinstance(obj, np.bool_):
-            return bool(obj)
-        if isinstance(obj, np.integer):
-            return int(obj)
-        if isinstance(obj, np.floating):
-            return json_safe(float(obj), nonfinite=nonfinite, _depth=_depth + 1)
-        if isinstance(obj, np.ndarray):
-            return json_safe(obj.tolist(), nonfinite=nonfinite, _depth=_depth + 1)
+    import numpy as np  # a dependency; imported here so that reading this module stays cheap
+
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return json_safe(float(obj), nonfinite=nonfinite, _depth=_depth + 1)
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist(), nonfinite=nonfinite, _depth=_depth + 1)
     if hasattr(obj, "item") and callable(obj.item):  # e.g. a 0-d torch tensor, without importing torch
         try:
             return json_safe(obj.item(), nonfinite=nonfinite, _depth=_depth + 1)

@@ -85,8 +85,9 @@ def _plan(archive: zipfile.ZipFile, keys: list[str], shown: str, max_array_bytes
 def _inflate(archive: zipfile.ZipFile, key: str, plan: tuple, shown: str) -> np.ndarray:
     info, offset, shape, fortran, dtype, nbytes = plan
     buffer = np.empty(nbytes, dtype=np.uint8)
-    view = memoryview(buffer)
+    view = buffer.data
     with archive.open(info) as stream:
+        assert isinstance(stream, zipfile.ZipExtFile)  # what ZipFile.open returns: it has readinto
         stream.read(offset)  # the header, already parsed
         filled = 0
         while filled < nbytes:

@@ -39,9 +39,11 @@ import signal
 import stat
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from ..errors import CBDError
 
@@ -125,7 +127,7 @@ class OutputSet:
         self._created: list[Path] = []  # directories add_dir() created
         self._closed = False
         self._committed = False
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
         self._busy = 0            # > 0 inside a critical section: a signal handler only records the signal
         self._pending: list[int] = []
         self._lock = threading.RLock()
@@ -328,6 +330,7 @@ class OutputSet:
 
     def _publish(self, entry: _Output) -> None:
         tmp = entry.tmp
+        assert tmp is not None  # published only after its temporary file was written
         if self.force:
             os.replace(tmp, entry.path)
         else:
@@ -351,6 +354,7 @@ class OutputSet:
         fd = os.open(entry.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
                      | getattr(os, "O_CLOEXEC", 0), 0o600)
         os.close(fd)
+        assert entry.tmp is not None
         try:
             os.replace(entry.tmp, entry.path)
         except BaseException:
@@ -406,10 +410,6 @@ class OutputSet:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         self._closed = True
-
-    @property
-    def committed(self) -> bool:
-        return self._committed
 
     def staged(self, path: PathLike) -> Path:
         """The temporary file that holds ``path``'s staged bytes (to read them back before the commit)."""

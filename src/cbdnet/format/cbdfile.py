@@ -45,7 +45,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..codec import CodeError, LayerCode, PlaneCode, plane_digest
 from ..codec.bits import packed_size
 from ..errors import CBDError, FormatError

@@ -97,7 +97,9 @@ def _foldable(layer: nn.Module, norm: nn.Module, tied: set[int]) -> np.ndarray |
 def replace_steps(layer: nn.Module, steps: np.ndarray) -> None:
     """Give ``layer``'s grid code new per-group ``steps`` (its levels, and so their coding, unchanged) and run
     with the new decoding."""
+    assert isinstance(layer, CBDModule)
     code = layer.code
+    assert isinstance(code, GridCode), "steps are replaced on grid codes only"
     changed = dataclasses.replace(code, steps=np.asarray(steps, np.float32))
     if "_stream" in code.__dict__:
         changed.__dict__["_stream"] = code.__dict__["_stream"]
@@ -106,16 +108,19 @@ def replace_steps(layer: nn.Module, steps: np.ndarray) -> None:
 
 @torch.no_grad()
 def _fold(layer: nn.Module, norm: nn.Module, scale: np.ndarray) -> None:
+    assert isinstance(layer, CBDModule) and isinstance(layer.code, GridCode) and isinstance(norm, _NORMS)
+    mean, var = norm.running_mean, norm.running_var  # present: _foldable checked them
+    assert mean is not None and var is not None
     replace_steps(layer, (layer.code.scales().astype(np.float64) * scale).astype(np.float32))
-    shift = norm.running_mean.detach().double().cpu().numpy()
+    shift = mean.detach().double().cpu().numpy()
     if layer.bias is not None:
         shift = shift - layer.bias.detach().double().cpu().numpy()
         layer.bias.zero_()
     beta = norm.bias.detach().double().cpu().numpy() - scale * shift
     norm.bias.copy_(torch.from_numpy(beta).to(norm.bias.dtype))
     norm.weight.fill_(1.0)
-    norm.running_mean.zero_()
-    norm.running_var.fill_(unit_variance(norm.eps))
+    mean.zero_()
+    var.fill_(unit_variance(norm.eps))
     if norm.num_batches_tracked is not None:
         norm.num_batches_tracked.zero_()
 

@@ -9,13 +9,14 @@ from the code, so a compressed model runs at the speed of the float model. The c
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 from torch import nn
 
 from ..codec import LayerCode
 
-__all__ = ["CBDConv2d", "CBDConvTranspose2d", "CBDLinear", "CBDModule", "from_module", "COMPRESSIBLE"]
+__all__ = ["CBDConv2d", "CBDConvTranspose2d", "CBDLinear", "CBDLayer", "CBDModule", "from_module", "COMPRESSIBLE"]
 
 COMPRESSIBLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
@@ -29,6 +30,15 @@ class CBDModule:
     from, see :meth:`release_code`): then ``.code`` is rebuilt on each access."""
 
     __jit_unused_properties__ = ["code"]
+
+    if TYPE_CHECKING:  # what the torch layer this is mixed into provides (nn.Conv2d, nn.ConvTranspose2d,
+        # nn.Linear); for the type checker only, as TorchScript would read class annotations as attributes
+        weight: torch.Tensor
+        bias: Any  # a Tensor or None (Any: nn.Linear leaves it undeclared)
+        training: bool
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+        def train(self, mode: bool = True) -> Self: ...
 
     @property
     def code(self) -> LayerCode | None:
@@ -63,18 +73,21 @@ class CBDModule:
         coded = getattr(self, "_coded_weight", None)
         if coded is not None and coded[0] is self.weight and coded[1] == self.weight._version:
             return True
-        decoded = torch.from_numpy(self.code.decode()).to(self.weight)
+        code = self.code
+        assert code is not None, "a CBD module without a code"
+        decoded = torch.from_numpy(code.decode()).to(self.weight)
         return bool(torch.equal(self.weight.detach(), decoded))
 
     @classmethod
-    def _twin(cls, original: nn.Module, code: LayerCode, *args, **kwargs):
+    def _twin(cls, original: nn.Conv2d | nn.ConvTranspose2d | nn.Linear, code: LayerCode, *args, **kwargs):
         """Build on the meta device, copy the bias, then set the decoded weight (no float weight allocated). The
         original may itself be on the meta device (its bias is then filled by the caller)."""
-        module = cls(*args, bias=original.bias is not None, device="meta", **kwargs)
-        module.bias = None if original.bias is None else nn.Parameter(original.bias.detach().clone(),
-                                                                      requires_grad=original.bias.requires_grad)
-        device = torch.device("cpu") if original.weight.is_meta else original.weight.device  # a meta skeleton
-        module.set_code(code, original.weight.dtype, device)  # shape checked against the meta weight
+        bias, weight = original.bias, original.weight
+        assert bias is None or isinstance(bias, torch.Tensor)
+        module = cls(*args, bias=bias is not None, device="meta", **kwargs)
+        module.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        device = torch.device("cpu") if weight.is_meta else weight.device  # a meta skeleton
+        module.set_code(code, weight.dtype, device)  # shape checked against the meta weight
         module.train(original.training)
         return module
 
@@ -107,7 +120,10 @@ class CBDLinear(CBDModule, nn.Linear):
         return cls._twin(linear, code, linear.in_features, linear.out_features)
 
 
-def from_module(module: nn.Module, code: LayerCode) -> nn.Module:
+CBDLayer = CBDConv2d | CBDConvTranspose2d | CBDLinear
+
+
+def from_module(module: nn.Module, code: LayerCode) -> CBDLayer:
     """The CBD twin of a Conv2d, ConvTranspose2d or Linear module, carrying ``code``."""
     if isinstance(module, nn.Conv2d):
         return CBDConv2d.from_conv(module, code)

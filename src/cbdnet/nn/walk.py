@@ -11,7 +11,7 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..codec import LayerCode
 from ..errors import CBDError
 from ..fileio import parse_positive_int
-from .modules import COMPRESSIBLE, CBDModule, from_module
+from .modules import COMPRESSIBLE, CBDLayer, CBDModule, from_module
 from .ops import output_positions
 from .report import LayerReport, Report, layer_report
 
@@ -128,12 +128,14 @@ def check_skip(model: nn.Module, skip: Iterable[str]) -> list[str]:
 def _encode_layer(name: str, module: nn.Module, encoder: Encoder, positions: int | None
                   ) -> tuple[LayerCode, LayerReport]:
     start = time.perf_counter()
+    assert isinstance(module, COMPRESSIBLE)
     original = module.weight.detach().to(device="cpu", dtype=torch.float32).numpy()
     code = encoder(name, original)
     return code, layer_report(name, module, code, original, time.perf_counter() - start, positions)
 
 
-def _finish(model: nn.Module, report: Report, bar, name: str, module: nn.Module, job, twins: dict) -> None:
+def _finish(model: nn.Module, report: Report, bar, name: str, module: nn.Module,
+            job: Future[tuple[LayerCode, LayerReport]], twins: dict[str, CBDLayer]) -> None:
     code, layer = job.result()
     twins[name] = from_module(module, code)
     _set_submodule(model, name, twins[name])
@@ -163,10 +165,10 @@ def compress_layers(model: nn.Module, encoder: Encoder, *, skip: Iterable[str] =
     workers = default_workers() if workers is None else max(1, int(workers))
     coded = [(name, module) for name, module in layers if name not in tied]
     bar = tqdm(total=len(coded), desc="compress", unit="layer", disable=None if progress else True, leave=False)
-    twins: dict[str, nn.Module] = {}
+    twins: dict[str, CBDLayer] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         # at most `workers` layers in flight, so a failing layer stops the run without encoding the rest
-        jobs: deque = deque()
+        jobs: deque[tuple[str, nn.Module, Future[tuple[LayerCode, LayerReport]]]] = deque()
         for name, module in coded:
             jobs.append((name, module, pool.submit(_encode_layer, name, module, encoder, positions.get(name))))
             if len(jobs) >= workers:
@@ -176,7 +178,9 @@ def compress_layers(model: nn.Module, encoder: Encoder, *, skip: Iterable[str] =
     bar.close()
     for name, owner in tied.items():  # same code, same decoded Parameter: still tied, counted once
         module = model.get_submodule(name)
-        twin = from_module(module, twins[owner].code)
+        code = twins[owner].code
+        assert code is not None
+        twin = from_module(module, code)
         twin.weight = twins[owner].weight
         _set_submodule(model, name, twin)
     report.tied = dict(tied)

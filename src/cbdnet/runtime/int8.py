@@ -29,6 +29,7 @@ import copy
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ __all__ = ["to_int8", "Int8Report", "Int8Layer", "model_bytes", "INT8_MIN", "INT
 
 INT8_MIN, INT8_MAX = -128, 127
 BACKEND = "x86"
-_PLAIN = {CBDConv2d: nn.Conv2d, CBDLinear: nn.Linear, CBDConvTranspose2d: nn.ConvTranspose2d}
+_PLAIN: dict[type, type] = {CBDConv2d: nn.Conv2d, CBDLinear: nn.Linear, CBDConvTranspose2d: nn.ConvTranspose2d}
 _CODE_ATTRIBUTES = ("_code", "code_source", "_coded_weight")  # what a CBD module keeps beside nn.Module's state
 _QPARAM_BYTES = 16  # per output channel: a float64 scale and an int64 zero point, as torch stores them
 
@@ -121,10 +122,11 @@ def _plan(model: nn.Module) -> tuple[list[Int8Layer], dict[str, _Plan]]:
         if not isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             continue
         params = module.weight.numel()
-        if not isinstance(module, CBDModule) or getattr(module, "code", None) is None:
+        code = module.code if isinstance(module, CBDModule) else None
+        if code is None:
             layers.append(Int8Layer(name, "float", "not compressed (no code)", params, 4 * params))
             continue
-        levels, steps = module.code.levels()
+        levels, steps = code.levels()
         reason = _float_reason(module, levels)
         layers.append(Int8Layer(name, "float", reason, params, 4 * params))
         if not reason:
@@ -161,7 +163,7 @@ def _bn_factors(model: nn.Module) -> dict[str, np.ndarray]:
     except Exception:  # untraceable: prepare_fx reports it
         return {}
     modules = dict(model.named_modules())
-    factors = {}
+    factors: dict[str, np.ndarray] = {}
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
             continue
@@ -170,7 +172,8 @@ def _bn_factors(model: nn.Module) -> dict[str, np.ndarray]:
                 and type(modules.get(source.target)) is nn.Conv2d:
             bn = modules[node.target]
             weight = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
-            factors[source.target] = (weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)).float().numpy()
+            factor = weight.double() * torch.rsqrt(bn.running_var.double() + bn.eps)
+            factors[str(source.target)] = factor.float().numpy()
     return factors
 
 
@@ -193,7 +196,7 @@ def _calibration_images(calibration, config: CalibrationConfig | None) -> torch.
     return as_calibration_set(calibration, _NoLabels(), limit=limit).images
 
 
-def _prepare(plain: nn.Module, float_names: list[str], example: torch.Tensor) -> nn.Module:
+def _prepare(plain: nn.Module, float_names: list[str], example: torch.Tensor) -> torch.fx.GraphModule:
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_fx
 
@@ -224,7 +227,8 @@ def _bn_reason(plan: _Plan, factor: np.ndarray) -> str:
     return ""
 
 
-def _set_exact(name: str, qmodule: nn.Module, plan: _Plan, factor: np.ndarray | None) -> None:
+def _set_exact(name: str, qmodule: Any, plan: _Plan, factor: np.ndarray | None) -> None:
+    # qmodule: a torch.ao quantized module, where weight() and bias() are methods (not typed as such by torch)
     """Replace the converted module's weight by the levels (sign-flipped and rescaled by a fused BatchNorm)."""
     levels, scales = plan.levels, plan.steps
     if factor is not None:
@@ -246,8 +250,10 @@ def _set_exact(name: str, qmodule: nn.Module, plan: _Plan, factor: np.ndarray | 
 def _strip_string_annotations(qmodel: nn.Module) -> None:
     """``from __future__ import annotations`` in a model's file reaches the generated forward as string types,
     which ``torch.jit.script`` cannot resolve: drop them."""
-    graph = getattr(qmodel, "graph", None)
-    if graph is not None and any(isinstance(node.type, str) for node in graph.nodes):
+    if not isinstance(qmodel, torch.fx.GraphModule):
+        return
+    graph = qmodel.graph
+    if any(isinstance(node.type, str) for node in graph.nodes):
         for node in graph.nodes:
             if isinstance(node.type, str):
                 node.type = None
@@ -298,7 +304,8 @@ def to_int8(model: nn.Module, calibration: Iterable, *, example_input: torch.Ten
     return qmodel, Int8Report(layers, BACKEND, int(images.shape[0]), notes)
 
 
-def _convert(plain: nn.Module, float_names: list[str], images: torch.Tensor, example: torch.Tensor) -> nn.Module:
+def _convert(plain: nn.Module, float_names: list[str], images: torch.Tensor,
+             example: torch.Tensor) -> torch.fx.GraphModule:
     from torch.ao.quantization.quantize_fx import convert_fx
 
     prepared = _prepare(plain, float_names, example)
@@ -311,7 +318,7 @@ def _convert(plain: nn.Module, float_names: list[str], images: torch.Tensor, exa
     return qmodel
 
 
-def _forget_traced_models(qmodel: nn.Module) -> None:
+def _forget_traced_models(qmodel: torch.fx.GraphModule) -> None:
     """Drop what ties the int8 model to the float one. Each graph node's ``target_dtype_info`` (used by
     prepare/convert only) holds observer constructors whose closures reference the float modules, and torch.ao
     memoises ``assert_and_get_unique_device(module)`` in an unbounded ``lru_cache``: either would keep the
@@ -326,7 +333,7 @@ def _forget_traced_models(qmodel: nn.Module) -> None:
         pass
 
 
-def _finish_layer(layer: Int8Layer, qmodule: nn.Module | None, plan: _Plan, factor: np.ndarray | None) -> None:
+def _finish_layer(layer: Int8Layer, qmodule: Any, plan: _Plan, factor: np.ndarray | None) -> None:
     if qmodule is None or not hasattr(qmodule, "set_weight_bias"):
         layer.reason = f"the backend left it float ({type(qmodule).__name__})"
         return

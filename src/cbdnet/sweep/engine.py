@@ -37,16 +37,16 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..fileio import OutputSet, file_kind
 from .point import run_fp32, run_point
 from .spec import POINT_KEYS, Spec, SweepError, content_digests, expand_points, fp32_key, point_key, series_label
 
-__all__ = ["run_sweep", "read_rows", "markdown_table", "check_worker_paths", "prepare_output", "publish",
+__all__ = ["run_sweep", "markdown_table", "check_worker_paths", "prepare_output", "publish",
            "sweep_inputs"]
 
 RESULT_FIRST = ("file_bits_per_weight", "file_bytes", "bits_per_weight", "weights", "top1", "top5", "miou",
@@ -109,7 +109,7 @@ _STALE = re.compile(r"\.[0-9a-f]{64}\.(json|cbd)\.[a-z0-9_]{8}\.tmp|\.(results\.
                     r"\.[a-z0-9_]{8}\.tmp")
 
 
-def publish(files: dict[Path, str | bytes], inputs: list = ()) -> None:
+def publish(files: dict[Path, str | bytes], inputs: Iterable[str | Path] = ()) -> None:
     """Write ``files`` under the output policy (:class:`cbdnet.fileio.OutputSet` with ``force``: the sweep's
     own state is regenerated): staged beside their targets and renamed together; a symbolic link, directory,
     device or FIFO in the way, or one of the sweep's inputs, is refused and left as it is; SIGTERM/SIGINT
@@ -262,11 +262,6 @@ def markdown_table(rows: list[dict], metric: str = "top1") -> str:
         lines.append(f"| {row['series']} | {_setting(row)} | {row['file_bits_per_weight']:.3f} | "
                      f"{row['bits_per_weight']:.3f} | {row['file_bytes']:,} | {shown} |")
     return "\n".join(lines) + "\n"
-
-
-def read_rows(out: str | os.PathLike) -> list[dict]:
-    """The rows of ``DIR/results.json``."""
-    return json.loads((Path(out) / "results.json").read_text(encoding="utf-8"))
 
 
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \

@@ -84,6 +84,7 @@ def place_labels(ax, points: list[tuple[float, float]], texts: list[str], colors
                 note.remove()
             if cover == 0:
                 break
+        assert best is not None  # _OFFSETS is not empty, so one placement was tried
         taken.append(best[1])
         placed.append(best[0])
     return placed

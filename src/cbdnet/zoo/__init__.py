@@ -14,9 +14,10 @@ from ..errors import CBDError
 from ..format import cbdfile
 from ..nn.state import record
 from ..runtime import to_int8
+from .inputs import InputSpec, input_spec
 from .models import build, known_archs, load_weights, register
 
-__all__ = ["build", "known_archs", "load_weights", "register", "load"]
+__all__ = ["build", "known_archs", "load_weights", "register", "load", "InputSpec", "input_spec"]
 
 
 def _build_named(arch: str, kwargs: dict) -> nn.Module:
@@ -40,11 +41,12 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, runtime: st
     """
     if runtime not in RUNTIMES:
         raise CBDError(f"unknown runtime {runtime!r}; expected one of: {', '.join(RUNTIMES)}")
-    if runtime == "int8" and calibration is None:
+    if runtime == "int8" and calibration is None:  # (checked again below, for the type checker)
         raise CBDError("runtime='int8' needs calibration images (training images) to set the activation scales: "
                        "pass calibration=...")
     if runtime == "float":
         return cbdfile.load(path, model, builder=_build_named)
+    assert calibration is not None
     loaded = cbdfile.load(path, model, builder=_build_named, keep_codes=True)  # read once, not per layer
     qmodel, report = to_int8(loaded, calibration)
     del loaded

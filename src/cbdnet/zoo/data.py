@@ -233,8 +233,8 @@ def _voc_annotation(path: Path, classes: tuple[str, ...]) -> tuple[np.ndarray, n
             raise DataError(f"{path}: unknown class {name!r}; expected one of the VOC classes")
         box = obj.find("bndbox")
         try:
-            coords = [float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-        except (AttributeError, TypeError, ValueError):
+            coords = [float(box.findtext(k, "")) for k in ("xmin", "ymin", "xmax", "ymax")]  # type: ignore[union-attr]
+        except (AttributeError, ValueError):  # no bndbox, or a coordinate missing or not a number
             raise DataError(f"{path}: an object has no valid bndbox") from None
         boxes.append(coords)
         labels.append(classes.index(name))

@@ -16,6 +16,7 @@ import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise CBDError(f"architecture {spec}: cannot import {module_name} ({exc}); is it on PYTHONPATH?") from None
-    factory = module
+    factory: object = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
     if not callable(factory):
@@ -135,6 +136,11 @@ class _BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """The 6n+2-layer CIFAR ResNet, state-dict compatible with the common public checkpoints."""
+
+    if TYPE_CHECKING:  # set by name in __init__ (not a class annotation at run time, which TorchScript would read)
+        layer1: nn.Sequential
+        layer2: nn.Sequential
+        layer3: nn.Sequential
 
     def __init__(self, blocks_per_stage: int, num_classes: int = 10) -> None:
         super().__init__()

@@ -40,7 +40,7 @@ def _pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
 def _unpool(x: torch.Tensor, indices: torch.Tensor, size: torch.Size) -> torch.Tensor:
     if torch.jit.is_tracing():  # the ONNX exporter's trace: sizes are traced tensors that F.max_unpool2d's
         size = torch.Size(int(s) for s in size)  # Python checks cannot test; the export's H, W are fixed anyway
-    return F.max_unpool2d(x, indices, 2, 2, output_size=size)
+    return F.max_unpool2d(x, indices, (2, 2), (2, 2), output_size=size)
 
 
 def _encode_decode(encoders: nn.ModuleList, decoders: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ class SegNet(nn.Module):
                 if last and out_channels is None:
                     layers.append(nn.Conv2d(channels, num_classes, 3, padding=1))
                 else:
-                    layers += _conv_bn(channels, out_channels if last else channels)
+                    layers += _conv_bn(channels, out_channels if last and out_channels is not None else channels)
             decoders.append(nn.Sequential(*layers))
         self.encoders = nn.ModuleList(encoders)
         self.decoders = nn.ModuleList(decoders)
