@@ -235,7 +235,7 @@ def _info_dict(path: str, parsed) -> dict:
 
 
 def cmd_info(args) -> int:
-    parsed = read(args.file)
+    parsed = read(args.file, decode=False)  # format 2: header, sizes and scales; --verify decodes layer by layer
     info = _info_dict(args.file, parsed)
     if args.arch is not None:
         with torch.device("meta"):
