@@ -13,12 +13,13 @@ from torch import nn
 from ..errors import CBDError
 from ..format import cbdfile
 from ..runtime import to_int8
-from .models import build, known_archs, load_weights, register
+from .models import build, check_arch_kwargs, known_archs, load_weights, register
 
 __all__ = ["build", "known_archs", "load_weights", "register", "load"]
 
 
 def _build_named(arch: str, kwargs: dict) -> nn.Module:
+    check_arch_kwargs(arch, kwargs)  # a file's word: only documented parameters, within bounds
     return build(arch, **kwargs)
 
 
