@@ -64,6 +64,16 @@ def _rebuild(header: dict, data: bytes) -> bytes:
     return sign(struct.pack("<I", len(raw)) + raw + data, version=2)
 
 
+def padded(good: bytes, pad_bytes: int) -> bytes:
+    """``good`` with one more float tensor ``pad`` of ``pad_bytes`` zero bytes (raw float32): a larger file, so
+    that size budgets (levels per file byte) let a bomb through to the checks behind them."""
+    header, data = _split(good)
+    header = copy.deepcopy(header)
+    count = pad_bytes // 4
+    header["floats"].append({"key": "pad", "dtype": "float32", "shape": [count], "stored": "raw"})
+    return _rebuild(header, data + bytes(4 * count))
+
+
 def level_bomb(good: bytes, levels: int, layer_index: int = 1) -> bytes:
     """``good`` with one composite/uniform layer's shape declared as ``[levels, 1]`` and its stream replaced by a
     7-byte CONST blob of that many levels (every CRC right)."""
@@ -75,7 +85,7 @@ def level_bomb(good: bytes, levels: int, layer_index: int = 1) -> bytes:
     scales = data[start:start + 3 * (2 if layer.get("scales16") else 4)]
     layer["shape"] = [levels, 1]
     layer["stream"] = {"coding": "ans", "blob_bytes": [7], "factored": []}
-    layer["paper_bits"] = 0
+    layer.update(paper_bits=0, bound=0, mask_rank=0)
     return _rebuild(header, data[:start] + scales + const_blob(levels) + data[end:])
 
 

@@ -30,7 +30,7 @@ from ..zoo.data import calibration_data, load_spec
 from ..zoo.metrics import check_data_fits, evaluate
 from ..zoo.models import build, known_archs, load_weights, torchvision_weights_file
 from .export_cmd import add_export_parser, is_onnx, onnx_model
-from .policy import finish, json_bytes, open_outputs
+from .policy import finish, json_bytes, open_outputs, stdout_closed
 from .sweep_cmd import add_sweep_parser
 
 __all__ = ["main", "build_parser"]
@@ -436,8 +436,10 @@ def _run(args, caught: list) -> int:
             code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not as a message at interpreter exit
         return code
-    except BrokenPipeError:  # standard output's reader went away (``| head -1``, ``| true``): end quietly
-        return _stdout_gone()
+    except BrokenPipeError as exc:
+        if stdout_closed():  # standard output's reader went away (``| head -1``, ``| true``): end quietly
+            return _stdout_gone()
+        return _internal_error(args, exc, caught)
     except CBDError as exc:
         if args.debug:
             raise
@@ -447,12 +449,16 @@ def _run(args, caught: list) -> int:
         print("cbdnet: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # an internal error: one line, the traceback only with --debug
-        if args.debug:
-            raise
-        print(f"cbdnet: internal error: {type(exc).__name__}: {_one_line(str(exc))}{_warned(caught)} (rerun with "
-              f"--debug for the traceback; python {platform.python_version()}, torch {torch.__version__})",
-              file=sys.stderr)
-        return 1
+        return _internal_error(args, exc, caught)
+
+
+def _internal_error(args, exc: Exception, caught: list) -> int:
+    if args.debug:
+        raise exc
+    print(f"cbdnet: internal error: {type(exc).__name__}: {_one_line(str(exc))}{_warned(caught)} (rerun with "
+          f"--debug for the traceback; python {platform.python_version()}, torch {torch.__version__})",
+          file=sys.stderr)
+    return 1
 
 
 def _stdout_gone() -> int:

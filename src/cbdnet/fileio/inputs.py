@@ -127,30 +127,37 @@ def read_regular_file(path: PathLike, *, what: str, max_bytes: int,
     try:
         if info.st_size > max_bytes:
             raise InputError(f"{what} {shown} is {_size(info.st_size)}, over the limit of {_size(max_bytes)}")
-        buffer = bytearray(info.st_size)
-        view = memoryview(buffer)
+        # the inspected head in a small buffer first: a file refused on its header costs no buffer of its size
+        store = [bytearray()]
         total = 0
 
-        def take(count: int) -> bytes:
+        def fill(count: int) -> int:
+            """Read up to ``count`` more bytes into the buffer; returns the offset they start at."""
             nonlocal total
-            start = total
+            start, buffer = total, store[0]
             while total < start + count and total < info.st_size:
                 chunk = _read_chunk(fd, min(start + count, info.st_size, total + (1 << 20)) - total, what, shown)
                 if not chunk:
                     break
-                view[total:total + len(chunk)] = chunk
+                buffer[total:total + len(chunk)] = chunk
                 if hasher is not None:
                     hasher.update(chunk)
                 total += len(chunk)
-            return bytes(view[start:total])
+            return start
+
+        def take(count: int) -> bytes:
+            start = fill(count)
+            return bytes(store[0][start:total])
 
         if inspect is not None:
             inspect(take, info.st_size)
-        while total < info.st_size:
-            before = total
-            take(min(1 << 24, info.st_size - total))
-            if total == before:
-                break
+        if len(store[0]) < info.st_size:  # one allocation of the file's size, filled in place
+            whole = bytearray(info.st_size)
+            whole[:total] = store[0]
+            store[0] = whole
+        while total < info.st_size and fill(min(1 << 24, info.st_size - total)) < total:
+            pass
+        buffer = store[0]
         extra = 0
         while total == info.st_size and total + extra <= max_bytes:  # more bytes than the size said: it grew
             chunk = _read_chunk(fd, min(1 << 20, max_bytes + 1 - total - extra), what, shown)

@@ -419,10 +419,12 @@ def _check_arch_kwargs(kwargs: dict) -> None:
 
 
 def _expect(tensors: dict, key: str, dtype, size: int) -> np.ndarray:
-    need(key in tensors, f"missing tensor {key}")
-    array = tensors[key]
-    need(array.dtype == dtype and array.ndim == 1 and array.size == size,
-          f"tensor {key} has dtype {array.dtype} and shape {array.shape}; expected {np.dtype(dtype)} [{size}]")
+    array = tensors.get(key)
+    if array is None:
+        raise FormatError(f"missing tensor {key}")
+    if not (array.dtype == dtype and array.ndim == 1 and array.size == size):
+        raise FormatError(f"tensor {key} has dtype {array.dtype} and shape {array.shape}; expected "
+                          f"{np.dtype(dtype)} [{size}]")
     return array
 
 
@@ -709,6 +711,7 @@ def _codes_one_by_one(parsed: CBDFile) -> Iterator[tuple[str, LayerCode]]:
         yield from parsed.codes.items()
         return
     for span in parsed.scan.layers:
+        v2.check_decodable_alone(span)
         entry, tensors, signed, stream = v2.decode_layer(span)
         name, code = _layer_code(entry, tensors, set())
         if signed is not None:

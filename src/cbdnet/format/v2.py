@@ -38,6 +38,7 @@ from ..errors import FormatError
 from .entries import exponents_of, is_int, layer_fields, named, need, strict_json
 
 __all__ = ["encode_payload", "decode_payload", "scan_payload", "header_of", "declared_data_size", "decode_layer",
+           "check_decodable_alone",
            "float_tensor", "Scan", "LayerSpan",
            "FloatSpan", "MAX_HEADER_BYTES"]
 
@@ -45,6 +46,11 @@ MAX_HEADER_BYTES = 16 << 20
 MAX_LEVELS_PER_BYTE = 4096  # 1/512 bit per weight: far below any code's rate
 MIN_LEVELS_BOUND = 1 << 26
 MAX_BLOB_BYTES_PER_LEVEL = 4
+# decoding one layer without a model to bound it (``info --verify``): at most this many levels per byte of its
+# own stream (a writer's densest stream, one level at probability 1023/1024, is ~5,700 levels per byte only on
+# a whole layer of nearly one level; a 7-byte constant stream could claim 10^9), or the floor
+MAX_VERIFY_LEVELS_PER_BYTE = 4096
+MIN_VERIFY_LEVELS = 1 << 24
 MAX_BLOB_OVERHEAD = 1 << 16
 _LAYOUTS: dict[int, tuple[dict, list]] = {}  # id(header) -> (header, its layouts), from the size pass to the scan
 _U32 = struct.Struct("<I")
@@ -301,6 +307,16 @@ def declared_data_size(meta: dict) -> int:
         _key, shape, numpy_dtype = _float_layout(entry)
         total += 0 if numpy_dtype is None else math.prod(shape) * numpy_dtype.itemsize
     return total
+
+
+def check_decodable_alone(span: LayerSpan) -> None:
+    """Refuse to decode, without a model to bound it, a layer whose stream is far smaller than any writer's
+    stream of its size (see :data:`MAX_VERIFY_LEVELS_PER_BYTE`)."""
+    levels = math.prod(span.shape) if span.coding != "none" else 0
+    limit = max(MIN_VERIFY_LEVELS, MAX_VERIFY_LEVELS_PER_BYTE * span.stream_bytes)
+    need(levels <= limit, f"layer {span.name}: {levels:,} levels claimed from {span.stream_bytes:,} stream bytes "
+                          f"(more than {MAX_VERIFY_LEVELS_PER_BYTE} per byte): not decoded without a model that has "
+                          "that layer (cbdnet eval/load check it against the model first)"[:300])
 
 
 def decode_layer(span: LayerSpan) -> tuple[dict, dict[str, np.ndarray], np.ndarray | None, Stream]:
