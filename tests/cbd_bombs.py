@@ -106,7 +106,9 @@ def with_layer_edit(good: bytes, edit, scales: list[float] | None = None, layer_
     header, data = _split(good)
     header = copy.deepcopy(header)
     spans = _layer_offsets(header)
-    index = next(i for i, layer in enumerate(header["layers"]) if layer["mode"] == layer_mode)
+    modes = [layer["mode"] for layer in header["layers"]]
+    index = modes.index(layer_mode) if layer_mode in modes else next(i for i, m in enumerate(modes)
+                                                                     if m in ("cbd", "uniform"))
     layer = header["layers"][index]
     start, end = spans[index]
     old = 3 * (2 if layer.get("scales16") else 4) if layer["mode"] != "grid" else \

@@ -626,7 +626,9 @@ def parse(data: bytes, *, decode: bool = True, header: tuple[dict, int] | None =
         return _decoded_file(_check_meta(meta, version), tensors, {}, {}, len(data), version)
     scan = v2.scan_payload(payload, header)
     _check_meta(scan.meta, version)
-    if decode:
+    if decode:  # no model bounds what the layers decode to: each must be plausible for its stream's size
+        for span in scan.layers:
+            v2.check_decodable_alone(span)
         return _decoded_file(*_decode_scan(scan), len(data), version)
     return _summary_file(scan, len(data))
 
@@ -637,7 +639,8 @@ def _decode_scan(scan: v2.Scan) -> tuple[dict, dict, dict, dict]:
 
 
 def decode_codes(parsed: CBDFile) -> CBDFile:
-    """A file read with ``decode=False``, decoded (every layer's levels and planes)."""
+    """A file read with ``decode=False``, decoded (every layer's levels and planes). The caller bounds what that
+    costs: :func:`load` has checked every declared shape against the model first."""
     if parsed.decoded:
         return parsed
     return _decoded_file(*_decode_scan(parsed.scan), parsed.size, parsed.version)
@@ -840,7 +843,7 @@ class _FileCodes:
         if data[-_DIGEST:] != self.digest:
             raise CBDError(f"{self.path} changed since this model was loaded from it; its layer codes are read "
                            "from that file on demand: load the model again")
-        return parse(data)
+        return decode_codes(parse(data, decode=False))  # the model it was loaded into bounds it
 
     def hold(self) -> None:
         if self._holders == 0:
