@@ -414,6 +414,71 @@ BOUNDED_TARGETS = {"size-bomb": _size_bomb, "nonfinite": _nonfinite, "invariant"
                    "many-layers": _many_layers}
 
 
+def hostile_files(good: bytes, folder: Path) -> dict[str, Path]:
+    """The issue's four hostile files built from a valid format-2 file ``good`` (every checksum right): a header
+    of 40,000 more all-zero layers, a 7-byte stream claiming 10^9 levels, a constant float tensor declared
+    20000 x 20000 float64, and the file followed by a hole to 2 GiB (sparse: no disk) with its length field
+    patched to match."""
+    files = {"40k-layer header": many_layers(good, 40_000), "10^9-level claim": level_bomb(good, 10**9),
+             "20000^2 float64 constant": constant_bomb(good)}
+    paths = {name: folder / f"hostile{i}.cbd" for i, name in enumerate([*files, "2 GiB sparse"])}
+    for name, data in files.items():
+        paths[name].write_bytes(data)
+    with open(paths["2 GiB sparse"], "wb") as handle:
+        head = bytearray(good[:-32])
+        head[16:24] = ((2 << 30) - 56).to_bytes(8, "little")
+        handle.write(head)
+        handle.truncate(2 << 30)
+    return paths
+
+
+def _child(argv: list[str]) -> tuple[int, float, int, str]:
+    """``(exit code, CPU seconds, peak RSS bytes, last stderr line)`` of a child process."""
+    import subprocess
+
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = process.stderr.read().decode(errors="replace").strip().splitlines()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, (err or [""])[-1]
+
+
+def measure_hostile(good_path: str, data_spec: str) -> int:
+    """Each hostile file through ``info``, ``info --verify``, ``eval`` and ``load`` in a child process: exit code,
+    CPU time, peak RSS against the same command on the valid file (the issue's limits: under 5 s, under twice
+    the decoded model's bytes + 200 MB)."""
+    good = Path(good_path).read_bytes()
+    py = [sys.executable]
+    commands = {"info": lambda f: [*py, "-m", "cbdnet", "info", f, "--quiet"],
+                "info --verify": lambda f: [*py, "-m", "cbdnet", "info", f, "--verify", "--quiet"],
+                "eval": lambda f: [*py, "-m", "cbdnet", "eval", f, "--data", data_spec, "--quiet"],
+                "load": lambda f: [*py, "-c", "import sys, cbdnet; cbdnet.load(sys.argv[1])", f]}
+    model = cbdnet.load(good_path)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    print(f"hostile files from {good_path} ({len(good):,} bytes; decoded model {model_bytes / 2**20:.1f} MB), "
+          f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs")
+    print("| file | command | exit | CPU s | peak RSS MB | rise over the valid file MB | message |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="cbd-hostile-") as tmp:
+        paths = {"valid file": Path(good_path), **hostile_files(good, Path(tmp))}
+        base = {}
+        for name, path in paths.items():
+            for command, argv in commands.items():
+                code, seconds, peak, message = _child(argv(str(path)))
+                base.setdefault(command, peak)
+                rise = peak - base[command]
+                over = seconds > LIMIT_SECONDS or rise > 2 * model_bytes + LIMIT_SLACK
+                failures += over
+                print(f"| {name} | {command} | {code} | {seconds:.2f} | {peak / 2**20:.0f} | {rise / 2**20:+.0f} "
+                      f"| {escape(message)[:110]}{' **OVER LIMIT**' if over else ''} |", flush=True)
+    return 1 if failures else 0
+
+
+def escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 # ---------------------------------------------------------------- the output policy (issue 13)
 
 TARGETS = ("new.cbd", "new.json", "old.txt", "model.cbd", "w.pt", "hard.cbd", "link.cbd", "dangling", "fifo",
@@ -592,7 +657,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=200, help="cases per target per round (default 200)")
     parser.add_argument("--targets", nargs="*", help="only these targets")
     parser.add_argument("--json", help="write the counts as JSON here")
+    parser.add_argument("--hostile", nargs=2, metavar=("FILE.cbd", "DATA"),
+                        help="instead of fuzzing: the issue-26 hostile files built from this valid format-2 file, "
+                             "through info, info --verify, eval (on DATA) and load, each in a child process")
     args = parser.parse_args(argv)
+    if args.hostile:
+        return measure_hostile(*args.hostile)
     torch.set_num_threads(1)
     demo.SETTINGS = demo.SETTINGS[:1]  # the outputs target: the demo's policy, not its 12 training epochs
     demo.train_digits_cnn = lambda seed, quiet: tiny_model(seed)

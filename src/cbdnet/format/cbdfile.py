@@ -20,7 +20,12 @@ the metadata adding ``groups``) and ``float/<state-dict key>``. Every
 tensor's dtype and size is checked against what the metadata implies before anything is decoded, and each
 plane's SHA-256 is kept so that ``verify`` can check ``B @ C`` against the plane bit for bit.
 
-Reading a file from a stranger is safe: the checksum is checked first; the safetensors JSON header is
+Reading a file from a stranger is safe: the file's header must account for its size before the rest is read
+(a 2 GiB file with a valid prefix costs one header); the checksum is computed as the bytes are read, into one
+buffer, and checked before anything else; every invariant the writers keep is checked for both versions by
+one checker (:mod:`.entries`: scales, flags, header version, rank fields; NaN/Inf floats are refused by
+``load``); format 2 is decoded only after ``load`` has checked every declared shape against the model
+(``read(decode=False)`` decodes nothing, ``verify`` one layer at a time); the safetensors JSON header is
 validated here (tensor count, dtypes, shapes, byte ranges that tile the data exactly) before the
 safetensors parser allocates anything; JSON failures of every kind become :class:`FormatError`; all-zero
 layers (which store no bits) are bounded; ``load`` builds the architecture on the ``meta`` device and checks

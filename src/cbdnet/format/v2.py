@@ -14,8 +14,13 @@ Payload layout (inside the container of :mod:`.cbdfile`: magic, version 2, flags
 Every size is derived from the header, and together they must tile the data exactly. Decoding rebuilds the
 layer's sign and bit planes (packed, or the stored GF(2) factors) in the shape format 1 stores them, so the
 checks of :mod:`.cbdfile` that follow are the same for both versions. Memory is bounded before anything is
-decoded: the header inflates to at most ``MAX_HEADER_BYTES`` and the layers may not claim more weights than
-``MAX_LEVELS_PER_BYTE`` times the file's bytes (or ``MIN_LEVELS_BOUND``).
+decoded: the header inflates to at most ``MAX_HEADER_BYTES``, the layers may not claim more weights than
+``MAX_LEVELS_PER_BYTE`` times the file's bytes (or ``MIN_LEVELS_BOUND``), and no stream may be larger than a
+writer's for its layer. Reading is two passes: :func:`scan_payload` checks every header field and size against
+the bytes without decoding a level (linear in the number of layers; ``cbdnet info`` stops there), then
+:func:`decode_layer` decodes one layer at a time, either after the caller has checked every declared shape
+against a model (``load``), or, without a model, only for a layer whose stream is not implausibly small for its
+size (:func:`check_decodable_alone`). A constant float tensor is a read-only broadcast view of its one value.
 """
 
 from __future__ import annotations
