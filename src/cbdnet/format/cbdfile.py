@@ -163,11 +163,13 @@ class LayerSummary:
 
     def stream(self) -> Stream:
         """The stored stream's coding and part sizes (factored planes as their stored B and C bytes)."""
-        blobs = [bytes(part) for part in self.span.parts[:len(self.span.sizes)]]
-        rest = self.span.parts[len(self.span.sizes):]
-        factored = [FactoredPlane(index, rank, crc, np.frombuffer(rest[2 * k], np.uint8),
-                                  np.frombuffer(rest[2 * k + 1], np.uint8))
-                    for k, (index, rank, crc) in enumerate(self.span.factored)]
+        count = len(self.span.sizes)
+        blobs = list(self.span.parts[:count])  # views of the file's bytes: no copy
+        factored = []
+        for k, (index, rank, crc) in enumerate(self.span.factored):
+            left, right = self.span.parts[count + 2 * k], self.span.parts[count + 2 * k + 1]
+            factored.append(FactoredPlane(index, rank, crc, np.frombuffer(left, np.uint8),
+                                          np.frombuffer(right, np.uint8)))
         return Stream(self.span.coding, blobs, factored)
 
     def bits(self) -> int:
