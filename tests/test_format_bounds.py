@@ -231,8 +231,8 @@ def test_rank_fields_beyond_the_layer_are_refused(good):
     ("digits-cnn", {"width": 100_000}, r"in \[1, 1024\]"),
     ("digits-cnn", {"width": 4.5}, "int width"),
     ("cifar-resnet20", {"num_classes": 0}, r"in \[1, 22000\]"),
-    ("cifar-resnet20", {"depth": 3}, "no such parameter"),
-    ("torchvision:resnet50", {"width_per_group": 4096}, "no such parameter"),
+    ("cifar-resnet20", {"depth": 3}, "not a parameter it takes"),
+    ("torchvision:resnet50", {"width_per_group": 4096}, "not a parameter it takes"),
 ])
 def test_arch_kwargs_outside_the_builders_documented_bounds_are_refused(arch, kwargs, match):
     with pytest.raises(CBDError, match=match):
@@ -290,6 +290,7 @@ def test_a_closed_stdout_ends_every_command_quietly_and_replaces_nothing(good, t
         ["eval", str(path), "--data", "digits", "--json", str(report)],
         ["compress", "--arch", "digits-cnn", "--weights", "random", "-o", str(old), "--force", "--json", str(report)],
         ["compress", "--arch", "digits-cnn", "--weights", "random", "--json", "-"],
+        ["export", str(path), "-o", str(tmp_path / "m.onnx"), "--json", str(report)],
     ]
     for args in runs:
         with _ClosedStdout():
@@ -297,5 +298,5 @@ def test_a_closed_stdout_ends_every_command_quietly_and_replaces_nothing(good, t
         err = capfd.readouterr().err  # nothing but what the run says there anyway (--json -: its summary line)
         assert code in (0, 141) and (err == "" or "--json" in args and err.count("\n") == 1), (args, code, err)
         assert "error" not in err and "Exception" not in err
-    assert old.read_bytes() == b"old model" and not report.exists()
+    assert old.read_bytes() == b"old model" and not report.exists() and not (tmp_path / "m.onnx").exists()
     assert not [p for p in tmp_path.iterdir() if p.name not in ("case.cbd", "old.cbd")]  # no temporary left

@@ -284,7 +284,7 @@ def test_metadata_that_would_build_a_huge_model_is_refused_cheaply(good, folder)
     def widen(meta):
         meta["arch_kwargs"] = {"width": 100_000}  # ~10^11 weights if it were built for real
 
-    refused(_edited(good, widen), folder, match=r"arch_kwargs width = 100000: digits-cnn takes int width in \[1, 1024\]")
+    refused(_edited(good, widen), folder, match=r"arch_kwargs width = 100000: it takes int width in \[1, 1024\]")
 
 
 def test_bad_arch_kwargs_and_unknown_arch(good, folder):

@@ -77,7 +77,7 @@ def cmd_export(args) -> int:
     shape = _input_shape(args.input_shape)
     out, (onnx_target, json_target) = open_outputs(args, [(args.output, "ONNX file"), (args.json, "JSON report")])
     with out:  # outputs checked before any work, published together at the very end
-        parsed = read(args.file)
+        parsed = read(args.file, decode=False)  # the header is all it needs: load decodes, bounded by the model
         arch = args.arch or parsed.meta.get("arch")
         spec = input_spec(arch, shape)
         skeleton = None

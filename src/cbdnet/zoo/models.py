@@ -395,13 +395,13 @@ def check_arch_kwargs(arch: str, kwargs: dict) -> None:
         return
     for key, value in kwargs.items():
         shown = escape_name(str(key), max_len=60)
+        name = escape_name(arch, max_len=60)
         if key not in params:
-            raise CBDError(f"arch_kwargs {shown}: {escape_name(arch, max_len=60)} takes no such parameter from a "
-                           f"file (it takes {', '.join(params)}); to build it otherwise, pass the model: "
-                           "load(path, model)")
+            raise CBDError(f"cannot build {name} with arch_kwargs {shown}: not a parameter it takes from a file (it "
+                           f"takes {', '.join(params)}); to build it otherwise, pass the model: load(path, model)")
         kind, low, high = params[key]
         number = isinstance(value, (int, float)) and not isinstance(value, bool) and (
             kind is float or isinstance(value, int))
         if not number or not low <= value <= high:
-            raise CBDError(f"arch_kwargs {shown} = {value!r}"[:120] + f": {escape_name(arch, max_len=60)} takes "
+            raise CBDError(f"cannot build {name} with arch_kwargs {shown} = {value!r}"[:160] + f": it takes "
                            f"{kind.__name__} {key} in [{low:g}, {high:g}] from a file")
