@@ -87,6 +87,18 @@ def test_a_40k_layer_header_is_read_by_info_in_linear_time(good, tmp_path):
     assert time.process_time() - start < 5.0
 
 
+def test_info_without_decoding_says_what_decoding_says(tmp_path):
+    from test_format_v2 import _codes, _low_rank_grid, _model_with
+
+    codes = _codes(tiny_model())  # every kind of code: uniform, zero, composite, grid per channel and per tensor
+    codes[1] = _low_rank_grid(np.random.default_rng(0), 8, 4)  # and a GF(2)-factored plane (gf2+ans)
+    path = _write(tmp_path, cbdnet.format.encode_file(_model_with(codes), arch="digits-cnn", arch_kwargs={"width": 4}))
+    summary, decoded = read(path, decode=False), read(path)
+    assert not summary.decoded and decoded.decoded
+    assert commands._info_dict(str(path), summary) == commands._info_dict(str(path), decoded)
+    assert {layer["coding"] for layer in commands._info_dict(str(path), summary)["layers"]} >= {"gf2+ans", "ans"}
+
+
 # ---------------------------------------------------------------- declared-size bombs
 
 def test_a_level_stream_claiming_1e9_levels_is_never_decoded(good, tmp_path):
