@@ -24,6 +24,15 @@ on). Targets, each run in rounds of ``--examples`` cases with a fresh seed until
                   ``-o`` is itself awkward, with and without ``--force``: exit 0 or 2, no user file, link or
                   input changed, no temporary file left, and (exit 0) strict JSON results
 
+- ``size-bomb``, ``nonfinite``, ``invariant``, ``many-layers`` (issue 26) against format-2 files that stay valid
+  containers (every checksum right, ``tests/cbd_bombs.py``): level streams and constant tensors declaring up to
+  10^10 values, stream sizes beyond any writer's, NaN/Inf in stored floats and scales, scales/flags/versions/rank
+  fields no writer stores, headers of 1,000-40,000 layers. Each file goes through what ``info`` reads
+  (``read(decode=False)``), ``info --verify`` and ``load``, and each call is held to the limits as properties:
+  at most ``LIMIT_SECONDS`` of CPU and a peak RSS rise (VmHWM, reset per call) of at most twice the decoded
+  model's bytes + 200 MB; a call over either is a ``limit`` case. A ``nonfinite`` file that ``load`` accepts is
+  a crash.
+
 Every case must end as ``refused`` (a CBDError) or ``accepted`` (a well-formed file that loads and verifies);
 anything else is a ``crash``. The marker file must never exist. An ``outputs`` case is a crash unless it exits
 0 or 2, leaves every input, link, device and (without ``--force``) existing file byte for byte as it was, leaves
@@ -40,6 +49,7 @@ import contextlib
 import copy
 import io
 import json
+import math
 import os
 import pickle
 import platform
@@ -56,6 +66,15 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from cbd_bombs import (  # noqa: E402
+    constant_bomb,
+    level_bomb,
+    many_layers,
+    padded,
+    with_float_value,
+    with_header_edit,
+    with_layer_edit,
+)
 from cbd_mutations import (  # noqa: E402
     Marker,
     header_of,
@@ -79,6 +98,9 @@ from cbd_mutations import (  # noqa: E402
 import cbdnet  # noqa: E402
 from cbdnet.cli import commands as cli  # noqa: E402
 from cbdnet.cli import demo  # noqa: E402
+from cbdnet.errors import CBDError  # noqa: E402
+from cbdnet.format import read as read_cbd  # noqa: E402
+from cbdnet.zoo import build as build_arch  # noqa: E402
 
 JSON_SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(),
                         st.text(max_size=16), st.sampled_from(["cbd", "uniform", "zero", "packed", "factored",
@@ -120,6 +142,7 @@ class Campaign:
         self.marker = folder / "UNPICKLED"
         self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.crashes: list[str] = []
+        self.worst: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])  # CPU s, peak RSS rise
         buffer = io.BytesIO()
         torch.save(tiny_model().state_dict(), buffer)
         self.weights = buffer.getvalue()
@@ -134,6 +157,17 @@ class Campaign:
             result = "crash"
             self.crashes.extend(f"{name}: {p}" for p in problems[: max(0, 20 - len(self.crashes))])
         self.counts[name][result] += 1
+
+    def record_bounded(self, target: str, draw_data) -> None:
+        """A hostile format-2 file (issue 26) through info, info --verify and load, each within the limits."""
+        good = draw_data.draw(st.sampled_from(self.v2_files[:3]))
+        data, must_refuse = BOUNDED_TARGETS[target](draw_data, good)
+        result, problems, worst = bounded_outcome(data, self.folder, must_refuse)
+        self.worst[target] = [max(a, b) for a, b in zip(self.worst[target], worst, strict=True)]
+        if problems:
+            result = "limit" if all(p.startswith("limit") for p in problems) else "crash"
+            self.crashes.extend(f"{target}: {p}" for p in problems[: max(0, 20 - len(self.crashes))])
+        self.counts[target][result] += 1
 
     def record(self, target: str, make_case) -> None:
         data = make_case()  # a failure here is a bug of the campaign itself: let it raise
@@ -242,7 +276,7 @@ class Campaign:
         return {"flip": flip, "truncate": truncate, "garbage": garbage, "resigned": resigned,
                 "metadata": metadata, "header": header, "pickle": pickled, "torch-save": torch_saved,
                 "v2-flip": v2_flip, "v2-resigned": v2_resigned, "v2-header": v2_header, "outputs": None,
-                "sweep": None}
+                "sweep": None, **{name: BOUNDED for name in BOUNDED_TARGETS}}
 
     def round(self, examples: int, round_seed: int, only: list[str] | None) -> None:
         config = settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
@@ -260,10 +294,194 @@ class Campaign:
         def run(draw_data):
             if make is None:
                 self.record_outputs(draw_data, name)
+            elif make is BOUNDED:
+                self.record_bounded(name, draw_data)
             else:
                 self.record(name, lambda: make(draw_data))
 
         run()
+
+
+# ---------------------------------------------------------------- hostile format-2 files (issue 26)
+
+BOUNDED = object()  # marks the targets below in Campaign.targets()
+LIMIT_SECONDS = 5.0  # CPU seconds per call (info, info --verify, load) on a file of at most 100 MB
+LIMIT_SLACK = 200 << 20  # peak RSS rise per call: twice the decoded model's bytes plus this
+
+
+def _peak_reset() -> int:
+    """Reset this process's peak RSS (VmHWM; Linux >= 4.0) and return the RSS now, in bytes."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    return _status("VmRSS")
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _model_bytes(data: bytes) -> int:
+    """The decoded model's bytes as its architecture builds it (float32), 0 when it cannot be built."""
+    try:
+        meta = v2_header_of(data)
+        model = build_arch(meta["arch"], **meta.get("arch_kwargs", {}))
+        return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    except Exception:  # a header the reader refuses anyway
+        return 0
+
+
+def bounded_outcome(data: bytes, folder: Path, must_refuse: bool) -> tuple[str, list[str], list[float]]:
+    """``(refused|accepted, problems, [worst CPU s, worst peak rise in bytes])`` of ``data`` through what ``info``,
+    ``info --verify`` and ``load`` call; a problem is a crash (an exception other than CBDError, or a file that
+    had to be refused loading) or a ``limit`` exceeded."""
+    path = folder / "bounded.cbd"
+    path.write_bytes(data)
+    limit = 2 * _model_bytes(data) + LIMIT_SLACK
+    calls = {"info": lambda: cli._info_dict(str(path), read_cbd(path, decode=False)),
+             "verify": lambda: cbdnet.verify(path), "load": lambda: cbdnet.load(path)}
+    problems, results, worst = [], {}, [0.0, 0.0]
+    for name, call in calls.items():
+        base = _peak_reset()
+        start = time.process_time()
+        try:
+            call()
+            results[name] = "accepted"
+        except CBDError:
+            results[name] = "refused"
+        except Exception as exc:
+            results[name] = "crash"
+            problems.append(f"{name}: {type(exc).__name__}: {str(exc)[:200]}")
+        seconds, rise = time.process_time() - start, _status("VmHWM") - base
+        worst = [max(worst[0], seconds), max(worst[1], rise)]
+        if seconds > LIMIT_SECONDS or rise > limit:
+            problems.append(f"limit: {name} took {seconds:.2f} s CPU, peak RSS +{rise / 2**20:.0f} MB "
+                            f"(limits {LIMIT_SECONDS} s, {limit / 2**20:.0f} MB)")
+    if must_refuse and results.get("load") == "accepted":
+        problems.append("load accepted a file it must refuse")
+    return ("refused" if "refused" in results.values() else "accepted"), problems, worst
+
+
+def _size_bomb(draw_data, good: bytes) -> tuple[bytes, bool]:
+    kind = draw_data.draw(st.sampled_from(["levels", "constant", "blob"]))
+    if kind != "blob":
+        good = padded(good, draw_data.draw(st.sampled_from([0, 100_000, 300_000, 1_000_000])))
+    if kind == "levels":
+        count = int(10 ** draw_data.draw(st.floats(6, 10)))
+        return level_bomb(good, count, draw_data.draw(st.integers(1, 4))), True
+    if kind == "constant":
+        shape = draw_data.draw(st.lists(st.integers(1, 40_000), min_size=1, max_size=3))
+        return constant_bomb(good, tuple(shape), draw_data.draw(st.sampled_from(["float64", "float32", "int64"]))), True
+    size = draw_data.draw(st.integers(1 << 20, 1 << 40))
+    return with_layer_edit(good, lambda layer: layer["stream"].update(blob_bytes=[size])), True
+
+
+def _nonfinite(draw_data, good: bytes) -> tuple[bytes, bool]:
+    value = draw_data.draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    if draw_data.draw(st.booleans()):
+        key = draw_data.draw(st.sampled_from(["features.0.bias", "features.3.bias", "classifier.1.bias"]))
+        return with_float_value(good, key, value), True
+    scales = [0.5, 0.5, 0.25]
+    scales[draw_data.draw(st.integers(0, 2))] = value
+    return with_layer_edit(good, lambda layer: None, scales=scales), True
+
+
+def _invariant(draw_data, good: bytes) -> tuple[bytes, bool]:
+    kind = draw_data.draw(st.sampled_from(["scales", "flags", "version", "rank"]))
+    if kind == "scales":
+        number = st.one_of(st.sampled_from([0.0, -0.0, -1.0, 1.0, 2.0, 1e-30, 3e38]), st.floats(-4, 4, width=32))
+        scales = [draw_data.draw(number) for _ in range(3)]
+        mode = draw_data.draw(st.sampled_from(["cbd", "uniform"]))
+        return with_layer_edit(good, lambda layer: None, scales=scales, layer_mode=mode), False
+    if kind == "flags":
+        flags = draw_data.draw(st.integers(1, 2**32 - 1))
+        return sign(payload_of(good), version=2, flags=flags), True
+    if kind == "version":
+        version = draw_data.draw(st.one_of(st.integers(-3, 5), st.sampled_from([None, "2", 2.0, True])))
+        return with_header_edit(good, lambda header: header.update(format_version=version)), version != 2
+    field = draw_data.draw(st.sampled_from(["bound", "mask_rank", "paper_bits"]))
+    value = draw_data.draw(st.integers(-2, 2**40))
+    return with_layer_edit(good, lambda layer: layer.update({field: value})), False
+
+
+def _many_layers(draw_data, good: bytes) -> tuple[bytes, bool]:
+    return many_layers(good, draw_data.draw(st.sampled_from([1_000, 5_000, 20_000, 40_000]))), True
+
+
+BOUNDED_TARGETS = {"size-bomb": _size_bomb, "nonfinite": _nonfinite, "invariant": _invariant,
+                   "many-layers": _many_layers}
+
+
+def hostile_files(good: bytes, folder: Path) -> dict[str, Path]:
+    """The issue's four hostile files built from a valid format-2 file ``good`` (every checksum right): a header
+    of 40,000 more all-zero layers, a 7-byte stream claiming 10^9 levels (also in a file padded with 150 kB of
+    float tensor, so that its size budget lets the claim through), a constant float tensor declared 20000 x 20000
+    float64, and the file followed by a hole to 2 GiB (sparse: no disk) with its length field patched to match."""
+    files = {"40k-layer header": many_layers(good, 40_000), "10^9-level claim": level_bomb(good, 10**9),
+             "10^9-level claim, padded past the budget": level_bomb(padded(good, 150_000), 10**9),
+             "20000^2 float64 constant": constant_bomb(good)}
+    paths = {name: folder / f"hostile{i}.cbd" for i, name in enumerate([*files, "2 GiB sparse"])}
+    for name, data in files.items():
+        paths[name].write_bytes(data)
+    with open(paths["2 GiB sparse"], "wb") as handle:
+        head = bytearray(good[:-32])
+        head[16:24] = ((2 << 30) - 56).to_bytes(8, "little")
+        handle.write(head)
+        handle.truncate(2 << 30)
+    return paths
+
+
+def _child(argv: list[str]) -> tuple[int, float, int, str]:
+    """``(exit code, CPU seconds, peak RSS bytes, last stderr line)`` of a child process."""
+    import subprocess
+
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = process.stderr.read().decode(errors="replace").strip().splitlines()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, (err or [""])[-1]
+
+
+def measure_hostile(good_path: str, data_spec: str) -> int:
+    """Each hostile file through ``info``, ``info --verify``, ``eval`` and ``load`` in a child process: exit code,
+    CPU time, peak RSS against the same command on the valid file (the issue's limits: under 5 s, under twice
+    the decoded model's bytes + 200 MB)."""
+    good = Path(good_path).read_bytes()
+    py = [sys.executable]
+    commands = {"info": lambda f: [*py, "-m", "cbdnet", "info", f, "--quiet"],
+                "info --verify": lambda f: [*py, "-m", "cbdnet", "info", f, "--verify", "--quiet"],
+                "load": lambda f: [*py, "-c", "import sys, cbdnet; cbdnet.load(sys.argv[1])", f],
+                "eval": lambda f: [*py, "-m", "cbdnet", "eval", f, "--data", data_spec, "--quiet"]}
+    model = cbdnet.load(good_path)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    print(f"hostile files from {good_path} ({len(good):,} bytes; decoded model {model_bytes / 2**20:.1f} MB), "
+          f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs")
+    print("Limits apply to the CPU time and peak RSS above the same command on the valid file (eval: above `load` "
+          "of it, which evaluates nothing): what the hostile file costs beyond starting Python and torch.\n")
+    print("| file | command | exit | CPU s | above valid s | peak RSS MB | above valid MB | message |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="cbd-hostile-") as tmp:
+        paths = {"valid file": Path(good_path), **hostile_files(good, Path(tmp))}
+        base: dict[str, tuple[float, int]] = {}
+        for name, path in paths.items():
+            for command, argv in commands.items():
+                code, seconds, peak, message = _child(argv(str(path)))
+                base.setdefault(command, (seconds, peak))
+                ref = base["load"] if command == "eval" and "load" in base else base[command]
+                more, rise = seconds - ref[0], peak - ref[1]
+                over = name != "valid file" and (more > LIMIT_SECONDS or rise > 2 * model_bytes + LIMIT_SLACK)
+                failures += over
+                print(f"| {name} | {command} | {code} | {seconds:.2f} | {more:+.2f} | {peak / 2**20:.0f} | "
+                      f"{rise / 2**20:+.0f} | {escape(message)[:100]}{' **OVER LIMIT**' if over else ''} |",
+                      flush=True)
+    return 1 if failures else 0
+
+
+def escape(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 # ---------------------------------------------------------------- the output policy (issue 13)
@@ -444,7 +662,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=200, help="cases per target per round (default 200)")
     parser.add_argument("--targets", nargs="*", help="only these targets")
     parser.add_argument("--json", help="write the counts as JSON here")
+    parser.add_argument("--hostile", nargs=2, metavar=("FILE.cbd", "DATA"),
+                        help="instead of fuzzing: the issue-26 hostile files built from this valid format-2 file, "
+                             "through info, info --verify, eval (on DATA) and load, each in a child process")
     args = parser.parse_args(argv)
+    if args.hostile:
+        return measure_hostile(*args.hostile)
     torch.set_num_threads(1)
     demo.SETTINGS = demo.SETTINGS[:1]  # the outputs target: the demo's policy, not its 12 training epochs
     demo.train_digits_cnn = lambda seed, quiet: tiny_model(seed)
@@ -462,21 +685,24 @@ def main(argv: list[str] | None = None) -> int:
     total = collections.Counter()
     print(f"cbdnet fuzz campaign: {rounds} rounds, {seconds:.0f} s, python {platform.python_version()}, "
           f"torch {torch.__version__}")
-    print(f"{'target':<12} {'cases':>8} {'refused':>8} {'accepted':>9} {'crash':>6} {'EXECUTED':>9} "
-          f"{'(unchanged, not run)':>21}")
+    print(f"{'target':<12} {'cases':>8} {'refused':>8} {'accepted':>9} {'crash':>6} {'limit':>6} {'EXECUTED':>9} "
+          f"{'(unchanged, not run)':>21}  worst call: CPU s, peak RSS rise MB")
     for name, counts in [*campaign.counts.items(), ("total", total)]:
         if name != "total":
             total.update(counts)
-        cases = counts["refused"] + counts["accepted"] + counts["crash"]
+        cases = counts["refused"] + counts["accepted"] + counts["crash"] + counts["limit"]
+        worst = campaign.worst.get(name)
+        shown = f"  {worst[0]:.2f}, {worst[1] / 2**20:.0f}" if worst else ""
         print(f"{name:<12} {cases:>8} {counts['refused']:>8} {counts['accepted']:>9} {counts['crash']:>6} "
-              f"{counts['EXECUTED']:>9} {counts['unchanged']:>21}")
+              f"{counts['limit']:>6} {counts['EXECUTED']:>9} {counts['unchanged']:>21}{shown}")
     for crash in campaign.crashes:
         print("CRASH", crash)
     if args.json:
         Path(args.json).write_text(json.dumps({"seconds": seconds, "rounds": rounds, "total": dict(total),
                                                "targets": {k: dict(v) for k, v in campaign.counts.items()},
+                                               "worst": dict(campaign.worst),
                                                "crashes": campaign.crashes}, indent=2) + "\n")
-    return 1 if total["crash"] or total["EXECUTED"] else 0
+    return 1 if total["crash"] or total["EXECUTED"] or total["limit"] else 0
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def test_float32_opt_out_and_float16_default(tmp_path):
     assert len(small) < len(big)
     original = tiny_model().state_dict()
     floats = parse(big).floats
-    assert all(torch.equal(torch.from_numpy(floats[k]), original[k]) for k in floats)  # float32: untouched
+    assert all(torch.equal(torch.from_numpy(np.array(floats[k])), original[k]) for k in floats)  # float32: untouched
     for version_data, model in ((small, half), (big, full)):  # the model holds exactly what its file holds
         path = tmp_path / "x.cbd"
         path.write_bytes(version_data)

@@ -7,9 +7,11 @@ Every failure ends in one line on stderr: exit code 2 for bad input or usage, 1 
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import sys
 import time
+import warnings
 
 import torch
 
@@ -27,7 +29,7 @@ from ..zoo.metrics import check_data_fits, evaluate
 from ..zoo.models import build, known_archs, load_weights, torchvision_weights_file
 from .export_cmd import is_onnx, onnx_model
 from .parser import build_parser, one_line
-from .policy import finish, open_outputs
+from .policy import finish, open_outputs, stdout_closed
 
 __all__ = ["main", "build_parser"]
 
@@ -277,7 +279,7 @@ def cmd_info(args) -> int:
     out, (json_target,) = open_outputs(args, [(args.json, "JSON report")])
     with out:
         with reading_cbd(args.file, checkpoint_hint(args.file, "info")):
-            parsed = read(args.file)
+            parsed = read(args.file, decode=False)  # format 2: header, sizes, scales; --verify decodes layer by layer
         info = _info_dict(args.file, parsed)
         if args.arch is not None:
             with torch.device("meta"):
@@ -306,29 +308,75 @@ def cmd_demo(args) -> int:
 _one_line = one_line  # the name main() and the commands use
 
 
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader (``head``) went away
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed one usage line
         return int(exc.code or 0) if exc.code in (0, None) else 2
+    with warnings.catch_warnings(record=True) as caught:  # library warnings: shown once, or in the error line
+        warnings.simplefilter("default")
+        try:
+            return _run(args, caught)
+        finally:
+            _show(caught)
+
+
+def _run(args, caught: list) -> int:
     try:
         with torch.no_grad():  # nothing here trains except the demo, which enables grad itself
-            return args.func(args)
+            code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as a message at interpreter exit
+        return code
+    except BrokenPipeError as exc:
+        if stdout_closed():  # standard output's reader went away (``| head -1``, ``| true``): end quietly
+            return _stdout_gone()
+        return _internal_error(args, exc, caught)
     except CBDError as exc:
         if args.debug:
             raise
-        print(f"cbdnet: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"cbdnet: error: {_one_line(str(exc))}{_warned(caught)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cbdnet: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # an internal error: one line, the traceback only with --debug
-        if args.debug:
-            raise
-        print(f"cbdnet: internal error: {type(exc).__name__}: {_one_line(str(exc))} (rerun with --debug for the "
-              f"traceback; python {platform.python_version()}, torch {torch.__version__})", file=sys.stderr)
-        return 1
+        return _internal_error(args, exc, caught)
+
+
+def _internal_error(args, exc: Exception, caught: list) -> int:
+    if args.debug:
+        raise exc
+    print(f"cbdnet: internal error: {type(exc).__name__}: {_one_line(str(exc))}{_warned(caught)} (rerun with "
+          f"--debug for the traceback; python {platform.python_version()}, torch {torch.__version__})",
+          file=sys.stderr)
+    return 1
+
+
+def _stdout_gone() -> int:
+    """Point standard output at /dev/null (so that Python's flush at exit says nothing) and return 141."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_PIPE
+
+
+def _warned(caught: list) -> str:
+    """The warnings a failed run caught, as part of its one error line (then not shown again)."""
+    texts = list(dict.fromkeys(_one_line(str(w.message))[:200] for w in caught))
+    caught.clear()
+    return f" (warning: {'; '.join(texts[:2])})" if texts else ""
+
+
+def _show(caught: list) -> None:
+    """Warnings of a run that did not fail: shown once each, as Python would have."""
+    for item in caught:
+        with contextlib.suppress(OSError, ValueError):
+            warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
 
 if __name__ == "__main__":

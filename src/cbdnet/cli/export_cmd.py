@@ -87,7 +87,7 @@ def cmd_export(args) -> int:
     out, (onnx_target, json_target) = open_outputs(args, [(args.output, "ONNX file"), (args.json, "JSON report")])
     with out:  # outputs checked before any work, published together at the very end
         with reading_cbd(args.file, checkpoint_hint(args.file, "export")):
-            parsed = read(args.file)
+            parsed = read(args.file, decode=False)  # the header is all it needs: load decodes, bounded by the model
         arch = args.arch or parsed.meta.get("arch")
         spec = input_spec(arch, shape)
         skeleton = None

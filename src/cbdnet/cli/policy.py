@@ -5,7 +5,11 @@ the end (see README, "Reliability")."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
+import select
+import stat
 import sys
 
 from ..errors import CBDError
@@ -13,7 +17,7 @@ from ..fileio import OutputSet, is_stdout, json_safe
 from ..zoo.data import spec_path
 from ..zoo.models import torchvision_weights_file
 
-__all__ = ["json_bytes", "run_inputs", "open_outputs", "finish"]
+__all__ = ["json_bytes", "run_inputs", "open_outputs", "finish", "stdout_closed", "refuse_closed_stdout"]
 
 
 def json_bytes(payload: dict) -> bytes:
@@ -56,9 +60,31 @@ def finish(out: OutputSet, json_target, payload: dict | None) -> None:
     data = json_bytes(payload) if json_target is not None and payload is not None else None
     if data is not None and json_target != "-":
         out.write(json_target, data)
+    refuse_closed_stdout()  # nobody reads what the run says: publish nothing (``| true`` must not replace files)
     out.commit()
     if data is not None and json_target == "-":
         sys.stdout.write(data.decode())
         sys.stdout.flush()
 
 
+
+
+def stdout_closed() -> bool:
+    """Whether standard output is a pipe or socket whose reader has gone (``cbdnet ... | true``): poll reports
+    an error condition on its write end. A terminal or file is never closed in this sense."""
+    try:
+        fd = sys.stdout.fileno()
+        if not (stat.S_ISFIFO(os.fstat(fd).st_mode) or stat.S_ISSOCK(os.fstat(fd).st_mode)):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (AttributeError, ValueError, OSError):  # no real stdout (captured, closed): nothing to tell
+        return False
+
+
+def refuse_closed_stdout() -> None:
+    """Raise BrokenPipeError when standard output's reader has gone, before anything is published; the CLI ends
+    such a run quietly (exit 141, as a process killed by SIGPIPE), its outputs left as they were."""
+    if stdout_closed():
+        raise BrokenPipeError(errno.EPIPE, "standard output was closed")

@@ -492,13 +492,7 @@ def decode_levels(data: bytes, count: int, *, narrow: bool = False,
         need = (count * width + 7) // 8
         if body_end - r.pos != need:
             raise ValueError("levels blob payload has the wrong length for count")
-        bits = np.unpackbits(np.frombuffer(data, np.uint8, need, r.pos), count=count * width, bitorder="little")
-        vals = (bits.reshape(count, width).astype(np.int64) << np.arange(width, dtype=np.int64)).sum(axis=1)
-        out = vals + lo
-        high = int(out.max())
-        if high > MAX_ABS_LEVEL:
-            raise ValueError("level out of range in levels blob")
-        return out.astype(narrowest_signed(lo, high)) if narrow else out
+        return _decode_raw(data, r.pos, count, width, lo, narrow)
     if mode not in (ANS, KERNEL):
         raise ValueError(f"unknown levels blob mode {mode} (written by a newer cbdnet?)")
     if mode == KERNEL:
@@ -534,6 +528,28 @@ def decode_levels(data: bytes, count: int, *, narrow: bool = False,
     if index.size != count or (index.size and (index.min() < 0 or index.max() >= present.size)):
         raise ValueError("corrupt levels stream")
     return (present + lo).astype(dtype)[index]
+
+
+RAW_CHUNK = 1 << 18  # levels unpacked at once (a multiple of 8: each chunk starts on a byte)
+
+
+def _decode_raw(data: bytes, start: int, count: int, width: int, lo: int, narrow: bool) -> np.ndarray:
+    """The RAW mode's ``count`` levels of ``width`` bits from byte ``start``, unpacked a chunk at a time into the
+    output (the bits of a whole large layer at once would take 8 * width bytes per level)."""
+    top = lo + (1 << width) - 1
+    out = np.empty(count, dtype=narrowest_signed(lo, min(top, MAX_ABS_LEVEL + 1)) if narrow else np.int64)
+    shifts = np.arange(width, dtype=np.int64)
+    high = lo
+    for first in range(0, count, RAW_CHUNK):
+        n = min(RAW_CHUNK, count - first)
+        raw = np.frombuffer(data, np.uint8, (n * width + 7) // 8, start + first * width // 8)
+        bits = np.unpackbits(raw, count=n * width, bitorder="little").reshape(n, width)
+        values = (bits.astype(np.int64) << shifts).sum(axis=1) + lo
+        high = max(high, int(values.max()))
+        if high > MAX_ABS_LEVEL:
+            raise ValueError("level out of range in levels blob")
+        out[first:first + n] = values
+    return out.astype(narrowest_signed(lo, high), copy=False) if narrow else out  # the type of the levels' range
 
 
 def _read_table(r: _Reader, span: int, limit: int) -> tuple[np.ndarray, np.ndarray]:

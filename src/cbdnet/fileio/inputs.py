@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import DataError
@@ -107,10 +108,18 @@ def _size(n: float) -> str:
     return str(n)
 
 
-def read_regular_file(path: PathLike, *, what: str, max_bytes: int) -> bytes:
+def read_regular_file(path: PathLike, *, what: str, max_bytes: int,
+                      inspect: Callable[[Callable[[int], bytes], int], None] | None = None,
+                      hasher=None, as_buffer: bool = False) -> bytes | bytearray:
     """The bytes of a regular file (a symlink is followed only to a regular file). FIFOs, devices, sockets,
     directories and missing files are refused before reading; so is a file over ``max_bytes``. At most
-    ``max_bytes + 1`` bytes are ever read: a file that grows (or shrinks) while read is refused."""
+    ``max_bytes + 1`` bytes are ever read: a file that grows (or shrinks) while read is refused.
+
+    ``inspect(take, size)``, where given, runs first: ``take(n)`` reads the file's next ``n`` bytes (at most to
+    its end; they stay part of what is returned), so a reader can check a header, and refuse a file whose size
+    it does not justify, before the rest is read. ``hasher`` (e.g. a ``hashlib`` object): updated with every
+    chunk as it is read. The file is read into one buffer of its size (no second copy); ``as_buffer``: that
+    ``bytearray`` is returned as it is (else a ``bytes`` copy)."""
     if max_bytes < 0:
         raise ValueError("max_bytes must be >= 0")
     fd, info = _open_regular(path, what)
@@ -118,26 +127,59 @@ def read_regular_file(path: PathLike, *, what: str, max_bytes: int) -> bytes:
     try:
         if info.st_size > max_bytes:
             raise InputError(f"{what} {shown} is {_size(info.st_size)}, over the limit of {_size(max_bytes)}")
-        chunks = []
+        # the inspected head in a small buffer first: a file refused on its header costs no buffer of its size
+        store = [bytearray()]
         total = 0
-        limit = max_bytes + 1
-        while total < limit:
-            try:
-                chunk = os.read(fd, min(1 << 20, limit - total))
-            except OSError as exc:
-                raise InputError(f"cannot read {what} {shown}: {exc.strerror or exc}") from None
+
+        def fill(count: int) -> int:
+            """Read up to ``count`` more bytes into the buffer; returns the offset they start at."""
+            nonlocal total
+            start, buffer = total, store[0]
+            while total < start + count and total < info.st_size:
+                chunk = _read_chunk(fd, min(start + count, info.st_size, total + (1 << 20)) - total, what, shown)
+                if not chunk:
+                    break
+                buffer[total:total + len(chunk)] = chunk
+                if hasher is not None:
+                    hasher.update(chunk)
+                total += len(chunk)
+            return start
+
+        def take(count: int) -> bytes:
+            start = fill(count)
+            return bytes(store[0][start:total])
+
+        if inspect is not None:
+            inspect(take, info.st_size)
+        if len(store[0]) < info.st_size:  # one allocation of the file's size, filled in place
+            whole = bytearray(info.st_size)
+            whole[:total] = store[0]
+            store[0] = whole
+        while total < info.st_size and fill(min(1 << 24, info.st_size - total)) < total:
+            pass
+        buffer = store[0]
+        extra = 0
+        while total == info.st_size and total + extra <= max_bytes:  # more bytes than the size said: it grew
+            chunk = _read_chunk(fd, min(1 << 20, max_bytes + 1 - total - extra), what, shown)
             if not chunk:
                 break
-            chunks.append(chunk)
-            total += len(chunk)
+            extra += len(chunk)
     finally:
         os.close(fd)
-    if total > max_bytes:
+    if total + extra > max_bytes:
         raise InputError(f"{what} {shown} grew past the limit of {_size(max_bytes)} while it was read")
-    if total != info.st_size:
+    if total != info.st_size or extra:
+        total += extra
         raise InputError(f"{what} {shown} changed while it was read ({info.st_size:,} bytes expected, "
                          f"{total:,} read); is another program writing it?")
-    return b"".join(chunks)
+    return buffer if as_buffer else bytes(buffer)
+
+
+def _read_chunk(fd: int, count: int, what: str, shown: str) -> bytes:
+    try:
+        return os.read(fd, count)
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {shown}: {exc.strerror or exc}") from None
 
 
 def walk_files(root: PathLike, *, suffixes: str | tuple[str, ...], max_files: int, max_depth: int = 64

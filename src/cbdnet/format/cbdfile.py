@@ -20,7 +20,12 @@ the metadata adding ``groups``) and ``float/<state-dict key>``. Every
 tensor's dtype and size is checked against what the metadata implies before anything is decoded, and each
 plane's SHA-256 is kept so that ``verify`` can check ``B @ C`` against the plane bit for bit.
 
-Reading a file from a stranger is safe: the checksum is checked first; the safetensors JSON header is
+Reading a file from a stranger is safe: the file's header must account for its size before the rest is read
+(a 2 GiB file with a valid prefix costs one header); the checksum is computed as the bytes are read, into one
+buffer, and checked before anything else; every invariant the writers keep is checked for both versions by
+one checker (:mod:`.entries`: scales, flags, header version, rank fields; NaN/Inf floats are refused by
+``load``); format 2 is decoded only after ``load`` has checked every declared shape against the model
+(``read(decode=False)`` decodes nothing, ``verify`` one layer at a time); the safetensors JSON header is
 validated here (tensor count, dtypes, shapes, byte ranges that tile the data exactly) before the
 safetensors parser allocates anything; JSON failures of every kind become :class:`FormatError`; all-zero
 layers (which store no bits) are bounded; ``load`` builds the architecture on the ``meta`` device and checks
@@ -48,13 +53,23 @@ from torch import nn
 from .._version import __version__
 from ..codec import CodeError, LayerCode, PlaneCode, plane_digest
 from ..codec.bits import packed_size
+from ..codec.stream import FactoredPlane, Stream, factor_sizes
 from ..errors import CBDError, FormatError
 from ..fileio import OutputSet, escape_name, read_regular_file
 from ..nn import COMPRESSIBLE, CBDModule, from_module
 from ..nn.state import record, recorded
 from ..nn.walk import coded_keys
 from . import v2
-from .entries import exponents_of, is_int, layer_fields, need, strict_json
+from .entries import (
+    check_finite_floats,
+    check_scales,
+    exponents_of,
+    is_int,
+    layer_fields,
+    named,
+    need,
+    strict_json,
+)
 
 __all__ = ["save", "load", "read", "parse", "verify", "atomic_write", "check_writable", "check_fits", "CBDFile",
            "release_free_memory",
@@ -93,6 +108,83 @@ class CBDFile:
     floats: dict[str, np.ndarray]
     size: int
     version: int = FORMAT_VERSION  # the container's format version
+    scan: v2.Scan | None = None  # format 2 read with decode=False: codes are LayerSummary, levels not decoded
+
+    @property
+    def decoded(self) -> bool:
+        return self.scan is None
+
+
+@dataclass
+class LayerSummary:
+    """A format-2 layer as ``read(path, decode=False)`` gives it: what its header and scales say (shape, code,
+    plane storage, sizes), checked as the decoding reader checks them, with no level decoded. It answers what
+    ``cbdnet info`` asks of a :class:`LayerCode` (``bits``, ``coded_bits``, ``stream().coding``, ``wmax``...)."""
+
+    span: v2.LayerSpan
+
+    @property
+    def num_planes(self) -> int:
+        return self.span.num_planes
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.span.shape
+
+    @property
+    def mode(self) -> str:
+        return self.span.kind.kind
+
+    @property
+    def exponents(self) -> tuple[int, ...]:
+        return self.span.exponents
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def planes(self) -> list[PlaneCode]:
+        """Each plane's exponent, storage and rank (no bits: ``tensors`` is empty)."""
+        ranks = {index: rank for index, rank, _crc in self.span.factored}
+        return [PlaneCode(e, "factored" if i in ranks else "packed", ranks.get(i, -1), {}, "")
+                for i, e in enumerate(self.exponents)]
+
+    @property
+    def wmax(self) -> float:
+        return float(self.span.scales[0]) if self.mode in ("cbd", "uniform") else 0.0
+
+    @property
+    def scale(self) -> float:
+        return float(self.span.scales[1]) if self.mode in ("cbd", "uniform") else 0.0
+
+    @property
+    def step(self) -> float:
+        return float(self.span.scales[2]) if self.mode in ("cbd", "uniform") else 0.0
+
+    def stream(self) -> Stream:
+        """The stored stream's coding and part sizes (factored planes as their stored B and C bytes)."""
+        count = len(self.span.sizes)
+        blobs = list(self.span.parts[:count])  # views of the file's bytes: no copy
+        factored = []
+        for k, (index, rank, crc) in enumerate(self.span.factored):
+            left, right = self.span.parts[count + 2 * k], self.span.parts[count + 2 * k + 1]
+            factored.append(FactoredPlane(index, rank, crc, np.frombuffer(left, np.uint8),
+                                          np.frombuffer(right, np.uint8)))
+        return Stream(self.span.coding, blobs, factored)
+
+    def bits(self) -> int:
+        """The paper's fixed-length count, as :meth:`LayerCode.bits` counts it: sign, planes (packed or factors,
+        byte-padded), float32 scales."""
+        h, w = self.span.matrix_shape
+        total = 4 * self.span.scales.size + (packed_size(h * w) if self.span.kind.stores_sign and self.exponents
+                                             else 0)
+        for plane in self.planes:
+            total += packed_size(h * w) if plane.rank < 0 else sum(factor_sizes(h, w, plane.rank))
+        return 8 * total
+
+    def coded_bits(self) -> int:
+        return 8 * (self.span.stream_bytes + self.span.scales.size * (2 if self.span.half else 4))
 
 
 # ---------------------------------------------------------------- writing
@@ -230,23 +322,34 @@ def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, 
 
 
 def _int(value, name: str, low: int, high: int) -> int:
-    need(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
-          f"corrupt metadata: {name} = {value!r} is not an integer in [{low}, {high}]")
+    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+        raise FormatError(f"corrupt metadata: {name} = {value!r} is not an integer in [{low}, {high}]"[:300])
     return value
 
 
-def _split_container(data: bytes) -> tuple[int, bytes]:
-    need(len(data) >= _PREFIX.size + _DIGEST, f"not a .cbd file: {len(data)} bytes is too short")
-    magic, version, _flags, length = _PREFIX.unpack_from(data)
+def _check_prefix(prefix: bytes, size: int) -> tuple[int, int]:
+    """The container's version and payload length from its first 24 bytes, checked against the file's size."""
+    need(size >= _PREFIX.size + _DIGEST, f"not a .cbd file: {size} bytes is too short")
+    magic, version, flags, length = _PREFIX.unpack_from(prefix)
     need(magic == MAGIC, "not a .cbd file (bad magic bytes)")
     need(version <= max(READ_VERSIONS),
           f"this file has .cbd format version {version}; this cbdnet ({__version__}) reads up to "
           f"version {max(READ_VERSIONS)}: upgrade cbdnet")
     need(version in READ_VERSIONS, f"unknown .cbd format version {version}")
-    need(length == len(data) - _PREFIX.size - _DIGEST,
-          f"truncated or padded .cbd file: payload length {length} does not match the file size {len(data)}")
-    body, digest = data[:-_DIGEST], data[-_DIGEST:]
-    need(hashlib.sha256(body).digest() == digest, "checksum mismatch: the .cbd file is corrupt or was modified")
+    need(flags == 0, f"corrupt .cbd file: flags 0x{flags:08x} (every writer stores 0)")
+    need(length == size - _PREFIX.size - _DIGEST,
+          f"truncated or padded .cbd file: payload length {length} does not match the file size {size}")
+    return version, length
+
+
+def _split_container(data: bytes, digest: bytes | None = None) -> tuple[int, memoryview]:
+    """``(version, payload)`` of a container, its SHA-256 checked (``digest``: that of the bytes before the
+    trailer, computed by the caller). The payload is a view: no copy of the file."""
+    version, _length = _check_prefix(data[:_PREFIX.size], len(data))
+    view = memoryview(data)
+    body = view[:-_DIGEST]
+    digest = hashlib.sha256(body).digest() if digest is None else digest
+    need(digest == bytes(view[-_DIGEST:]), "checksum mismatch: the .cbd file is corrupt or was modified")
     payload = body[_PREFIX.size:]
     if version == 1:
         need(len(payload) >= 8, "corrupt payload: no tensor header")
@@ -302,11 +405,15 @@ def _parse_meta(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     return _check_meta(strict_json(raw, "cbdnet metadata")), tensors
 
 
-def _check_meta(meta) -> dict:
+def _check_meta(meta, version: int | None = None) -> dict:
     need(isinstance(meta, dict) and meta.get("format") == "cbdnet", "corrupt cbdnet metadata")
     need(isinstance(meta.get("layers"), list) and isinstance(meta.get("floats"), list),
           "corrupt cbdnet metadata: no layer list")
     need(len(meta["layers"]) > 0, "corrupt cbdnet metadata: no compressed layers")
+    if version is not None:  # the writer records the container's version in the header too
+        need(meta.get("format_version", version) == version and (version == 1 or "format_version" in meta),
+              f"corrupt cbdnet metadata: format_version {meta.get('format_version')!r} in a version-{version} "
+              "container"[:200])
     dtype = meta.get("dtype", "float32")
     need(isinstance(dtype, str) and dtype in _DTYPES, f"corrupt cbdnet metadata: dtype {dtype!r}")
     need(meta.get("arch") is None or isinstance(meta.get("arch"), str), "corrupt cbdnet metadata: arch")
@@ -332,10 +439,12 @@ def _check_arch_kwargs(kwargs: dict) -> None:
 
 
 def _expect(tensors: dict, key: str, dtype, size: int) -> np.ndarray:
-    need(key in tensors, f"missing tensor {key}")
-    array = tensors[key]
-    need(array.dtype == dtype and array.ndim == 1 and array.size == size,
-          f"tensor {key} has dtype {array.dtype} and shape {array.shape}; expected {np.dtype(dtype)} [{size}]")
+    array = tensors.get(key)
+    if array is None:
+        raise FormatError(f"missing tensor {key}")
+    if not (array.dtype == dtype and array.ndim == 1 and array.size == size):
+        raise FormatError(f"tensor {key} has dtype {array.dtype} and shape {array.shape}; expected "
+                          f"{np.dtype(dtype)} [{size}]")
     return array
 
 
@@ -361,40 +470,150 @@ def _planes(name: str, layer: dict, exponents: tuple[int, ...], h: int, w: int, 
     return planes
 
 
+def _layer_common(layer: dict, kind: type[LayerCode], name: str, shape: tuple[int, ...], num_planes: int,
+                  exponents: tuple[int, ...], scales: np.ndarray) -> dict:
+    """The checks of a layer entry that need no plane (both readers, and format 2 without decoding): dtype,
+    exponents of its kind, scales as its writer makes them, rank fields; returns the fields they checked."""
+    layer_dtype = layer.get("dtype", "float32")
+    if not (isinstance(layer_dtype, str) and layer_dtype in _DTYPES):
+        raise FormatError(f"layer {name}: bad dtype {layer_dtype!r}"[:200])
+    h, w = (shape[0], shape[1]) if len(shape) == 2 else (shape[0] * shape[2], shape[1] * shape[3])
+    try:
+        kind.check_exponents(num_planes, exponents)
+    except CodeError as exc:
+        raise FormatError(f"layer {name}: {exc}") from None
+    check_scales(name, kind.kind, scales, num_planes)
+    return {"reason": str(layer.get("reason", "")),
+            "bound": _int(layer.get("bound", 0), "bound", 0, min(h, w)),
+            "mask_rank": _int(layer.get("mask_rank", 0), "mask_rank", 0, min(h, w))}
+
+
 def _layer_code(layer: dict, tensors: dict, used: set) -> tuple[str, LayerCode]:
     """One layer's code: the common parts checked here, the kind's own parts by its class."""
+    try:
+        return _checked_layer_code(layer, tensors, used)
+    except FormatError as exc:
+        raise named(layer, exc) from None
+
+
+def _checked_layer_code(layer: dict, tensors: dict, used: set) -> tuple[str, LayerCode]:
     name, shape, kind, num_planes = layer_fields(layer, _int)
     plane_meta, exponents = layer.get("plane_codes"), layer.get("exponents")
     need(isinstance(plane_meta, list) and isinstance(exponents, list), f"layer {name}: no plane list")
     need(len(plane_meta) == len(exponents) == kind.expected_planes(num_planes),
           f"layer {name}: {len(plane_meta)} planes stored, {kind.expected_planes(num_planes)} expected")
     exponents = exponents_of(exponents, name, _int)
-    layer_dtype = layer.get("dtype", "float32")
-    need(isinstance(layer_dtype, str) and layer_dtype in _DTYPES, f"layer {name}: bad dtype {layer_dtype!r}")
     h, w = (shape[0], shape[1]) if len(shape) == 2 else (shape[0] * shape[2], shape[1] * shape[3])
     prefix = f"cbd/{name}/"
     try:
         scales = _expect(tensors, prefix + "scales", np.float32, kind.scale_count(shape, layer))
-        need(bool(np.isfinite(scales).all()), f"layer {name}: non-finite scales")
+        checked = _layer_common(layer, kind, name, shape, num_planes, exponents, scales)
         used.add(prefix + "scales")
         sign = np.zeros(0, np.uint8)
         if kind.stores_sign:
             sign = _expect(tensors, prefix + "sign", np.uint8, packed_size(h * w))
             used.add(prefix + "sign")
         common = {"shape": shape, "num_planes": num_planes, "exponents": exponents, "sign": sign,
-                  "planes": _planes(name, layer, exponents, h, w, tensors, used),
-                  "reason": str(layer.get("reason", "")),
-                  "bound": _int(layer.get("bound", 0), f"{name}.bound", 0, 1 << 31),
-                  "mask_rank": _int(layer.get("mask_rank", 0), f"{name}.mask_rank", 0, 1 << 31)}
+                  "planes": _planes(name, layer, exponents, h, w, tensors, used), **checked}
         return name, kind.from_stored(common, scales, layer)
     except CodeError as exc:
         raise FormatError(f"layer {name}: {exc}") from None
 
 
-def read(path: str | os.PathLike) -> CBDFile:
+def read(path: str | os.PathLike, *, decode: bool = True,
+         header_check: Callable[[CBDFile], None] | None = None) -> CBDFile:
     """Parse and validate a ``.cbd`` file (checksum, metadata, every tensor's dtype and size). Only a regular
-    file of at most :data:`MAX_FILE_BYTES` is opened: a FIFO, device or symlink to one is refused unread."""
-    return parse(read_regular_file(path, what="file", max_bytes=MAX_FILE_BYTES))
+    file of at most :data:`MAX_FILE_BYTES` is opened: a FIFO, device or symlink to one is refused unread; a
+    file whose size its header does not account for is refused after reading the header only, and the
+    checksum is computed on the bytes as read (no copy). ``decode=False``: a format-2 file's levels are not
+    decoded (its codes are :class:`LayerSummary`; see :func:`parse`). ``header_check(view)``: called on a
+    format-2 file's header alone (a :class:`CBDFile` whose codes and floats have shapes only), before the rest
+    of the file is read, e.g. to refuse a file that does not fit a model."""
+    seen: dict = {}
+    body = _BodyHash()
+
+    def inspect(take: Callable[[int], bytes], size: int) -> None:
+        body.left = max(0, size - _DIGEST)
+        seen["header"] = _inspect(take, size, header_check)
+
+    data = read_regular_file(path, what="file", max_bytes=MAX_FILE_BYTES, inspect=inspect, hasher=body,
+                             as_buffer=True)
+    return parse(data, decode=decode, header=seen.get("header"), digest=body.digest())
+
+
+class _BodyHash:
+    """SHA-256 of a file's bytes but its last 32 (the stored digest), fed chunk by chunk as the file is read."""
+
+    def __init__(self) -> None:
+        self.hash, self.left = hashlib.sha256(), 0
+
+    def update(self, chunk) -> None:
+        part = memoryview(chunk)[:self.left]
+        self.hash.update(part)
+        self.left -= len(part)
+
+    def digest(self) -> bytes:
+        return self.hash.digest()
+
+
+def _inspect_v1(take: Callable[[int], bytes], length: int) -> None:
+    """A format-1 payload's safetensors header must account for the payload's size (its tensors tile it)."""
+    head = take(8)
+    need(len(head) == 8, "corrupt payload: no tensor header")
+    header_len = struct.unpack("<Q", head)[0]
+    need(header_len <= min(MAX_HEADER_BYTES, length - 8), f"corrupt payload: header length {header_len}")
+    header = strict_json(take(header_len), "payload header")
+    need(isinstance(header, dict), "corrupt payload header")
+    ends = [entry.get("data_offsets") for name, entry in header.items() if name != "__metadata__"
+            and isinstance(entry, dict)]
+    need(all(isinstance(e, list) and len(e) == 2 and all(is_int(o) for o in e) for e in ends),
+          "corrupt payload header: bad data offsets")
+    declared = 8 + header_len + max((e[1] for e in ends), default=0)
+    need(declared == length, f"corrupt .cbd file: its header accounts for {declared:,} payload bytes, the file "
+                             f"holds {length:,}")
+
+
+@dataclass
+class _Shaped:
+    shape: tuple[int, ...]
+
+
+def _header_view(meta: dict, size: int) -> CBDFile:
+    """A format-2 header as a :class:`CBDFile` of shapes (for :func:`check_fits`), its fields checked."""
+    meta = _check_meta(meta, 2)
+    codes = {}
+    for layer in meta["layers"]:
+        name, shape, _kind, _planes = layer_fields(layer, _int)
+        need(name not in codes, "corrupt header: duplicate layer names")
+        codes[name] = _Shaped(shape)
+    floats = {entry["key"]: _Shaped(tuple(entry["shape"])) for entry in meta["floats"]}  # checked by the size pass
+    need(len(floats) == len(meta["floats"]), "corrupt header: duplicate float tensor keys")
+    view = CBDFile(meta=meta, codes=codes, floats=floats, size=size, version=2)
+    _tied(view)
+    return view
+
+
+def _inspect(take: Callable[[int], bytes], size: int, header_check: Callable[[CBDFile], None] | None = None
+             ) -> tuple[dict, int] | None:
+    """Refuse a file before reading it whole: its prefix must match its size, and a format-2 header must
+    account for every byte of it (the declared layer streams and float tensors)."""
+    prefix = take(_PREFIX.size)
+    need(len(prefix) == _PREFIX.size, f"not a .cbd file: {size} bytes is too short")
+    version, length = _check_prefix(prefix, size)
+    if version == 1:
+        _inspect_v1(take, length)
+        return None
+    head = take(4)
+    need(len(head) == 4, "corrupt payload: no header")
+    header_len = struct.unpack("<I", head)[0]
+    need(header_len <= min(length - 4, MAX_HEADER_BYTES), f"corrupt payload: header length {header_len}")
+    meta, start = v2.header_of(head + take(header_len))
+    declared = start + v2.declared_data_size(meta)
+    need(declared == length, f"corrupt .cbd file: its header accounts for {declared:,} payload bytes, the file "
+                             f"holds {length:,}")
+    if header_check is not None:
+        header_check(_header_view(meta, size))
+    return meta, start
 
 
 def _float_tensor(entry, tensors: dict) -> tuple[str, np.ndarray]:
@@ -413,22 +632,46 @@ def _float_tensor(entry, tensors: dict) -> tuple[str, np.ndarray]:
     return key, array
 
 
-def parse(data: bytes) -> CBDFile:
-    """Parse and validate the bytes of a ``.cbd`` file (see :func:`read`)."""
-    version, payload = _split_container(data)
-    levels: dict[str, np.ndarray] = {}
-    streams: dict = {}
+def parse(data: bytes, *, decode: bool = True, header: tuple[dict, int] | None = None,
+          digest: bytes | None = None) -> CBDFile:
+    """Parse and validate the bytes of a ``.cbd`` file (see :func:`read`). ``decode=False``: a format-2 file is
+    checked from end to end (sizes, scales, float tensors, every header field) but its levels are not decoded:
+    its codes are :class:`LayerSummary` objects and :func:`decode_codes` decodes them later; format 1 is
+    always decoded (its size is its tensors'). ``header``: a format-2 payload's header as :func:`v2.header_of`
+    read it from these bytes; ``digest``: the SHA-256 of ``data`` but its last 32 bytes, as computed while they
+    were read (else it is computed here)."""
+    version, payload = _split_container(data, digest)
     if version == 1:
-        meta, tensors = _parse_meta(payload)
-    else:
-        meta, tensors, levels, streams = v2.decode_payload(payload)
-        meta = _check_meta(meta)
+        meta, tensors = _parse_meta(bytes(payload))
+        return _decoded_file(_check_meta(meta, version), tensors, {}, {}, len(data), version)
+    scan = v2.scan_payload(payload, header)
+    _check_meta(scan.meta, version)
+    if decode:  # no model bounds what the layers decode to: each must be plausible for its stream's size
+        for span in scan.layers:
+            v2.check_decodable_alone(span)
+        return _decoded_file(*_decode_scan(scan), len(data), version)
+    return _summary_file(scan, len(data))
+
+
+def _decode_scan(scan: v2.Scan) -> tuple[dict, dict, dict, dict]:
+    meta, tensors, levels, streams = v2.decode_payload(scan)
+    return _check_meta(meta, 2), tensors, levels, streams
+
+
+def decode_codes(parsed: CBDFile) -> CBDFile:
+    """A file read with ``decode=False``, decoded (every layer's levels and planes). The caller bounds what that
+    costs: :func:`load` has checked every declared shape against the model first."""
+    if parsed.decoded:
+        return parsed
+    return _decoded_file(*_decode_scan(parsed.scan), parsed.size, parsed.version)
+
+
+def _decoded_file(meta: dict, tensors: dict, levels: dict, streams: dict, size: int, version: int) -> CBDFile:
     need(len(tensors) <= MAX_TENSORS, "too many tensors")
     used: set[str] = set()
     codes = dict(_layer_code(layer, tensors, used) for layer in meta["layers"])
     need(len(codes) == len(meta["layers"]), "duplicate layer names")
-    zero_numel = sum(code.numel for code in codes.values() if code.mode == "zero")
-    need(zero_numel <= MAX_ZERO_NUMEL, f"all-zero layers of {zero_numel} weights in total: too large")
+    _check_zero_layers(codes.values())
     floats = dict(_float_tensor(entry, tensors) for entry in meta["floats"])
     need(len(floats) == len(meta["floats"]), "duplicate float tensor keys")
     used.update("float/" + key for key in floats)
@@ -437,7 +680,35 @@ def parse(data: bytes) -> CBDFile:
         codes[name].remember_levels(signed)
     for name, stream in streams.items():  # and what the file stored for them: sizes need not re-code them
         codes[name].remember_stream(stream)
-    parsed = CBDFile(meta=meta, codes=codes, floats=floats, size=len(data), version=version)
+    parsed = CBDFile(meta=meta, codes=codes, floats=floats, size=size, version=version)
+    _tied(parsed)
+    return parsed
+
+
+def _check_zero_layers(codes) -> None:
+    zero_numel = sum(code.numel for code in codes if code.mode == "zero")
+    need(zero_numel <= MAX_ZERO_NUMEL, f"all-zero layers of {zero_numel} weights in total: too large")
+
+
+def _summary_file(scan: v2.Scan, size: int) -> CBDFile:
+    """A format-2 file's :class:`CBDFile` without decoding levels: every check :func:`_layer_code` makes that
+    needs no plane, the float tensors (constants as broadcast views)."""
+    codes = {}
+    for span in scan.layers:
+        try:
+            _layer_common(span.layer, span.kind, span.name, span.shape, span.num_planes, span.exponents, span.scales)
+        except FormatError as exc:
+            raise named(span.layer, exc) from None
+        codes[span.name] = LayerSummary(span)
+    _check_zero_layers(codes.values())
+    floats = {}
+    for span in scan.floats:
+        entry, tensors = v2.float_tensor(span)
+        key, array = _float_tensor(entry, tensors)
+        floats[key] = array
+    meta = {**scan.meta, "layers": [span.layer for span in scan.layers],
+            "floats": [{k: v for k, v in span.entry.items() if k not in ("stored", "value")} for span in scan.floats]}
+    parsed = CBDFile(meta=meta, codes=codes, floats=floats, size=size, version=2, scan=scan)
     _tied(parsed)
     return parsed
 
@@ -449,13 +720,28 @@ def verify(path: str | os.PathLike, parsed: CBDFile | None = None) -> list[str]:
     (empty when all is well). Format 2 stores no per-plane digests: reading it already checked every stream's
     and every factored plane's CRC-32 against the decoded data (``B @ C``), and the digests its reader derives
     from those planes would only be compared with themselves, so they are not recomputed. ``parsed``: the file
-    as :func:`read` returned it for ``path`` (saves reading it again)."""
-    parsed = read(path) if parsed is None else parsed
-    problems = [_layer_problem(name, code, digests=parsed.version == 1) for name, code in parsed.codes.items()]
-    for key, array in parsed.floats.items():
-        if array.dtype.kind == "f" and not bool(np.isfinite(array).all()):
-            problems.append(f"float tensor {escape_name(key)} holds NaN/Inf values")
+    as :func:`read` returned it for ``path`` (saves reading it again). A format-2 file is decoded one layer at
+    a time: memory is one layer's, whatever the file holds."""
+    parsed = read(path, decode=False) if parsed is None else parsed
+    problems = [_layer_problem(name, code, digests=parsed.version == 1) for name, code in _codes_one_by_one(parsed)]
+    problems += [f"float tensor {escape_name(key)} holds NaN/Inf values" for key in check_finite_floats(parsed.floats)]
     return [problem for problem in problems if problem]
+
+
+def _codes_one_by_one(parsed: CBDFile) -> Iterator[tuple[str, LayerCode]]:
+    """Every layer's decoded code, one at a time (a format-2 summary decodes each only when it is reached)."""
+    if parsed.decoded:
+        yield from parsed.codes.items()
+        return
+    for span in parsed.scan.layers:
+        v2.check_decodable_alone(span)
+        entry, tensors, signed, stream = v2.decode_layer(span)
+        name, code = _layer_code(entry, tensors, set())
+        if signed is not None:
+            code.remember_levels(signed)
+        code.remember_stream(stream)
+        del entry, tensors, signed, stream
+        yield name, code
 
 
 def _layer_problem(name: str, code: LayerCode, digests: bool = True) -> str:
@@ -577,7 +863,7 @@ class _FileCodes:
         if data[-_DIGEST:] != self.digest:
             raise CBDError(f"{self.path} changed since this model was loaded from it; its layer codes are read "
                            "from that file on demand: load the model again")
-        return parse(data)
+        return decode_codes(parse(data, decode=False))  # the model it was loaded into bounds it
 
     def hold(self) -> None:
         if self._holders == 0:
@@ -684,10 +970,21 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, builder: Bu
     ``path`` when ``.code`` is needed (``cbdnet.save``, reports), checking that the file is unchanged; so the
     loaded model holds no more than the FP32 model. ``keep_codes=True`` keeps them in memory instead."""
     digest = _file_digest(path)  # before reading: a file replaced in between fails the later check, safely
-    parsed = read(path)
-    on_meta = False
-    if model is None:
-        model, on_meta = _skeleton(parsed, builder)
+    built: dict[str, tuple[nn.Module, bool]] = {}
+
+    def fits(view: CBDFile) -> None:  # the file's declared shapes against the model, before it is read whole
+        built["model"] = _skeleton(view, builder) if model is None else (model, False)
+        check_fits(built["model"][0], view)
+
+    parsed = read(path, decode=False, header_check=fits)
+    if "model" not in built:  # format 1: its header is checked with the rest
+        fits(parsed)
+    model, on_meta = built.pop("model")
+    check_fits(model, parsed)
+    nonfinite = check_finite_floats(parsed.floats)
+    need(not nonfinite, f"float tensor {escape_name(nonfinite[0]) if nonfinite else ''} holds NaN/Inf values: the "
+                        "file is corrupt")
+    parsed = decode_codes(parsed)  # only now, each layer's shape known to be the model's
     dtype = parsed.meta.get("dtype", "float32")  # checked by read()
     model = _restore(model.to(_DTYPES[dtype]), parsed, assign=on_meta)
     if not keep_codes:

@@ -15,12 +15,13 @@ from ..format import cbdfile
 from ..nn.state import record
 from ..runtime import to_int8
 from .inputs import InputSpec, input_spec
-from .models import build, known_archs, load_weights, register
+from .models import build, check_arch_kwargs, known_archs, load_weights, register
 
 __all__ = ["build", "known_archs", "load_weights", "register", "load", "InputSpec", "input_spec"]
 
 
 def _build_named(arch: str, kwargs: dict) -> nn.Module:
+    check_arch_kwargs(arch, kwargs)  # a file's word: only documented parameters, within bounds
     return build(arch, **kwargs)
 
 

@@ -372,3 +372,42 @@ def _register_zoo() -> None:
 
 
 _register_zoo()
+
+
+# ---------------------------------------------------------------- architecture arguments a file may give
+
+MAX_CLASSES = 22_000  # ImageNet-21k has 21,841 classes
+_CLASSES = {"num_classes": (int, 1, MAX_CLASSES)}
+# per registered builder: the parameters it documents, with the bounds a file's arch_kwargs may give them (so
+# that a small file cannot have the loader build an enormous model; the largest allowed is about 100 M weights)
+ARCH_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {
+    **{f"cifar-resnet{depth}": _CLASSES for depth in (20, 32, 44, 56, 110)},
+    "digits-cnn": {**_CLASSES, "width": (int, 1, 1024)},
+    "resnet18": _CLASSES, "vgg16": _CLASSES, "densenet121": _CLASSES,
+    "ssd300": {"num_classes": (int, 1, 1000)},
+    "segnet": {"num_classes": (int, 1, 1000), "in_channels": (int, 1, 64), "width_mult": (float, 1 / 64, 4.0)},
+    "segnet-basic": {"num_classes": (int, 1, 1000), "in_channels": (int, 1, 64), "width": (int, 1, 1024),
+                     "kernel_size": (int, 1, 15), "depth": (int, 1, 8)},
+}
+TORCHVISION_PARAMS = _CLASSES  # torchvision:NAME read from a file: its head size only
+
+
+def check_arch_kwargs(arch: str, kwargs: dict) -> None:
+    """Refuse (CBDError, one line) architecture arguments read from a file that the builder does not document
+    or that are out of their bounds (:data:`ARCH_PARAMS`). An architecture registered by the user (not in that
+    table) gets the file reader's generic bounds only."""
+    params = TORCHVISION_PARAMS if arch.startswith("torchvision:") else ARCH_PARAMS.get(arch)
+    if params is None:
+        return
+    for key, value in kwargs.items():
+        shown = escape_name(str(key), max_len=60)
+        name = escape_name(arch, max_len=60)
+        if key not in params:
+            raise CBDError(f"cannot build {name} with arch_kwargs {shown}: not a parameter it takes from a file (it "
+                           f"takes {', '.join(params)}); to build it otherwise, pass the model: load(path, model)")
+        kind, low, high = params[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            kind is float or isinstance(value, int))
+        if not number or not low <= value <= high:
+            raise CBDError(f"cannot build {name} with arch_kwargs {shown} = {value!r}"[:160] + f": it takes "
+                           f"{kind.__name__} {key} in [{low:g}, {high:g}] from a file")
