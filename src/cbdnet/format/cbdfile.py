@@ -144,6 +144,20 @@ class LayerSummary:
         return math.prod(self.shape)
 
     @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return self.span.matrix_shape
+
+    @property
+    def label(self) -> str:
+        """The table's name of the code, as :attr:`LayerCode.label` gives it for a decoded layer."""
+        return "zero" if self.mode == "zero" else f"{self.mode} J={self.num_planes}"
+
+    @property
+    def reason(self) -> str:
+        reason = self.span.layer.get("reason", "")
+        return reason if isinstance(reason, str) else ""
+
+    @property
     def planes(self) -> list[PlaneCode]:
         """Each plane's exponent, storage and rank (no bits: ``tensors`` is empty)."""
         ranks = {index: rank for index, rank, _crc in self.span.factored}
