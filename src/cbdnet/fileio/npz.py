@@ -103,7 +103,7 @@ def _inflate(archive: zipfile.ZipFile, key: str, plan: tuple, shown: str) -> np.
     return array.reshape(shape[::-1]).transpose() if fortran else array.reshape(shape)
 
 
-def read_npz(data: bytes, keys: list[str], *, shown: str, max_array_bytes: int) -> dict[str, np.ndarray]:
+def read_npz(data: bytes | bytearray, keys: list[str], *, shown: str, max_array_bytes: int) -> dict[str, np.ndarray]:
     """The arrays ``keys`` of the ``.npz`` archive ``data`` (the file's bytes), with at most ``max_array_bytes``
     inflated in all. A missing key is a KeyError (the caller names the expected layout); an archive that is no
     zip or a corrupt one is an :class:`NpzFormatError`; a bad header, an object array, a size over the limit

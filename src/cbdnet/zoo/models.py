@@ -377,7 +377,7 @@ _register_zoo()
 # ---------------------------------------------------------------- architecture arguments a file may give
 
 MAX_CLASSES = 22_000  # ImageNet-21k has 21,841 classes
-_CLASSES = {"num_classes": (int, 1, MAX_CLASSES)}
+_CLASSES: dict[str, tuple[type, float, float]] = {"num_classes": (int, 1, MAX_CLASSES)}
 # per registered builder: the parameters it documents, with the bounds a file's arch_kwargs may give them (so
 # that a small file cannot have the loader build an enormous model; the largest allowed is about 100 M weights)
 ARCH_PARAMS: dict[str, dict[str, tuple[type, float, float]]] = {
