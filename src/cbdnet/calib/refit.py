@@ -33,6 +33,10 @@ from .stats import gptq_levels, sample_positions, sampled_patches, single_thread
 __all__ = ["RefitResult", "refit_levels", "calibration_kl", "POSITIONS"]
 
 POSITIONS = 256  # input patches per image that enter the moments (a seeded random subset)
+# the moments stop after ROWS_PER_INPUT patches per input dimension (at least MIN_ROWS): each layer's capture
+# runs both models up to it, so images beyond what the moments need were the refit's main cost
+ROWS_PER_INPUT = 64
+MIN_ROWS = 1 << 14
 DAMP = 0.01  # added to H~'s diagonal, relative to its mean, before it is inverted (as GPTQ damps)
 
 
@@ -81,7 +85,8 @@ def _inputs(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.T
 
 
 def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> tuple | None:
-    """``(H~, E[x x~^T])`` of layer ``name`` over the calibration images (None where it cannot be captured)."""
+    """``(H~, E[x x~^T])`` of layer ``name`` over the calibration images, the first ones up to a bounded number
+    of patches (None where it cannot be captured)."""
     layer, float_layer = model.get_submodule(name), float_model.get_submodule(name)
     hessian = cross = None
     count = 0
@@ -95,6 +100,8 @@ def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> 
         hessian = part_hessian if hessian is None else hessian + part_hessian
         cross = part_cross if cross is None else cross + part_cross
         count += x.shape[0]
+        if count >= max(MIN_ROWS, ROWS_PER_INPUT * x.shape[1]):
+            break
     return hessian / count, cross / count
 
 
