@@ -337,6 +337,10 @@ class LayerSearch:
             first += count
         return len(todo)
 
+    def release(self) -> None:
+        """Drop the Hessian factorisation kept for later refinements (a later one factors again)."""
+        self._factors.clear()
+
     def candidates(self) -> list[Candidate]:
         """Every family's exact candidate."""
         self.refine(range(len(self.plans)))

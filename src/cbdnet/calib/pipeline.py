@@ -165,6 +165,8 @@ def _budget_encoder(config: BudgetConfig, originals: dict, calib: _Calibration, 
                 bar.set_postfix_str(f"{name} (+{new})", refresh=False)
                 bar.update(0 if bar.n >= bar.total else 1)
             chosen = choose_refined(searches, config.target_bits * params - overhead_bits, progress=refined)
+        for search in searches.values():  # d x d floats per layer: not held through refit
+            search.release()
     except ValueError as exc:
         raise CBDError(f"target_bits {config.target_bits}: {exc}") from None
     summary = {"chosen": {name: c.label for name, c in chosen.items()}, "overhead_bits": overhead_bits,

@@ -28,7 +28,7 @@ from ..codec.code import GridCode
 from ..codec.grid import with_levels
 from ..nn.walk import owns_its_code
 from .batches import CalibrationSet, as_calibration_set
-from .stats import gptq_levels, sample_positions, sampled_patches, single_thread
+from .stats import MAX_PATCH_ELEMENTS, gptq_levels, input_positions, sample_positions, sampled_patches, single_thread
 
 __all__ = ["RefitResult", "refit_levels", "calibration_kl", "POSITIONS"]
 
@@ -95,14 +95,26 @@ def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> 
         if compressed_in is None or float_in is None:
             return None
         keep = sample_positions(layer, float_in, POSITIONS, generator)  # the same positions in both models
-        x_tilde, x = sampled_patches(layer, compressed_in.float(), keep), sampled_patches(layer, float_in.float(), keep)
-        part_hessian, part_cross = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()  # float32 products
-        hessian = part_hessian if hessian is None else hessian + part_hessian
-        cross = part_cross if cross is None else cross + part_cross
-        count += x.shape[0]
-        if count >= max(MIN_ROWS, ROWS_PER_INPUT * x.shape[1]):
+        rows = (keep.shape[1] if keep is not None else input_positions(layer, float_in)) * _width(layer, float_in)
+        step = max(1, MAX_PATCH_ELEMENTS // max(1, rows))  # images whose patches are unfolded at once
+        for first in range(0, len(images), step):
+            part = slice(first, first + step)
+            picked = None if keep is None else keep[part]
+            x_tilde = sampled_patches(layer, compressed_in[part].float(), picked)
+            x = sampled_patches(layer, float_in[part].float(), picked)
+            part_hessian, part_cross = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()  # float32 products
+            hessian = part_hessian if hessian is None else hessian + part_hessian
+            cross = part_cross if cross is None else cross + part_cross
+            count += x.shape[0]
+        if count >= max(MIN_ROWS, ROWS_PER_INPUT * hessian.shape[0]):
             break
     return hessian / count, cross / count
+
+
+def _width(layer: nn.Module, x: torch.Tensor) -> int:
+    """Elements per unfolded patch row of ``layer`` over its input ``x``."""
+    kernel = getattr(layer, "kernel_size", (1, 1))
+    return int(x.shape[1]) * int(np.prod(kernel)) if isinstance(layer, nn.Conv2d) else int(x.shape[-1])
 
 
 def _output_error(levels: np.ndarray, steps: np.ndarray, weight: torch.Tensor, hessian: torch.Tensor,

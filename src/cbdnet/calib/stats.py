@@ -256,6 +256,7 @@ def gptq_levels_stacked(weight: np.ndarray, grids: Sequence[tuple[np.ndarray, in
     tops = [float((1 << mag_bits) - 1) for _, mag_bits in grids]
     flat = np.asarray(weight, np.float32).reshape(out, -1)
     factors = {} if factors is None else factors
+    narrow = np.int16 if max(tops, default=0) < (1 << 15) else np.int32  # levels of every grid live at once
     parts = [[] for _ in grids]
     for g in range(groups):
         rows = slice(g * size, (g + 1) * size)
@@ -267,8 +268,8 @@ def gptq_levels_stacked(weight: np.ndarray, grids: Sequence[tuple[np.ndarray, in
             levels = _gptq_rows(flat[rows], [per_out[i][rows] for i in chosen], [tops[i] for i in chosen],
                                 factors[g, damp])
             for i, part in zip(chosen, levels, strict=True):
-                parts[i].append(part)
-    return [np.concatenate(part).astype(np.int64).reshape(weight.shape) for part in parts]
+                parts[i].append(part.astype(narrow))
+    return [np.concatenate(part).reshape(weight.shape) for part in parts]
 
 
 def _gptq_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -279,14 +280,20 @@ def _gptq_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torc
     order reversal and ``J H J = L L^T``, ``U = J L^-1 J`` is upper triangular with a positive diagonal and
     ``U^T U = H^-1``, so it is that factor (the textbook route, Cholesky of ``H``, its inverse, then Cholesky
     again, costs 2.5x more)."""
-    h = hessian.double().clone()
-    dead = torch.diag(h) <= 0
-    h[dead, dead] = 1.0
-    order = torch.argsort(torch.diag(h), descending=True)
-    h = h[order][:, order]
-    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    inverse = _lower_inverse(torch.linalg.cholesky(h.flip(0, 1)))
-    return dead, order, inverse.flip(0, 1).float().contiguous()
+    diagonal = torch.diagonal(hessian).double().clone()
+    dead = diagonal <= 0
+    diagonal[dead] = 1.0
+    order = torch.argsort(diagonal, descending=True)
+    reverse = order.flip(0)  # J H J, ordered, in one gather per axis: the d x d copies are the factor's memory
+    h = hessian.double().index_select(0, reverse).index_select(1, reverse)
+    on_diagonal = torch.diagonal(h)
+    on_diagonal[dead[reverse]] = 1.0
+    on_diagonal += damp * diagonal.mean()
+    lower = torch.linalg.cholesky(h)
+    del h, on_diagonal
+    inverse = _lower_inverse(lower).float()
+    del lower
+    return dead, order, inverse.flip(0, 1).contiguous()
 
 
 def _lower_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
