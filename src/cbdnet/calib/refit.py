@@ -35,7 +35,7 @@ __all__ = ["RefitResult", "refit_levels", "calibration_kl", "POSITIONS"]
 POSITIONS = 256  # input patches per image that enter the moments (a seeded random subset)
 # the moments stop after ROWS_PER_INPUT patches per input dimension (at least MIN_ROWS): each layer's capture
 # runs both models up to it, so images beyond what the moments need were the refit's main cost
-ROWS_PER_INPUT = 64
+ROWS_PER_INPUT = 256
 MIN_ROWS = 1 << 14
 DAMP = 0.01  # added to H~'s diagonal, relative to its mean, before it is inverted (as GPTQ damps)
 
