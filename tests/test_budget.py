@@ -141,3 +141,80 @@ def test_weighted_grids_lose_less_than_per_channel_grids_at_equal_size():
     for candidate in plain[1:-1]:  # inside the weighted curve's range of sizes
         loss_at = np.exp(np.interp(candidate.bits, [b for b, _ in curve], [np.log(loss) for _, loss in curve]))
         assert loss_at < 0.8 * candidate.loss, candidate.label
+
+
+def _conv_net_and_stats(seed: int = 0):
+    """A small CNN with the calibration statistics of seeded images (shared by the search tests)."""
+    import torch
+    from torch import nn
+
+    from cbdnet.calib.stats import collect_stats
+    from cbdnet.zoo.data import ClassificationData
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 10)).eval()
+    g = torch.Generator().manual_seed(seed)
+    data = ClassificationData(torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g), "toy")
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return model, data, layers, collect_stats(model, layers, data)
+
+
+@pytest.mark.parametrize("target", [2.5, 3.5])
+def test_refined_choice_fits_and_loses_little_against_every_candidate_made_exact(target):
+    from cbdnet.calib.budget import WEIGHTED_LEVELS, LayerSearch, choose_refined
+    _, _, layers, stats = _conv_net_and_stats()
+
+    def searches():
+        return {name: LayerSearch(m.weight.detach().numpy(), stats[name], True, RTN_BITS, (3,), (2, 5), True,
+                                  WEIGHTED_LEVELS, SENSITIVITY_EXPONENTS) for name, m in layers}
+    budget = target * sum(m.weight.numel() for _, m in layers)
+    lazy = searches()
+    refined = choose_refined(lazy, budget)
+    full = choose({name: s.candidates() for name, s in searches().items()}, budget)
+    assert all(isinstance(c, Candidate) for c in refined.values())
+    assert sum(c.bits for c in refined.values()) <= budget
+    assert sum(c.loss for c in refined.values()) <= 1.02 * sum(c.loss for c in full.values())
+    made = sum(e is not None for s in lazy.values() for e in s.exact)
+    assert made < 0.8 * sum(len(s.plans) for s in lazy.values())  # GPTQ ran on fewer families than all
+
+
+def test_unreachable_target_is_refused_before_any_candidate(monkeypatch):
+    import torch
+    from torch import nn
+
+    import cbdnet
+    from cbdnet.calib import pipeline
+    from cbdnet.errors import CBDError
+    # the header allowance alone is over 8,000 bits: far above 2 bits for each of these 448 weights
+    model = nn.Sequential(nn.Conv2d(3, 64, 1), nn.ReLU(), nn.Conv2d(64, 4, 1), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 3, 2, 2))
+
+    def never(*args, **kwargs):
+        raise AssertionError("a candidate was computed")
+    monkeypatch.setattr(pipeline, "LayerSearch", never)
+    with pytest.raises(CBDError, match="below the cheapest setting"):
+        cbdnet.compress(model, cbdnet.BudgetConfig(target_bits=2.0), calibration=[torch.randn(8, 3, 2, 2)])
+
+
+def test_retry_after_an_overshoot_reuses_statistics_and_candidates(monkeypatch):
+    import cbdnet
+    from cbdnet.calib import budget, pipeline
+    model, data, _, _ = _conv_net_and_stats()
+    calls = {"stats": 0, "search": 0}
+    collect, search = pipeline.collect_stats, pipeline.LayerSearch
+
+    def counted_stats(*args, **kwargs):
+        calls["stats"] += 1
+        return collect(*args, **kwargs)
+
+    def counted_search(*args, **kwargs):
+        calls["search"] += 1
+        return search(*args, **kwargs)
+    monkeypatch.setattr(pipeline, "collect_stats", counted_stats)
+    monkeypatch.setattr(pipeline, "LayerSearch", counted_search)
+    monkeypatch.setattr(pipeline, "header_allowance", lambda layers, floats: 0)  # the first file overshoots
+    assert budget.REFINE_TOP >= 1
+    model, report = cbdnet.compress(model, cbdnet.BudgetConfig(target_bits=3.0), calibration=data)
+    assert report.extra["budget_retries"] >= 1 and report.file_bits_per_weight <= 3.0
+    assert calls == {"stats": 1, "search": 4}  # one pass of statistics, one search per layer, for every try

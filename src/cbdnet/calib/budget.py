@@ -14,9 +14,11 @@ they fit. Layers are never left in float: every weight is counted in ``bits_per_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..codec import LayerCode
 from ..codec.grid import composite_steps, grid_code, half_steps, round_levels, rtn_steps
@@ -24,7 +26,8 @@ from .stats import LayerStats, gptq_levels_stacked, output_error
 
 __all__ = ["Candidate", "layer_candidates", "choose", "CLIP_RATIOS", "RTN_BITS", "COMPOSITE_PLANES", "FREE_LEVELS",
            "level_candidate", "weighted_steps", "weighted_candidate", "WEIGHTED_LEVELS", "SENSITIVITY_EXPONENTS",
-           "WEIGHTED_MAX_BITS"]
+           "WEIGHTED_MAX_BITS", "LayerSearch", "Estimate", "choose_refined", "min_layer_bits", "REFINE_SPAN",
+           "SCREEN_MACS"]
 
 RTN_BITS = (2, 3, 4, 5, 6, 8)
 COMPOSITE_PLANES = (3, 4)
@@ -48,6 +51,10 @@ class Candidate:
     code: LayerCode
     bits: int
     loss: float  # predicted calibration-loss increase
+
+    @property
+    def numel(self) -> int:
+        return self.code.numel
 
 
 def _predicted_loss(weight: np.ndarray, code: LayerCode, stats: LayerStats | None) -> float:
@@ -201,39 +208,219 @@ def composite_candidate(weight: np.ndarray, planes: int, stats: LayerStats | Non
     return _composite_of(weight, planes, stats, gptq, grids, factor_from, _levels(weight, grids, stats, gptq))
 
 
-def layer_candidates(weight: np.ndarray, stats: LayerStats | None, gptq: bool = True,
-                     rtn_bits=RTN_BITS, composite_planes=COMPOSITE_PLANES, levels=(), half: bool = False,
-                     weighted_levels=(), exponents=SENSITIVITY_EXPONENTS) -> list[Candidate]:
-    """Every candidate code of one layer (``half``: with float16 steps, see :func:`rtn_candidate`). The
-    levels of all candidates' grids come from one :func:`_levels` call: one stacked GPTQ run per layer."""
-    weight = np.asarray(weight, np.float32)
-    plans = []  # (the grids, the candidate of their levels)
+SCREEN_MACS = 1 << 27  # multiply-adds per grid for a screening loss; beyond, a seeded subset of output rows
+REFINE_SPAN = 4.0  # GPTQ first runs on each layer's picks at the multiplier / SPAN .. * SPAN of the screening
+REFINE_TOP = 3  # and on the best REFINE_TOP families at each of those multipliers
+MIN_STREAM_BITS = 48  # the smallest coded level stream (cbdnet.codec.entropy: an empty blob and its CRC)
+
+
+@dataclass
+class Estimate:
+    """A cheap stand-in for one candidate family of a layer: its grids rounded to nearest (no GPTQ, no coding),
+    the best grid's estimated bits (empirical entropy of the levels plus float16 steps) and predicted loss."""
+
+    label: str
+    bits: float
+    loss: float
+    numel: int
+    plan: int
+
+
+def _plans(weight, stats, gptq, rtn_bits, composite_planes, levels, half, weighted_levels, exponents) -> list:
+    """Every candidate family of ``weight``: ``(label, grids, finish)`` where ``finish(levels per grid)`` makes the
+    family's candidate (its best grid)."""
+    plans = []
     for bits in rtn_bits:
         grids = _rtn_grids(weight, bits, CLIP_RATIOS, half)
-        plans.append((grids, lambda lv, b=bits, g=grids: _rtn_best(weight, b, stats, gptq, CLIP_RATIOS, g, lv)))
+        plans.append((f"rtn{bits}", grids,
+                      lambda lv, b=bits, g=grids: _rtn_best(weight, b, stats, gptq, CLIP_RATIOS, g, lv)))
     for count in levels:
         grids = _level_grids(weight, count, CLIP_RATIOS, half)
-        plans.append((grids, lambda lv, c=count, g=grids: _level_best(weight, c, stats, gptq, CLIP_RATIOS, g, lv)))
+        plans.append((f"L{count}", grids,
+                      lambda lv, c=count, g=grids: _level_best(weight, c, stats, gptq, CLIP_RATIOS, g, lv)))
     sensitivity = _sensitivity(stats, weight.shape[0])
     for count in weighted_levels:
         for exponent in exponents:
             grids = _weighted_grid(weight, sensitivity, count, exponent, half)
-            plans.append((grids, lambda lv, c=count, e=exponent, g=grids:
+            plans.append((f"w{count:g}e{exponent:g}", grids, lambda lv, c=count, e=exponent, g=grids:
                           _weighted_of(weight, c, e, stats, gptq, g, lv)))
     if np.any(weight != 0):  # the composite scale search needs a non-zero entry
         for planes in composite_planes:
             grids, factor_from = _composite_grid(weight, planes, 0.3, half)
-            plans.append((grids, lambda lv, p=planes, g=grids, f=factor_from:
+            plans.append((f"cbd{planes}", grids, lambda lv, p=planes, g=grids, f=factor_from:
                           _composite_of(weight, p, stats, gptq, g, f, lv)))
-    every = _levels(weight, [grid for grids, _ in plans for grid in grids], stats, gptq)
-    out, first = [], 0
-    for grids, candidate in plans:
-        out.append(candidate(every[first:first + len(grids)]))
-        first += len(grids)
-    return out
+    return plans
 
 
-def _pick(candidates: dict[str, list[Candidate]], lam: float) -> dict[str, int]:
+def _entropy_bits(levels: np.ndarray) -> float:
+    """The empirical entropy of ``levels`` in bits, plus a byte per distinct value for the frequency table."""
+    flat = levels.reshape(-1)
+    counts = np.bincount(flat - flat.min())
+    counts = counts[counts > 0]
+    return float(-(counts * np.log2(counts / flat.size)).sum()) + 8.0 * counts.size + MIN_STREAM_BITS
+
+
+def min_layer_bits(shape: tuple[int, ...]) -> int:
+    """A lower bound on the coded bits of any candidate of a weight of ``shape``: its float16 steps, one per
+    output channel, and the smallest level stream (every candidate is a per-channel grid)."""
+    return 16 * int(shape[0]) + MIN_STREAM_BITS
+
+
+@dataclass
+class LayerSearch:
+    """One layer's candidate families, scored cheaply first and made exact on demand.
+
+    :meth:`estimates` rounds every grid to nearest and predicts its loss (on a seeded subset of output rows where
+    the layer is large, see :data:`SCREEN_MACS`) and bits (the levels' entropy); :meth:`refine` makes chosen
+    families exact: GPTQ levels (one stacked run over the families asked for, on the layer's Hessian factored
+    once for every call), coded bits and the full predicted loss. :func:`choose_refined` asks only for the
+    families the budget may pick, where :func:`layer_candidates` makes every one exact."""
+
+    weight: np.ndarray
+    stats: LayerStats | None
+    gptq: bool = True
+    rtn_bits: tuple = RTN_BITS
+    composite_planes: tuple = COMPOSITE_PLANES
+    levels: tuple = ()
+    half: bool = False
+    weighted_levels: tuple = ()
+    exponents: tuple = SENSITIVITY_EXPONENTS
+    plans: list = field(init=False)
+    exact: list = field(init=False)
+    _estimates: list | None = field(init=False, default=None)
+    _factors: dict = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.weight = np.asarray(self.weight, np.float32)
+        self.gptq = bool(self.gptq and self.stats is not None)
+        self.plans = _plans(self.weight, self.stats, self.gptq, self.rtn_bits, self.composite_planes, self.levels,
+                            self.half, self.weighted_levels, self.exponents)
+        self.exact = [None] * len(self.plans)
+
+    def estimates(self) -> list[Estimate]:
+        if self._estimates is None:
+            loss = _screen_loss(self.weight, self.stats)
+            out = []
+            for index, (label, grids, _) in enumerate(self.plans):
+                best = None
+                for steps, mag_bits in grids:
+                    lv = round_levels(self.weight, steps, mag_bits)
+                    delta = lv.reshape(lv.shape[0], -1) * np.asarray(steps, np.float32).reshape(-1, 1) \
+                        - self.weight.reshape(self.weight.shape[0], -1)
+                    option = Estimate(label, _entropy_bits(lv) + 16.0 * len(np.ravel(steps)), loss(delta),
+                                      self.weight.size, index)
+                    if best is None or option.loss < best.loss:
+                        best = option
+                out.append(best)
+            self._estimates = out
+        return self._estimates
+
+    def options(self) -> list:
+        """Each family's exact candidate where it was made, else its estimate."""
+        estimates = self.estimates()
+        return [exact if exact is not None else estimates[i] for i, exact in enumerate(self.exact)]
+
+    def refine(self, plans: Iterable[int]) -> int:
+        """Make the families ``plans`` exact (their grids' levels from one GPTQ run); returns how many were new."""
+        todo = sorted({i for i in plans if self.exact[i] is None})
+        if not todo:
+            return 0
+        grids = [grid for i in todo for grid in self.plans[i][1]]
+        if self.gptq:
+            every = gptq_levels_stacked(self.weight, grids, self.stats.hessian, factors=self._factors)
+        else:
+            every = [round_levels(self.weight, steps, mag_bits) for steps, mag_bits in grids]
+        first = 0
+        for i in todo:
+            count = len(self.plans[i][1])
+            self.exact[i] = self.plans[i][2](every[first:first + count])
+            first += count
+        return len(todo)
+
+    def release(self) -> None:
+        """Drop the Hessian factorisation kept for later refinements (a later one factors again)."""
+        self._factors.clear()
+
+    def candidates(self) -> list[Candidate]:
+        """Every family's exact candidate."""
+        self.refine(range(len(self.plans)))
+        return list(self.exact)
+
+
+def _screen_loss(weight: np.ndarray, stats: LayerStats | None) -> Callable[[np.ndarray], float]:
+    """The predicted loss of a weight error ``delta`` ``[out, d]`` (as :func:`_predicted_loss`), in float32, on a
+    seeded subset of the output rows (scaled up to all of them) where ``out * d^2`` exceeds :data:`SCREEN_MACS`:
+    an unbiased estimate, on the same rows for every grid of the layer."""
+    if stats is None:
+        return lambda delta: float((delta.astype(np.float64) ** 2).sum())
+    out = weight.shape[0]
+    fisher = stats.fisher.numpy()
+    if stats.groups > 1:  # per-group inputs are few (a depthwise conv's d is its kernel size): exact
+        return lambda delta: float(0.5 * (fisher * output_error(delta, stats)).sum())
+    hessian = stats.hessian.float()
+    d = hessian.shape[0]
+    count = min(out, max(16, SCREEN_MACS // max(1, d * d)))
+    rows = np.sort(np.random.default_rng(0).permutation(out)[:count]) if count < out else np.arange(out)
+    weights = torch.from_numpy(fisher[rows] * (out / count))
+
+    def loss(delta: np.ndarray) -> float:
+        part = torch.from_numpy(np.ascontiguousarray(delta[rows], np.float32))
+        return float(0.5 * (weights * ((part @ hessian) * part).sum(1).double()).sum())
+    return loss
+
+
+def layer_candidates(weight: np.ndarray, stats: LayerStats | None, gptq: bool = True,
+                     rtn_bits=RTN_BITS, composite_planes=COMPOSITE_PLANES, levels=(), half: bool = False,
+                     weighted_levels=(), exponents=SENSITIVITY_EXPONENTS) -> list[Candidate]:
+    """Every candidate code of one layer (``half``: with float16 steps, see :func:`rtn_candidate`). The
+    levels of all candidates' grids come from one stacked GPTQ run per layer."""
+    return LayerSearch(weight, stats, gptq, tuple(rtn_bits), tuple(composite_planes), tuple(levels), half,
+                       tuple(weighted_levels), tuple(exponents)).candidates()
+
+
+def _best(options: list, lam: float, top: int) -> list[int]:
+    """The ``top`` families of lowest ``loss + lam * bits``."""
+    return sorted(range(len(options)), key=lambda i: (options[i].loss + lam * options[i].bits, options[i].bits))[:top]
+
+
+def choose_refined(searches: dict[str, LayerSearch], budget_bits: float, span: float = REFINE_SPAN,
+                   top: int = REFINE_TOP, progress: Callable[[str, int], None] | None = None
+                   ) -> dict[str, Candidate]:
+    """:func:`choose` over every layer's families, made exact only where the budget may pick them.
+
+    The screening estimates give the Lagrange multiplier ``lam`` of the budget; every layer's ``top`` best
+    families at each of ``lam / span`` to ``lam * span`` (GPTQ lowers losses unevenly, so the exact trade-off
+    moves) and its cheapest are made exact first. Then :func:`choose` runs on each family's exact candidate where
+    there is one, else its estimate; any estimate it picks is made exact and the choice repeated, and once every
+    pick is exact, the ``top`` best families of every layer at the exact multiplier are made exact and the
+    choice repeated once more. Left as estimates are the families that rounding's loss (almost always above GPTQ's)
+    ranks far from the budget's trade-off. ``progress(layer, new)`` is called after each layer's refinement
+    (``new``: the families it made exact)."""
+    estimates = {name: search.estimates() for name, search in searches.items()}
+    lam = _multiplier(estimates, budget_bits)
+    for name, search in searches.items():
+        wanted = {i for k in range(-2, 3) for i in _best(estimates[name], lam * span ** (k / 2), top)}
+        wanted.add(min(range(len(estimates[name])), key=lambda i, e=estimates[name]: e[i].bits))
+        new = search.refine(wanted)
+        if progress is not None:
+            progress(name, new)
+    polished = False
+    while True:
+        options = {name: search.options() for name, search in searches.items()}
+        chosen = choose(options, budget_bits)
+        missing = {name: [c.plan] for name, c in chosen.items() if isinstance(c, Estimate)}
+        if not missing and not polished:  # once: the best families at the exact trade-off, then choose again
+            polished, lam = True, _multiplier(options, budget_bits)
+            missing = {name: _best(options[name], lam, top) for name in searches}
+        new = {name: searches[name].refine(plans) for name, plans in missing.items()}
+        if not any(new.values()):
+            return chosen
+        if progress is not None:
+            for name, count in new.items():
+                progress(name, count)
+
+
+def _pick(candidates: dict[str, list], lam: float) -> dict[str, int]:
     return {name: min(range(len(c)), key=lambda i, c=c: (c[i].loss + lam * c[i].bits, c[i].bits))
             for name, c in candidates.items()}
 
@@ -246,8 +433,17 @@ def choose(candidates: dict[str, list[Candidate]], budget_bits: float) -> dict[s
     """The per-layer candidates with the least summed loss whose summed bits fit ``budget_bits``."""
     cheapest = {name: min(range(len(c)), key=lambda i, c=c: c[i].bits) for name, c in candidates.items()}
     if _bits(candidates, cheapest) > budget_bits:
-        need = _bits(candidates, cheapest) / sum(c[0].code.numel for c in candidates.values())
+        need = _bits(candidates, cheapest) / sum(c[0].numel for c in candidates.values())
         raise ValueError(f"the budget is below the cheapest setting ({need:.3f} bits/weight)")
+    picks = _pick(candidates, _multiplier(candidates, budget_bits))
+    if _bits(candidates, picks) > budget_bits:
+        picks = cheapest
+    _upgrade(candidates, picks, budget_bits)
+    return {name: candidates[name][i] for name, i in picks.items()}
+
+
+def _multiplier(candidates: dict[str, list], budget_bits: float) -> float:
+    """The least Lagrange multiplier (bisection) whose per-layer picks fit ``budget_bits``."""
     lo, hi = 0.0, 1.0
     while _bits(candidates, _pick(candidates, hi)) > budget_bits:
         hi *= 4.0
@@ -259,11 +455,7 @@ def choose(candidates: dict[str, list[Candidate]], budget_bits: float) -> dict[s
             lo = mid
         else:
             hi = mid
-    picks = _pick(candidates, hi)
-    if _bits(candidates, picks) > budget_bits:
-        picks = cheapest
-    _upgrade(candidates, picks, budget_bits)
-    return {name: candidates[name][i] for name, i in picks.items()}
+    return hi
 
 
 def _upgrade(candidates, picks: dict[str, int], budget_bits: float) -> None:

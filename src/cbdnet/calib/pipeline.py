@@ -27,8 +27,9 @@ from ..nn.report import Report, layer_report
 from ..nn.state import record
 from ..nn.walk import Encoder, check_skip, compress_layers, compressible_layers, float_state, owns_its_code
 from .batches import CalibrationSet, as_calibration_set
-from .budget import choose, layer_candidates, rtn_candidate
+from .budget import LayerSearch, choose_refined, min_layer_bits, rtn_candidate
 from .configs import BudgetConfig, CalibrationConfig, CBDConfig, CompressConfig, RTNConfig, UniformConfig
+from .progress import stage_bar
 from .reconstruct import refine_rounding
 from .refit import refit_levels
 from .stats import (
@@ -41,7 +42,7 @@ from .stats import (
     single_thread,
 )
 
-__all__ = ["compress"]
+__all__ = ["compress", "CompressCache"]
 
 
 @dataclass
@@ -114,32 +115,75 @@ def file_overhead_bits(model: nn.Module, coded: set[str], float32: bool, folded:
     return 8 * (CONTAINER_BYTES + header_allowance(len(coded), len(floats)) + data)
 
 
-def _budget_encoder(config: BudgetConfig, originals: dict, calib: _Calibration, gptq: bool,
-                    overhead_bits: int = 0, half: bool = False) -> tuple[Encoder, dict]:
-    candidates = {}
-    for name, weight in originals.items():
-        check_finite(weight, name)
-        with single_thread():
-            candidates[name] = layer_candidates(weight.astype(np.float32), calib.stats.get(name), gptq=gptq,
-                                                rtn_bits=config.rtn_bits, composite_planes=config.composite_planes,
-                                                levels=config.levels, half=half,
-                                                weighted_levels=config.weighted_levels,
-                                                exponents=config.sensitivity_exponents)
+@dataclass
+class CompressCache:
+    """What a budgeted :func:`compress` computed before choosing codes (calibration statistics, every layer's
+    candidate search), kept so that a second call on the same model, data and settings, with only the target
+    changed, starts from them: :func:`cbdnet.format.fit.compress_encoded`'s retry after the file overshot its
+    target. A call whose layers or settings differ computes everything again."""
+
+    key: tuple | None = None
+    calib: _Calibration | None = None
+    searches: dict[str, LayerSearch] = field(default_factory=dict)
+
+
+def _cache_key(config, settings: CalibrationConfig, layers, calibration, float32: bool, fold_bn: bool) -> tuple:
+    fields = tuple(sorted((k, str(v)) for k, v in config.to_dict().items() if k != "target_bits"))
+    return (fields, str(settings.to_dict()), tuple((name, tuple(m.weight.shape)) for name, m in layers),
+            id(calibration), float32, fold_bn)
+
+
+def _check_reachable(config: BudgetConfig, originals: dict, overhead_bits: int) -> None:
+    """Refuse, before any candidate is computed, a target below a lower bound of every candidate's size."""
     params = sum(weight.size for weight in originals.values())
+    floor = overhead_bits + sum(min_layer_bits(weight.shape) for weight in originals.values())
+    if floor > config.target_bits * params:
+        raise CBDError(f"target_bits {config.target_bits}: the budget is below the cheapest setting (at least "
+                       f"{floor / params:.3f} bits/weight: the float tensors, header and steps alone take "
+                       f"{floor:,} bits)")
+
+
+def _budget_encoder(config: BudgetConfig, originals: dict, calib: _Calibration, gptq: bool,
+                    overhead_bits: int = 0, half: bool = False, searches: dict | None = None,
+                    progress: bool = False) -> tuple[Encoder, dict]:
+    _check_reachable(config, originals, overhead_bits)
+    searches = {} if searches is None else searches
+    with single_thread(), stage_bar(len(originals), "budget: screen", progress) as bar:
+        for name, weight in originals.items():
+            bar.set_postfix_str(name, refresh=False)
+            if name not in searches:
+                check_finite(weight, name)
+                searches[name] = LayerSearch(weight.astype(np.float32), calib.stats.get(name), gptq,
+                                             config.rtn_bits, config.composite_planes, config.levels, half,
+                                             config.weighted_levels, config.sensitivity_exponents)
+            searches[name].estimates()
+            bar.update()
+    params = sum(weight.size for weight in originals.values())
+    stage = "budget: gptq" if gptq else "budget: code"
     try:  # the whole file: the layers get what the header, float tensors and container leave
-        chosen = choose(candidates, config.target_bits * params - overhead_bits)
+        with single_thread(), stage_bar(len(originals), stage, progress) as bar:
+            def refined(name: str, new: int) -> None:
+                bar.set_postfix_str(f"{name} (+{new})", refresh=False)
+                bar.update(0 if bar.n >= bar.total else 1)
+            chosen = choose_refined(searches, config.target_bits * params - overhead_bits, progress=refined)
+        for search in searches.values():  # d x d floats per layer: not held through refit
+            search.release()
     except ValueError as exc:
         raise CBDError(f"target_bits {config.target_bits}: {exc}") from None
     summary = {"chosen": {name: c.label for name, c in chosen.items()}, "overhead_bits": overhead_bits,
-               "predicted_loss_increase": sum(c.loss for c in chosen.values())}
+               "predicted_loss_increase": sum(c.loss for c in chosen.values()),
+               "exact_candidates": sum(sum(e is not None for e in s.exact) for s in searches.values()),
+               "candidate_families": sum(len(s.plans) for s in searches.values())}
     return (lambda name, weight: chosen[name].code), summary
 
 
 def _encoder(config: CompressConfig, originals: dict, calib: _Calibration, gptq: bool,
-             overhead_bits: int = 0, half: bool = False) -> tuple[Encoder, dict]:
-    """The per-layer encoder of ``config`` (and the budget's choices); ``half``: grid steps in float16."""
+             overhead_bits: int = 0, half: bool = False, searches: dict | None = None,
+             progress: bool = False) -> tuple[Encoder, dict]:
+    """The per-layer encoder of ``config`` (and the budget's choices); ``half``: grid steps in float16;
+    ``searches``: the budget's per-layer candidate searches so far (filled in)."""
     if isinstance(config, BudgetConfig):
-        return _budget_encoder(config, originals, calib, gptq, overhead_bits, half)
+        return _budget_encoder(config, originals, calib, gptq, overhead_bits, half, searches, progress)
     if isinstance(config, RTNConfig):
         return _rtn_encoder(config, originals, calib, gptq, half), {}
     if isinstance(config, UniformConfig):
@@ -249,7 +293,7 @@ def _check_config(config) -> CompressConfig:
 def compress(model: nn.Module, config: CompressConfig | None = None, *, calibration: Iterable | None = None,
              calibration_config: CalibrationConfig | None = None, skip: Iterable[str] = (), progress: bool = True,
              workers: int | None = None, input_shape: tuple[int, ...] | None = None, float32: bool = False,
-             fold_bn: bool = True) -> tuple[nn.Module, Report]:
+             fold_bn: bool = True, cache: CompressCache | None = None) -> tuple[nn.Module, Report]:
     """Compress every Conv2d/ConvTranspose2d/Linear of ``model`` in place; returns ``(model, report)``.
 
     ``config``: :class:`CBDConfig` (default: the paper's code, J=5, bottleneck 0.3), :class:`UniformConfig`,
@@ -261,7 +305,8 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
     it in the file. The float tensors the file stores (BatchNorm, biases) are rounded to float16 where that keeps
     float16's full precision, as the file stores them (``float32=True``: kept as they are, and so saved).
     ``fold_bn``: fold each BatchNorm that follows a layer coded with per-channel steps into those steps
-    (:mod:`cbdnet.nn.fold`), so that the file stores only its shift.
+    (:mod:`cbdnet.nn.fold`), so that the file stores only its shift. ``cache``: a :class:`CompressCache` that
+    keeps the calibration statistics and the budget's candidates for a second call with another target.
     """
     start = time.perf_counter()
     config = _check_config(config)
@@ -271,7 +316,13 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
     skip = check_skip(model, skip)
     layers = compressible_layers(model, skip)
     originals = {name: m.weight.detach().double().cpu().numpy() for name, m in layers}
-    calib = _calibrate(model, layers, calibration, settings)
+    key = _cache_key(config, settings, layers, calibration, float32, fold_bn)
+    if cache is not None and cache.key == key and cache.calib is not None:
+        calib = cache.calib
+    else:
+        calib = _calibrate(model, layers, calibration, settings)
+        if cache is not None:
+            cache.key, cache.calib, cache.searches = key, calib, {}
     gptq = bool(settings.gptq and calib.stats)
     refit = settings.refit and gptq and (isinstance(config, BudgetConfig)
                                          or isinstance(config, RTNConfig) and config.granularity == "channel")
@@ -280,7 +331,8 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
     if isinstance(config, BudgetConfig):  # every candidate is a per-channel grid: the pairs found now will fold
         folds = foldable_norms(model, {name for name, _ in layers}) if fold_bn else []
         overhead = file_overhead_bits(model, {f"{name}.weight" for name, _ in layers}, float32, folds)
-    encoder, chosen = _encoder(config, originals, calib, gptq, overhead, half=not float32)
+    encoder, chosen = _encoder(config, originals, calib, gptq, overhead, half=not float32,
+                               searches=None if cache is None else cache.searches, progress=progress)
     recorded = {**config.to_dict(), "skip": skip, "fold_bn": fold_bn, "float32": float32}
     if calib.data is not None:
         recorded["calibration"] = {**settings.to_dict(), "gptq": gptq}

@@ -28,11 +28,15 @@ from ..codec.code import GridCode
 from ..codec.grid import with_levels
 from ..nn.walk import owns_its_code
 from .batches import CalibrationSet, as_calibration_set
-from .stats import gptq_levels, sample_positions, sampled_patches, single_thread
+from .stats import MAX_PATCH_ELEMENTS, gptq_levels, input_positions, sample_positions, sampled_patches, single_thread
 
 __all__ = ["RefitResult", "refit_levels", "calibration_kl", "POSITIONS"]
 
 POSITIONS = 256  # input patches per image that enter the moments (a seeded random subset)
+# the moments stop after ROWS_PER_INPUT patches per input dimension (at least MIN_ROWS): each layer's capture
+# runs both models up to it, so images beyond what the moments need were the refit's main cost
+ROWS_PER_INPUT = 256
+MIN_ROWS = 1 << 14
 DAMP = 0.01  # added to H~'s diagonal, relative to its mean, before it is inverted (as GPTQ damps)
 
 
@@ -81,7 +85,8 @@ def _inputs(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.T
 
 
 def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> tuple | None:
-    """``(H~, E[x x~^T])`` of layer ``name`` over the calibration images (None where it cannot be captured)."""
+    """``(H~, E[x x~^T])`` of layer ``name`` over the calibration images, the first ones up to a bounded number
+    of patches (None where it cannot be captured)."""
     layer, float_layer = model.get_submodule(name), float_model.get_submodule(name)
     hessian = cross = None
     count = 0
@@ -90,12 +95,26 @@ def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> 
         if compressed_in is None or float_in is None:
             return None
         keep = sample_positions(layer, float_in, POSITIONS, generator)  # the same positions in both models
-        x_tilde, x = sampled_patches(layer, compressed_in.float(), keep), sampled_patches(layer, float_in.float(), keep)
-        part_hessian, part_cross = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()  # float32 products
-        hessian = part_hessian if hessian is None else hessian + part_hessian
-        cross = part_cross if cross is None else cross + part_cross
-        count += x.shape[0]
+        rows = (keep.shape[1] if keep is not None else input_positions(layer, float_in)) * _width(layer, float_in)
+        step = max(1, MAX_PATCH_ELEMENTS // max(1, rows))  # images whose patches are unfolded at once
+        for first in range(0, len(images), step):
+            part = slice(first, first + step)
+            picked = None if keep is None else keep[part]
+            x_tilde = sampled_patches(layer, compressed_in[part].float(), picked)
+            x = sampled_patches(layer, float_in[part].float(), picked)
+            part_hessian, part_cross = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()  # float32 products
+            hessian = part_hessian if hessian is None else hessian + part_hessian
+            cross = part_cross if cross is None else cross + part_cross
+            count += x.shape[0]
+        if count >= max(MIN_ROWS, ROWS_PER_INPUT * hessian.shape[0]):
+            break
     return hessian / count, cross / count
+
+
+def _width(layer: nn.Module, x: torch.Tensor) -> int:
+    """Elements per unfolded patch row of ``layer`` over its input ``x``."""
+    kernel = getattr(layer, "kernel_size", (1, 1))
+    return int(x.shape[1]) * int(np.prod(kernel)) if isinstance(layer, nn.Conv2d) else int(x.shape[-1])
 
 
 def _output_error(levels: np.ndarray, steps: np.ndarray, weight: torch.Tensor, hessian: torch.Tensor,

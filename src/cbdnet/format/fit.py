@@ -18,6 +18,7 @@ from torch import nn
 
 from ..calib import BudgetConfig
 from ..calib import compress as compress_layers_of
+from ..calib.pipeline import CompressCache
 from ..errors import CBDError
 from ..nn import Report
 from .cbdfile import encode_file
@@ -46,10 +47,11 @@ def compress_encoded(model: nn.Module, config=None, **options) -> tuple[nn.Modul
         return model, report, _measured(model, report)
     pristine = copy.deepcopy(model)
     target = config
+    cache = CompressCache()  # a retry reuses the statistics and candidates of the first try
     for attempt in range(MAX_BUDGET_TRIES):
         if attempt:
             model.__dict__.update(copy.deepcopy(pristine).__dict__)  # the same object, back to its original state
-        model, report = compress_layers_of(model, target, **options)
+        model, report = compress_layers_of(model, target, cache=cache, **options)
         encoded = _measured(model, report)
         excess = 8 * report.file_bytes - config.target_bits * report.params
         report.extra["budget_retries"] = attempt

@@ -1,0 +1,52 @@
+"""Peak memory of a calibrated budget: bounded by the model, its statistics and one batch (measured in a
+subprocess, at reduced size).
+
+The bound (BENCHMARKS.md, "Scaling of the calibrated budget"): the growth of peak RSS over a budgeted
+``compress`` is at most ``3 S + 6 H + 16 P + 4 A + 256 MiB``, with ``S`` the statistics' bytes (a float64
+``d x d`` second moment per layer), ``H`` the largest layer's, ``P`` the weights' float32 bytes and ``A`` one
+calibration batch's activations (every module output, float32). Candidate levels are not in it: a layer's grids
+are made exact a few at a time and only a layer's at once (``int16``), never every grid of every layer.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import json, resource, torch
+    from torch import nn
+    import cbdnet
+    torch.manual_seed(0)
+    widths = [3, 48, 96, 96, 192, 192]
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], 10)).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)) for _ in range(2)]
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel())) for m in model.modules()]
+    with torch.no_grad():
+        model(torch.cat([images for images, _ in data]))
+    for hook in hooks:
+        hook.remove()
+    coded = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    second = [8 * m.weight[0].numel() ** 2 for m in coded]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model, report = cbdnet.compress(model, cbdnet.BudgetConfig(target_bits=3.0), calibration=data, progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"growth": (peak - before) * 1024, "S": sum(second), "H": max(second),
+                      "P": 4 * report.params, "A": 4 * sum(outputs), "bits": report.bits_per_weight}))
+""")
+
+
+def test_peak_rss_of_a_budget_is_bounded_by_model_statistics_and_one_batch():
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, check=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    bound = 3 * got["S"] + 6 * got["H"] + 16 * got["P"] + 4 * got["A"] + (256 << 20)
+    assert got["growth"] <= bound, got
+    # and the bound is not vacuous here: the statistics and factor terms are most of it
+    assert 3 * got["S"] + 6 * got["H"] > 0.3 * bound
