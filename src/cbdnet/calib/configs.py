@@ -14,14 +14,17 @@ argument) and serialises to ``{"method": ..., **fields}`` (:meth:`to_dict`), whi
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
+
+import torch
 
 from ..codec import FALLBACK_RULES, GRANULARITIES, MAX_PLANES
 from ..errors import CBDError
 from .budget import COMPOSITE_PLANES, FREE_LEVELS, RTN_BITS, SENSITIVITY_EXPONENTS, WEIGHTED_LEVELS
 
-__all__ = ["ConfigError", "CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig", "CalibrationConfig",
+__all__ = ["ConfigError", "resolve_device", "CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig", "CalibrationConfig",
            "CompressConfig",
            "config_from_dict", "config_from_options", "OptionError", "OPTION_NAMES", "METHODS"]
 
@@ -181,7 +184,10 @@ class CalibrationConfig(_Config):
     GPTQ-rounded grid again, layer by layer on the compressed model, against the float layer's output
     (:mod:`cbdnet.calib.refit`; on by default where GPTQ runs). ``adaround``: after the codes are chosen, learn
     every grid code's rounding block by block for this many steps per block (:mod:`cbdnet.calib.reconstruct`;
-    0, the default: off; 2,000 is the measured setting)."""
+    0, the default: off; 2,000 is the measured setting). ``device``: where the forward and backward passes,
+    the statistics and refit's moments run: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA
+    where available); the candidate codes and GPTQ are computed on the CPU from the statistics. It is not
+    recorded in the file (:meth:`to_dict`): the same codes come from either device, within float tolerance."""
 
     method: ClassVar[str] = "calibration"
     images: int | None = None
@@ -190,6 +196,7 @@ class CalibrationConfig(_Config):
     bn_reestimate: bool = False
     adaround: int = 0
     refit: bool = True
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.images is not None:
@@ -201,9 +208,32 @@ class CalibrationConfig(_Config):
         if self.bias_correction not in BIAS_CORRECTION or isinstance(self.bias_correction, int) \
                 and not isinstance(self.bias_correction, bool):
             raise ConfigError(f"bias_correction must be True, False or 'auto', got {self.bias_correction!r}")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {self.device!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["device"]
+        return out
+
+
+DEVICE_PATTERN = re.compile(r"cpu|auto|cuda(:\d{1,3})?")
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device of a :class:`CalibrationConfig` ``device`` string; CUDA asked for where it is not
+    available (or an index beyond the GPUs there) is a :class:`ConfigError`."""
+    if device == "cpu" or device == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: CUDA is not available on this machine (torch "
+                          f"{torch.__version__}, built with CUDA {torch.version.cuda}); use device 'cpu'", "device")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)", "device")
+    return torch.device(device)
 
 
 CompressConfig = CBDConfig | UniformConfig | RTNConfig | BudgetConfig
@@ -229,7 +259,7 @@ class OptionError(CBDError, ValueError):
 
 # The ``compress`` option names (CLI flags without ``--``, sweep spec keys) that :func:`config_from_options` reads.
 OPTION_NAMES = ("method", "bits", "granularity", "planes", "bottleneck", "fallback", "target-bits", "calib",
-                "calib-images", "gptq", "bias-correction", "bn-reestimate", "adaround", "refit")
+                "calib-images", "gptq", "bias-correction", "bn-reestimate", "adaround", "refit", "device")
 
 
 def _given(options: dict, prefix: str, *names: str) -> list[str]:
@@ -270,7 +300,7 @@ def _calibration_config(options: dict, config: CompressConfig, prefix: str) -> C
     get = options.get
     if not get("calib"):
         _refuse(_given(options, prefix, "calib-images", "gptq", "bias-correction", "bn-reestimate", "adaround",
-                       "refit"),
+                       "refit", "device"),
                 f"they need {prefix}calib")
         return CalibrationConfig()
     gptq_used = isinstance(config, BudgetConfig) or isinstance(config, RTNConfig) and config.granularity == "channel"
@@ -286,7 +316,8 @@ def _calibration_config(options: dict, config: CompressConfig, prefix: str) -> C
     return CalibrationConfig(images=get("calib-images"), gptq=True if get("gptq") is None else get("gptq"),
                              bias_correction="auto" if get("bias-correction") is None else get("bias-correction"),
                              bn_reestimate=bool(get("bn-reestimate")), adaround=get("adaround") or 0,
-                             refit=True if get("refit") is None else get("refit"))
+                             refit=True if get("refit") is None else get("refit"),
+                             device=get("device") or "cpu")
 
 
 def config_from_options(options: dict, prefix: str = "") -> tuple[CompressConfig, CalibrationConfig]:

@@ -95,7 +95,7 @@ def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> 
         hessian = part_hessian if hessian is None else hessian + part_hessian
         cross = part_cross if cross is None else cross + part_cross
         count += x.shape[0]
-    return hessian / count, cross / count
+    return (hessian / count).cpu(), (cross / count).cpu()  # accumulated where the model runs; GPTQ runs on the CPU
 
 
 def _output_error(levels: np.ndarray, steps: np.ndarray, weight: torch.Tensor, hessian: torch.Tensor,
@@ -119,7 +119,7 @@ def _refit_layer(model, float_model, name: str, data: CalibrationSet, generator,
     if moments is None:
         return
     hessian, cross = moments
-    weight = float_model.get_submodule(name).weight.detach().double().reshape(code.shape[0], -1)
+    weight = float_model.get_submodule(name).weight.detach().double().cpu().reshape(code.shape[0], -1)
     levels, steps = code.levels()
     steps = np.broadcast_to(steps.reshape(-1), (code.shape[0],)).astype(np.float64)
     new = gptq_levels(_target(weight, hessian, cross).numpy().reshape(code.shape), steps.astype(np.float32),

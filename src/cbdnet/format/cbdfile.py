@@ -50,7 +50,8 @@ from ..codec import CodeError, LayerCode, PlaneCode, plane_digest
 from ..codec.bits import packed_size
 from ..errors import CBDError, FormatError
 from ..fileio import OutputSet, escape_name, read_regular_file
-from ..nn import COMPRESSIBLE, CBDModule, from_module
+from ..nn import CBDModule, from_module
+from ..nn.modules import coded_key, coded_weight, is_compressible
 from ..nn.walk import coded_keys
 from . import v2
 from .entries import exponents_of, is_int, layer_fields, need, strict_json
@@ -487,10 +488,9 @@ def check_fits(model: nn.Module, parsed: CBDFile) -> None:
             module = model.get_submodule(name)
         except AttributeError:
             raise CBDError(f"the file's layer {name} does not exist in the model") from None
-        if not isinstance(module, COMPRESSIBLE) or tuple(module.weight.shape) != tuple(shape):
+        if not is_compressible(module) or tuple(coded_weight(module).shape) != tuple(shape):
             raise CBDError(f"the file's layer {name} {tuple(shape)} does not fit the model's {module}")
-        coded.update(f"{alias}.weight" if alias else "weight"
-                     for alias, m in model.named_modules(remove_duplicate=False) if m is module)
+        coded.update(coded_key(alias, m) for alias, m in model.named_modules(remove_duplicate=False) if m is module)
     expected = set(state) - coded
     missing, unexpected = sorted(expected - set(parsed.floats)), sorted(set(parsed.floats) - expected)
     if missing or unexpected:
@@ -527,7 +527,7 @@ def _restore(model: nn.Module, parsed: CBDFile, *, assign: bool = False) -> nn.M
     tied = {}
     for name, owner in _tied(parsed).items():
         twin = from_module(model.get_submodule(name), parsed.codes[owner])
-        twin.weight = replacements[owner].weight
+        twin.share_weight(replacements[owner])
         tied[name] = twin
     for name, replacement in {**replacements, **tied}.items():
         _set_submodule(model, name, replacement)
@@ -630,7 +630,7 @@ def _fills_everything(model: nn.Module, parsed: CBDFile) -> bool:
     state = model.state_dict(keep_vars=True)
     if {name for name, _ in model.named_buffers(remove_duplicate=False)} - set(state):
         return False
-    coded = {f"{name}.weight" for name in (*parsed.codes, *_tied(parsed))}
+    coded = {coded_key(name, model.get_submodule(name)) for name in (*parsed.codes, *_tied(parsed))}
     keys: dict[int, list[str]] = {}
     for key, value in state.items():
         keys.setdefault(id(value), []).append(key)
