@@ -24,8 +24,8 @@ from ..codec import FALLBACK_RULES, GRANULARITIES, MAX_PLANES
 from ..errors import CBDError
 from .budget import COMPOSITE_PLANES, FREE_LEVELS, RTN_BITS, SENSITIVITY_EXPONENTS, WEIGHTED_LEVELS
 
-__all__ = ["ConfigError", "resolve_device", "CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig", "CalibrationConfig",
-           "CompressConfig",
+__all__ = ["ConfigError", "resolve_device", "CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig",
+           "CalibrationConfig", "CompressConfig",
            "config_from_dict", "config_from_options", "OptionError", "OPTION_NAMES", "METHODS"]
 
 

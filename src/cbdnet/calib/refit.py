@@ -119,6 +119,8 @@ def _refit_layer(model, float_model, name: str, data: CalibrationSet, generator,
     if moments is None:
         return
     hessian, cross = moments
+    if not torch.diag(hessian).mean() > 0:  # every input was zero on the calibration images: nothing to fit
+        return
     weight = float_model.get_submodule(name).weight.detach().double().cpu().reshape(code.shape[0], -1)
     levels, steps = code.levels()
     steps = np.broadcast_to(steps.reshape(-1), (code.shape[0],)).astype(np.float64)

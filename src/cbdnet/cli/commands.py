@@ -16,7 +16,7 @@ import torch
 
 from .. import __version__
 from ..calib import CalibrationConfig
-from ..calib.configs import OPTION_NAMES, ConfigError, config_from_options
+from ..calib.configs import OPTION_NAMES, ConfigError, config_from_options, resolve_device
 from ..codec import FALLBACK_RULES, GRANULARITIES
 from ..errors import CBDError
 from ..fileio import OutputSet, escape_name, parse_positive_int
@@ -123,6 +123,7 @@ def cmd_compress(args) -> int:
     try:  # before any work: a bad flag costs nothing
         config = compress_config(args)
         settings = calibration_settings(args, config)
+        resolve_device(settings.device)  # CUDA asked for on a machine without it: refused before any work
     except ConfigError as exc:
         raise UsageError(f"{_FLAGS.get(exc.field, '--' + exc.field.replace('_', '-'))}: {exc}") from None
     out, (model_path, json_target) = open_outputs(args, [(args.output, "compressed model"),
@@ -361,6 +362,9 @@ def _method_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", help="calibration data spec (training images only), e.g. "
                                         "cifar10-npz:../shared/data/cifar10_calib1000.npz")
     parser.add_argument("--calib-images", type=int, default=None, help="use only the first N calibration images")
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="with --calib: where the forward/backward passes, statistics and refit run: cpu "
+                             "(default), cuda, cuda:N or auto (CUDA where available); the codes are the same")
     parser.add_argument("--target-bits", type=float, default=None,
                         help="choose per-layer settings to fit X bits/weight (as stored), by predicted --calib loss "
                              "(without --calib: by weight squared error)")

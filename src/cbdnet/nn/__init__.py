@@ -14,6 +14,6 @@ from .modules import (
 from .report import LayerReport, Report
 from .walk import compress_layers, compressible_layers
 
-__all__ = ["COMPRESSIBLE", "CBDModule", "CBDConv2d", "CBDConvTranspose2d", "CBDLinear", "CBDMultiheadAttention", "from_module",
-           "is_compressible",
+__all__ = ["COMPRESSIBLE", "CBDModule", "CBDConv2d", "CBDConvTranspose2d", "CBDLinear", "CBDMultiheadAttention",
+           "from_module", "is_compressible",
            "LayerReport", "Report", "compress_layers", "compressible_layers"]
