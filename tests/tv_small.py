@@ -12,7 +12,7 @@ channels-last MLPs, multi-head attention, shifted windows, ...), with a few chan
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import cache, partial
 
 import torch
 from torch import nn
@@ -68,11 +68,12 @@ def _meta_build(name: str, classes: int) -> nn.Module:
         return tv.get_model_builder(name)(**options)
 
 
-def _classifiers(name: str) -> set[str]:
+@cache
+def _classifiers(name: str) -> frozenset[str]:
     """The modules whose shapes follow the number of classes (found by building with one class more)."""
     shapes = {key: value.shape for key, value in _meta_build(name, CLASSES + 1).state_dict().items()}
-    return {key.rpartition(".")[0] for key, value in _meta_build(name, CLASSES).state_dict().items()
-            if shapes[key] != value.shape}
+    return frozenset(key.rpartition(".")[0] for key, value in _meta_build(name, CLASSES).state_dict().items()
+                     if shapes[key] != value.shape)
 
 
 def _narrowed(name: str, k: int) -> nn.Module:

@@ -394,10 +394,10 @@ def _gptq_rows(weight: np.ndarray, steps: list[np.ndarray], tops: list[float], f
 
 def output_error(delta: np.ndarray, stats: LayerStats) -> np.ndarray:
     """Per output channel ``dW[o] @ H @ dW[o]``: the mean squared output error the weight error causes."""
-    if stats.groups > 1:
-        rows = stats.group_of(delta.shape[0])
-        return np.concatenate([output_error(delta[r], stats.of_group(g)) for g, r in enumerate(rows)])
     d = torch.from_numpy(np.asarray(delta, np.float64).reshape(delta.shape[0], -1))
+    if stats.groups > 1:  # all groups in one batched product (a depthwise conv has one group per channel)
+        d = d.reshape(stats.groups, -1, d.shape[1])
+        return (torch.bmm(d, stats.hessian) * d).sum(2).reshape(-1).numpy()
     return ((d @ stats.hessian) * d).sum(1).numpy()
 
 
@@ -418,7 +418,8 @@ def _mean_shift(delta: np.ndarray, stats: LayerStats) -> np.ndarray:
     flat = delta.reshape(delta.shape[0], -1)
     if stats.groups == 1:
         return flat @ stats.mean.numpy()
-    return np.concatenate([flat[r] @ stats.mean[g].numpy() for g, r in enumerate(stats.group_of(flat.shape[0]))])
+    per_group = flat.reshape(stats.groups, -1, flat.shape[1])
+    return np.einsum("gri,gi->gr", per_group, stats.mean.numpy()).reshape(-1)
 
 
 @torch.no_grad()
