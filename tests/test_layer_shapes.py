@@ -105,6 +105,14 @@ def test_attention_in_proj_is_coded_saved_and_reloaded(batch_first, tmp_path):
     assert isinstance(loaded.attention, CBDMultiheadAttention) and sorted(loaded.state_dict()) == keys
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+    from cbdnet.format.cbdfile import load
+
+    model.cbdnet_arch = "attention"
+    cbdnet.save(model, path)  # a file naming its architecture loads into a meta-device skeleton
+    built = load(path, builder=lambda arch, kwargs: Attention(batch_first, width=64))
+    assert isinstance(built.attention, CBDMultiheadAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(built(x), model(x))
 
 
 def test_attention_bias_correction_moves_in_proj_bias():
