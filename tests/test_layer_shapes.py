@@ -3,16 +3,22 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import cbdnet
+from cbdnet.calib.batches import as_calibration_set
 from cbdnet.calib.configs import BudgetConfig, CalibrationConfig
 from cbdnet.calib.stats import LayerStats, _attention_hook, _mean_shift, bias_correct, collect_stats, output_error
 from cbdnet.nn import CBDMultiheadAttention
 from cbdnet.nn.walk import compressible_layers
+
+
+FEW = BudgetConfig(target_bits=6.0, rtn_bits=(3, 4, 5), composite_planes=(), levels=(), weighted_levels=())
 
 
 class ChannelsLast(nn.Module):
@@ -91,7 +97,7 @@ def test_attention_in_proj_is_coded_saved_and_reloaded(batch_first, tmp_path):
     model = Attention(batch_first, width=64).eval()
     x, y = _data(8)
     keys = sorted(model.state_dict())
-    model, report = cbdnet.compress(model, BudgetConfig(target_bits=4.0), calibration=[(x, y)], progress=False)
+    model, report = cbdnet.compress(model, FEW, calibration=[(x, y)], progress=False)
     kinds = {layer.name: layer.kind for layer in report.layers}
     assert kinds == {"embed": "linear", "attention": "attention_in_proj", "attention.out_proj": "linear",
                      "head": "linear"}
@@ -166,7 +172,31 @@ def test_grouped_and_transposed_convolutions_compress_calibrated():
     layers = compressible_layers(model)
     stats = collect_stats(model, layers, [(x, y)])
     assert stats["1"].groups == 32 and stats["2"].groups == 4 and "3" not in stats  # transposed: by weight error
-    compressed, report = cbdnet.compress(model, BudgetConfig(target_bits=6.0), calibration=[(x, y)],
+    compressed, report = cbdnet.compress(model, FEW, calibration=[(x, y)],
                                          calibration_config=CalibrationConfig(bias_correction=True), progress=False)
     assert [layer.kind for layer in report.layers] == ["conv", "conv", "conv", "conv_transpose", "linear"]
     assert report.float_layers == []
+
+
+def test_refit_takes_grouped_convolutions():
+    from cbdnet.calib.refit import _moments, _output_error, _target
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1, groups=64),
+                          nn.ReLU(), nn.Conv2d(64, 128, 1, groups=4), nn.Flatten(), nn.Linear(128 * 4 * 4, 4)).eval()
+    x, y = _data(8)
+    float_model = copy.deepcopy(model)
+    compressed, report = cbdnet.compress(model, FEW, calibration=[(x, y)], progress=False)
+    assert report.extra["calibration"]["refit"]["layers"] == 4  # every layer, the grouped ones included
+    data = as_calibration_set([(x, y)])
+    hessian, cross = _moments(compressed, float_model, "2", data, torch.Generator().manual_seed(0))
+    assert hessian.shape == cross.shape == (64, 9, 9)
+    weight = float_model[2].weight.detach().double().reshape(64, 1, 9)
+    levels, steps = compressed[2].code.levels()
+    steps = np.broadcast_to(np.asarray(steps, np.float64).reshape(-1), (64,))
+    per_group = sum(_output_error(levels[g:g + 1], steps[g:g + 1], weight[g:g + 1], hessian[g:g + 1], cross[g:g + 1])
+                    for g in range(64))
+    assert _output_error(levels, steps, weight, hessian, cross) == pytest.approx(per_group)
+    target = _target(weight, hessian, cross)
+    for g in range(0, 64, 7):  # each group solved on its own
+        torch.testing.assert_close(target[g:g + 1], _target(weight[g:g + 1], hessian[g:g + 1], cross[g:g + 1]))
