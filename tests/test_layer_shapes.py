@@ -17,7 +17,6 @@ from cbdnet.calib.stats import LayerStats, _attention_hook, _mean_shift, bias_co
 from cbdnet.nn import CBDMultiheadAttention
 from cbdnet.nn.walk import compressible_layers
 
-
 FEW = BudgetConfig(target_bits=6.0, rtn_bits=(3, 4, 5), composite_planes=(), levels=(), weighted_levels=())
 
 
