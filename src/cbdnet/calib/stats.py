@@ -422,6 +422,17 @@ def _mean_shift(delta: np.ndarray, stats: LayerStats) -> np.ndarray:
     return np.einsum("gri,gi->gr", per_group, stats.mean.numpy()).reshape(-1)
 
 
+def _shift_keeping_half(tensor: torch.Tensor, shift: torch.Tensor) -> None:
+    """``tensor += shift``, rounded to float16's values where ``tensor`` held only such values: the file stores
+    it in 2 bytes then, as the budget counted it (float16's 11 bits are far finer than the estimated shift)."""
+    half = bool(torch.equal(tensor, tensor.half().to(tensor.dtype)))
+    tensor += shift.to(tensor)
+    if half:
+        rounded = tensor.half().to(tensor.dtype)
+        if bool(torch.isfinite(rounded).all()):
+            tensor.copy_(rounded)
+
+
 @torch.no_grad()
 def bias_correct(model: nn.Module, original: dict[str, np.ndarray], stats: dict[str, LayerStats]) -> list[str]:
     """Remove the mean output shift ``(W_hat - W) @ E[x]`` of every compressed layer; returns the layers
@@ -438,9 +449,9 @@ def bias_correct(model: nn.Module, original: dict[str, np.ndarray], stats: dict[
         bias = module.in_proj_bias if isinstance(module, nn.MultiheadAttention) else module.bias
         if name in bns:
             bn = model.get_submodule(bns[name])
-            bn.running_mean += shift.to(bn.running_mean)
+            _shift_keeping_half(bn.running_mean, shift)
         elif bias is not None:
-            bias -= shift.to(bias)
+            _shift_keeping_half(bias, -shift)
         else:
             continue
         corrected.append(name)
