@@ -67,7 +67,7 @@ def _check(name: str, config: BudgetConfig, settings: CalibrationConfig, tmp_pat
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_builder_compresses_at_3_bits(name, tmp_path):
-    _check(name, CHEAP, CalibrationConfig(gptq=False, bias_correction=True), tmp_path)
+    _check(name, CHEAP, CalibrationConfig(gptq=False), tmp_path)
 
 
 def test_every_builder_is_covered():
