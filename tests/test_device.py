@@ -22,9 +22,12 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA on this machine")
 
 
+FEW = BudgetConfig(target_bits=4.0, rtn_bits=(3, 4, 5), composite_planes=(), levels=(), weighted_levels=())
+
+
 def _file(device: str | None) -> bytes:
     settings = CalibrationConfig() if device is None else CalibrationConfig(device=device)
-    model, _ = cbdnet.compress(resnet8(), BudgetConfig(target_bits=4.0), calibration=toy_data(),
+    model, _ = cbdnet.compress(resnet8(), FEW, calibration=toy_data(),
                                calibration_config=settings, progress=False)
     return encode_file(model)
 
@@ -52,8 +55,8 @@ def test_cuda_without_cuda_is_refused():
     model = resnet8()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ConfigError, match="CUDA is not available"):
-        cbdnet.compress(model, BudgetConfig(target_bits=4.0), calibration=toy_data(),
-                        calibration_config=CalibrationConfig(device="cuda:0"), progress=False)
+        cbdnet.compress(model, FEW, calibration=toy_data(), calibration_config=CalibrationConfig(device="cuda:0"),
+                        progress=False)
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())  # refused untouched
 
 
@@ -79,9 +82,9 @@ def test_calibration_set_moves_batches_to_its_device():
 
 @needs_cuda
 def test_cuda_gives_the_cpu_file_within_tolerance():
-    model, _ = cbdnet.compress(resnet8(), BudgetConfig(target_bits=4.0), calibration=toy_data(),
+    model, _ = cbdnet.compress(resnet8(), FEW, calibration=toy_data(),
                                calibration_config=CalibrationConfig(device="cuda"), progress=False)
-    reference, _ = cbdnet.compress(resnet8(), BudgetConfig(target_bits=4.0), calibration=toy_data(), progress=False)
+    reference, _ = cbdnet.compress(resnet8(), FEW, calibration=toy_data(), progress=False)
     assert next(model.parameters()).device.type == "cpu"  # back where it was
     size, expected = len(encode_file(model)), len(encode_file(reference))
     assert abs(size - expected) <= 0.02 * expected
