@@ -19,6 +19,7 @@ push each column's error onto the columns not yet quantised, Frantar et al. 2022
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -464,7 +465,9 @@ def bias_correct_if_better(model: nn.Module, original: dict[str, np.ndarray], st
     """:func:`bias_correct`, undone unless it lowers the calibration loss on ``data``."""
     data = as_calibration_set(data)
     loss_now = calibration_loss(model, data) if loss_now is None else loss_now
-    kept = {key: value.clone() for key, value in model.state_dict().items()}
+    state = model.state_dict()
+    kept = OrderedDict((key, value.clone()) for key, value in state.items())
+    kept._metadata = getattr(state, "_metadata", OrderedDict())  # MNASNet refuses a state dict without versions
     corrected = bias_correct(model, original, stats)
     if calibration_loss(model, data) >= loss_now:
         model.load_state_dict(kept)

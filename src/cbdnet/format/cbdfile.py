@@ -34,6 +34,7 @@ import json
 import math
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -531,16 +532,26 @@ def _restore(model: nn.Module, parsed: CBDFile, *, assign: bool = False) -> nn.M
         tied[name] = twin
     for name, replacement in {**replacements, **tied}.items():
         _set_submodule(model, name, replacement)
+    own = model.state_dict()
     if assign:
-        dtypes = {key: value.dtype for key, value in model.state_dict().items()}
-        state = {key: torch.from_numpy(np.array(value)).to(dtypes[key]) for key, value in parsed.floats.items()}
+        dtypes = {key: value.dtype for key, value in own.items()}
+        state = _with_metadata({key: torch.from_numpy(np.array(value)).to(dtypes[key])
+                                for key, value in parsed.floats.items()}, own)
         model.load_state_dict(state, strict=False, assign=True)
         if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
             raise RuntimeError("cbdnet.load: a tensor of the model was not filled from the file")
     else:
-        state = {key: torch.from_numpy(np.array(value)) for key, value in parsed.floats.items()}
+        state = _with_metadata({key: torch.from_numpy(np.array(value)) for key, value in parsed.floats.items()}, own)
         model.load_state_dict(state, strict=False)
     return model
+
+
+def _with_metadata(state: dict, own: dict) -> OrderedDict:
+    """``state`` with the model's own per-module state-dict versions: modules that check the version they load
+    (torchvision's MNASNet refuses a state dict without one) see the current one."""
+    out = OrderedDict(state)
+    out._metadata = getattr(own, "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    return out
 
 
 class _FileCodes:
