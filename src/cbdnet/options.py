@@ -209,6 +209,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("adaround", "adaround", "int", "with --calib and --target-bits or --method rtn: learn each block's "
            "rounding for STEPS optimiser steps after the codes are chosen (AdaRound/BRECQ; 0: off)",
            ("rtn", "budget"), "budget", low=0, high=1_000_000, default=0, metavar="STEPS"),
+    Option("device", "device", "str", "with --calib: where the forward and backward passes, the statistics and "
+           "refit's moments run (cpu, cuda, cuda:N, or auto: CUDA where available); the codes and GPTQ are "
+           "computed on the CPU, and the device is not recorded in the file",
+           ("cbd", "uniform", "rtn", "budget"), "budget", default="cpu", pattern=r"cpu|auto|cuda(:[0-9]{1,3})?",
+           accepts="cpu, cuda, cuda:N or auto", examples=("cpu", "auto", "cuda", "cuda:1"), metavar="DEVICE"),
 )
 
 _BY_NAME = {opt.name: opt for opt in OPTIONS}

@@ -25,13 +25,15 @@ PIXELS_PER_BATCH = 100 * 32 * 32  # a CIFAR batch of 100; larger images go in pr
 
 @dataclass
 class CalibrationSet:
-    """Calibration images and labels held in memory (CPU tensors), re-batched on demand."""
+    """Calibration images and labels held in host memory (CPU tensors: a GPU holds one batch at a time),
+    re-batched on demand; each batch is moved to ``device`` (None: left on the CPU), where the model runs."""
 
     images: torch.Tensor  # float32 [N, C, H, W], as the model takes them
     labels: torch.Tensor  # int64 [N] or [N, H, W]
     name: str = "calibration data"
     ignore_index: int = -100
     pseudo_labels: bool = False
+    device: torch.device | None = None
 
     @property
     def task(self) -> str:
@@ -42,7 +44,10 @@ class CalibrationSet:
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self), batch_size):
-            yield self.images[start:start + batch_size], self.labels[start:start + batch_size]
+            images, labels = self.images[start:start + batch_size], self.labels[start:start + batch_size]
+            if self.device is not None:
+                images, labels = images.to(self.device), labels.to(self.device)
+            yield images, labels
 
     def batch_size_for(self, batch_size: int) -> int:
         """``batch_size`` for 32x32 images, scaled down with the pixel count (240x180 CamVid frames: 2), so
@@ -95,9 +100,10 @@ def _split(item, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
 @torch.no_grad()
 def _predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     was_training = model.training
+    parameter = next(model.parameters(), None)
     model.eval()
-    try:
-        out = model(images)
+    try:  # on the model's device (a CUDA model labels CPU-held images batch by batch)
+        out = model(images.to(parameter.device) if parameter is not None else images)
     finally:
         model.train(was_training)
     if isinstance(out, dict):
@@ -105,7 +111,7 @@ def _predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or out.ndim not in (2, 4):
         raise DataError("calibration without labels needs a model that returns class scores [N, K] or "
                         "[N, K, H, W]")
-    return out.argmax(1)
+    return out.argmax(1).cpu()
 
 
 def as_calibration_set(data, model: nn.Module | None = None, *, limit: int | None = None,

@@ -155,7 +155,9 @@ def weighted_steps(weight: np.ndarray, sensitivity: np.ndarray, levels: float, e
     rows = np.abs(np.asarray(weight, np.float64).reshape(weight.shape[0], -1))
     ranges = rows.max(axis=1)
     sensitivity = np.asarray(sensitivity, np.float64)
-    live = (ranges > 0) & (sensitivity > 1e-12 * sensitivity.max()) if sensitivity.max() > 0 else ranges > 0
+    if not sensitivity.max() > 0:  # no channel felt the loss (e.g. a zero-initialised head after it): no information
+        sensitivity = np.ones_like(sensitivity)
+    live = (ranges > 0) & (sensitivity > 1e-12 * sensitivity.max())
     steps = np.where(ranges > 0, DEAD_STEP * ranges, 1.0)
     if live.any():
         shape = ranges[live] ** (1.0 - exponent) * sensitivity[live] ** (-0.5 * exponent)

@@ -22,13 +22,15 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
+import torch
+
 from ..errors import CBDError
 from ..options import METHODS as METHOD_CHOICES
 from ..options import OPTIONS, ConfigError, by_field, option
 from .budget import COMPOSITE_PLANES, FREE_LEVELS, RTN_BITS, SENSITIVITY_EXPONENTS, WEIGHTED_LEVELS
 
-__all__ = ["ConfigError", "CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig", "CalibrationConfig",
-           "CompressConfig",
+__all__ = ["ConfigError", "resolve_device", "CBDConfig", "UniformConfig", "RTNConfig", "BudgetConfig",
+           "CalibrationConfig", "CompressConfig",
            "config_from_dict", "config_from_options", "OptionError", "OPTION_NAMES", "METHODS"]
 
 
@@ -195,7 +197,10 @@ class CalibrationConfig(_Config):
     GPTQ-rounded grid again, layer by layer on the compressed model, against the float layer's output
     (:mod:`cbdnet.calib.refit`; on by default where GPTQ runs). ``adaround``: after the codes are chosen, learn
     every grid code's rounding block by block for this many steps per block (:mod:`cbdnet.calib.reconstruct`;
-    0, the default: off; 2,000 is the measured setting)."""
+    0, the default: off; 2,000 is the measured setting). ``device``: where the forward and backward passes,
+    the statistics and refit's moments run: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA
+    where available); the candidate codes and GPTQ are computed on the CPU from the statistics. It is not
+    recorded in the file (:meth:`to_dict`): the same codes come from either device, within float tolerance."""
 
     method: ClassVar[str] = "calibration"
     name: ClassVar[str] = "calibration"
@@ -205,12 +210,31 @@ class CalibrationConfig(_Config):
     bn_reestimate: bool = by_field("bn_reestimate").default
     adaround: int = by_field("adaround").default
     refit: bool = by_field("refit").default
+    device: str = by_field("device").default
 
     def __post_init__(self) -> None:
-        _checked(self, "images", "adaround", "gptq", "bn_reestimate", "refit", "bias_correction")
+        _checked(self, "images", "adaround", "gptq", "bn_reestimate", "refit", "bias_correction", "device")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["device"]
+        return out
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device of a :class:`CalibrationConfig` ``device`` string; CUDA asked for where it is not
+    available (or an index beyond the GPUs there) is a :class:`ConfigError`."""
+    if device == "cpu" or device == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: CUDA is not available on this machine (torch "
+                          f"{torch.__version__}, built with CUDA {torch.version.cuda}); use device 'cpu'", "device")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)", "device")
+    return torch.device(device)
 
 
 CompressConfig = CBDConfig | UniformConfig | RTNConfig | BudgetConfig
@@ -298,7 +322,7 @@ def _calibration_config(options: dict, config: CompressConfig, prefix: str) -> C
     get = options.get
     if not get("calib"):
         _refuse(_given(options, prefix, "calib-images", "gptq", "bias-correction", "bn-reestimate", "adaround",
-                       "refit"),
+                       "refit", "device"),
                 f"they need {prefix}calib")
         return CalibrationConfig()
     gptq_used = isinstance(config, BudgetConfig) or isinstance(config, RTNConfig) and config.granularity == "channel"
@@ -312,7 +336,7 @@ def _calibration_config(options: dict, config: CompressConfig, prefix: str) -> C
         raise OptionError(f"{prefix}adaround applies to {prefix}method rtn and {prefix}target-bits only (their "
                           f"codes are grids)")
     return CalibrationConfig(**_fields(options, "calib-images", "gptq", "bias-correction", "bn-reestimate",
-                                       "adaround", "refit"))
+                                       "adaround", "refit", "device"))
 
 
 def config_from_options(options: dict, prefix: str = "") -> tuple[CompressConfig, CalibrationConfig]:

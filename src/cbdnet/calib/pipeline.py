@@ -9,6 +9,7 @@ walker runs, so the per-layer encoder it calls only looks them up.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,12 +24,21 @@ from ..codec.floats import as_float16, stored_float_bytes
 from ..codec.grid import half_steps
 from ..errors import CBDError
 from ..nn.fold import fold_batchnorm, foldable_norms, replace_steps
+from ..nn.modules import coded_key, coded_weight
 from ..nn.report import Report, layer_report
 from ..nn.state import record
 from ..nn.walk import Encoder, check_skip, compress_layers, compressible_layers, float_state, owns_its_code
 from .batches import CalibrationSet, as_calibration_set
 from .budget import LayerSearch, choose_refined, min_layer_bits, rtn_candidate
-from .configs import BudgetConfig, CalibrationConfig, CBDConfig, CompressConfig, RTNConfig, UniformConfig
+from .configs import (
+    BudgetConfig,
+    CalibrationConfig,
+    CBDConfig,
+    CompressConfig,
+    RTNConfig,
+    UniformConfig,
+    resolve_device,
+)
 from .progress import stage_bar
 from .reconstruct import refine_rounding
 from .refit import refit_levels
@@ -61,9 +71,11 @@ def _calibrate(model: nn.Module, layers, calibration, settings: CalibrationConfi
             raise CBDError("bias correction and BatchNorm re-estimation need calibration data")
         return _Calibration()
     start = time.perf_counter()
+    device = _device_of(model)
     data = as_calibration_set(calibration, model, limit=settings.images)
+    data = dataclasses.replace(data, device=None if device.type == "cpu" else device)  # batches go to the model
     with single_thread():
-        stats = collect_stats(model, layers, data)
+        stats = collect_stats(model, layers, data, device=device)
     return _Calibration(data, stats, calibration_loss(model, data), time.perf_counter() - start)
 
 
@@ -290,11 +302,17 @@ def _check_config(config) -> CompressConfig:
     return config
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 def compress(model: nn.Module, config: CompressConfig | None = None, *, calibration: Iterable | None = None,
              calibration_config: CalibrationConfig | None = None, skip: Iterable[str] = (), progress: bool = True,
              workers: int | None = None, input_shape: tuple[int, ...] | None = None, float32: bool = False,
              fold_bn: bool = True, cache: CompressCache | None = None) -> tuple[nn.Module, Report]:
-    """Compress every Conv2d/ConvTranspose2d/Linear of ``model`` in place; returns ``(model, report)``.
+    """Compress every Conv2d/ConvTranspose2d/Linear (and the packed ``in_proj_weight`` of every
+    ``nn.MultiheadAttention``) of ``model`` in place; returns ``(model, report)``.
 
     ``config``: :class:`CBDConfig` (default: the paper's code, J=5, bottleneck 0.3), :class:`UniformConfig`,
     :class:`RTNConfig` or :class:`BudgetConfig`. ``calibration``: any iterable of image batches or
@@ -306,16 +324,33 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
     float16's full precision, as the file stores them (``float32=True``: kept as they are, and so saved).
     ``fold_bn``: fold each BatchNorm that follows a layer coded with per-channel steps into those steps
     (:mod:`cbdnet.nn.fold`), so that the file stores only its shift. ``cache``: a :class:`CompressCache` that
-    keeps the calibration statistics and the budget's candidates for a second call with another target.
+    keeps the calibration statistics and the budget's candidates for a second call with another target. With
+    calibration data the model is moved to ``calibration_config.device`` for the calibration (forward/backward
+    passes, statistics, refit) and back to its own device afterwards.
     """
-    start = time.perf_counter()
-    config = _check_config(config)
     settings = calibration_config or CalibrationConfig()
     if not isinstance(settings, CalibrationConfig):
         raise CBDError(f"calibration_config must be a CalibrationConfig, got {type(settings).__name__}")
+    home = _device_of(model)
+    device = resolve_device(settings.device) if calibration is not None else home
+    if device == home:
+        return _compress(model, config, calibration, settings, skip, progress, workers, input_shape, float32, fold_bn,
+                         cache)
+    model.to(device)  # the calibration runs where it was asked to; the model goes back where it was
+    try:
+        return _compress(model, config, calibration, settings, skip, progress, workers, input_shape, float32,
+                         fold_bn, cache)
+    finally:
+        model.to(home)
+
+
+def _compress(model: nn.Module, config, calibration, settings: CalibrationConfig, skip, progress: bool, workers,
+              input_shape, float32: bool, fold_bn: bool, cache: CompressCache | None) -> tuple[nn.Module, Report]:
+    start = time.perf_counter()
+    config = _check_config(config)
     skip = check_skip(model, skip)
     layers = compressible_layers(model, skip)
-    originals = {name: m.weight.detach().double().cpu().numpy() for name, m in layers}
+    originals = {name: coded_weight(m).detach().double().cpu().numpy() for name, m in layers}
     key = _cache_key(config, settings, layers, calibration, float32, fold_bn)
     if cache is not None and cache.key == key and cache.calib is not None:
         calib = cache.calib
@@ -330,7 +365,7 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
     overhead = 0
     if isinstance(config, BudgetConfig):  # every candidate is a per-channel grid: the pairs found now will fold
         folds = foldable_norms(model, {name for name, _ in layers}) if fold_bn else []
-        overhead = file_overhead_bits(model, {f"{name}.weight" for name, _ in layers}, float32, folds)
+        overhead = file_overhead_bits(model, {coded_key(name, m) for name, m in layers}, float32, folds)
     encoder, chosen = _encoder(config, originals, calib, gptq, overhead, half=not float32,
                                searches=None if cache is None else cache.searches, progress=progress)
     recorded = {**config.to_dict(), "skip": skip, "fold_bn": fold_bn, "float32": float32}

@@ -88,6 +88,7 @@ def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> 
     """``(H~, E[x x~^T])`` of layer ``name`` over the calibration images, the first ones up to a bounded number
     of patches (None where it cannot be captured)."""
     layer, float_layer = model.get_submodule(name), float_model.get_submodule(name)
+    groups = getattr(layer, "groups", 1)
     hessian = cross = None
     count = 0
     for images, _labels in data.batches(data.batch_size_for(100)):
@@ -100,15 +101,22 @@ def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> 
         for first in range(0, len(images), step):
             part = slice(first, first + step)
             picked = None if keep is None else keep[part]
-            x_tilde = sampled_patches(layer, compressed_in[part].float(), picked)
-            x = sampled_patches(layer, float_in[part].float(), picked)
-            part_hessian, part_cross = (x_tilde.T @ x_tilde).double(), (x.T @ x_tilde).double()  # float32 products
+            x_tilde = _per_group(sampled_patches(layer, compressed_in[part].float(), picked), groups)
+            x = _per_group(sampled_patches(layer, float_in[part].float(), picked), groups)  # [groups, rows, d]
+            part_hessian = torch.bmm(x_tilde.transpose(1, 2), x_tilde).double()  # float32 products
+            part_cross = torch.bmm(x.transpose(1, 2), x_tilde).double()
             hessian = part_hessian if hessian is None else hessian + part_hessian
             cross = part_cross if cross is None else cross + part_cross
-            count += x.shape[0]
-        if count >= max(MIN_ROWS, ROWS_PER_INPUT * hessian.shape[0]):
+            count += x.shape[1]
+        if count >= max(MIN_ROWS, ROWS_PER_INPUT * hessian.shape[-1]):
             break
-    return hessian / count, cross / count
+    return (hessian / count).cpu(), (cross / count).cpu()  # accumulated where the model runs; GPTQ runs on the CPU
+
+
+def _per_group(cols: torch.Tensor, groups: int) -> torch.Tensor:
+    """Unfolded columns ``[rows, groups * d]`` (channel-major: each group's inputs one block) as
+    ``[groups, rows, d]``."""
+    return cols.reshape(cols.shape[0], groups, -1).transpose(0, 1)
 
 
 def _width(layer: nn.Module, x: torch.Tensor) -> int:
@@ -119,16 +127,21 @@ def _width(layer: nn.Module, x: torch.Tensor) -> int:
 
 def _output_error(levels: np.ndarray, steps: np.ndarray, weight: torch.Tensor, hessian: torch.Tensor,
                   cross: torch.Tensor) -> float:
-    """``E|W x - W_hat x~|^2`` up to a constant: ``sum_o W_hat[o] H~ W_hat[o] - 2 W[o] E[x x~^T] W_hat[o]``."""
+    """``E|W x - W_hat x~|^2`` up to a constant: ``sum_o W_hat[o] H~ W_hat[o] - 2 W[o] E[x x~^T] W_hat[o]``
+    (moments ``[groups, d, d]``, weight ``[groups, rows, d]``: each group's rows against its own inputs)."""
     approx = torch.from_numpy(levels.reshape(levels.shape[0], -1).astype(np.float64) * steps.reshape(-1, 1))
-    return float(((approx @ hessian) * approx).sum() - 2.0 * ((weight @ cross) * approx).sum())
+    approx = approx.reshape(weight.shape)
+    return float((torch.bmm(approx, hessian) * approx).sum() - 2.0 * (torch.bmm(weight, cross) * approx).sum())
 
 
 def _target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
     """``W* = W E[x x~^T] H~^-1``, written ``W + W (E[x x~^T] - H~) H~^-1`` so that damping ``H~`` shrinks only
-    the correction: where the inputs are the float ones (``x~ = x``, the first layer) the target is ``W``."""
-    damped = hessian + DAMP * torch.diag(hessian).mean() * torch.eye(hessian.shape[0], dtype=hessian.dtype)
-    return weight + torch.linalg.solve(damped, (weight @ (cross - hessian)).T).T  # H~ is symmetric
+    the correction: where the inputs are the float ones (``x~ = x``, the first layer) the target is ``W``. Per
+    group (``[groups, ...]``); a group whose inputs were all zero keeps ``W``."""
+    scale = torch.diagonal(hessian, dim1=1, dim2=2).mean(1)
+    scale = torch.where(scale > 0, DAMP * scale, torch.ones_like(scale))
+    damped = hessian + scale[:, None, None] * torch.eye(hessian.shape[1], dtype=hessian.dtype)
+    return weight + torch.linalg.solve(damped, torch.bmm(weight, cross - hessian).transpose(1, 2)).transpose(1, 2)
 
 
 def _refit_layer(model, float_model, name: str, data: CalibrationSet, generator, result: RefitResult) -> None:
@@ -138,11 +151,14 @@ def _refit_layer(model, float_model, name: str, data: CalibrationSet, generator,
     if moments is None:
         return
     hessian, cross = moments
-    weight = float_model.get_submodule(name).weight.detach().double().reshape(code.shape[0], -1)
+    if not torch.diagonal(hessian, dim1=1, dim2=2).mean() > 0:  # every input was zero: nothing to fit
+        return
+    groups = hessian.shape[0]
+    weight = float_model.get_submodule(name).weight.detach().double().cpu().reshape(groups, code.shape[0] // groups, -1)
     levels, steps = code.levels()
     steps = np.broadcast_to(steps.reshape(-1), (code.shape[0],)).astype(np.float64)
     new = gptq_levels(_target(weight, hessian, cross).numpy().reshape(code.shape), steps.astype(np.float32),
-                      code.num_planes, hessian)
+                      code.num_planes, hessian if groups > 1 else hessian[0])
     result.layers += 1
     changed = int((new != levels).sum())
     if not changed or _output_error(new, steps, weight, hessian, cross) >= _output_error(levels, steps, weight,
@@ -180,7 +196,7 @@ def refit_levels(model: nn.Module, float_model: nn.Module, layers: list[str], da
                  spare_bits: float | None = None) -> RefitResult:
     """Re-round, in module order, every grid-coded layer of ``layers`` in the compressed ``model`` (in place;
     ``float_model``: the network before compression) against the float layer's output on the calibration
-    ``data`` (as :func:`calibration_kl` takes it), see the module text. Linear and ungrouped Conv2d layers only;
+    ``data`` (as :func:`calibration_kl` takes it), see the module text. Linear and Conv2d layers only;
     a weight several layers share keeps its code. ``spare_bits``: what a bit budget has left; a layer whose new
     levels would code to more bits than remain keeps its own (None: no budget)."""
     start = time.perf_counter()
@@ -215,7 +231,8 @@ def refit_levels(model: nn.Module, float_model: nn.Module, layers: list[str], da
 
 
 def _refittable(module: nn.Module) -> bool:
+    """Linear layers (inputs of any rank) and Conv2d with numeric zero padding, grouped and depthwise ones
+    included. Transposed convolutions and attention projections keep their codes."""
     if isinstance(module, nn.Linear):
         return True
-    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros" \
-        and not isinstance(module.padding, str)
+    return isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str)

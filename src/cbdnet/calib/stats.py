@@ -19,6 +19,7 @@ push each column's error onto the columns not yet quantised, Frantar et al. 2022
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.modules import coded_weight, packed_attention
 from .batches import CalibrationSet, as_calibration_set
 
 __all__ = ["single_thread", "LayerStats", "collect_stats", "input_patches", "input_positions", "input_patches_at",
@@ -116,16 +118,17 @@ def input_patches_at(module: nn.Module, x: torch.Tensor, positions: torch.Tensor
     """The rows of :func:`input_patches` at ``positions`` (``[N, P]``, each image's own output positions, row-major):
     ``[N * P, d]``, equal to ``input_patches(module, x)[i * per_image + positions[i]]`` stacked, without unfolding
     the positions that are not asked for (Conv2d with numeric zero padding, or Linear)."""
-    count = x.shape[0]
+    count, device = x.shape[0], x.device
+    positions = positions.to(device)
     if isinstance(module, nn.Linear):
         rows = x.reshape(count, -1, x.shape[-1])
-        return rows[torch.arange(count)[:, None], positions].reshape(-1, x.shape[-1])
+        return rows[torch.arange(count, device=device)[:, None], positions].reshape(-1, x.shape[-1])
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
     padded = F.pad(x, (pw, pw, ph, ph))
     width = _output_extents(module, x)[1]
-    row = (positions // width)[:, :, None, None] * sh + (torch.arange(kh) * dh)[None, None, :, None]
-    col = (positions % width)[:, :, None, None] * sw + (torch.arange(kw) * dw)[None, None, None, :]
-    images = torch.arange(count)[:, None, None, None]
+    row = (positions // width)[:, :, None, None] * sh + (torch.arange(kh, device=device) * dh)[None, None, :, None]
+    col = (positions % width)[:, :, None, None] * sw + (torch.arange(kw, device=device) * dw)[None, None, None, :]
+    images = torch.arange(count, device=device)[:, None, None, None]
     patches = padded[images, :, row, col]  # [N, P, kh, kw, C]: the advanced indices' dims come first
     return patches.permute(0, 1, 4, 2, 3).reshape(-1, x.shape[1] * kh * kw)
 
@@ -164,14 +167,113 @@ def _patch_chunks(module: nn.Module, x: torch.Tensor, positions: int, generator:
         yield sampled_patches(module, part, sample_positions(module, part, MAX_POSITIONS, generator))
 
 
-def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, batch_size: int = 100
-                  ) -> dict[str, LayerStats]:
+def _accumulate(stats: dict[str, LayerStats], name: str, cols: torch.Tensor, groups: int, out: int) -> None:
+    """Add the input rows ``cols`` ``[rows, groups * d]`` (each group's inputs one contiguous block) to the
+    statistics of layer ``name`` (``out`` output channels), on the device of ``cols``."""
+    entry = stats.get(name)
+    if entry is None:
+        d = cols.shape[1] // groups
+        shape = (d,) if groups == 1 else (groups, d)
+        entry = stats[name] = LayerStats(torch.zeros(*shape, d, dtype=torch.float64, device=cols.device),
+                                         torch.zeros(*shape, dtype=torch.float64, device=cols.device),
+                                         torch.zeros(out, dtype=torch.float64, device=cols.device))
+    if groups == 1:
+        entry.hessian += (cols.T @ cols).double()
+    else:
+        per_group = cols.reshape(cols.shape[0], groups, -1).transpose(0, 1)
+        entry.hessian += torch.bmm(per_group.transpose(1, 2), per_group).double()
+    entry.mean += cols.sum(0).double().reshape(entry.mean.shape)
+    entry.samples += cols.shape[0]
+
+
+def _add_fisher(stats: dict[str, LayerStats], name: str, tensor: torch.Tensor, channel_dim: int,
+                rows: slice | None = None) -> None:
+    """Once ``tensor`` (a layer's output) gets its gradient, add the squared gradient per output channel (along
+    ``channel_dim``) to the Fisher of layer ``name`` (its ``rows`` only, for one of several outputs)."""
+    if not tensor.requires_grad:
+        return
+    dim = channel_dim % tensor.ndim
+
+    def hook(grad):
+        g = grad.detach().double()
+        per_channel = (g**2).sum(dim=tuple(i for i in range(g.ndim) if i != dim))
+        entry = stats.get(name)
+        if entry is not None:
+            entry.fisher[rows if rows is not None else slice(None)] += per_channel
+    tensor.register_hook(hook)
+
+
+_ATTENTION_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+                   "is_causal")
+
+
+def _sample_rows(rows: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """A seeded random ``MAX_POSITIONS`` rows per image of ``rows`` (all of them where there are fewer)."""
+    limit = MAX_POSITIONS * max(count, 1)
+    if rows.shape[0] <= limit:
+        return rows
+    return rows[torch.randperm(rows.shape[0], generator=generator)[:limit].to(rows.device)]
+
+
+def _attention_hook(stats: dict[str, LayerStats], name: str, out_name: str | None, generator: torch.Generator):
+    """A forward hook (``with_kwargs``) on a packed ``nn.MultiheadAttention`` that recomputes its output in
+    three visible steps, ``q, k, v = in_proj(query, key, value)``, attention with identity projections (the
+    context), ``out_proj(context)``, and returns that output, so that the loss gradient flows through tensors
+    a hook can see: the statistics of ``in_proj_weight`` (as a layer of 3 groups, the query, key and value
+    rows, each with its own input) and of ``out_proj`` (whose own forward is never called: the attention
+    reads its weight) are exact, like any Linear's. Cross-attention with key/value of another length than the
+    query gives ``in_proj`` no statistics (its code is then chosen by weight error)."""
+    def hook(module, args, kwargs, output):
+        call = {**dict(zip(_ATTENTION_ARGS, args, strict=False)), **kwargs}
+        query, key, value = call["query"], call["key"], call["value"]
+        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+            return None
+        if module.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        embed = module.embed_dim
+        bias = module.in_proj_bias.chunk(3) if module.in_proj_bias is not None else (None, None, None)
+        projected = [F.linear(x, w, b) for x, w, b in zip((query, key, value), module.in_proj_weight.chunk(3), bias,
+                                                           strict=True)]
+        eye = torch.eye(embed, dtype=query.dtype, device=query.device)
+        context, weights = F.multi_head_attention_forward(
+            *projected, embed, module.num_heads, None, None, module.bias_k, module.bias_v, module.add_zero_attn,
+            module.dropout, eye, None, training=module.training, key_padding_mask=call.get("key_padding_mask"),
+            need_weights=call.get("need_weights", True), attn_mask=call.get("attn_mask"),
+            use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+            average_attn_weights=call.get("average_attn_weights", True), is_causal=call.get("is_causal", False))
+        result = F.linear(context, module.out_proj.weight, module.out_proj.bias)
+        batch = query.shape[1]
+        if query.shape == key.shape == value.shape:
+            rows = torch.cat([x.detach().float().reshape(-1, embed) for x in (query, key, value)], 1)
+            _accumulate(stats, name, _sample_rows(rows, batch, generator), 3, 3 * embed)
+            for index, part in enumerate(projected):
+                _add_fisher(stats, name, part, -1, slice(index * embed, (index + 1) * embed))
+        if out_name is not None:
+            rows = context.detach().float().reshape(-1, embed)
+            _accumulate(stats, out_name, _sample_rows(rows, batch, generator), 1, module.out_proj.weight.shape[0])
+            _add_fisher(stats, out_name, result, -1)
+        if module.batch_first:
+            result = result.transpose(0, 1)
+        return result, weights
+    return hook
+
+
+def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, batch_size: int = 100,
+                  device: torch.device | str | None = None) -> dict[str, LayerStats]:
     """Second moments, means and output Fisher of every supported layer over ``data`` (float model).
+
+    A Linear's input may have any rank: every vector along its last dimension (a token, a channels-last
+    pixel) is one input row. A packed ``nn.MultiheadAttention`` gets statistics for its ``in_proj_weight``
+    (3 groups: query, key and value rows) and its ``out_proj`` (see :func:`_attention_hook`).
 
     Large images are memory-bounded: the batch shrinks with the pixel count (:func:`batch_size_for`), patches
     are unfolded a few images at a time, and at most ``MAX_POSITIONS`` patches per image and layer (a seeded
-    random subset) enter ``H`` and ``mean``, which are averages and stay unbiased."""
+    random subset) enter ``H`` and ``mean``, which are averages and stay unbiased.
+
+    The forward and backward passes run where ``model`` is, with the images moved to ``device`` (None: the
+    device of the model's first parameter); the statistics are accumulated there and returned on the CPU."""
     data = as_calibration_set(data)
+    device = _model_device(model) if device is None else torch.device(device)
     stats: dict[str, LayerStats] = {}
     handles = []
     count = {"n": 0}
@@ -179,45 +281,29 @@ def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, b
 
     def forward_hook(name):
         def hook(module, inputs, output):
+            if not inputs or not isinstance(inputs[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+                return
             x = inputs[0].detach().float()
-            positions = int(output[0, 0].numel()) if output.ndim == 4 else 1
             groups = getattr(module, "groups", 1)
-            for cols in _patch_chunks(module, x, positions, generator):
-                entry = stats.get(name)
-                if entry is None:
-                    d, out = cols.shape[1] // groups, module.weight.shape[0]
-                    shape = (d,) if groups == 1 else (groups, d)
-                    entry = stats[name] = LayerStats(torch.zeros(*shape, d, dtype=torch.float64),
-                                                     torch.zeros(*shape, dtype=torch.float64),
-                                                     torch.zeros(out, dtype=torch.float64))
-                if groups == 1:
-                    entry.hessian += (cols.T @ cols).double()
-                else:  # the unfolded columns are channel-major: each group's inputs are one contiguous block
-                    per_group = cols.reshape(cols.shape[0], groups, -1).transpose(0, 1)
-                    entry.hessian += torch.bmm(per_group.transpose(1, 2), per_group).double()
-                entry.mean += cols.sum(0).double().reshape(entry.mean.shape)
-                entry.samples += cols.shape[0]
-            if output.requires_grad:
-                output.register_hook(grad_hook(name))
+            for cols in _patch_chunks(module, x, input_positions(module, x), generator):
+                _accumulate(stats, name, cols, groups, module.weight.shape[0])
+            _add_fisher(stats, name, output, -1 if isinstance(module, nn.Linear) else 1)
         return hook
 
-    def grad_hook(name):
-        def hook(grad):
-            g = grad.detach().double()
-            per_channel = (g**2).sum(dim=tuple(i for i in range(g.ndim) if i != 1))
-            stats[name].fisher += per_channel
-        return hook
-
+    names = {id(module): name for name, module in layers}
     for name, module in layers:
-        if _supported(module):
+        if packed_attention(module):
+            handles.append(module.register_forward_hook(
+                _attention_hook(stats, name, names.get(id(module.out_proj)), generator), with_kwargs=True))
+        elif _supported(module):
             handles.append(module.register_forward_hook(forward_hook(name)))
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
             for images, labels in data.batches(data.batch_size_for(batch_size)):
-                images = images.requires_grad_(True)  # so every layer output carries a gradient
-                task_loss(model(images), labels, data).backward()
+                images = images.to(device).requires_grad_(True)  # so every layer output carries a gradient
+                task_loss(model(images), labels.to(device), data).backward()
                 count["n"] += len(labels)
     finally:
         for handle in handles:
@@ -225,10 +311,15 @@ def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, b
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     for entry in stats.values():
-        entry.hessian /= entry.samples
-        entry.mean /= entry.samples
-        entry.fisher /= max(count["n"], 1)
+        entry.hessian = (entry.hessian / max(entry.samples, 1)).cpu()
+        entry.mean = (entry.mean / max(entry.samples, 1)).cpu()
+        entry.fisher = (entry.fisher / max(count["n"], 1)).cpu()
     return stats
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def gptq_levels(weight: np.ndarray, steps: np.ndarray, mag_bits: int, hessian: torch.Tensor,
@@ -350,10 +441,10 @@ def _gptq_rows(weight: np.ndarray, steps: list[np.ndarray], tops: list[float], f
 
 def output_error(delta: np.ndarray, stats: LayerStats) -> np.ndarray:
     """Per output channel ``dW[o] @ H @ dW[o]``: the mean squared output error the weight error causes."""
-    if stats.groups > 1:
-        rows = stats.group_of(delta.shape[0])
-        return np.concatenate([output_error(delta[r], stats.of_group(g)) for g, r in enumerate(rows)])
     d = torch.from_numpy(np.asarray(delta, np.float64).reshape(delta.shape[0], -1))
+    if stats.groups > 1:  # all groups in one batched product (a depthwise conv has one group per channel)
+        d = d.reshape(stats.groups, -1, d.shape[1])
+        return (torch.bmm(d, stats.hessian) * d).sum(2).reshape(-1).numpy()
     return ((d @ stats.hessian) * d).sum(1).numpy()
 
 
@@ -374,7 +465,19 @@ def _mean_shift(delta: np.ndarray, stats: LayerStats) -> np.ndarray:
     flat = delta.reshape(delta.shape[0], -1)
     if stats.groups == 1:
         return flat @ stats.mean.numpy()
-    return np.concatenate([flat[r] @ stats.mean[g].numpy() for g, r in enumerate(stats.group_of(flat.shape[0]))])
+    per_group = flat.reshape(stats.groups, -1, flat.shape[1])
+    return np.einsum("gri,gi->gr", per_group, stats.mean.numpy()).reshape(-1)
+
+
+def _shift_keeping_half(tensor: torch.Tensor, shift: torch.Tensor) -> None:
+    """``tensor += shift``, rounded to float16's values where ``tensor`` held only such values: the file stores
+    it in 2 bytes then, as the budget counted it (float16's 11 bits are far finer than the estimated shift)."""
+    half = bool(torch.equal(tensor, tensor.half().to(tensor.dtype)))
+    tensor += shift.to(tensor)
+    if half:
+        rounded = tensor.half().to(tensor.dtype)
+        if bool(torch.isfinite(rounded).all()):
+            tensor.copy_(rounded)
 
 
 @torch.no_grad()
@@ -388,13 +491,14 @@ def bias_correct(model: nn.Module, original: dict[str, np.ndarray], stats: dict[
         if name not in stats:
             continue
         module = model.get_submodule(name)
-        delta = module.weight.detach().double().cpu().numpy() - weight
+        delta = coded_weight(module).detach().double().cpu().numpy() - weight
         shift = torch.from_numpy(_mean_shift(delta, stats[name]))
+        bias = module.in_proj_bias if isinstance(module, nn.MultiheadAttention) else module.bias
         if name in bns:
             bn = model.get_submodule(bns[name])
-            bn.running_mean += shift.to(bn.running_mean)
-        elif module.bias is not None:
-            module.bias -= shift.to(module.bias)
+            _shift_keeping_half(bn.running_mean, shift)
+        elif bias is not None:
+            _shift_keeping_half(bias, -shift)
         else:
             continue
         corrected.append(name)
@@ -407,7 +511,9 @@ def bias_correct_if_better(model: nn.Module, original: dict[str, np.ndarray], st
     """:func:`bias_correct`, undone unless it lowers the calibration loss on ``data``."""
     data = as_calibration_set(data)
     loss_now = calibration_loss(model, data) if loss_now is None else loss_now
-    kept = {key: value.clone() for key, value in model.state_dict().items()}
+    state = model.state_dict()
+    kept = OrderedDict((key, value.clone()) for key, value in state.items())
+    kept._metadata = getattr(state, "_metadata", OrderedDict())  # MNASNet refuses a state dict without versions
     corrected = bias_correct(model, original, stats)
     if calibration_loss(model, data) >= loss_now:
         model.load_state_dict(kept)

@@ -17,7 +17,7 @@ import torch
 
 from .._version import __version__
 from ..calib import CalibrationConfig
-from ..calib.configs import OPTION_NAMES, ConfigError, config_from_options
+from ..calib.configs import OPTION_NAMES, ConfigError, config_from_options, resolve_device
 from ..errors import CBDError, FormatError
 from ..fileio import OutputSet, escape_name
 from ..format import compress_encoded, read, verify
@@ -124,6 +124,8 @@ def cmd_compress(args) -> int:
     try:  # before any work: a bad flag costs nothing
         config = compress_config(args)
         settings = calibration_settings(args, config)
+        resolve_device(settings.device)  # CUDA asked for on a machine without it: refused before any work
+        resolve_device(settings.device)  # CUDA asked for on a machine without it: refused before any work
     except ConfigError as exc:
         raise UsageError(f"{_FLAGS.get(exc.field, '--' + exc.field.replace('_', '-'))}: {exc}") from None
     out, (model_path, json_target) = open_outputs(args, [(args.output, "compressed model"),

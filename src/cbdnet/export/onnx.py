@@ -112,6 +112,13 @@ def _codes(model: nn.Module, report: list[LayerExport], int8: bool) -> dict[str,
         code = getattr(module, "code", None)
         if code is None or not hasattr(code, "levels"):
             continue
+        if isinstance(module, nn.MultiheadAttention):  # the graph slices in_proj_weight into q/k/v: kept float
+            why = "attention in_proj_weight: the exporter keeps it in float"
+            if int8:
+                raise CBDError(f"layer {name}: {why}; --int8 needs every compressed layer in int8 (export "
+                               f"without --int8 keeps it in float)")
+            report.append(LayerExport(name, "float", why))
+            continue
         levels, steps = code.levels()
         levels = np.asarray(levels).astype(np.int64)
         steps = np.asarray(steps, np.float32).reshape(-1)

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ from ..codec.bits import packed_size
 from ..codec.stream import FactoredPlane, Stream, factor_sizes
 from ..errors import CBDError, FormatError
 from ..fileio import OutputSet, escape_name, read_regular_file
-from ..nn import COMPRESSIBLE, CBDModule, from_module
+from ..nn import CBDModule, from_module
+from ..nn.modules import coded_key, coded_weight, is_compressible
 from ..nn.state import record, recorded
 from ..nn.walk import coded_keys
 from . import v2
@@ -800,10 +802,9 @@ def check_fits(model: nn.Module, parsed: CBDFile) -> None:
             module = model.get_submodule(name)
         except AttributeError:
             raise CBDError(f"the file's layer {name} does not exist in the model") from None
-        if not isinstance(module, COMPRESSIBLE) or tuple(module.weight.shape) != tuple(shape):
+        if not is_compressible(module) or tuple(coded_weight(module).shape) != tuple(shape):
             raise CBDError(f"the file's layer {name} {tuple(shape)} does not fit the model's {module}")
-        coded.update(f"{alias}.weight" if alias else "weight"
-                     for alias, m in model.named_modules(remove_duplicate=False) if m is module)
+        coded.update(coded_key(alias, m) for alias, m in model.named_modules(remove_duplicate=False) if m is module)
     expected = set(state) - coded
     missing, unexpected = sorted(expected - set(parsed.floats)), sorted(set(parsed.floats) - expected)
     if missing or unexpected:
@@ -840,20 +841,30 @@ def _restore(model: nn.Module, parsed: CBDFile, *, assign: bool = False) -> nn.M
     tied = {}
     for name, owner in _tied(parsed).items():
         twin = from_module(model.get_submodule(name), parsed.codes[owner])
-        twin.weight = replacements[owner].weight
+        twin.share_weight(replacements[owner])
         tied[name] = twin
     for name, replacement in {**replacements, **tied}.items():
         _set_submodule(model, name, replacement)
+    own = model.state_dict()
     if assign:
-        dtypes = {key: value.dtype for key, value in model.state_dict().items()}
-        state = {key: torch.from_numpy(np.array(value)).to(dtypes[key]) for key, value in parsed.floats.items()}
+        dtypes = {key: value.dtype for key, value in own.items()}
+        state = _with_metadata({key: torch.from_numpy(np.array(value)).to(dtypes[key])
+                                for key, value in parsed.floats.items()}, own)
         model.load_state_dict(state, strict=False, assign=True)
         if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
             raise RuntimeError("cbdnet.load: a tensor of the model was not filled from the file")
     else:
-        state = {key: torch.from_numpy(np.array(value)) for key, value in parsed.floats.items()}
+        state = _with_metadata({key: torch.from_numpy(np.array(value)) for key, value in parsed.floats.items()}, own)
         model.load_state_dict(state, strict=False)
     return model
+
+
+def _with_metadata(state: dict, own: dict) -> OrderedDict:
+    """``state`` with the model's own per-module state-dict versions: modules that check the version they load
+    (torchvision's MNASNet refuses a state dict without one) see the current one."""
+    out = OrderedDict(state)
+    out._metadata = getattr(own, "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    return out
 
 
 class _FileCodes:
@@ -943,7 +954,7 @@ def _fills_everything(model: nn.Module, parsed: CBDFile) -> bool:
     state = model.state_dict(keep_vars=True)
     if {name for name, _ in model.named_buffers(remove_duplicate=False)} - set(state):
         return False
-    coded = {f"{name}.weight" for name in (*parsed.codes, *_tied(parsed))}
+    coded = {coded_key(name, model.get_submodule(name)) for name in (*parsed.codes, *_tied(parsed))}
     keys: dict[int, list[str]] = {}
     for key, value in state.items():
         keys.setdefault(id(value), []).append(key)

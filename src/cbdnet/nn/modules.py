@@ -16,9 +16,35 @@ from torch import nn
 
 from ..codec import LayerCode
 
-__all__ = ["CBDConv2d", "CBDConvTranspose2d", "CBDLinear", "CBDLayer", "CBDModule", "from_module", "COMPRESSIBLE"]
+__all__ = ["CBDConv2d", "CBDConvTranspose2d", "CBDLinear", "CBDLayer", "CBDMultiheadAttention", "CBDModule",
+           "from_module", "COMPRESSIBLE", "is_compressible", "coded_weight", "coded_key", "packed_attention"]
 
 COMPRESSIBLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
+def packed_attention(module: nn.Module) -> bool:
+    """An ``nn.MultiheadAttention`` whose query/key/value projections are one packed ``in_proj_weight``
+    ``[3 * embed_dim, embed_dim]`` (the usual case; separate ``q/k/v_proj_weight`` stay float)."""
+    return isinstance(module, nn.MultiheadAttention) and getattr(module, "in_proj_weight", None) is not None
+
+
+def is_compressible(module: nn.Module) -> bool:
+    """Whether cbdnet codes a weight of ``module``: a Conv2d, ConvTranspose2d or Linear (its ``weight``), or a
+    packed multi-head attention (its ``in_proj_weight``; its ``out_proj`` is a Linear of its own)."""
+    return isinstance(module, COMPRESSIBLE) or packed_attention(module)
+
+
+def coded_weight(module: nn.Module) -> torch.Tensor:
+    """The Parameter of ``module`` that cbdnet codes (``weight``, or an attention's ``in_proj_weight``)."""
+    weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+    assert isinstance(weight, torch.Tensor), f"a {type(module).__name__} without a weight"
+    return weight
+
+
+def coded_key(name: str, module: object) -> str:
+    """The state-dict key of the coded Parameter of the module called ``name``."""
+    leaf = "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
+    return f"{name}.{leaf}" if name else leaf
 
 
 class CBDModule:
@@ -30,6 +56,7 @@ class CBDModule:
     from, see :meth:`release_code`): then ``.code`` is rebuilt on each access."""
 
     __jit_unused_properties__ = ["code"]
+    coded_name = "weight"  # the Parameter the code decodes to
 
     if TYPE_CHECKING:  # what the torch layer this is mixed into provides (nn.Conv2d, nn.ConvTranspose2d,
         # nn.Linear); for the type checker only, as TorchScript would read class annotations as attributes
@@ -59,24 +86,31 @@ class CBDModule:
 
     def set_code(self, code: LayerCode, dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
         """Carry ``code`` and run with its decoding as the (frozen) weight."""
-        dtype = self.weight.dtype if dtype is None else dtype
-        device = self.weight.device if device is None else device
-        if tuple(code.shape) != tuple(self.weight.shape):
-            raise ValueError(f"code of shape {tuple(code.shape)} does not fit weight {tuple(self.weight.shape)}")
+        current = getattr(self, self.coded_name)
+        dtype = current.dtype if dtype is None else dtype
+        device = current.device if device is None else device
+        if tuple(code.shape) != tuple(current.shape):
+            raise ValueError(f"code of shape {tuple(code.shape)} does not fit weight {tuple(current.shape)}")
         self.code = code
         decoded = torch.from_numpy(code.decode()).to(device=device, dtype=dtype)
-        self.weight = nn.Parameter(decoded, requires_grad=False)
-        self._coded_weight = [self.weight, self.weight._version]  # a list: not registered as a parameter
+        setattr(self, self.coded_name, nn.Parameter(decoded, requires_grad=False))
+        weight = getattr(self, self.coded_name)
+        self._coded_weight = [weight, weight._version]  # a list: not registered as a parameter
+
+    def share_weight(self, other: CBDModule) -> None:
+        """Run with ``other``'s decoded Parameter (a tied weight: one code, one Parameter)."""
+        setattr(self, self.coded_name, getattr(other, other.coded_name))
 
     def code_matches_weight(self) -> bool:
         """Whether the weight is still the decoding of ``self.code`` (not replaced or edited in place since)."""
+        weight = getattr(self, self.coded_name)
         coded = getattr(self, "_coded_weight", None)
-        if coded is not None and coded[0] is self.weight and coded[1] == self.weight._version:
+        if coded is not None and coded[0] is weight and coded[1] == weight._version:
             return True
         code = self.code
         assert code is not None, "a CBD module without a code"
-        decoded = torch.from_numpy(code.decode()).to(self.weight)
-        return bool(torch.equal(self.weight.detach(), decoded))
+        decoded = torch.from_numpy(code.decode()).to(weight)
+        return bool(torch.equal(weight.detach(), decoded))
 
     @classmethod
     def _twin(cls, original: nn.Conv2d | nn.ConvTranspose2d | nn.Linear, code: LayerCode, *args, **kwargs):
@@ -120,15 +154,49 @@ class CBDLinear(CBDModule, nn.Linear):
         return cls._twin(linear, code, linear.in_features, linear.out_features)
 
 
-CBDLayer = CBDConv2d | CBDConvTranspose2d | CBDLinear
+class CBDMultiheadAttention(CBDModule, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose packed ``in_proj_weight`` (``[3 * embed_dim, embed_dim]``: the query, key
+    and value projections stacked) is decoded from a composite binary code. Its state dict keeps the keys of
+    ``nn.MultiheadAttention``; ``out_proj`` (a Linear) is coded as a layer of its own. ``weight`` reads
+    ``in_proj_weight``, so code that handles CBD modules by their ``weight`` handles this one too."""
+
+    coded_name = "in_proj_weight"
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]  # a view of the packed Parameter, not a second one
+        return self.in_proj_weight
+
+    @classmethod
+    def from_attention(cls, attention: nn.MultiheadAttention, code: LayerCode) -> CBDMultiheadAttention:
+        """Build on the meta device, take the original's other tensors and ``out_proj`` (that very module: the
+        walker may swap it for its own twin next), then set the decoded ``in_proj_weight``."""
+        module = cls(attention.embed_dim, attention.num_heads, dropout=attention.dropout,
+                     bias=attention.in_proj_bias is not None, add_bias_kv=attention.bias_k is not None,
+                     add_zero_attn=attention.add_zero_attn, kdim=attention.kdim, vdim=attention.vdim,
+                     batch_first=attention.batch_first, device="meta")
+        for key in ("in_proj_bias", "bias_k", "bias_v"):
+            value = getattr(attention, key)
+            setattr(module, key, None if value is None else nn.Parameter(value.detach().clone(),
+                                                                         requires_grad=value.requires_grad))
+        module.out_proj = attention.out_proj
+        weight = attention.in_proj_weight
+        device = torch.device("cpu") if weight.is_meta else weight.device
+        module.set_code(code, weight.dtype, device)
+        module.train(attention.training)
+        return module
+
+
+CBDLayer = CBDConv2d | CBDConvTranspose2d | CBDLinear | CBDMultiheadAttention
 
 
 def from_module(module: nn.Module, code: LayerCode) -> CBDLayer:
-    """The CBD twin of a Conv2d, ConvTranspose2d or Linear module, carrying ``code``."""
+    """The CBD twin of a Conv2d, ConvTranspose2d, Linear or packed MultiheadAttention module, carrying ``code``."""
     if isinstance(module, nn.Conv2d):
         return CBDConv2d.from_conv(module, code)
     if isinstance(module, nn.ConvTranspose2d):
         return CBDConvTranspose2d.from_conv_transpose(module, code)
     if isinstance(module, nn.Linear):
         return CBDLinear.from_linear(module, code)
+    if isinstance(module, nn.MultiheadAttention) and packed_attention(module):
+        return CBDMultiheadAttention.from_attention(module, code)
     raise TypeError(f"cannot compress a {type(module).__name__}")

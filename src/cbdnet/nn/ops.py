@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..codec import LayerCode
-from .modules import COMPRESSIBLE
+from .modules import is_compressible
 
 __all__ = ["plane_popcounts", "output_positions", "layer_ops"]
 
@@ -48,6 +48,11 @@ def output_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str
 
     def recorder(name: str):
         def hook(module, inputs, output):
+            if isinstance(module, nn.MultiheadAttention):  # each query token meets the packed q/k/v weight once
+                if inputs and inputs[0].dim() == 3:
+                    query = inputs[0] if module.batch_first else inputs[0].transpose(0, 1)
+                    positions[name] = int(query[0].numel() // module.embed_dim)
+                return
             if isinstance(module, nn.ConvTranspose2d):
                 output, channels = inputs[0], module.in_channels
             else:
@@ -57,7 +62,7 @@ def output_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str
         return hook
 
     for name, module in model.named_modules():
-        if isinstance(module, COMPRESSIBLE):
+        if is_compressible(module):
             hooks.append(module.register_forward_hook(recorder(name)))
     try:
         parameter = next(model.parameters(), None)

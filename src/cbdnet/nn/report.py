@@ -33,7 +33,7 @@ class LayerReport:
     """
 
     name: str
-    kind: str  # conv / conv_transpose / linear
+    kind: str  # conv / conv_transpose / linear / attention_in_proj (a MultiheadAttention's packed q/k/v weight)
     shape: list[int]
     h: int
     w: int
@@ -280,6 +280,8 @@ def _clip(text: str, width: int) -> str:
 
 
 def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention_in_proj"
     if isinstance(module, nn.Conv2d):
         return "conv"
     return "conv_transpose" if isinstance(module, nn.ConvTranspose2d) else "linear"

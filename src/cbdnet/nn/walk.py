@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..codec import LayerCode
 from ..errors import CBDError
 from ..fileio import parse_positive_int
-from .modules import COMPRESSIBLE, CBDLayer, CBDModule, from_module
+from .modules import CBDLayer, CBDModule, coded_key, coded_weight, from_module, is_compressible
 from .ops import output_positions
 from .report import LayerReport, Report, layer_report
 
@@ -32,17 +32,18 @@ Encoder = Callable[[str, np.ndarray], LayerCode]
 
 
 def compressible_layers(model: nn.Module, skip: Iterable[str] = ()) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs that compress: every Conv2d, ConvTranspose2d and Linear not named in ``skip``."""
+    """The (name, module) pairs that compress: every Conv2d, ConvTranspose2d, Linear and packed
+    MultiheadAttention (its ``in_proj_weight``) not named in ``skip``."""
     skipped = set(skip)
     return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, COMPRESSIBLE) and not isinstance(module, CBDModule) and name not in skipped]
+            if is_compressible(module) and not isinstance(module, CBDModule) and name not in skipped]
 
 
 def owns_its_code(model: nn.Module) -> Callable[[nn.Module], bool]:
     """A test of whether a module of ``model`` carries a code no other coded module shares (a tied weight is
     one code, coded once: changing it per layer would untie it)."""
-    users = Counter(id(m.weight) for m in model.modules() if getattr(m, "code", None) is not None)
-    return lambda module: getattr(module, "code", None) is not None and users[id(module.weight)] == 1
+    users = Counter(id(coded_weight(m)) for m in model.modules() if getattr(m, "code", None) is not None)
+    return lambda module: getattr(module, "code", None) is not None and users[id(coded_weight(module))] == 1
 
 
 def tied_weights(layers: list[tuple[str, nn.Module]]) -> dict[str, str]:
@@ -50,7 +51,7 @@ def tied_weights(layers: list[tuple[str, nn.Module]]) -> dict[str, str]:
     first: dict[int, str] = {}
     tied = {}
     for name, module in layers:
-        key = id(module.weight)
+        key = id(coded_weight(module))
         if key in first:
             tied[name] = first[key]
         else:
@@ -71,6 +72,7 @@ _FLOAT_REASONS: tuple[tuple[type, str], ...] = (
     (nn.modules.conv._ConvTransposeNd, "1-D/3-D transposed convolution: no CBD twin, kept in float"),
     (nn.modules.conv._ConvNd, "1-D/3-D convolution: no CBD twin, kept in float"),
     (nn.Embedding, "embedding table: not a Conv2d/Linear, kept in float"),
+    (nn.MultiheadAttention, "separate q/k/v projection weights (kdim/vdim differ from embed_dim): kept in float"),
 )
 
 
@@ -103,9 +105,8 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def coded_keys(model: nn.Module) -> set[str]:
-    """The state-dict keys of every CBD module's weight, under every name a shared module has."""
-    return {f"{name}.weight" if name else "weight" for name, m in model.named_modules(remove_duplicate=False)
-            if isinstance(m, CBDModule)}
+    """The state-dict keys of every CBD module's coded weight, under every name a shared module has."""
+    return {coded_key(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, CBDModule)}
 
 
 def default_workers() -> int:
@@ -117,19 +118,18 @@ def default_workers() -> int:
 
 def check_skip(model: nn.Module, skip: Iterable[str]) -> list[str]:
     """``skip`` as a sorted list, each name checked to be a compressible layer of ``model``."""
-    names = {name for name, module in model.named_modules() if isinstance(module, COMPRESSIBLE)}
+    names = {name for name, module in model.named_modules() if is_compressible(module)}
     unknown = sorted(set(skip) - names)
     if unknown:
         raise CBDError(f"skip names {unknown[:5]}, which {'is' if len(unknown) == 1 else 'are'} not a "
-                       f"Conv2d/ConvTranspose2d/Linear layer of the model")
+                       f"Conv2d/ConvTranspose2d/Linear/MultiheadAttention layer of the model")
     return sorted(set(skip))
 
 
 def _encode_layer(name: str, module: nn.Module, encoder: Encoder, positions: int | None
                   ) -> tuple[LayerCode, LayerReport]:
     start = time.perf_counter()
-    assert isinstance(module, COMPRESSIBLE)
-    original = module.weight.detach().to(device="cpu", dtype=torch.float32).numpy()
+    original = coded_weight(module).detach().to(device="cpu", dtype=torch.float32).numpy()
     code = encoder(name, original)
     return code, layer_report(name, module, code, original, time.perf_counter() - start, positions)
 
@@ -181,7 +181,7 @@ def compress_layers(model: nn.Module, encoder: Encoder, *, skip: Iterable[str] =
         code = twins[owner].code
         assert code is not None
         twin = from_module(module, code)
-        twin.weight = twins[owner].weight
+        twin.share_weight(twins[owner])
         _set_submodule(model, name, twin)
     report.tied = dict(tied)
     report.float_tensors = {key: value.numel() * value.element_size() * 8

@@ -56,7 +56,8 @@ class SpecError(SweepError, ValueError):
 
 # the columns of results.csv, in this order (a contract): the compress options, skip and label
 POINT_KEYS = ("method", "bits", "granularity", "planes", "bottleneck", "fallback", "target-bits", "calib",
-              "gptq", "bias-correction", "bn-reestimate", "adaround", "refit", "calib-images", "skip", "label")
+              "gptq", "bias-correction", "bn-reestimate", "adaround", "refit", "calib-images", "device", "skip",
+              "label")
 _SPLITS = {"digits": ("train", "test"), "camvid-npz": ("train", "val", "test")}
 _DIR_KINDS = ("imagefolder", "voc")
 RANDOM = "random"
