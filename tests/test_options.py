@@ -192,22 +192,21 @@ def test_every_compress_flag_is_declared_and_its_help_shows_its_default():
             assert flags[opt.short] is action
 
 
-DEVICE = Option("device", "device", "str", "where calibration runs", ("rtn", "budget"), "budget",
-                pattern=r"cpu|cuda(:[0-9]+)?|mps", accepts="cpu, cuda, cuda:N or mps", examples=("cpu", "cuda:1"),
-                unset=(None,), default_help="the model's")
-
-
-def test_a_string_option_is_declared_once_too(monkeypatch, capsys):
-    """A new flag such as --device (a CalibrationConfig field) is one Option: its check, type and help follow."""
-    assert DEVICE.check("cuda:1") == "cuda:1" and DEVICE.check(None) is None
+def test_the_device_option_is_declared_once(capsys):
+    """--device (a CalibrationConfig field) is one Option: its check, the CLI flag's type and help, the config's
+    validation and the sweep key all follow from it."""
+    device = option("device")
+    assert device.check("cuda:1") == "cuda:1"
     for bad in ("gpu", "cuda:", "", "cpu\n", 1, True):
-        with pytest.raises(options.ConfigError, match=r"^device must be cpu, cuda, cuda:N or mps, got "):
-            DEVICE.check(bad)
-    monkeypatch.setattr(options, "OPTIONS", (*OPTIONS, DEVICE))
+        with pytest.raises(options.ConfigError, match=r"^device must be cpu, cuda, cuda:N or auto, got "):
+            device.check(bad)
     assert build_parser().parse_args(["compress", "--device", "cuda:0"]).device == "cuda:0"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", "--device", "gpu"])
-    assert "argument --device: device must be cpu, cuda, cuda:N or mps, got 'gpu'" in capsys.readouterr().err
+    assert "argument --device: device must be cpu, cuda, cuda:N or auto, got 'gpu'" in capsys.readouterr().err
     compress = build_parser()._subparsers._group_actions[0].choices["compress"]
-    device = next(action for action in compress._actions if "--device" in action.option_strings)
-    assert device.help.endswith("(default: the model's)") and device.default is None
+    action = next(action for action in compress._actions if "--device" in action.option_strings)
+    assert action.help.endswith("(default: cpu)") and action.default is None
+    with pytest.raises(options.ConfigError):
+        configs.CalibrationConfig(device="gpu")
+    assert configs.CalibrationConfig(device="auto").device == "auto"

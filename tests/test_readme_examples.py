@@ -80,7 +80,7 @@ def test_readme_python_example_runs(sandbox):
     script = work / "example.py"
     script.write_text(python_example(), encoding="utf-8")
     result = _run([sys.executable, str(script)], work, env)
-    assert "bits per compressed weight" in result.stdout  # the report's table was printed
+    assert "whole file:" in result.stdout and "paper's code count" in result.stdout  # the table and totals
     assert (work / "squeezenet.cbd").stat().st_size > 1000
 
 

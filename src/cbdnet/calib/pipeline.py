@@ -141,7 +141,7 @@ class CompressCache:
 
 def _cache_key(config, settings: CalibrationConfig, layers, calibration, float32: bool, fold_bn: bool) -> tuple:
     fields = tuple(sorted((k, str(v)) for k, v in config.to_dict().items() if k != "target_bits"))
-    return (fields, str(settings.to_dict()), tuple((name, tuple(m.weight.shape)) for name, m in layers),
+    return (fields, str(settings.to_dict()), tuple((name, tuple(coded_weight(m).shape)) for name, m in layers),
             id(calibration), float32, fold_bn)
 
 
