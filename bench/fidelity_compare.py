@@ -1,6 +1,6 @@
 """Fidelity to FP32 of cbdnet's and NNCodec's ResNet-20 files: agreement and KL on the test images, by file size.
 
-    /work/main/.venv/bin/python bench/fidelity_compare.py --sweep out/r20_budget/results.json \
+    .venv/bin/python bench/fidelity_compare.py --sweep out/r20_budget/results.json \
         --nncodec-dir bench/out/nncodec -o bench/results/fidelity_resnet20.json --plot docs/fidelity_resnet20.png
 
 Top-1 on 10,000 test images moves by about 0.4 points (one sigma) between two files of nearly the same quality,
@@ -41,6 +41,7 @@ from cbdnet.zoo.data import load_spec
 from cbdnet.zoo.models import build, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CBDNET_SHARED", REPO.parent / "shared"))  # the data and checkpoints beside the clone
 ARCH = "cifar-resnet20"
 
 
@@ -53,8 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--nncodec", type=Path, default=REPO / "bench" / "results" / "nncodec_resnet20.json")
     p.add_argument("--nncodec-dir", type=Path, default=REPO / "bench" / "out" / "nncodec",
                    help="decoded NNCodec checkpoints (bench/nncodec_resnet20.py's --work)")
-    p.add_argument("--weights", default="/work/shared/models/cifar10_resnet20.th")
-    p.add_argument("--data", default="cifar10-npz:/work/shared/data/cifar10_test.npz")
+    p.add_argument("--weights", default=str(SHARED / "models" / "cifar10_resnet20.th"))
+    p.add_argument("--data", default=f"cifar10-npz:{SHARED / 'data' / 'cifar10_test.npz'}")
     p.add_argument("--reuse", type=Path, help="an earlier output: its points of the same file (SHA-256) are reused")
     p.add_argument("-o", "--out", type=Path, help="write every file's figures here (JSON)")
     p.add_argument("--plot", type=Path, help="agreement and KL over file bits per weight, both tools")

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CBDNET_SHARED", REPO.parent / "shared"))  # the data and checkpoints beside the clone
 MACHINE = "2-core AMD EPYC, no GPU, shared"
 DEFAULT_QPS = list(range(-34, -13, 2))
 
@@ -47,9 +48,9 @@ DEFAULT_QPS = list(range(-34, -13, 2))
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--qps", type=int, nargs="+", default=DEFAULT_QPS, help="NNCodec QPs (default -34 … -14)")
-    p.add_argument("--weights", default="/work/shared/models/cifar10_resnet20.th")
-    p.add_argument("--data", default="cifar10-npz:/work/shared/data/cifar10_test.npz")
-    p.add_argument("--cbdnet-python", default="/work/main/.venv/bin/python",
+    p.add_argument("--weights", default=str(SHARED / "models" / "cifar10_resnet20.th"))
+    p.add_argument("--data", default=f"cifar10-npz:{SHARED / 'data' / 'cifar10_test.npz'}")
+    p.add_argument("--cbdnet-python", default=str(REPO / ".venv" / "bin" / "python"),
                    help="python of cbdnet's environment (cbdnet eval runs there with PYTHONPATH=<repo>/src)")
     p.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "nncodec",
                    help="bitstreams and decoded checkpoints (not committed)")

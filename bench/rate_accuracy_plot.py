@@ -1,6 +1,6 @@
 """Rate/accuracy of cbdnet against NNCodec on ResNet-20: top-1 over whole-file bits per weight, one plot.
 
-    /work/main/.venv/bin/python bench/rate_accuracy_plot.py --cbdnet POINTS.json -o docs/rate_accuracy_resnet20.png
+    .venv/bin/python bench/rate_accuracy_plot.py --cbdnet POINTS.json -o docs/rate_accuracy_resnet20.png
 
 NNCodec's curve comes from bench/results/nncodec_resnet20.json (bench/nncodec_resnet20.py). cbdnet's points are a
 JSON list of ``{"label", "file_bits_per_weight", "top1"}`` (optionally ``"bytes"``, and ``"series"`` to draw
