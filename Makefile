@@ -1,5 +1,7 @@
-# Entry points: `make demo`, `make test` (everything: lint, import contract, types, the whole suite) and
-# `make test-fast` (the inner loop: tests not marked slow). Each creates .venv when missing and installs the
+# Entry points: `make demo`, `make test` (everything: lint, import contract, types, the whole suite),
+# `make test-fast` (the inner loop: tests not marked slow) and `make test-full-size` (the all-torchvision test with
+# GPTQ on every reduced twin and ConvNeXt-T/ViT-B/16 at full size: an hour or more on 2 cores, so `make test` runs
+# their reduced twins and skips these unless CBDNET_SLOW=1). Each creates .venv when missing and installs the
 # package there at the exact versions of constraints.txt (pyproject.toml itself declares compatible ranges).
 PY ?= python3
 VENV := .venv
@@ -7,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test test-fast lint typecheck bench clean
+.PHONY: demo test test-fast test-full-size lint typecheck bench clean
 
 # setuptools >= 77 reads the SPDX licence fields; tests/test_packaging.py builds the wheel with this venv's setuptools
 $(BIN)/python:
@@ -28,6 +30,9 @@ test: lint typecheck
 
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-full-size: $(STAMP)
+	CBDNET_SLOW=1 $(BIN)/python -m pytest -q tests/test_torchvision_all.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
