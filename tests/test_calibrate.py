@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from gptq_reference import gptq_reference
 from torch import nn
 
 from cbdnet.calib import stats as calibrate
@@ -106,26 +107,6 @@ def test_gptq_lowers_the_output_error_against_round_to_nearest(mag_bits):
 
 
 
-def _gptq_one_grid(weight, steps, mag_bits, hessian, damp=0.01):
-    """GPTQ (act order) of one grid, column by column, written out plainly as a reference."""
-    w = torch.from_numpy(weight.astype(np.float64).reshape(weight.shape[0], -1).copy())
-    step = torch.from_numpy(np.asarray(steps, np.float64).reshape(-1))
-    h = hessian.clone()
-    dead = torch.diag(h) <= 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    order = torch.argsort(torch.diag(h), descending=True)
-    w, h = w[:, order], h[order][:, order]
-    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    levels = torch.zeros_like(w)
-    for col in range(w.shape[1]):
-        levels[:, col] = torch.clamp(torch.round(w[:, col] / step), -(2**mag_bits - 1), 2**mag_bits - 1)
-        error = (w[:, col] - levels[:, col] * step) / upper[col, col]
-        w[:, col + 1:] -= error[:, None] * upper[col, col + 1:][None, :]
-    restored = torch.empty_like(levels)
-    restored[:, order] = levels
-    return restored.numpy().astype(np.int64).reshape(weight.shape)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -136,7 +117,7 @@ def test_stacked_gptq_gives_each_grid_the_levels_of_its_own_run(groups, monkeypa
     hessian[:, 3, :] = hessian[:, :, 3] = 0.0  # a dead input
     weight = rng.standard_normal((8, 3, 2, 2)).astype(np.float32)
     grids = [(rtn_steps(weight, bits, "channel") * ratio, bits - 1) for bits in (2, 3, 5) for ratio in (1.0, 0.7)]
-    expected = [np.concatenate([_gptq_one_grid(weight[g * 8 // groups:(g + 1) * 8 // groups],
+    expected = [np.concatenate([gptq_reference(weight[g * 8 // groups:(g + 1) * 8 // groups],
                                                steps[g * 8 // groups:(g + 1) * 8 // groups], bits, hessian[g])
                                 for g in range(groups)]) for steps, bits in grids]
     h = hessian if groups > 1 else hessian[0]

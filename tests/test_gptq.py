@@ -5,32 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gptq_reference import gptq_reference
 
 from cbdnet.calib import stats as calibrate
 from cbdnet.codec.grid import rtn_steps
-
-
-def _reference(weight, steps, mag_bits, hessian, damp=0.01):
-    """GPTQ (act order) of one grid, column by column in float64, from the textbook factor: Cholesky of ``H``,
-    its inverse, Cholesky again."""
-    w = torch.from_numpy(weight.astype(np.float64).reshape(weight.shape[0], -1).copy())
-    step = torch.from_numpy(np.asarray(steps, np.float64).reshape(-1))
-    h = hessian.clone()
-    dead = torch.diag(h) <= 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    order = torch.argsort(torch.diag(h), descending=True)
-    w, h = w[:, order], h[order][:, order]
-    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    levels = torch.zeros_like(w)
-    for col in range(w.shape[1]):
-        levels[:, col] = torch.clamp(torch.round(w[:, col] / step), -(2**mag_bits - 1), 2**mag_bits - 1)
-        error = (w[:, col] - levels[:, col] * step) / upper[col, col]
-        w[:, col + 1:] -= error[:, None] * upper[col, col + 1:][None, :]
-    restored = torch.empty_like(levels)
-    restored[:, order] = levels
-    return restored.numpy().astype(np.int64)
 
 
 def _problem(out: int, d: int, seed: int = 0):
@@ -66,7 +44,7 @@ def test_blocked_float32_gptq_matches_the_per_column_float64_algorithm(mag_bits)
     weight, hessian = _problem(24, 400)
     steps = rtn_steps(weight, mag_bits + 1, "channel")
     got = calibrate.gptq_levels(weight, steps, mag_bits, hessian)
-    expected = _reference(weight, steps, mag_bits, hessian)
+    expected = gptq_reference(weight, steps, mag_bits, hessian)
     assert np.abs(got).max() <= (1 << mag_bits) - 1
     assert (got != expected).mean() <= 0.005
 
