@@ -82,13 +82,6 @@ class LayerStats:
         size = out // self.groups
         return [slice(g * size, (g + 1) * size) for g in range(self.groups)]
 
-    def of_group(self, index: int) -> LayerStats:
-        """The statistics of one group, as those of an ungrouped layer."""
-        if self.groups == 1:
-            return self
-        rows = self.group_of(self.fisher.shape[0])[index]
-        return LayerStats(self.hessian[index], self.mean[index], self.fisher[rows], self.samples)
-
 
 def input_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A Linear or Conv2d layer's input columns ``[N * positions, d]`` for its input ``x``, in the order of
