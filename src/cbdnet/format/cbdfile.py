@@ -279,7 +279,7 @@ def _no_codes_message(model: nn.Module) -> str:
     """Why a model without compressed layers cannot be saved, and what to do: an int8-runtime model (its
     weights are quantized tensors, the .cbd codes are gone) is not a model that was never compressed."""
     quantized = any(isinstance(t, torch.Tensor) and t.is_quantized for t in model.state_dict().values()) \
-        or hasattr(model, "cbdnet_int8_report")
+        or recorded(model, "int8_report") is not None
     if quantized:
         return ("an int8-runtime model (cbdnet.load(..., runtime='int8')) cannot be saved as a .cbd file: its "
                 "layers hold torch int8 kernels, not .cbd codes; keep the .cbd file it was loaded from, or load "
