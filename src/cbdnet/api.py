@@ -20,6 +20,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,9 +44,9 @@ FilterFn = Callable[[nn.Module, str], bool]
 _CONFIGS = (CBDConfig, UniformConfig, RTNConfig, BudgetConfig)
 
 
-def compress(model: nn.Module, config: CompressConfig | None = None, calibration: Iterable | None = None, *,
+def compress(model: nn.Module, config: CompressConfig | None = None, calibration: Iterable[Any] | None = None, *,
              filter_fn: FilterFn | None = None, skip: Iterable[str] = (), arch: str | None = None,
-             arch_kwargs: dict | None = None, progress: bool = True, workers: int | None = None,
+             arch_kwargs: dict[str, Any] | None = None, progress: bool = True, workers: int | None = None,
              input_shape: tuple[int, ...] | None = None, float32: bool = False, fold_bn: bool = True,
              calibration_config: CalibrationConfig | None = None) -> tuple[nn.Module, Report]:
     """Compress every Conv2d/ConvTranspose2d/Linear layer of ``model`` in place.
@@ -99,8 +100,8 @@ def compress(model: nn.Module, config: CompressConfig | None = None, calibration
     return model, report
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None,
-         extra: dict | None = None, overwrite: bool = True) -> int:
+def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = None,
+         arch_kwargs: dict[str, Any] | None = None, extra: dict[str, Any] | None = None, overwrite: bool = True) -> int:
     """Write a compressed model to a ``.cbd`` file, atomically; saving is lossless.
 
     Args:
@@ -122,8 +123,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, arch: str | None = None, 
     return cbdfile.save(model, path, arch=arch, arch_kwargs=arch_kwargs, extra=extra, overwrite=overwrite)
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, *, runtime: str = "float",
-         calibration: Iterable | None = None) -> nn.Module:
+def load(path: str | os.PathLike[str], model: nn.Module | None = None, *, runtime: str = "float",
+         calibration: Iterable[Any] | None = None) -> nn.Module:
     """Load a ``.cbd`` file; never unpickles anything and never imports code the file names.
 
     Args:
@@ -143,7 +144,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, runtime: st
     return loaded
 
 
-def verify(path: str | os.PathLike) -> list[str]:
+def verify(path: str | os.PathLike[str]) -> list[str]:
     """Re-check a ``.cbd`` file: its checksum and every factored plane, bit for bit.
 
     Returns:
@@ -152,7 +153,7 @@ def verify(path: str | os.PathLike) -> list[str]:
     return cbdfile.verify(path)
 
 
-def check_arch(model: nn.Module, arch: str, arch_kwargs: dict) -> None:
+def check_arch(model: nn.Module, arch: str, arch_kwargs: dict[str, Any]) -> None:
     """Check that ``arch`` built with ``arch_kwargs`` has exactly ``model``'s state-dict keys and shapes.
 
     Built on the meta device (no memory); ``module.path:factory`` is imported, since the caller named it.
@@ -178,7 +179,7 @@ def check_arch(model: nn.Module, arch: str, arch_kwargs: dict) -> None:
         raise CBDError(f"the model does not fit arch {arch} {arch_kwargs or ''}: " + "; ".join(problems))
 
 
-def _config(config) -> CompressConfig:
+def _config(config: object) -> CompressConfig:
     if config is None:
         return CBDConfig()
     if not isinstance(config, _CONFIGS):

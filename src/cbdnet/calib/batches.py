@@ -122,8 +122,9 @@ def as_calibration_set(data, model: nn.Module | None = None, *, limit: int | Non
         return data
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"the calibration image limit must be a positive integer, got {limit!r}")
-    images, labels, unlabelled = [], [], False
-    count = 0
+    images: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    unlabelled, count = False, 0
     for index, item in enumerate(_pairs(data)):
         x, y = _split(item, index)
         if limit is not None:

@@ -14,8 +14,10 @@ they fit. Layers are never left in float: every weight is counted in ``bits_per_
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -82,7 +84,7 @@ def _rtn_grids(weight, bits: int, clip_ratios, half: bool) -> list[tuple[np.ndar
 
 
 def _rtn_best(weight, bits: int, stats, gptq: bool, clip_ratios, grids, levels) -> Candidate:
-    best = None
+    best: Candidate | None = None
     for ratio, (steps, mag_bits), chosen in zip(clip_ratios, grids, levels, strict=True):
         code = grid_code(chosen, steps, mag_bits,
                          reason=f"rtn {bits} bits per channel, clip {ratio}{', gptq' if gptq and stats else ''}")
@@ -90,6 +92,12 @@ def _rtn_best(weight, bits: int, stats, gptq: bool, clip_ratios, grids, levels) 
         loss = _predicted_loss(weight, code, stats)
         if best is None or loss < best.loss:
             best = Candidate(f"rtn{bits}", code, code.coded_bits(), loss)
+    return _found(best)
+
+
+def _found(best: Candidate | None) -> Candidate:
+    if best is None:
+        raise ValueError("no clipping ratio to try")
     return best
 
 
@@ -108,7 +116,7 @@ def _level_grids(weight, levels: int, clip_ratios, half: bool) -> list[tuple[np.
 
 
 def _level_best(weight, levels: int, stats, gptq: bool, clip_ratios, grids, chosen_levels) -> Candidate:
-    best = None
+    best: Candidate | None = None
     for ratio, (steps, mag_bits), chosen in zip(clip_ratios, grids, chosen_levels, strict=True):
         code = grid_code(chosen, steps, mag_bits,
                          reason=f"{levels} levels per side per channel, clip {ratio}"
@@ -117,7 +125,7 @@ def _level_best(weight, levels: int, stats, gptq: bool, clip_ratios, grids, chos
         loss = _predicted_loss(weight, code, stats)
         if best is None or loss < best.loss:
             best = Candidate(f"L{levels}", code, code.coded_bits(), loss)
-    return best
+    return _found(best)
 
 
 def level_candidate(weight: np.ndarray, levels: int, stats: LayerStats | None, gptq: bool = True,
@@ -191,23 +199,17 @@ def weighted_candidate(weight: np.ndarray, levels: float, exponent: float, stats
     return _weighted_of(weight, levels, exponent, stats, gptq, grids, _levels(weight, grids, stats, gptq))
 
 
-def _composite_grid(weight, planes: int, bottleneck: float, half: bool) -> tuple[list, np.ndarray]:
+def _composite_grid(weight, planes: int, bottleneck: float, half: bool) -> tuple[list[tuple[np.ndarray, int]], int]:
     steps, factor_from, _ = composite_steps(weight, planes, bottleneck, "channel")
     return [(_stored(steps, half), planes)], factor_from
 
 
-def _composite_of(weight, planes: int, stats, gptq: bool, grids, factor_from, levels) -> Candidate:
+def _composite_of(weight, planes: int, stats, gptq: bool, grids, factor_from: int, levels) -> Candidate:
     (steps, _), = grids
     code = grid_code(levels[0], steps, planes, factor_from=factor_from,
                      reason=f"composite J={planes} per channel{', gptq' if gptq and stats else ''}")
     code.extra["label"] = f"cbd J={planes}/ch"
     return Candidate(f"cbd{planes}", code, code.coded_bits(), _predicted_loss(weight, code, stats))
-
-
-def composite_candidate(weight: np.ndarray, planes: int, stats: LayerStats | None, gptq: bool = True,
-                        bottleneck: float = 0.3, half: bool = False) -> Candidate:
-    grids, factor_from = _composite_grid(weight, planes, bottleneck, half)
-    return _composite_of(weight, planes, stats, gptq, grids, factor_from, _levels(weight, grids, stats, gptq))
 
 
 SCREEN_MACS = 1 << 27  # multiply-adds per grid for a screening loss; beyond, a seeded subset of output rows
@@ -228,29 +230,32 @@ class Estimate:
     plan: int
 
 
-def _plans(weight, stats, gptq, rtn_bits, composite_planes, levels, half, weighted_levels, exponents) -> list:
+Grids = list[tuple[np.ndarray, int]]  # (steps, magnitude bits) per grid of a candidate family
+# a candidate family: its label, its grids, and ``finish(levels per grid)``, which makes its candidate (best grid)
+Plan = tuple[str, Grids, Callable[[list[np.ndarray]], Candidate]]
+
+
+def _plans(weight, stats, gptq, rtn_bits, composite_planes, levels, half, weighted_levels, exponents) -> list[Plan]:
     """Every candidate family of ``weight``: ``(label, grids, finish)`` where ``finish(levels per grid)`` makes the
     family's candidate (its best grid)."""
-    plans = []
+    plans: list[Plan] = []
     for bits in rtn_bits:
         grids = _rtn_grids(weight, bits, CLIP_RATIOS, half)
-        plans.append((f"rtn{bits}", grids,
-                      lambda lv, b=bits, g=grids: _rtn_best(weight, b, stats, gptq, CLIP_RATIOS, g, lv)))
+        plans.append((f"rtn{bits}", grids, partial(_rtn_best, weight, bits, stats, gptq, CLIP_RATIOS, grids)))
     for count in levels:
         grids = _level_grids(weight, count, CLIP_RATIOS, half)
-        plans.append((f"L{count}", grids,
-                      lambda lv, c=count, g=grids: _level_best(weight, c, stats, gptq, CLIP_RATIOS, g, lv)))
+        plans.append((f"L{count}", grids, partial(_level_best, weight, count, stats, gptq, CLIP_RATIOS, grids)))
     sensitivity = _sensitivity(stats, weight.shape[0])
     for count in weighted_levels:
         for exponent in exponents:
             grids = _weighted_grid(weight, sensitivity, count, exponent, half)
-            plans.append((f"w{count:g}e{exponent:g}", grids, lambda lv, c=count, e=exponent, g=grids:
-                          _weighted_of(weight, c, e, stats, gptq, g, lv)))
+            plans.append((f"w{count:g}e{exponent:g}", grids,
+                          partial(_weighted_of, weight, count, exponent, stats, gptq, grids)))
     if np.any(weight != 0):  # the composite scale search needs a non-zero entry
         for planes in composite_planes:
             grids, factor_from = _composite_grid(weight, planes, 0.3, half)
-            plans.append((f"cbd{planes}", grids, lambda lv, p=planes, g=grids, f=factor_from:
-                          _composite_of(weight, p, stats, gptq, g, f, lv)))
+            plans.append((f"cbd{planes}", grids,
+                          partial(_composite_of, weight, planes, stats, gptq, grids, factor_from)))
     return plans
 
 
@@ -287,9 +292,9 @@ class LayerSearch:
     half: bool = False
     weighted_levels: tuple = ()
     exponents: tuple = SENSITIVITY_EXPONENTS
-    plans: list = field(init=False)
-    exact: list = field(init=False)
-    _estimates: list | None = field(init=False, default=None)
+    plans: list[Plan] = field(init=False)
+    exact: list[Candidate | None] = field(init=False)
+    _estimates: list[Estimate] | None = field(init=False, default=None)
     _factors: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -304,7 +309,7 @@ class LayerSearch:
             loss = _screen_loss(self.weight, self.stats)
             out = []
             for index, (label, grids, _) in enumerate(self.plans):
-                best = None
+                best: Estimate | None = None
                 for steps, mag_bits in grids:
                     lv = round_levels(self.weight, steps, mag_bits)
                     delta = lv.reshape(lv.shape[0], -1) * np.asarray(steps, np.float32).reshape(-1, 1) \
@@ -313,11 +318,13 @@ class LayerSearch:
                                       self.weight.size, index)
                     if best is None or option.loss < best.loss:
                         best = option
+                if best is None:
+                    raise ValueError(f"candidate family {label} has no grid")
                 out.append(best)
             self._estimates = out
         return self._estimates
 
-    def options(self) -> list:
+    def options(self) -> list[Candidate | Estimate]:
         """Each family's exact candidate where it was made, else its estimate."""
         estimates = self.estimates()
         return [exact if exact is not None else estimates[i] for i, exact in enumerate(self.exact)]
@@ -328,7 +335,7 @@ class LayerSearch:
         if not todo:
             return 0
         grids = [grid for i in todo for grid in self.plans[i][1]]
-        if self.gptq:
+        if self.gptq and self.stats is not None:  # (gptq is set only where there are statistics)
             every = gptq_levels_stacked(self.weight, grids, self.stats.hessian, factors=self._factors)
         else:
             every = [round_levels(self.weight, steps, mag_bits) for steps, mag_bits in grids]
@@ -346,7 +353,7 @@ class LayerSearch:
     def candidates(self) -> list[Candidate]:
         """Every family's exact candidate."""
         self.refine(range(len(self.plans)))
-        return list(self.exact)
+        return _all_exact(self.exact)
 
 
 def _screen_loss(weight: np.ndarray, stats: LayerStats | None) -> Callable[[np.ndarray], float]:
@@ -380,9 +387,27 @@ def layer_candidates(weight: np.ndarray, stats: LayerStats | None, gptq: bool = 
                        tuple(weighted_levels), tuple(exponents)).candidates()
 
 
-def _best(options: list, lam: float, top: int) -> list[int]:
+def _all_exact(picks: Sequence[Candidate | Estimate | None]) -> list[Candidate]:
+    out = [pick for pick in picks if isinstance(pick, Candidate)]
+    assert len(out) == len(picks), "a pick was not made exact"  # the callers refine every pick first
+    return out
+
+
+Option = TypeVar("Option", bound="Candidate | Estimate")  # an exact candidate or a family's estimate
+
+
+def _cost(options: Sequence[Candidate | Estimate], lam: float, i: int) -> tuple[float, float]:
+    """Option ``i``'s ``loss + lam * bits``, ties broken by fewer bits."""
+    return options[i].loss + lam * options[i].bits, options[i].bits
+
+
+def _cheapest(options: Sequence[Candidate | Estimate]) -> int:
+    return min(range(len(options)), key=lambda i: options[i].bits)
+
+
+def _best(options: Sequence[Candidate | Estimate], lam: float, top: int) -> list[int]:
     """The ``top`` families of lowest ``loss + lam * bits``."""
-    return sorted(range(len(options)), key=lambda i: (options[i].loss + lam * options[i].bits, options[i].bits))[:top]
+    return sorted(range(len(options)), key=partial(_cost, options, lam))[:top]
 
 
 def choose_refined(searches: dict[str, LayerSearch], budget_bits: float, span: float = REFINE_SPAN,
@@ -402,10 +427,10 @@ def choose_refined(searches: dict[str, LayerSearch], budget_bits: float, span: f
     lam = _multiplier(estimates, budget_bits)
     for name, search in searches.items():
         wanted = {i for k in range(-2, 3) for i in _best(estimates[name], lam * span ** (k / 2), top)}
-        wanted.add(min(range(len(estimates[name])), key=lambda i, e=estimates[name]: e[i].bits))
-        new = search.refine(wanted)
+        wanted.add(_cheapest(estimates[name]))
+        made = search.refine(wanted)
         if progress is not None:
-            progress(name, new)
+            progress(name, made)
     polished = False
     while True:
         options = {name: search.options() for name, search in searches.items()}
@@ -415,25 +440,24 @@ def choose_refined(searches: dict[str, LayerSearch], budget_bits: float, span: f
             polished, lam = True, _multiplier(options, budget_bits)
             missing = {name: _best(options[name], lam, top) for name in searches}
         new = {name: searches[name].refine(plans) for name, plans in missing.items()}
-        if not any(new.values()):
-            return chosen
+        if not any(new.values()):  # every pick is exact (an estimate picked was refined above)
+            return dict(zip(chosen, _all_exact(list(chosen.values())), strict=True))
         if progress is not None:
             for name, count in new.items():
                 progress(name, count)
 
 
-def _pick(candidates: dict[str, list], lam: float) -> dict[str, int]:
-    return {name: min(range(len(c)), key=lambda i, c=c: (c[i].loss + lam * c[i].bits, c[i].bits))
-            for name, c in candidates.items()}
+def _pick(candidates: Mapping[str, Sequence[Candidate | Estimate]], lam: float) -> dict[str, int]:
+    return {name: min(range(len(c)), key=partial(_cost, c, lam)) for name, c in candidates.items()}
 
 
-def _bits(candidates, picks) -> int:
+def _bits(candidates: Mapping[str, Sequence[Candidate | Estimate]], picks: dict[str, int]) -> float:
     return sum(candidates[name][i].bits for name, i in picks.items())
 
 
-def choose(candidates: dict[str, list[Candidate]], budget_bits: float) -> dict[str, Candidate]:
+def choose(candidates: Mapping[str, Sequence[Option]], budget_bits: float) -> dict[str, Option]:
     """The per-layer candidates with the least summed loss whose summed bits fit ``budget_bits``."""
-    cheapest = {name: min(range(len(c)), key=lambda i, c=c: c[i].bits) for name, c in candidates.items()}
+    cheapest = {name: _cheapest(c) for name, c in candidates.items()}
     if _bits(candidates, cheapest) > budget_bits:
         need = _bits(candidates, cheapest) / sum(c[0].numel for c in candidates.values())
         raise ValueError(f"the budget is below the cheapest setting ({need:.3f} bits/weight)")
@@ -444,7 +468,7 @@ def choose(candidates: dict[str, list[Candidate]], budget_bits: float) -> dict[s
     return {name: candidates[name][i] for name, i in picks.items()}
 
 
-def _multiplier(candidates: dict[str, list], budget_bits: float) -> float:
+def _multiplier(candidates: Mapping[str, Sequence[Candidate | Estimate]], budget_bits: float) -> float:
     """The least Lagrange multiplier (bisection) whose per-layer picks fit ``budget_bits``."""
     lo, hi = 0.0, 1.0
     while _bits(candidates, _pick(candidates, hi)) > budget_bits:
@@ -460,7 +484,8 @@ def _multiplier(candidates: dict[str, list], budget_bits: float) -> float:
     return hi
 
 
-def _upgrade(candidates, picks: dict[str, int], budget_bits: float) -> None:
+def _upgrade(candidates: Mapping[str, Sequence[Candidate | Estimate]], picks: dict[str, int],
+             budget_bits: float) -> None:
     """Spend what is left of the budget: repeatedly take the move with the best loss saved per extra bit."""
     while True:
         left = budget_bits - _bits(candidates, picks)

@@ -19,8 +19,8 @@ has a user-facing ``name``; ``method`` is what files and reports record (for :cl
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import ClassVar
+from dataclasses import Field, asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -62,6 +62,8 @@ class _Config:
     # ``method``: what files, reports and JSON record (never renamed); ``name``: the user-facing name
     method: ClassVar[str]
     name: ClassVar[str]
+    if TYPE_CHECKING:  # every config is a dataclass (what asdict reads); declared for the type checker only
+        __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
 
     def to_dict(self) -> dict:
         """``{"method": ..., **fields}``, JSON-serialisable; ``calibration`` as its own dict, omitted when None
@@ -238,10 +240,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 CompressConfig = CBDConfig | UniformConfig | RTNConfig | BudgetConfig
-METHODS: dict[str, type] = {cls.method: cls for cls in (CBDConfig, UniformConfig, RTNConfig, BudgetConfig)}
+METHODS: dict[str, type[CompressConfig]] = {cls.method: cls
+                                            for cls in (CBDConfig, UniformConfig, RTNConfig, BudgetConfig)}
 
 
-NAMES: dict[str, type] = {cls.name: cls for cls in METHODS.values()}  # user-facing names: "budget" for "target-bits"
+# user-facing names: "budget" for "target-bits"
+NAMES: dict[str, type[CompressConfig]] = {cls.name: cls for cls in METHODS.values()}
 
 
 def _calibration_from_dict(entry) -> CalibrationConfig | None:
@@ -292,10 +296,11 @@ def _refuse(given: list[str], why: str) -> None:
 
 def _method_config(options: dict, prefix: str) -> CompressConfig:
     get = options.get
-    if get("target-bits") is not None:
+    target_bits = get("target-bits")
+    if target_bits is not None:
         _refuse(_given(options, prefix, "method", "bits", "planes", "bottleneck", "fallback", "granularity"),
                 f"{prefix}target-bits chooses every layer's code itself")
-        return BudgetConfig(target_bits=get("target-bits"))
+        return BudgetConfig(target_bits=target_bits)
     method = option("method").default if get("method") is None else get("method")
     if not isinstance(method, str) or method not in METHOD_CHOICES:  # "" is no method, not the default
         raise OptionError(f"unknown method {method!r}; expected one of {', '.join(METHOD_CHOICES)}")

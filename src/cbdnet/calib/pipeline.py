@@ -23,6 +23,7 @@ from ..codec.code import GridCode
 from ..codec.floats import as_float16, stored_float_bytes
 from ..codec.grid import half_steps
 from ..errors import CBDError
+from ..nn import CBDModule
 from ..nn.fold import fold_batchnorm, foldable_norms, replace_steps
 from ..nn.modules import coded_key, coded_weight
 from ..nn.report import Report, layer_report
@@ -203,8 +204,10 @@ def _encoder(config: CompressConfig, originals: dict, calib: _Calibration, gptq:
     if config.granularity == "channel":
         return _checked(lambda name, weight: encode_composite_grouped(weight, config.planes, config.bottleneck,
                                                                       config.granularity)), {}
+    fallback = config.fallback
+    assert fallback is not None  # CBDConfig sets it wherever granularity is "tensor"
     return (lambda name, weight: encode_weight(weight, config.planes, config.bottleneck, name=name,
-                                               fallback=config.fallback)), {}
+                                               fallback=fallback)), {}
 
 
 def _correct(model: nn.Module, originals: dict, calib: _Calibration, settings: CalibrationConfig,
@@ -212,6 +215,7 @@ def _correct(model: nn.Module, originals: dict, calib: _Calibration, settings: C
     """Corrections applied to the compressed model, and the calibration figures for the report
     (``loss_compressed``: the model's calibration loss as it is now, where the caller already has it)."""
     data = calib.data
+    assert data is not None, "corrections without calibration data"  # the caller corrects only with data
     if loss_compressed is None:
         loss_compressed = calibration_loss(model, data)
     corrected = []
@@ -272,13 +276,15 @@ def _refine_if_better(model: nn.Module, float_model: nn.Module, names: list[str]
                       steps: int):
     """:func:`refine_rounding`, undone unless it lowers the whole model's calibration loss (block errors can
     fall while the task loss rises: on ResNet-20 at 2.5 bits the reported loss went 0.577 -> 0.604)."""
-    codes = {name: model.get_submodule(name).code for name in names}
-    loss_before = calibration_loss(model, calib.data)
-    rounding = refine_rounding(model, float_model, names, calib.data, steps)
-    rounding.loss = (loss_before, calibration_loss(model, calib.data) if rounding.layers_changed else loss_before)
+    data = calib.data
+    assert data is not None, "learned rounding without calibration data"  # the caller refines only with data
+    codes = {name: _code(model, name) for name in names}
+    loss_before = calibration_loss(model, data)
+    rounding = refine_rounding(model, float_model, names, data, steps)
+    rounding.loss = (loss_before, calibration_loss(model, data) if rounding.layers_changed else loss_before)
     if rounding.loss[1] >= rounding.loss[0] and rounding.layers_changed:
         for name in rounding.layers_changed:
-            model.get_submodule(name).set_code(codes[name])
+            _cbd_module(model, name).set_code(codes[name])
         rounding.undone = True
     return rounding
 
@@ -288,9 +294,22 @@ def _refresh_layers(model: nn.Module, report: Report, originals: dict, names: li
     changed = set(names)
     for index, old in enumerate(report.layers):
         if old.name in changed:
-            module = model.get_submodule(old.name)
-            report.layers[index] = layer_report(old.name, module, module.code, originals[old.name], old.seconds,
-                                                old.output_positions)
+            report.layers[index] = layer_report(old.name, model.get_submodule(old.name), _code(model, old.name),
+                                                originals[old.name], old.seconds, old.output_positions)
+
+
+def _cbd_module(model: nn.Module, name: str) -> CBDModule:
+    module = model.get_submodule(name)
+    if not isinstance(module, CBDModule):
+        raise TypeError(f"layer {name} is not a compressed layer")
+    return module
+
+
+def _code(model: nn.Module, name: str) -> LayerCode:
+    """The code of the compressed layer ``name`` (every layer the walk compressed carries one)."""
+    code = _cbd_module(model, name).code
+    assert code is not None, f"layer {name} carries no code"  # set_code gave it one
+    return code
 
 
 def _check_config(config) -> CompressConfig:
@@ -374,11 +393,11 @@ def _compress(model: nn.Module, config, calibration, settings: CalibrationConfig
     model, report = compress_layers(model, encoder, skip=skip, config=recorded, progress=progress, workers=workers,
                                     input_shape=input_shape)
     rounding = refitted = None
-    if refit:
+    if refit and float_model is not None:  # (refit needs statistics, so calibration data: float_model is there)
         spare = None
         if isinstance(config, BudgetConfig):  # refit may spend what the budget left, never more
             params = sum(weight.size for weight in originals.values())
-            used = sum(model.get_submodule(name).code.coded_bits() for name, _ in layers)
+            used = sum(_code(model, name).coded_bits() for name, _ in layers)
             spare = config.target_bits * params - overhead - used
         refitted = refit_levels(model, float_model, [name for name, _ in layers], calib.data, spare_bits=spare)
         _refresh_layers(model, report, originals, [] if refitted.undone else refitted.layers_changed)

@@ -225,6 +225,8 @@ def _refine_unit(model, float_model, unit_name: str, members: list[str], data: C
     images = max(1, min(len(data), MAX_CAPTURE_BYTES // max(1, 4 * (one_in.numel() + one_out.numel()))))
     inputs = _capture(model, unit, data, images, "input")
     target = _capture(float_model, float_unit, data, images, "output")
+    if inputs is None or target is None:  # as for one image above
+        return False
     prefix = "" if unit_name == "" else unit_name + "."
     rounds, codes = {}, {}
     for layer in members:

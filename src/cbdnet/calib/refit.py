@@ -89,7 +89,8 @@ def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> 
     of patches (None where it cannot be captured)."""
     layer, float_layer = model.get_submodule(name), float_model.get_submodule(name)
     groups = getattr(layer, "groups", 1)
-    hessian = cross = None
+    hessian: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
     count = 0
     for images, _labels in data.batches(data.batch_size_for(100)):
         compressed_in, float_in = _inputs(model, layer, images), _inputs(float_model, float_layer, images)
@@ -108,8 +109,10 @@ def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> 
             hessian = part_hessian if hessian is None else hessian + part_hessian
             cross = part_cross if cross is None else cross + part_cross
             count += x.shape[1]
-        if count >= max(MIN_ROWS, ROWS_PER_INPUT * hessian.shape[-1]):
+        if hessian is not None and count >= max(MIN_ROWS, ROWS_PER_INPUT * hessian.shape[-1]):
             break
+    if hessian is None or cross is None:  # no calibration image reached the layer
+        return None
     return (hessian / count).cpu(), (cross / count).cpu()  # accumulated where the model runs; GPTQ runs on the CPU
 
 

@@ -82,20 +82,14 @@ class LayerStats:
         size = out // self.groups
         return [slice(g * size, (g + 1) * size) for g in range(self.groups)]
 
-    def of_group(self, index: int) -> LayerStats:
-        """The statistics of one group, as those of an ungrouped layer."""
-        if self.groups == 1:
-            return self
-        rows = self.group_of(self.fisher.shape[0])[index]
-        return LayerStats(self.hessian[index], self.mean[index], self.fisher[rows], self.samples)
-
 
 def input_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A Linear or Conv2d layer's input columns ``[N * positions, d]`` for its input ``x``, in the order of
     ``weight.reshape(out, -1)``."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+    kernel, stride, padding, dilation = _geometry(module)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
@@ -107,11 +101,26 @@ def input_positions(module: nn.Module, x: torch.Tensor) -> int:
     return height * width
 
 
-def _output_extents(module: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
+def _conv(module: nn.Module) -> nn.Conv2d:
+    """``module``, which the callers know to be a Conv2d (every layer with statistics that is not a Linear)."""
+    if not isinstance(module, nn.Conv2d):
+        raise TypeError(f"input patches of a {type(module).__name__}: only Linear and Conv2d layers have them")
+    return module
+
+
+def _geometry(module: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """A Conv2d's kernel size, stride, padding and dilation; its padding numeric (see :func:`_supported`)."""
+    conv = _conv(module)
+    if isinstance(conv.padding, str):
+        raise TypeError(f"input patches of a Conv2d with padding={conv.padding!r}: numeric padding only")
+    return conv.kernel_size, conv.stride, conv.padding, conv.dilation
+
+
+def _output_extents(module: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """A Conv2d's output height and width for the input ``x`` (numeric padding)."""
-    return tuple((int(extent) + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-                 for extent, kernel, stride, padding, dilation in zip(x.shape[2:], module.kernel_size, module.stride,
-                                                                      module.padding, module.dilation, strict=True))
+    height, width = ((int(extent) + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+                     for extent, kernel, stride, padding, dilation in zip(x.shape[2:], *_geometry(module), strict=True))
+    return height, width
 
 
 def input_patches_at(module: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -123,7 +132,7 @@ def input_patches_at(module: nn.Module, x: torch.Tensor, positions: torch.Tensor
     if isinstance(module, nn.Linear):
         rows = x.reshape(count, -1, x.shape[-1])
         return rows[torch.arange(count, device=device)[:, None], positions].reshape(-1, x.shape[-1])
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = module.kernel_size, module.stride, module.padding, module.dilation
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _geometry(module)
     padded = F.pad(x, (pw, pw, ph, ph))
     width = _output_extents(module, x)[1]
     row = (positions // width)[:, :, None, None] * sh + (torch.arange(kh, device=device) * dh)[None, None, :, None]
@@ -160,7 +169,11 @@ def _supported(module: nn.Module) -> bool:
 def _patch_chunks(module: nn.Module, x: torch.Tensor, positions: int, generator: torch.Generator):
     """The input patches of ``x`` a few images at a time (at most ``MAX_PATCH_ELEMENTS`` unfolded at once),
     each image's ``positions`` rows thinned to a seeded random ``MAX_POSITIONS`` of them (only those unfolded)."""
-    d = int(module.weight[0].numel()) * module.groups if not isinstance(module, nn.Linear) else int(x.shape[-1])
+    if isinstance(module, nn.Linear):
+        d = int(x.shape[-1])
+    else:
+        conv = _conv(module)
+        d = int(conv.weight[0].numel()) * conv.groups
     images_per_chunk = max(1, MAX_PATCH_ELEMENTS // max(1, positions * d))
     for start in range(0, x.shape[0], images_per_chunk):
         part = x[start:start + images_per_chunk]
@@ -348,7 +361,7 @@ def gptq_levels_stacked(weight: np.ndarray, grids: Sequence[tuple[np.ndarray, in
     flat = np.asarray(weight, np.float32).reshape(out, -1)
     factors = {} if factors is None else factors
     narrow = np.int16 if max(tops, default=0) < (1 << 15) else np.int32  # levels of every grid live at once
-    parts = [[] for _ in grids]
+    parts: list[list[np.ndarray]] = [[] for _ in grids]
     for g in range(groups):
         rows = slice(g * size, (g + 1) * size)
         if (g, damp) not in factors:
@@ -460,6 +473,14 @@ def following_bn(model: nn.Module) -> dict[str, str]:
     return pairs
 
 
+def _running_mean(bn: nn.Module) -> torch.Tensor:
+    """A BatchNorm's running mean (:func:`following_bn` pairs layers only with BatchNorms that track it)."""
+    mean = bn.running_mean
+    if not isinstance(mean, torch.Tensor):
+        raise TypeError(f"{type(bn).__name__} keeps no running mean")
+    return mean
+
+
 def _mean_shift(delta: np.ndarray, stats: LayerStats) -> np.ndarray:
     """``dW[o] @ E[x]`` per output channel (each group's channels against its own inputs' mean)."""
     flat = delta.reshape(delta.shape[0], -1)
@@ -495,9 +516,8 @@ def bias_correct(model: nn.Module, original: dict[str, np.ndarray], stats: dict[
         shift = torch.from_numpy(_mean_shift(delta, stats[name]))
         bias = module.in_proj_bias if isinstance(module, nn.MultiheadAttention) else module.bias
         if name in bns:
-            bn = model.get_submodule(bns[name])
-            _shift_keeping_half(bn.running_mean, shift)
-        elif bias is not None:
+            _shift_keeping_half(_running_mean(model.get_submodule(bns[name])), shift)
+        elif isinstance(bias, torch.Tensor):  # (a Parameter, or None)
             _shift_keeping_half(bias, -shift)
         else:
             continue
@@ -513,7 +533,9 @@ def bias_correct_if_better(model: nn.Module, original: dict[str, np.ndarray], st
     loss_now = calibration_loss(model, data) if loss_now is None else loss_now
     state = model.state_dict()
     kept = OrderedDict((key, value.clone()) for key, value in state.items())
-    kept._metadata = getattr(state, "_metadata", OrderedDict())  # MNASNet refuses a state dict without versions
+    # MNASNet refuses a state dict without versions (``_metadata``: an attribute torch sets on state dicts, which
+    # its type does not declare)
+    kept._metadata = getattr(state, "_metadata", OrderedDict())  # type: ignore[attr-defined]
     corrected = bias_correct(model, original, stats)
     if calibration_loss(model, data) >= loss_now:
         model.load_state_dict(kept)

@@ -23,6 +23,7 @@ from ..fileio import OutputSet, escape_name
 from ..format import compress_encoded, read, verify
 from ..format.cbdfile import check_fits
 from ..nn.report import layer_table, plane_coding, totals_lines
+from ..nn.state import record
 from ..zoo import load
 from ..zoo.data import calibration_data, load_spec
 from ..zoo.metrics import check_data_fits, evaluate
@@ -53,12 +54,13 @@ def _model_from_args(args) -> tuple[torch.nn.Module, str]:
         torch.manual_seed(args.seed)  # before the one build: its initialisation is the model's weights
     model = _build(args.arch, kwargs)
     if random_init:
-        model.cbdnet_weights_source = f"random (seed {args.seed})"
-        return model.eval(), model.cbdnet_weights_source
+        source = f"random (seed {args.seed})"
+        record(model, weights_source=source)
+        return model.eval(), source
     if args.weights == "torchvision":
         path, label = torchvision_weights_file(args.arch)
         load_weights(model, path)
-        model.cbdnet_weights_source = f"torchvision {label}"
+        record(model, weights_source=f"torchvision {label}")
         return model.eval(), f"torchvision {label} ({path})"
     load_weights(model, args.weights)
     return model.eval(), args.weights
@@ -72,8 +74,11 @@ def _build(arch: str, kwargs: dict) -> torch.nn.Module:
 
 
 def _evaluate(model, spec: str | None, args, data=None) -> dict | None:
-    if not spec:
-        return None
+    """The scores on ``spec`` (None: no data given, nothing evaluated)."""
+    return _scores(model, spec, args, data) if spec else None
+
+
+def _scores(model, spec: str, args, data=None) -> dict:
     data = load_spec(spec) if data is None else data
     try:
         return evaluate(model, data, batch_size=args.batch_size, progress=not args.quiet)
@@ -125,7 +130,6 @@ def cmd_compress(args) -> int:
         config = compress_config(args)
         settings = calibration_settings(args, config)
         resolve_device(settings.device)  # CUDA asked for on a machine without it: refused before any work
-        resolve_device(settings.device)  # CUDA asked for on a machine without it: refused before any work
     except ConfigError as exc:
         raise UsageError(f"{_FLAGS.get(exc.field, '--' + exc.field.replace('_', '-'))}: {exc}") from None
     out, (model_path, json_target) = open_outputs(args, [(args.output, "compressed model"),
@@ -150,7 +154,7 @@ def _compress_run(args, config, settings, out: OutputSet, model_path, json_targe
     after = _evaluate(model, args.data, args, data)  # before writing: a failure here leaves any old output as it was
     if model_path is not None:  # the bytes compress measured (evaluation changes no weight or float tensor)
         out.write(model_path, encoded)
-    if before is not None:
+    if before is not None and after is not None:  # both or neither: --data given or not
         report.extra.update({"data": args.data, "eval_before": before, "eval_after": after})
     finish(out, json_target, report.to_dict())  # every output published (or none) before the summary says so
     _say(args, f"cbdnet {__version__}: {escape_name(args.arch)} ({escape_name(source)}): "
@@ -162,16 +166,23 @@ def _compress_run(args, config, settings, out: OutputSet, model_path, json_targe
                    f"(layers {report.coded_weight_bits / 8:,.0f} bytes) in {report.seconds:.1f} s")
     else:
         _say(args, "no -o given: nothing was written (pass -o FILE.cbd to save the compressed model)")
-    if before is not None and "top1" in before:
-        _say(args, f"top-1 before {before['top1']:.4f}  after {after['top1']:.4f}  "
-                   f"(top-5 {before['top5']:.4f} -> {after['top5']:.4f}, n={after['n']})")
-    elif before is not None:
-        _say(args, f"before: {_headline(before)}  after: {_headline(after)}  (n={after['n']})")
+    if before is not None and after is not None:
+        _say(args, _before_after(before, after))
+
+
+def _before_after(before: dict, after: dict) -> str:
+    if "top1" in before:
+        return (f"top-1 before {before['top1']:.4f}  after {after['top1']:.4f}  "
+                f"(top-5 {before['top5']:.4f} -> {after['top5']:.4f}, n={after['n']})")
+    return f"before: {_headline(before)}  after: {_headline(after)}  (n={after['n']})"
 
 
 def _skeleton(args) -> torch.nn.Module | None:
-    if args.arch is None:
-        return None
+    return None if args.arch is None else _arch_model(args)
+
+
+def _arch_model(args) -> torch.nn.Module:
+    """A fresh model of ``--arch`` (and ``--num-classes``), which the caller checked was given."""
     kwargs = {} if getattr(args, "num_classes", None) is None else {"num_classes": args.num_classes}
     return _build(args.arch, kwargs)
 
@@ -213,6 +224,7 @@ def cmd_eval(args) -> int:
     out, (json_target,) = open_outputs(args, [(args.json, "JSON report")])
     with out:
         data = load_spec(args.data)  # the data first: cheap to refuse
+        model: torch.nn.Module
         if is_onnx(args.file):
             model, source = onnx_model(args.file, args.threads), args.file
         elif args.file:
@@ -222,7 +234,7 @@ def cmd_eval(args) -> int:
             model, source = _model_from_args(args)
         check_data_fits(model, data, args.data)
         start = time.perf_counter()
-        result = _evaluate(model, args.data, args, data)
+        result = _scores(model, args.data, args, data)
         result.update({"model": source, "data": args.data, "seconds": time.perf_counter() - start})
         _say(args, f"{escape_name(source)} on {escape_name(args.data)}: {_headline(result)}  (n={result['n']})")
         finish(out, json_target, result)
@@ -285,7 +297,7 @@ def cmd_info(args) -> int:
         info = _info_dict(args.file, parsed)
         if args.arch is not None:
             with torch.device("meta"):
-                check_fits(_skeleton(args), parsed)
+                check_fits(_arch_model(args), parsed)
             info["fits_arch"] = args.arch
         if args.verify:
             problems = verify(args.file, parsed)

@@ -76,7 +76,7 @@ def run_demo(out_dir: str | None = None, quiet: bool = False, seed: int = 0, for
     ``force``. The plot goes to ``plot`` (default: ``out_dir``/cbdnet-demo.png, or cbdnet-demo.png in the
     current folder when no ``out_dir`` is given, left as it is if it exists there; ``""``: no plot)."""
     keep = out_dir is not None
-    folder = Path(out_dir) if keep else Path(tempfile.mkdtemp(prefix="cbdnet-demo-"))
+    folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="cbdnet-demo-"))
     try:  # a failed run leaves no folder it created (OutputSet.add_dir; the temp dir here), an old one as it was
         with OutputSet(force=force) as out:
             out.add_dir(folder, what="demo output directory")
@@ -108,12 +108,14 @@ def _plot_target(out: OutputSet, plot: str | None, folder: Path | None, force: b
     refused) where a file is there already and ``force`` is not given, so that a second demo run works."""
     if plot == "":
         return None
-    if plot is None and folder is None:
-        default = Path(PLOT)
-        if (default.exists() or default.is_symlink()) and not force:
-            return None
-        return out.add(default, what="demo plot")
-    return out.add(Path(plot) if plot is not None else folder / PLOT, what="demo plot")
+    if plot is not None:
+        return out.add(Path(plot), what="demo plot")
+    if folder is not None:
+        return out.add(folder / PLOT, what="demo plot")
+    default = Path(PLOT)
+    if (default.exists() or default.is_symlink()) and not force:
+        return None
+    return out.add(default, what="demo plot")
 
 
 def _config(kind: str, k: int, sizes: dict[tuple[str, int], float]):
@@ -147,7 +149,8 @@ def _run(out: OutputSet, paths: list[Path], plot_path: Path | None, quiet: bool,
     say(f"float32 model: top-1 {fp32['top1']:.4f} (trained in {time.perf_counter() - start:.1f} s); compressing "
         f"it {len(SETTINGS)} ways, each file reloaded from disk and scored")
     calibration = CalibrationConfig(images=CALIBRATION_IMAGES)
-    rows, sizes = [], {}
+    rows: list[dict] = []
+    sizes: dict[tuple[str, int], float] = {}
     for (kind, k), path in zip(SETTINGS, paths, strict=True):
         config = _config(kind, k, sizes)
         _, report, encoded = compress_encoded(copy.deepcopy(model), config, progress=False,

@@ -11,6 +11,7 @@ import os
 import select
 import stat
 import sys
+from pathlib import Path
 
 from ..errors import CBDError
 from ..fileio import OutputSet, is_stdout, json_safe
@@ -44,7 +45,7 @@ def open_outputs(args, files: list[tuple[str | None, str]]) -> tuple[OutputSet, 
     (None: not asked for -> None; ``-`` for a JSON report: standard output -> ``"-"``). Use it as a context
     manager; ``out.write(path, bytes)`` each output, then :func:`finish`. (``export``/``sweep`` adopt it so.)"""
     out = OutputSet(inputs=run_inputs(args), force=getattr(args, "force", False))
-    targets = []
+    targets: list[Path | str | None] = []  # None: not asked for; "-": standard output
     for path, what in files:
         if path is None:
             targets.append(None)

@@ -447,12 +447,12 @@ def narrowest_signed(low: int, high: int) -> np.dtype:
     return np.dtype(np.int64)
 
 
-def uses_kernel(blob: bytes) -> bool:
+def uses_kernel(blob: bytes | memoryview) -> bool:
     """Whether an :func:`encode_levels` blob is in mode KERNEL (its levels in weight order, kernel contexts)."""
     return len(blob) >= 2 and blob[1] == KERNEL
 
 
-def decode_levels(data: bytes, count: int, *, narrow: bool = False,
+def decode_levels(data: bytes | memoryview, count: int, *, narrow: bool = False,
                   kernel: tuple[int, int] | None = None) -> np.ndarray:
     """Inverse of :func:`encode_levels`: ``count`` int64 levels (``narrow``: in the smallest signed type that
     holds the blob's range and its negation, which on a large layer is a quarter to an eighth of the memory

@@ -17,6 +17,7 @@ A sign where ``m == 0`` carries no information and is not kept (the decoded weig
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,14 +55,14 @@ class Stream:
     """What v2 stores for one layer's levels (the steps/scales are stored beside it)."""
 
     coding: str  # "ans", "ans-kernel", "gf2+ans" or "none" (an all-zero code: nothing stored)
-    blobs: list[bytes] = field(default_factory=list)
+    blobs: list[bytes | memoryview] = field(default_factory=list)  # a file's reader keeps views of its bytes
     factored: list[FactoredPlane] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
         return sum(len(b) for b in self.blobs) + sum(f.nbytes for f in self.factored)
 
-    def parts(self) -> list[bytes]:
+    def parts(self) -> list[bytes | memoryview]:
         """The stored byte strings in file order: the blobs, then each factored plane's B and C."""
         out = list(self.blobs)
         for plane in self.factored:
@@ -135,8 +136,8 @@ def encode_stream(q: np.ndarray, exponents: tuple[int, ...], planes: list[PlaneC
     return split if split.nbytes < plain.nbytes else plain
 
 
-def decode_stream(coding: str, parts: list[bytes], factored: list[tuple[int, int, int]], h: int, w: int,
-                  exponents: tuple[int, ...], shape: tuple[int, ...] | None = None
+def decode_stream(coding: str, parts: Sequence[bytes | memoryview], factored: list[tuple[int, int, int]], h: int,
+                  w: int, exponents: tuple[int, ...], shape: tuple[int, ...] | None = None
                   ) -> tuple[np.ndarray, list[PlaneCode | None]]:
     """``(q, planes)``: the signed ``h x w`` levels (a signed integer type wide enough for them) and, per plane,
     the factored :class:`PlaneCode` or None. ``factored`` lists ``(index, rank, crc)``; ``parts`` are the blobs

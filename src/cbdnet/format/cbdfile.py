@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import numpy as np
 import torch
@@ -101,13 +102,26 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
            "float64": torch.float64}
 
 
+class _HasShape(Protocol):
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+# What a file's layers are (LayerCode decoded, LayerSummary read with decode=False, _Shaped in a header's view)
+# and its float tensors (arrays, or _Shaped in a header's view). Covariant: a file's mappings are built once and
+# never assigned to, so a CBDFile[LayerCode, np.ndarray] is a CBDFile[_HasShape, _HasShape] wherever only shapes
+# are read (check_fits).
+CodeT = TypeVar("CodeT", covariant=True)
+FloatT = TypeVar("FloatT", covariant=True)
+
+
 @dataclass
-class CBDFile:
+class CBDFile(Generic[CodeT, FloatT]):
     """A parsed, checksum-verified ``.cbd`` file: the metadata and the layer codes, nothing decoded."""
 
     meta: dict
-    codes: dict[str, LayerCode]
-    floats: dict[str, np.ndarray]
+    codes: dict[str, CodeT]
+    floats: dict[str, FloatT]
     size: int
     version: int = FORMAT_VERSION  # the container's format version
     scan: v2.Scan | None = None  # format 2 read with decode=False: codes are LayerSummary, levels not decoded
@@ -181,7 +195,7 @@ class LayerSummary:
     def stream(self) -> Stream:
         """The stored stream's coding and part sizes (factored planes as their stored B and C bytes)."""
         count = len(self.span.sizes)
-        blobs = list(self.span.parts[:count])  # views of the file's bytes: no copy
+        blobs: list[bytes | memoryview] = list(self.span.parts[:count])  # views of the file's bytes: no copy
         factored = []
         for k, (index, rank, crc) in enumerate(self.span.factored):
             left, right = self.span.parts[count + 2 * k], self.span.parts[count + 2 * k + 1]
@@ -201,6 +215,12 @@ class LayerSummary:
 
     def coded_bits(self) -> int:
         return 8 * (self.span.stream_bytes + self.span.scales.size * (2 if self.span.half else 4))
+
+
+StoredCode = LayerCode | LayerSummary  # a layer of a file as read: decoded, or (format 2, decode=False) not
+ReadFile = CBDFile[StoredCode, np.ndarray]  # a file as read() gives it
+DecodedFile = CBDFile[LayerCode, np.ndarray]
+ShapeView = CBDFile[_HasShape, _HasShape]  # as much as check_fits reads
 
 
 # ---------------------------------------------------------------- writing
@@ -249,11 +269,17 @@ def _coded_layers(model: nn.Module) -> tuple[list[tuple[str, CBDModule]], list[d
     return coded, tied
 
 
+def _code_of(module: CBDModule) -> LayerCode:
+    code = module.code
+    assert code is not None, "a CBD module without a code"  # _coded_layers checked each against its weight
+    return code
+
+
 def _no_codes_message(model: nn.Module) -> str:
     """Why a model without compressed layers cannot be saved, and what to do: an int8-runtime model (its
     weights are quantized tensors, the .cbd codes are gone) is not a model that was never compressed."""
     quantized = any(isinstance(t, torch.Tensor) and t.is_quantized for t in model.state_dict().values()) \
-        or hasattr(model, "cbdnet_int8_report")
+        or recorded(model, "int8_report") is not None
     if quantized:
         return ("an int8-runtime model (cbdnet.load(..., runtime='int8')) cannot be saved as a .cbd file: its "
                 "layers hold torch int8 kernels, not .cbd codes; keep the .cbd file it was loaded from, or load "
@@ -276,7 +302,7 @@ def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict 
         raise CBDError(_no_codes_message(model))
     with _codes_held(module for _, module in coded):
         for name, module in coded:
-            code = module.code
+            code = _code_of(module)
             layers.append(_layer_meta(name, code, module.weight.dtype))
             for part, array in code.tensors().items():
                 tensors[f"cbd/{name}/{part}"] = np.ascontiguousarray(array)
@@ -304,7 +330,7 @@ def encode_file(model: nn.Module, *, arch: str | None = None, arch_kwargs: dict 
     if version == 1:
         payload = st_save(tensors, metadata={"cbdnet": json.dumps(meta, sort_keys=True)})
     else:
-        payload = v2.encode_payload(meta, [(name, module.code) for name, module in coded], float_arrays)
+        payload = v2.encode_payload(meta, [(name, _code_of(module)) for name, module in coded], float_arrays)
     head = _PREFIX.pack(MAGIC, version, 0, len(payload)) + payload
     return head + hashlib.sha256(head).digest()
 
@@ -343,7 +369,7 @@ def _int(value, name: str, low: int, high: int) -> int:
     return value
 
 
-def _check_prefix(prefix: bytes, size: int) -> tuple[int, int]:
+def _check_prefix(prefix: bytes | bytearray, size: int) -> tuple[int, int]:
     """The container's version and payload length from its first 24 bytes, checked against the file's size."""
     need(size >= _PREFIX.size + _DIGEST, f"not a .cbd file: {size} bytes is too short")
     magic, version, flags, length = _PREFIX.unpack_from(prefix)
@@ -358,7 +384,7 @@ def _check_prefix(prefix: bytes, size: int) -> tuple[int, int]:
     return version, length
 
 
-def _split_container(data: bytes, digest: bytes | None = None) -> tuple[int, memoryview]:
+def _split_container(data: bytes | bytearray, digest: bytes | None = None) -> tuple[int, memoryview]:
     """``(version, payload)`` of a container, its SHA-256 checked (``digest``: that of the bytes before the
     trailer, computed by the caller). The payload is a view: no copy of the file."""
     version, _length = _check_prefix(data[:_PREFIX.size], len(data))
@@ -417,7 +443,8 @@ def _parse_meta(payload: bytes) -> tuple[dict, dict[str, np.ndarray]]:
     except Exception as exc:  # the safetensors parser: any failure means a malformed payload
         raise FormatError(f"corrupt tensor payload: {str(exc)[:200]}") from None
     raw = st_meta.get("cbdnet")
-    need(isinstance(raw, str), "no cbdnet metadata in the payload")
+    if not isinstance(raw, str):
+        raise FormatError("no cbdnet metadata in the payload")
     return _check_meta(strict_json(raw, "cbdnet metadata")), tensors
 
 
@@ -514,11 +541,12 @@ def _layer_code(layer: dict, tensors: dict, used: set) -> tuple[str, LayerCode]:
 
 def _checked_layer_code(layer: dict, tensors: dict, used: set) -> tuple[str, LayerCode]:
     name, shape, kind, num_planes = layer_fields(layer, _int)
-    plane_meta, exponents = layer.get("plane_codes"), layer.get("exponents")
-    need(isinstance(plane_meta, list) and isinstance(exponents, list), f"layer {name}: no plane list")
-    need(len(plane_meta) == len(exponents) == kind.expected_planes(num_planes),
+    plane_meta, listed = layer.get("plane_codes"), layer.get("exponents")
+    if not (isinstance(plane_meta, list) and isinstance(listed, list)):
+        raise FormatError(f"layer {name}: no plane list")
+    need(len(plane_meta) == len(listed) == kind.expected_planes(num_planes),
           f"layer {name}: {len(plane_meta)} planes stored, {kind.expected_planes(num_planes)} expected")
-    exponents = exponents_of(exponents, name, _int)
+    exponents = exponents_of(listed, name, _int)
     h, w = (shape[0], shape[1]) if len(shape) == 2 else (shape[0] * shape[2], shape[1] * shape[3])
     prefix = f"cbd/{name}/"
     try:
@@ -537,7 +565,7 @@ def _checked_layer_code(layer: dict, tensors: dict, used: set) -> tuple[str, Lay
 
 
 def read(path: str | os.PathLike, *, decode: bool = True,
-         header_check: Callable[[CBDFile], None] | None = None) -> CBDFile:
+         header_check: Callable[[ShapeView], None] | None = None) -> ReadFile:
     """Parse and validate a ``.cbd`` file (checksum, metadata, every tensor's dtype and size). Only a regular
     file of at most :data:`MAX_FILE_BYTES` is opened: a FIFO, device or symlink to one is refused unread; a
     file whose size its header does not account for is refused after reading the header only, and the
@@ -580,7 +608,7 @@ def _inspect_v1(take: Callable[[int], bytes], length: int) -> None:
     need(header_len <= min(MAX_HEADER_BYTES, length - 8), f"corrupt payload: header length {header_len}")
     header = strict_json(take(header_len), "payload header")
     need(isinstance(header, dict), "corrupt payload header")
-    ends = [entry.get("data_offsets") for name, entry in header.items() if name != "__metadata__"
+    ends: list[Any] = [entry.get("data_offsets") for name, entry in header.items() if name != "__metadata__"
             and isinstance(entry, dict)]
     need(all(isinstance(e, list) and len(e) == 2 and all(is_int(o) for o in e) for e in ends),
           "corrupt payload header: bad data offsets")
@@ -594,7 +622,7 @@ class _Shaped:
     shape: tuple[int, ...]
 
 
-def _header_view(meta: dict, size: int) -> CBDFile:
+def _header_view(meta: dict, size: int) -> CBDFile[_Shaped, _Shaped]:
     """A format-2 header as a :class:`CBDFile` of shapes (for :func:`check_fits`), its fields checked."""
     meta = _check_meta(meta, 2)
     codes = {}
@@ -609,7 +637,7 @@ def _header_view(meta: dict, size: int) -> CBDFile:
     return view
 
 
-def _inspect(take: Callable[[int], bytes], size: int, header_check: Callable[[CBDFile], None] | None = None
+def _inspect(take: Callable[[int], bytes], size: int, header_check: Callable[[ShapeView], None] | None = None
              ) -> tuple[dict, int] | None:
     """Refuse a file before reading it whole: its prefix must match its size, and a format-2 header must
     account for every byte of it (the declared layer streams and float tensors)."""
@@ -639,7 +667,8 @@ def _float_tensor(entry, tensors: dict) -> tuple[str, np.ndarray]:
     key, dtype = entry["key"], entry.get("dtype")
     need(isinstance(dtype, str) and dtype in _FLOAT_STORED, f"float tensor {key}: unsupported dtype {dtype!r}")
     array = tensors.get("float/" + key)
-    need(array is not None, f"missing tensor float/{key}")
+    if array is None:
+        raise FormatError(f"missing tensor float/{key}")
     shape = entry.get("shape", list(array.shape))
     need(isinstance(shape, list) and len(shape) <= MAX_DIMS and all(is_int(d) and d >= 0 for d in shape),
           f"float tensor {key}: bad shape {shape!r}")
@@ -648,8 +677,8 @@ def _float_tensor(entry, tensors: dict) -> tuple[str, np.ndarray]:
     return key, array
 
 
-def parse(data: bytes, *, decode: bool = True, header: tuple[dict, int] | None = None,
-          digest: bytes | None = None) -> CBDFile:
+def parse(data: bytes | bytearray, *, decode: bool = True, header: tuple[dict, int] | None = None,
+          digest: bytes | None = None) -> ReadFile:
     """Parse and validate the bytes of a ``.cbd`` file (see :func:`read`). ``decode=False``: a format-2 file is
     checked from end to end (sizes, scales, float tensors, every header field) but its levels are not decoded:
     its codes are :class:`LayerSummary` objects and :func:`decode_codes` decodes them later; format 1 is
@@ -674,15 +703,17 @@ def _decode_scan(scan: v2.Scan) -> tuple[dict, dict, dict, dict]:
     return _check_meta(meta, 2), tensors, levels, streams
 
 
-def decode_codes(parsed: CBDFile) -> CBDFile:
+def decode_codes(parsed: ReadFile) -> DecodedFile:
     """A file read with ``decode=False``, decoded (every layer's levels and planes). The caller bounds what that
     costs: :func:`load` has checked every declared shape against the model first."""
-    if parsed.decoded:
-        return parsed
+    if parsed.scan is None:
+        # parse decodes every layer of a file it keeps no scan for: each code is a LayerCode
+        return cast(DecodedFile, parsed)
     return _decoded_file(*_decode_scan(parsed.scan), parsed.size, parsed.version)
 
 
-def _decoded_file(meta: dict, tensors: dict, levels: dict, streams: dict, size: int, version: int) -> CBDFile:
+def _decoded_file(meta: dict, tensors: dict, levels: dict, streams: dict, size: int, version: int
+                  ) -> DecodedFile:
     need(len(tensors) <= MAX_TENSORS, "too many tensors")
     used: set[str] = set()
     codes = dict(_layer_code(layer, tensors, used) for layer in meta["layers"])
@@ -706,7 +737,7 @@ def _check_zero_layers(codes) -> None:
     need(zero_numel <= MAX_ZERO_NUMEL, f"all-zero layers of {zero_numel} weights in total: too large")
 
 
-def _summary_file(scan: v2.Scan, size: int) -> CBDFile:
+def _summary_file(scan: v2.Scan, size: int) -> CBDFile[LayerSummary, np.ndarray]:
     """A format-2 file's :class:`CBDFile` without decoding levels: every check :func:`_layer_code` makes that
     needs no plane, the float tensors (constants as broadcast views)."""
     codes = {}
@@ -718,8 +749,8 @@ def _summary_file(scan: v2.Scan, size: int) -> CBDFile:
         codes[span.name] = LayerSummary(span)
     _check_zero_layers(codes.values())
     floats = {}
-    for span in scan.floats:
-        entry, tensors = v2.float_tensor(span)
+    for float_span in scan.floats:
+        entry, tensors = v2.float_tensor(float_span)
         key, array = _float_tensor(entry, tensors)
         floats[key] = array
     meta = {**scan.meta, "layers": [span.layer for span in scan.layers],
@@ -729,7 +760,7 @@ def _summary_file(scan: v2.Scan, size: int) -> CBDFile:
     return parsed
 
 
-def verify(path: str | os.PathLike, parsed: CBDFile | None = None) -> list[str]:
+def verify(path: str | os.PathLike, parsed: ReadFile | None = None) -> list[str]:
     """Re-check a file: container checksum (on read), then every plane, decoded (``B @ C`` for factored
     planes), against its stored SHA-256, the decoded weights, and every float tensor (BatchNorm statistics,
     biases) for NaN/Inf. Returns the problems found, at most one line per layer or tensor, names escaped
@@ -744,10 +775,10 @@ def verify(path: str | os.PathLike, parsed: CBDFile | None = None) -> list[str]:
     return [problem for problem in problems if problem]
 
 
-def _codes_one_by_one(parsed: CBDFile) -> Iterator[tuple[str, LayerCode]]:
+def _codes_one_by_one(parsed: ReadFile) -> Iterator[tuple[str, LayerCode]]:
     """Every layer's decoded code, one at a time (a format-2 summary decodes each only when it is reached)."""
-    if parsed.decoded:
-        yield from parsed.codes.items()
+    if parsed.scan is None:
+        yield from decode_codes(parsed).codes.items()
         return
     for span in parsed.scan.layers:
         v2.check_decodable_alone(span)
@@ -777,7 +808,7 @@ def _layer_problem(name: str, code: LayerCode, digests: bool = True) -> str:
     return f"layer {escape_name(name)}: " + "; ".join(parts) if parts else ""
 
 
-def _tied(parsed: CBDFile) -> dict[str, str]:
+def _tied(parsed: ShapeView) -> dict[str, str]:
     """Tied layer -> the coded layer whose weight it shares, as the file records it (checked)."""
     entries = parsed.meta.get("tied", [])
     need(isinstance(entries, list), "corrupt cbdnet metadata: tied")
@@ -789,12 +820,12 @@ def _tied(parsed: CBDFile) -> dict[str, str]:
     return tied
 
 
-def check_fits(model: nn.Module, parsed: CBDFile) -> None:
+def check_fits(model: nn.Module, parsed: ShapeView) -> None:
     """Every coded layer is a Conv2d/Linear of the model with the same weight shape, and the float tensors are
     exactly the rest of its state dict, shape for shape. Reads shapes only: works on a ``meta``-device model,
     so a file cannot make :func:`load` build (allocate) a model that it does not describe."""
     state = model.state_dict()
-    coded = set()
+    coded: set[str] = set()
     shapes = {name: code.shape for name, code in parsed.codes.items()}
     shapes.update({name: parsed.codes[owner].shape for name, owner in _tied(parsed).items()})
     for name, shape in shapes.items():
@@ -828,7 +859,7 @@ def _finite(weight: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
-def _restore(model: nn.Module, parsed: CBDFile, *, assign: bool = False) -> nn.Module:
+def _restore(model: nn.Module, parsed: DecodedFile, *, assign: bool = False) -> nn.Module:
     """Decode the codes into CBD modules and fill the float tensors. ``assign``: ``model`` is a ``meta``-device
     skeleton whose tensors are all in the file; they are set to the file's tensors, never allocated twice."""
     check_fits(model, parsed)
@@ -874,10 +905,10 @@ class _FileCodes:
     def __init__(self, path: str | os.PathLike, digest: bytes) -> None:
         self.path = Path(path).resolve()
         self.digest = digest
-        self._held: CBDFile | None = None
+        self._held: DecodedFile | None = None
         self._holders = 0
 
-    def parsed(self) -> CBDFile:
+    def parsed(self) -> DecodedFile:
         if self._held is not None:
             return self._held
         try:
@@ -948,7 +979,7 @@ def _meta_build(builder: Builder, arch: str, kwargs: dict) -> nn.Module | None:
         return None
 
 
-def _fills_everything(model: nn.Module, parsed: CBDFile) -> bool:
+def _fills_everything(model: nn.Module, parsed: ShapeView) -> bool:
     """Whether the file gives every tensor of the (meta) model: no non-persistent buffers (set by its
     constructor only) and no tensor shared between state-dict keys other than tied coded weights."""
     state = model.state_dict(keep_vars=True)
@@ -961,7 +992,7 @@ def _fills_everything(model: nn.Module, parsed: CBDFile) -> bool:
     return all(len(group) == 1 or set(group) <= coded for group in keys.values())
 
 
-def _skeleton(parsed: CBDFile, builder: Builder | None) -> tuple[nn.Module, bool]:
+def _skeleton(parsed: ShapeView, builder: Builder | None) -> tuple[nn.Module, bool]:
     """A fresh model of the file's architecture from ``builder(arch, arch_kwargs)``, built on the ``meta``
     device first (no memory) and checked against the file, so that ``arch_kwargs`` cannot ask for an
     arbitrarily large model. Returns ``(model, on_meta)``: the meta model itself where the file fills every
@@ -997,7 +1028,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, builder: Bu
     digest = _file_digest(path)  # before reading: a file replaced in between fails the later check, safely
     built: dict[str, tuple[nn.Module, bool]] = {}
 
-    def fits(view: CBDFile) -> None:  # the file's declared shapes against the model, before it is read whole
+    def fits(view: ShapeView) -> None:  # the file's declared shapes against the model, before it is read whole
         built["model"] = _skeleton(view, builder) if model is None else (model, False)
         check_fits(built["model"][0], view)
 
@@ -1035,7 +1066,8 @@ def release_free_memory() -> None:
 def _remember(model: nn.Module, meta: dict) -> None:
     """What ``save`` records beside the codes (architecture, config, weights' origin), so that saving a loaded
     model writes the same bytes."""
-    extra = meta.get("extra") if isinstance(meta.get("extra"), dict) else {}
+    stored = meta.get("extra")
+    extra = stored if isinstance(stored, dict) else {}
     if isinstance(meta.get("arch"), str) and recorded(model, "arch") is None:
         record(model, arch=meta["arch"], arch_kwargs=dict(meta.get("arch_kwargs") or {}))
     for key in ("config", "weights_sha256", "weights_source"):

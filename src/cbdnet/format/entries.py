@@ -69,9 +69,10 @@ def layer_fields(layer, as_int: IntCheck) -> tuple[str, tuple[int, ...], type[La
     shape = tuple(as_int(s, "shape", 1, 1 << 31) for s in shape)
     if math.prod(shape) > MAX_NUMEL:
         raise FormatError(f"layer {name}: shape {shape} too large")
-    kind = CODE_TYPES.get(layer.get("mode")) if isinstance(layer.get("mode"), str) else None
+    mode = layer.get("mode")
+    kind = CODE_TYPES.get(mode) if isinstance(mode, str) else None
     if kind is None:
-        raise FormatError(f"layer {name}: unknown mode {layer.get('mode')!r}"[:200])
+        raise FormatError(f"layer {name}: unknown mode {mode!r}"[:200])
     return name, shape, kind, as_int(layer.get("planes"), "planes", 1, MAX_PLANES)
 
 

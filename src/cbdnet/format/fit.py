@@ -53,7 +53,7 @@ def compress_encoded(model: nn.Module, config=None, **options) -> tuple[nn.Modul
             model.__dict__.update(copy.deepcopy(pristine).__dict__)  # the same object, back to its original state
         model, report = compress_layers_of(model, target, cache=cache, **options)
         encoded = _measured(model, report)
-        excess = 8 * report.file_bytes - config.target_bits * report.params
+        excess = 8 * len(encoded) - config.target_bits * report.params
         report.extra["budget_retries"] = attempt
         if excess <= 0:
             return model, report, encoded

@@ -69,7 +69,7 @@ _RAW = {"float32": "<f4", "float16": "<f2", "bfloat16": "<f4", "float64": "<f8",
 def encode_payload(meta: dict, codes: list[tuple[str, LayerCode]], floats: list[tuple[str, np.ndarray]]) -> bytes:
     """The format-2 payload for ``meta`` (the writer's metadata; its ``layers`` and ``floats`` are rewritten
     here), the layer codes and the float tensors (float16 where float16 holds every value exactly: lossless)."""
-    data: list[bytes] = []
+    data: list[bytes | memoryview] = []
     layers = []
     for entry, (_name, code) in zip(meta["layers"], codes, strict=True):
         stream = code.stream()
@@ -106,7 +106,7 @@ def header_of(payload: bytes | memoryview) -> tuple[dict, int]:
     return _header(payload)
 
 
-def _header(payload: bytes) -> tuple[dict, int]:
+def _header(payload: bytes | memoryview) -> tuple[dict, int]:
     need(len(payload) >= _U32.size, "corrupt payload: no header")
     length = _U32.unpack_from(payload)[0]
     need(length <= len(payload) - _U32.size, f"corrupt payload: header length {length}")
@@ -131,10 +131,10 @@ def _int(value, what: str, low: int, high: int) -> int:
 
 
 class _Cursor:
-    def __init__(self, data: bytes, start: int) -> None:
+    def __init__(self, data: memoryview, start: int) -> None:
         self.data, self.pos = data, start
 
-    def take(self, size: int, what: str) -> bytes:
+    def take(self, size: int, what: str) -> memoryview:
         if not 0 <= size <= len(self.data) - self.pos:
             raise FormatError(f"truncated payload: {what} needs {size} bytes"[:200])
         self.pos += size
@@ -162,7 +162,7 @@ def _stream_entry(layer: dict, name: str, h: int, w: int, nplanes: int) -> tuple
     if isinstance(coding, str) and coding not in CODINGS and len(coding) <= 40:  # a long string is just corrupt
         raise FormatError(f"layer {name}: coding {coding!r} is not one this cbdnet reads (written by a newer "
                           "version?)"[:200])
-    if blobs is None or (coding == "none") != (nplanes == 0):
+    if not isinstance(coding, str) or blobs is None or (coding == "none") != (nplanes == 0):
         raise FormatError(f"layer {name}: bad coding {coding!r}"[:200])
     if not (isinstance(sizes, list) and len(sizes) == blobs):
         raise FormatError(f"layer {name}: bad blob sizes")
@@ -341,9 +341,13 @@ def decode_layer(span: LayerSpan) -> tuple[dict, dict[str, np.ndarray], np.ndarr
         q, stored = decode_stream(coding, parts, factored, h, w, exponents, span.shape)
     except StreamError as exc:
         raise FormatError(f"layer {name}: {exc}") from None
-    stream = Stream(coding, [bytes(part) for part in parts[:len(span.sizes)]],
-                    [FactoredPlane(index, rank, crc, stored[index].tensors["B"], stored[index].tensors["C"])
-                     for index, rank, crc in factored])
+    planes = []
+    for index, rank, crc in factored:
+        plane = stored[index]
+        if plane is None:  # decode_stream builds every plane it is given factors for: a bug, not a corrupt file
+            raise AssertionError(f"layer {name}: factored plane {index} was not decoded")
+        planes.append(FactoredPlane(index, rank, crc, plane.tensors["B"], plane.tensors["C"]))
+    stream = Stream(coding, [bytes(part) for part in parts[:len(span.sizes)]], planes)
     if kind.stores_sign:
         tensors[prefix + "sign"] = pack_bits(q < 0)
     # the narrowest type that holds 2^J - 1: fast bit tests, and a small copy for the code to decode from
@@ -416,8 +420,8 @@ def _constant_value(entry: dict, key: str, kind: np.dtype) -> np.ndarray:
             cast = np.asarray(value).astype(kind)
         except (OverflowError, ValueError):
             cast = None
-    need(cast is not None and bool(np.isfinite(cast) if kind.kind == "f" else True) and cast == value,
-          f"float tensor {key}: constant {value!r} does not fit {kind}"[:200])
+    if cast is None or not (bool(np.isfinite(cast) if kind.kind == "f" else True) and cast == value):
+        raise FormatError(f"float tensor {key}: constant {value!r} does not fit {kind}"[:200])
     return cast
 
 
@@ -454,8 +458,8 @@ def decode_payload(payload: bytes | Scan
         streams[entry["name"]] = stream
         if signed is not None:
             levels[entry["name"]] = signed
-    for span in scan.floats:
-        entry, parts = float_tensor(span)
+    for float_span in scan.floats:
+        entry, parts = float_tensor(float_span)
         floats.append(entry)
         tensors.update(parts)
     return {**scan.meta, "layers": layers, "floats": floats}, tensors, levels, streams
