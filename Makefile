@@ -11,7 +11,7 @@ PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
 
 .PHONY: demo test test-fast test-full-size lint typecheck bench clean
 
-# setuptools >= 77 reads the SPDX licence fields; tests/test_packaging.py builds the wheel with this venv's setuptools
+# setuptools >= 77 reads the SPDX licence fields; tests/project/test_packaging.py builds the wheel with this venv's setuptools
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip setuptools
@@ -32,7 +32,7 @@ test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-full-size: $(STAMP)
-	CBDNET_SLOW=1 $(BIN)/python -m pytest -q tests/test_torchvision_all.py
+	CBDNET_SLOW=1 $(BIN)/python -m pytest -q tests/zoo/test_torchvision_all.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -64,7 +64,8 @@ import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+_TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path[:0] = [str(_TESTS), str(_TESTS / "sweep")]  # the shared helpers, and test_sweep_outputs
 
 from cbd_bombs import (  # noqa: E402
     constant_bomb,

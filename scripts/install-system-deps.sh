@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# System packages the tests need beyond Python's: Debian's chromium, which tests/test_docs_site.py drives headless
+# System packages the tests need beyond Python's: Debian's chromium, which tests/project/test_docs_site.py drives headless
 # to open every page of the built documentation site. Idempotent: installs only what is missing, and runs
 # apt-get update at most once per call. Needs root (or sudo) and Debian's package archive.
 set -euo pipefail

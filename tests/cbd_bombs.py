@@ -1,6 +1,6 @@
 """Hostile format-2 files that are valid containers (SHA-256 and CRC-32s right) but whose header asks for more than
 the model justifies: many-layer headers, level streams and constant tensors declaring huge sizes, out-of-contract
-values. Used by tests/test_format_bounds.py and bench/fuzz_campaign.py."""
+values. Used by tests/format/test_format_bounds.py and bench/fuzz_campaign.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Building blocks for fuzzing the ``.cbd`` reader (used by tests/test_format_safety.py and bench/fuzz_campaign.py).
+"""Building blocks for fuzzing the ``.cbd`` reader (used by tests/format/test_format_safety.py and
+bench/fuzz_campaign.py).
 
 A valid file is split into its regions; mutations either keep the file as it is on disk (so the SHA-256
 trailer catches them) or are *re-signed* (trailer recomputed) so that the parser and the metadata/tensor

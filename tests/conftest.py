@@ -86,8 +86,3 @@ def no_hang():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # a test of a minute or more, with a fast twin beside it (`-m "not slow"` for the inner loop)
-    config.addinivalue_line("markers", "slow: a slow test whose fast twin runs beside it")

@@ -4,7 +4,7 @@ config field it sets, its type, range, choices, default, help and the methods it
 The configs (:mod:`cbdnet.calib.configs`) validate their fields with :meth:`Option.check`, the CLI parser
 (:mod:`cbdnet.cli.parser`) builds its method, budget and calibration flags from :data:`OPTIONS` (type checker
 :meth:`Option.parse`, help with the range and default), and the sweep spec (:mod:`cbdnet.sweep.spec`) checks a
-point's keys with :meth:`Option.check`, so the three accept the same values (``tests/test_options.py``).
+point's keys with :meth:`Option.check`, so the three accept the same values (``tests/api/test_options.py``).
 
 A leaf: the standard library and :mod:`cbdnet.errors` only, so that ``cbdnet --help`` imports neither torch nor
 numpy. To add an option (e.g. ``--device``, a :class:`~cbdnet.calib.configs.CalibrationConfig` field):
@@ -18,7 +18,7 @@ numpy. To add an option (e.g. ``--device``, a :class:`~cbdnet.calib.configs.Cali
    ``_checked(self, ...)`` call of its ``__post_init__``;
 3. pass it on in :func:`cbdnet.calib.configs.config_from_options` (``_fields(options, ..., "device")``), add it
    to :data:`cbdnet.sweep.spec.POINT_KEYS` (the results' column order), and refuse it where its method ignores
-   it. ``tests/test_options.py`` then tries its values on all three.
+   it. ``tests/api/test_options.py`` then tries its values on all three.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ __all__ = ["ConfigError", "Option", "OPTIONS", "option", "by_field", "METHODS", 
            "MAX_PLANES", "BIAS_CORRECTION"]
 
 # The library's choices; cbdnet.codec keeps its own copies (it validates its arguments on its own) and
-# tests/test_options.py checks that they are these.
+# tests/api/test_options.py checks that they are these.
 METHODS = ("cbd", "uniform", "rtn")  # the --method choices; --target-bits is the budget ("target-bits")
 GRANULARITIES = ("channel", "tensor")
 FALLBACK_RULES = ("distortion", "size")
@@ -64,7 +64,7 @@ class Option:
     ``low``/``high`` bound numbers, each end open where ``low_open``/``high_open``; ``default`` is the
     library's (per method where ``method_defaults`` says so); ``unset`` is a field value that means "not given"
     (``None`` images: all; ``"auto"`` bias correction), accepted as it is (the CLI says it by leaving the flag
-    out). ``methods``: the methods it applies to (``"budget"``: ``--target-bits``); ``tests/test_options.py``
+    out). ``methods``: the methods it applies to (``"budget"``: ``--target-bits``); ``tests/api/test_options.py``
     checks them against the configs' fields."""
 
     name: str

@@ -27,7 +27,7 @@ from ..options import FALLBACK_RULES, GRANULARITIES, METHODS
 __all__ = ["build_parser", "parse_only", "one_line", "bounded", "ARCHS", "FALLBACK_RULES", "GRANULARITIES",
            "CALIBRATION_METHODS", "METHODS", "MAX_ARCH_ARG", "MAX_SEED", "MAX_BATCH"]
 
-# The library's own choices, written out so that the parser needs no torch; tests/test_cli_help.py checks each
+# The library's own choices, written out so that the parser needs no torch; tests/cli/test_cli_help.py checks each
 # against the module that defines it (cbdnet.zoo.models.known_archs, cbdnet.export.onnx, cbdnet.format.cbdfile),
 # so they cannot drift apart. The compress options' choices, ranges and defaults come from cbdnet.options.
 ARCHS = ("cifar-resnet110", "cifar-resnet20", "cifar-resnet32", "cifar-resnet44", "cifar-resnet56", "densenet121",

@@ -15,7 +15,7 @@ from cbdnet.zoo.data import SegmentationData, load_spec
 from cbdnet.zoo.metrics import evaluate_segmentation
 from cbdnet.zoo.models import build, load_weights
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "segnet_basic_camvid.pt"
+WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "segnet_basic_camvid.pt"
 
 
 @pytest.fixture(scope="module")

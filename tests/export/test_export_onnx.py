@@ -267,7 +267,7 @@ def test_resnet20_int8_export_top1_on_real_data(tmp_path, resnet20_weights, cifa
     assert top1 >= fp32 - 0.010, (top1, fp32)
 
 
-SEGNET = Path(__file__).resolve().parents[1] / "models" / "segnet_basic_camvid.pt"
+SEGNET = Path(__file__).resolve().parents[2] / "models" / "segnet_basic_camvid.pt"
 
 
 @pytest.mark.slow

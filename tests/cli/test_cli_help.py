@@ -15,7 +15,7 @@ import torch
 
 from cbdnet.cli import build_parser, main, parser
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 COMMANDS = ("compress", "eval", "export", "info", "sweep", "demo")
 
 

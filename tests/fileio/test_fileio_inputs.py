@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-HERE = Path(__file__).resolve().parents[1] / "src" / "cbdnet"  # children import cbdnet.fileio without torch
+HERE = Path(__file__).resolve().parents[2] / "src" / "cbdnet"  # children import cbdnet.fileio without torch
 
 from cbdnet.fileio.inputs import (  # noqa: E402
     InputError,

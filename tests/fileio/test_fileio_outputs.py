@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parents[1] / "src" / "cbdnet"  # children import cbdnet.fileio without torch
+HERE = Path(__file__).resolve().parents[2] / "src" / "cbdnet"  # children import cbdnet.fileio without torch
 
 from cbdnet.fileio import outputs  # noqa: E402
 from cbdnet.fileio.outputs import OutputError, OutputSet, is_stdout  # noqa: E402

@@ -21,7 +21,7 @@ from cbdnet.errors import CBDError, DataError
 from cbdnet.format.cbdfile import atomic_write
 from cbdnet.zoo.models import build
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 COMPRESS = ["compress", "--arch", "digits-cnn", "--weights", "random", "-J", "3", "--quiet"]
 OLD = b"a good file the user wants to keep\n"
 

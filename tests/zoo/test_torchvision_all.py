@@ -2,8 +2,8 @@
 3.0 bits/weight: statistics, the budget, bias correction, the file and its reload, on the reduced twin of each
 (``tv_small``: the same classes and block types, a few channels, 64-pixel images).
 
-The fast test uses few candidate codes and no GPTQ, and checks a twin that several builders share once, so
-that all of them fit in the suite; the slow one
+The cheap test uses few candidate codes and no GPTQ, and checks a twin that several builders share once, so
+that all of them fit in ``make test`` (four of them, ``FAST``, in ``make test-fast``); the gated one
 (``CBDNET_SLOW=1``) runs the default budget with GPTQ and refit on each, and the real ConvNeXt-T and ViT-B/16
 through the command line.
 """
@@ -65,7 +65,13 @@ def _check(name: str, config: BudgetConfig, settings: CalibrationConfig, tmp_pat
     _DONE[signature] = name
 
 
-@pytest.mark.parametrize("name", NAMES)
+# The fast set checks one builder of each kind below (plain convolutions, residual blocks with BatchNorm, depthwise
+# convolutions with channels-last Linear and LayerNorm, packed attention); the other twins take 5-20 s of CPU each
+# and run in `make test`.
+FAST = {"alexnet", "resnet18", "convnext_tiny", "vit_b_16"}
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
 def test_every_builder_compresses_at_3_bits(name, tmp_path):
     _check(name, CHEAP, CalibrationConfig(gptq=False), tmp_path)
 
@@ -73,6 +79,7 @@ def test_every_builder_compresses_at_3_bits(name, tmp_path):
 def test_every_builder_is_covered():
     """A builder a newer torchvision adds gets a reduced twin or fails here, not silently."""
     assert len(NAMES) >= 70 and {"vit_b_16", "convnext_tiny", "swin_v2_t", "maxvit_t", "regnet_y_128gf"} <= set(NAMES)
+    assert set(NAMES) >= FAST  # the fast set's builders still exist
     kinds = {type(m).__name__ for name in ("vit_b_16", "maxvit_t") for m in reduced(name).modules()}
     assert "MultiheadAttention" in kinds
 

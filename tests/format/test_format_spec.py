@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEGNET = ROOT / "models" / "segnet_basic_camvid.pt"
 MAGIC = b"\x89CBD\r\n\x1a\n"
 RAW_DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<f4", "float64": "<f8", "int64": "<i8",

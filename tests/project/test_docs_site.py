@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INSTALL = ROOT / "scripts" / "install-system-deps.sh"
 # pages the site must have, and a string that shows each one rendered its real content
 EXPECTED = {

@@ -28,7 +28,7 @@ from cbdnet.zoo.metrics import evaluate_classification
 from cbdnet.zoo.models import build
 
 HERE = Path(__file__).resolve().parent
-SRC = HERE.parent / "src"
+SRC = HERE.parents[1] / "src"
 
 HEAD = """
 [model]
