@@ -214,8 +214,44 @@ def test_retry_after_an_overshoot_reuses_statistics_and_candidates(monkeypatch):
         return search(*args, **kwargs)
     monkeypatch.setattr(pipeline, "collect_stats", counted_stats)
     monkeypatch.setattr(pipeline, "LayerSearch", counted_search)
-    monkeypatch.setattr(pipeline, "header_allowance", lambda layers, floats: 0)  # the first file overshoots
+    monkeypatch.setattr(pipeline, "header_allowance", lambda *sizes: 0)  # the first file overshoots
     assert budget.REFINE_TOP >= 1
     model, report = cbdnet.compress(model, cbdnet.BudgetConfig(target_bits=3.0), calibration=data)
     assert report.extra["budget_retries"] >= 1 and report.file_bits_per_weight <= 3.0
     assert calls == {"stats": 1, "search": 4}  # one pass of statistics, one search per layer, for every try
+
+
+def test_the_header_room_covers_every_label_the_budget_records(tmp_path):
+    """Each layer's header entry records its code's label; the budget sets aside room for the longest label its
+    candidates can carry, so every recorded label must be one of them (a new family with a new label updates
+    ``candidate_labels``, or this fails)."""
+    import cbdnet
+    from cbdnet.calib import pipeline
+    from cbdnet.calib.budget import candidate_labels
+    from cbdnet.format import read
+    model, data, layers, _ = _conv_net_and_stats()
+    config = cbdnet.BudgetConfig(target_bits=3.0, levels=(2, 5), composite_planes=(3,))
+    model, report = cbdnet.compress(model, config, calibration=data)
+    labels = candidate_labels(config.rtn_bits, config.composite_planes, config.levels, config.weighted_levels,
+                              config.sensitivity_exponents)
+    (tmp_path / "m.cbd").write_bytes(io.encode_file(model))
+    written = {code.label for code in read(tmp_path / "m.cbd").codes.values()}
+    assert len(written) >= 2 and written <= set(labels)
+    longest = max(map(len, labels))
+    assert (pipeline.header_allowance(len(layers), 8, longest) - pipeline.header_allowance(len(layers), 8)
+            == len(layers) * len(',"label":""' + "x" * longest))
+
+
+def test_a_folded_norms_bias_is_counted_as_stored_even_while_it_is_zero():
+    """Bias correction shifts a BatchNorm's running mean, which folding moves into its bias: a bias of zeros
+    now is stored as float16 values in the file."""
+    from torch import nn
+
+    from cbdnet.calib.pipeline import file_overhead_bits
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)).eval()  # bias zeros, running mean zeros
+    coded = {"0.weight"}
+    plain = file_overhead_bits(model, coded, float32=False)
+    folded = file_overhead_bits(model, coded, float32=False, folded=["1"])
+    assert folded == plain + 8 * 2 * 16  # the bias, 16 float16 values, where it counted nothing before
+    assert (file_overhead_bits(model, coded, float32=True, folded=["1"])
+            == file_overhead_bits(model, coded, float32=True) + 8 * 4 * 16)  # float32 values

@@ -6,11 +6,18 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from cbdnet.cli import main
+from cbdnet.format import read
 from cbdnet.sweep.engine import markdown_table
 from cbdnet.sweep.point import run_point
 
 COMPRESS = ["compress", "--arch", "digits-cnn", "--weights", "random", "--planes", "3", "--fallback", "size"]
+MODEL = ["compress", "--arch", "digits-cnn", "--weights", "random"]
+# the paper's code, then two whose codes carry a label (rtn4/ch, the budget's choices), which the file records
+SETTINGS = {"paper": COMPRESS, "rtn": [*MODEL, "--method", "rtn", "--bits", "4"],
+            "budget": [*MODEL, "--target-bits", "3.0"]}
 
 
 def _table(text: str) -> tuple[list[str], list[str]]:
@@ -27,9 +34,10 @@ def _number(pattern: str, text: str) -> float:
     return float(re.search(pattern, text).group(1))
 
 
-def test_compress_info_json_and_sweep_agree_on_one_file(tmp_path, capsys):
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_compress_info_json_and_sweep_agree_on_one_file(setting, tmp_path, capsys):
     cbd, report_path, info_path = tmp_path / "m.cbd", tmp_path / "m.json", tmp_path / "info.json"
-    assert main([*COMPRESS, "-o", str(cbd), "--json", str(report_path)]) == 0
+    assert main([*SETTINGS[setting], "-o", str(cbd), "--json", str(report_path)]) == 0
     compressed = capsys.readouterr().out
     assert main(["info", str(cbd)]) == 0
     shown = capsys.readouterr().out
@@ -55,6 +63,9 @@ def test_compress_info_json_and_sweep_agree_on_one_file(tmp_path, capsys):
         assert (mine["code"], mine["coding"], mine["plane_coding"]) == (theirs["code"], theirs["coding"],
                                                                        theirs["plane_coding"])
         assert mine["bits_per_weight"] == theirs["bits_per_weight"]
+    if setting != "paper":  # a grid code's name (rtn4/ch, w2e0.5/ch ...), not the generic "grid J=N"
+        assert all(not layer["code"].startswith("grid") for layer in info["layers"])
+        assert {code.label for code in read(cbd).codes.values()} == {layer["code"] for layer in info["layers"]}
 
 
 def test_a_sweep_point_reports_its_files_numbers(tmp_path, capsys):

@@ -309,3 +309,14 @@ def test_a_bad_scales16_flag_is_refused(tmp_path):
     del flipped["layers"][0]["scales16"]
     with pytest.raises(FormatError):
         parse(v2_with_header(good, flipped))
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 33, "rtn4/ch\n", "rtn4/ch;rm", "é", 7, ["rtn4/ch"]])
+def test_a_layers_label_is_read_back_and_a_bad_one_is_refused(bad):
+    model, _ = cbdnet.compress(tiny_model(), cbdnet.RTNConfig(bits=4, granularity="channel"))
+    good = encode_file(model)
+    assert {code.label for code in parse(good).codes.values()} == {"rtn4/ch"}  # what compress printed
+    header = v2_header_of(good)
+    header["layers"][0]["label"] = bad
+    with pytest.raises(FormatError, match="bad label"):
+        parse(v2_with_header(good, header))

@@ -78,6 +78,32 @@ def _stored(steps: np.ndarray, half: bool) -> np.ndarray:
     return half_steps(steps) if half else np.asarray(steps, np.float32)
 
 
+def rtn_label(bits: int) -> str:
+    """The table's name of a per-channel ``bits``-bit rounding candidate (the file records it per layer)."""
+    return f"rtn{bits}/ch"
+
+
+def levels_label(levels: int) -> str:
+    return f"L{levels}/ch"
+
+
+def weighted_label(levels: float, exponent: float) -> str:
+    return f"w{levels:g}e{exponent:g}/ch"
+
+
+def composite_label(planes: int) -> str:
+    return f"cbd J={planes}/ch"
+
+
+def candidate_labels(rtn_bits=RTN_BITS, composite_planes=COMPOSITE_PLANES, levels=(), weighted_levels=(),
+           exponents=SENSITIVITY_EXPONENTS) -> list[str]:
+    """Every label a candidate of these families can carry (the arguments of :class:`LayerSearch`): the file's
+    header records the chosen one per layer, so the budget sets aside room for the longest."""
+    return ([rtn_label(bits) for bits in rtn_bits] + [levels_label(count) for count in levels]
+            + [weighted_label(count, e) for count in weighted_levels for e in exponents]
+            + [composite_label(planes) for planes in composite_planes])
+
+
 def _rtn_grids(weight, bits: int, clip_ratios, half: bool) -> list[tuple[np.ndarray, int]]:
     base = rtn_steps(weight, bits, "channel")
     return [(_stored(base * np.float32(ratio), half), bits - 1) for ratio in clip_ratios]
@@ -88,7 +114,7 @@ def _rtn_best(weight, bits: int, stats, gptq: bool, clip_ratios, grids, levels) 
     for ratio, (steps, mag_bits), chosen in zip(clip_ratios, grids, levels, strict=True):
         code = grid_code(chosen, steps, mag_bits,
                          reason=f"rtn {bits} bits per channel, clip {ratio}{', gptq' if gptq and stats else ''}")
-        code.extra["label"] = f"rtn{bits}/ch"
+        code.extra["label"] = rtn_label(bits)
         loss = _predicted_loss(weight, code, stats)
         if best is None or loss < best.loss:
             best = Candidate(f"rtn{bits}", code, code.coded_bits(), loss)
@@ -121,7 +147,7 @@ def _level_best(weight, levels: int, stats, gptq: bool, clip_ratios, grids, chos
         code = grid_code(chosen, steps, mag_bits,
                          reason=f"{levels} levels per side per channel, clip {ratio}"
                                 f"{', gptq' if gptq and stats else ''}")
-        code.extra["label"] = f"L{levels}/ch"
+        code.extra["label"] = levels_label(levels)
         loss = _predicted_loss(weight, code, stats)
         if best is None or loss < best.loss:
             best = Candidate(f"L{levels}", code, code.coded_bits(), loss)
@@ -186,7 +212,7 @@ def _weighted_of(weight, levels: float, exponent: float, stats, gptq: bool, grid
     code = grid_code(chosen_levels[0], steps, mag_bits,
                      reason=f"sensitivity-weighted steps per channel (exponent {exponent:g}), {levels:g} levels per "
                             f"side at the geometric mean{', gptq' if gptq and stats else ''}")
-    code.extra["label"] = f"w{levels:g}e{exponent:g}/ch"
+    code.extra["label"] = weighted_label(levels, exponent)
     return Candidate(f"w{levels:g}e{exponent:g}", code, code.coded_bits(), _predicted_loss(weight, code, stats))
 
 
@@ -208,7 +234,7 @@ def _composite_of(weight, planes: int, stats, gptq: bool, grids, factor_from: in
     (steps, _), = grids
     code = grid_code(levels[0], steps, planes, factor_from=factor_from,
                      reason=f"composite J={planes} per channel{', gptq' if gptq and stats else ''}")
-    code.extra["label"] = f"cbd J={planes}/ch"
+    code.extra["label"] = composite_label(planes)
     return Candidate(f"cbd{planes}", code, code.coded_bits(), _predicted_loss(weight, code, stats))
 
 

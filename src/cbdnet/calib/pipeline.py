@@ -20,7 +20,7 @@ from torch import nn
 
 from ..codec import LayerCode, check_finite, encode_composite_grouped, encode_rtn, encode_uniform, encode_weight
 from ..codec.code import GridCode
-from ..codec.floats import as_float16, stored_float_bytes
+from ..codec.floats import as_float16, constant_value, stored_float_bytes
 from ..codec.grid import half_steps
 from ..errors import CBDError
 from ..nn import CBDModule
@@ -30,7 +30,7 @@ from ..nn.report import Report, layer_report
 from ..nn.state import record
 from ..nn.walk import Encoder, check_skip, compress_layers, compressible_layers, float_state, owns_its_code
 from .batches import CalibrationSet, as_calibration_set
-from .budget import LayerSearch, choose_refined, min_layer_bits, rtn_candidate
+from .budget import LayerSearch, candidate_labels, choose_refined, min_layer_bits, rtn_candidate
 from .configs import (
     BudgetConfig,
     CalibrationConfig,
@@ -101,13 +101,17 @@ def _rtn_encoder(config: RTNConfig, originals: dict, calib: _Calibration, gptq: 
 
 
 CONTAINER_BYTES = 24 + 4 + 32  # prefix, header length, SHA-256
+LABEL_ENTRY_BYTES = len(',"label":""')  # a layer's label key in the header's JSON, the label aside
 
 
-def header_allowance(layers: int, floats: int) -> int:
+def header_allowance(layers: int, floats: int, label_chars: int = 0) -> int:
     """Bytes the budget sets aside for the file's zlib-compressed header: measured 525 B (digits-cnn, 5 layers,
-    20 float tensors), 887 B (ResNet-20, 20 + 96), 1,030 B (ResNet-18, 21 + 101), so 1 KB + 24 B per layer +
-    8 B per float tensor leaves room for the recorded config. The CLI checks the written file and retries."""
-    return 1024 + 24 * layers + 8 * floats
+    20 float tensors), 887 B (ResNet-20, 20 + 96), 1,030 B (ResNet-18, 21 + 101) before layers carried a label,
+    so 1 KB + 24 B per layer + 8 B per float tensor leaves room for the recorded config; plus, where each layer
+    records a label of at most ``label_chars`` characters, its entry uncompressed (an upper bound: zlib only
+    shrinks it). The CLI checks the written file and retries."""
+    labels = layers * (LABEL_ENTRY_BYTES + label_chars) if label_chars else 0
+    return 1024 + 24 * layers + 8 * floats + labels
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -116,16 +120,28 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
-def file_overhead_bits(model: nn.Module, coded: set[str], float32: bool, folded: Iterable[str] = ()) -> int:
-    """What the file stores beside the coded layers, in bits: container, header allowance, and every other
-    state-dict tensor as the file will store it (float16 where exact enough, unless ``float32``; the
-    ``folded`` BatchNorms' constant scale, mean and variance as one value each in the header)."""
+def _stored_bytes(array: np.ndarray, dtype: str, float32: bool, varying: bool) -> int:
+    """:func:`stored_float_bytes`, or where ``varying`` and the tensor is constant now, what it will take once
+    its values differ (float16 unless ``float32``)."""
+    if varying and constant_value(array) is not None:
+        return (4 if float32 or dtype == "float64" else 2) * int(array.size)
+    return stored_float_bytes(array, dtype, float32)
+
+
+def file_overhead_bits(model: nn.Module, coded: set[str], float32: bool, folded: Iterable[str] = (),
+                       label_chars: int = 0) -> int:
+    """What the file stores beside the coded layers, in bits: container, header allowance (each layer's label
+    at most ``label_chars`` characters), and every other state-dict tensor as the file will store it (float16
+    where exact enough, unless ``float32``; the ``folded`` BatchNorms' constant scale, mean and variance as one
+    value each in the header; their bias as a varying tensor even where it is constant now: bias correction
+    shifts the running mean, which folding moves into it)."""
     constant = {f"{norm}.{part}" for norm in folded
                 for part in ("weight", "running_mean", "running_var", "num_batches_tracked")}
+    varying = {f"{norm}.bias" for norm in folded}
     floats = {key: value for key, value in model.state_dict().items() if key not in coded}
-    data = sum(stored_float_bytes(_numpy(value), str(value.dtype).removeprefix("torch."), float32)
+    data = sum(_stored_bytes(_numpy(value), str(value.dtype).removeprefix("torch."), float32, key in varying)
                for key, value in floats.items() if key not in constant)
-    return 8 * (CONTAINER_BYTES + header_allowance(len(coded), len(floats)) + data)
+    return 8 * (CONTAINER_BYTES + header_allowance(len(coded), len(floats), label_chars) + data)
 
 
 @dataclass
@@ -384,7 +400,10 @@ def _compress(model: nn.Module, config, calibration, settings: CalibrationConfig
     overhead = 0
     if isinstance(config, BudgetConfig):  # every candidate is a per-channel grid: the pairs found now will fold
         folds = foldable_norms(model, {name for name, _ in layers}) if fold_bn else []
-        overhead = file_overhead_bits(model, {coded_key(name, m) for name, m in layers}, float32, folds)
+        labels = candidate_labels(config.rtn_bits, config.composite_planes, config.levels, config.weighted_levels,
+                                  config.sensitivity_exponents)
+        overhead = file_overhead_bits(model, {coded_key(name, m) for name, m in layers}, float32, folds,
+                                      max(map(len, labels), default=0))
     encoder, chosen = _encoder(config, originals, calib, gptq, overhead, half=not float32,
                                searches=None if cache is None else cache.searches, progress=progress)
     recorded = {**config.to_dict(), "skip": skip, "fold_bn": fold_bn, "float32": float32}

@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -166,7 +167,7 @@ class LayerSummary:
     @property
     def label(self) -> str:
         """The table's name of the code, as :attr:`LayerCode.label` gives it for a decoded layer."""
-        return "zero" if self.mode == "zero" else f"{self.mode} J={self.num_planes}"
+        return layer_label(self.span.layer) or ("zero" if self.mode == "zero" else f"{self.mode} J={self.num_planes}")
 
     @property
     def reason(self) -> str:
@@ -234,6 +235,8 @@ def _layer_meta(name: str, code: LayerCode, dtype: torch.dtype) -> dict:
                         for p in code.planes],
     }
     meta.update(code.meta())
+    if code.extra.get("label"):  # the code's name in tables (rtn4/ch, w2e0.5/ch ...), so info shows what compress did
+        meta["label"] = code.extra["label"]
     return meta
 
 
@@ -526,9 +529,24 @@ def _layer_common(layer: dict, kind: type[LayerCode], name: str, shape: tuple[in
     except CodeError as exc:
         raise FormatError(f"layer {name}: {exc}") from None
     check_scales(name, kind.kind, scales, num_planes)
+    label = layer_label(layer)
     return {"reason": str(layer.get("reason", "")),
             "bound": _int(layer.get("bound", 0), "bound", 0, min(h, w)),
-            "mask_rank": _int(layer.get("mask_rank", 0), "mask_rank", 0, min(h, w))}
+            "mask_rank": _int(layer.get("mask_rank", 0), "mask_rank", 0, min(h, w)),
+            **({"extra": {"label": label}} if label else {})}
+
+
+LABEL = re.compile(r"[A-Za-z0-9 =./_+-]{1,32}")
+
+
+def layer_label(layer: dict) -> str:
+    """A layer's optional ``label`` (the code's name in tables, written since 0.3): short, plain ASCII, or absent;
+    anything else is a :class:`FormatError`."""
+    label = layer.get("label")
+    if label is None:
+        return ""
+    need(isinstance(label, str) and LABEL.fullmatch(label) is not None, f"layer {layer.get('name')!r}: bad label")
+    return label
 
 
 def _layer_code(layer: dict, tensors: dict, used: set) -> tuple[str, LayerCode]:
