@@ -228,7 +228,7 @@ def test_the_header_room_covers_every_label_the_budget_records(tmp_path):
     import cbdnet
     from cbdnet.calib import pipeline
     from cbdnet.calib.budget import candidate_labels
-    from cbdnet.format import read
+    from cbdnet.format import read, v2
     model, data, layers, _ = _conv_net_and_stats()
     config = cbdnet.BudgetConfig(target_bits=3.0, levels=(2, 5), composite_planes=(3,))
     model, report = cbdnet.compress(model, config, calibration=data)
@@ -237,9 +237,19 @@ def test_the_header_room_covers_every_label_the_budget_records(tmp_path):
     (tmp_path / "m.cbd").write_bytes(io.encode_file(model))
     written = {code.label for code in read(tmp_path / "m.cbd").codes.values()}
     assert len(written) >= 2 and written <= set(labels)
+    header, _ = v2.header_of((tmp_path / "m.cbd").read_bytes()[24:])
+    without = {**header, "layers": [{k: v for k, v in layer.items() if k != "label"} for layer in header["layers"]]}
+    label_bytes = len(_zlib_json(header)) - len(_zlib_json(without))  # what the labels add to the stored header
     longest = max(map(len, labels))
-    assert (pipeline.header_allowance(len(layers), 8, longest) - pipeline.header_allowance(len(layers), 8)
-            == len(layers) * len(',"label":""' + "x" * longest))
+    room = pipeline.header_allowance(len(layers), 8, longest) - pipeline.header_allowance(len(layers), 8)
+    assert 0 < label_bytes <= room == pipeline.LABEL_FIRST_BYTES + len(layers) * pipeline.LABEL_BYTES
+
+
+def _zlib_json(header: dict) -> bytes:
+    """The header as the format-2 writer stores it (compact, sorted JSON, zlib level 9)."""
+    import json
+    import zlib
+    return zlib.compress(json.dumps(header, separators=(",", ":"), sort_keys=True).encode(), 9)
 
 
 def test_a_folded_norms_bias_is_counted_as_stored_even_while_it_is_zero():
