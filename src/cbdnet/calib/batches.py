@@ -18,9 +18,13 @@ from torch import nn
 
 from ..errors import DataError
 
-__all__ = ["CalibrationSet", "as_calibration_set", "PIXELS_PER_BATCH"]
+__all__ = ["CalibrationSet", "as_calibration_set", "PIXELS_PER_BATCH", "MAX_CALIBRATION_BYTES"]
 
 PIXELS_PER_BATCH = 100 * 32 * 32  # a CIFAR batch of 100; larger images go in proportionally smaller batches
+# The calibration images are decoded once and held as float32 (every pass over them, statistics, losses, refit,
+# reuses them: an ``imagefolder:`` is never decoded again); more than this is refused, naming the image limit.
+# 4 GiB: 6,966 images of 3x224x224, all 50,000 CIFAR-10 training images 15 times over.
+MAX_CALIBRATION_BYTES = 4 << 30
 
 
 @dataclass
@@ -56,9 +60,9 @@ class CalibrationSet:
         return max(1, min(batch_size, batch_size * PIXELS_PER_BATCH // (100 * max(pixels, 1))))
 
 
-def _pairs(data) -> Iterator:
-    if hasattr(data, "batches") and callable(data.batches):
-        yield from data.batches(100)
+def _pairs(data, limit: int | None = None) -> Iterator:
+    if hasattr(data, "batches") and callable(data.batches):  # a lazily decoded folder: no image past the limit
+        yield from data.batches(100 if limit is None else min(100, limit))
         return
     if isinstance(data, torch.Tensor):
         yield data
@@ -117,18 +121,24 @@ def _predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def as_calibration_set(data, model: nn.Module | None = None, *, limit: int | None = None,
                        ignore_index: int | None = None, name: str | None = None) -> CalibrationSet:
     """Materialise ``data`` (see the module docstring) into a :class:`CalibrationSet` of at most ``limit``
-    images. Batches without labels get the float ``model``'s predictions."""
+    images, decoded once (at most :data:`MAX_CALIBRATION_BYTES` of them). Batches without labels get the float
+    ``model``'s predictions."""
     if isinstance(data, CalibrationSet) and limit is None:
         return data
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"the calibration image limit must be a positive integer, got {limit!r}")
     images: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    unlabelled, count = False, 0
-    for index, item in enumerate(_pairs(data)):
+    unlabelled, count, held = False, 0, 0
+    for index, item in enumerate(_pairs(data, limit)):
         x, y = _split(item, index)
         if limit is not None:
             x, y = x[:limit - count], None if y is None else y[:limit - count]
+        held += x.numel() * x.element_size()
+        if held > MAX_CALIBRATION_BYTES:
+            raise DataError(f"the calibration images take more than {MAX_CALIBRATION_BYTES >> 30} GiB as float32 "
+                            f"after {count + x.shape[0]:,} images of {list(x.shape[1:])}: use fewer (--calib-images "
+                            f"N, CalibrationConfig(images=N))")
         if y is None:
             if model is None:
                 raise DataError("calibration batches without labels need the float model to label them")

@@ -66,10 +66,17 @@ def _predicted_loss(weight: np.ndarray, code: LayerCode, stats: LayerStats | Non
     return float(0.5 * (stats.fisher.numpy() * output_error(delta, stats)).sum())
 
 
+def _rounding_note(gptq: bool, stats: LayerStats | None) -> str:
+    """What a code's reason says of its rounding: GPTQ, or a diagonal ``H`` (a layer too wide for GPTQ)."""
+    if stats is not None and stats.diagonal:
+        return ", diagonal H: no gptq"
+    return ", gptq" if gptq and stats is not None else ""
+
+
 def _levels(weight, grids, stats, gptq: bool) -> list[np.ndarray]:
     """The levels of ``weight`` on each ``(steps, mag_bits)`` grid: GPTQ's (all grids in one stacked run)
-    where calibration statistics are there, else rounding."""
-    if gptq and stats is not None:
+    where calibration statistics with a full ``H`` are there, else rounding (GPTQ on a diagonal ``H``)."""
+    if gptq and stats is not None and not stats.diagonal:
         return gptq_levels_stacked(weight, grids, stats.hessian)
     return [round_levels(weight, steps, mag_bits) for steps, mag_bits in grids]
 
@@ -113,7 +120,7 @@ def _rtn_best(weight, bits: int, stats, gptq: bool, clip_ratios, grids, levels) 
     best: Candidate | None = None
     for ratio, (steps, mag_bits), chosen in zip(clip_ratios, grids, levels, strict=True):
         code = grid_code(chosen, steps, mag_bits,
-                         reason=f"rtn {bits} bits per channel, clip {ratio}{', gptq' if gptq and stats else ''}")
+                         reason=f"rtn {bits} bits per channel, clip {ratio}{_rounding_note(gptq, stats)}")
         code.extra["label"] = rtn_label(bits)
         loss = _predicted_loss(weight, code, stats)
         if best is None or loss < best.loss:
@@ -146,7 +153,7 @@ def _level_best(weight, levels: int, stats, gptq: bool, clip_ratios, grids, chos
     for ratio, (steps, mag_bits), chosen in zip(clip_ratios, grids, chosen_levels, strict=True):
         code = grid_code(chosen, steps, mag_bits,
                          reason=f"{levels} levels per side per channel, clip {ratio}"
-                                f"{', gptq' if gptq and stats else ''}")
+                                f"{_rounding_note(gptq, stats)}")
         code.extra["label"] = levels_label(levels)
         loss = _predicted_loss(weight, code, stats)
         if best is None or loss < best.loss:
@@ -211,7 +218,7 @@ def _weighted_of(weight, levels: float, exponent: float, stats, gptq: bool, grid
     (steps, mag_bits), = grids
     code = grid_code(chosen_levels[0], steps, mag_bits,
                      reason=f"sensitivity-weighted steps per channel (exponent {exponent:g}), {levels:g} levels per "
-                            f"side at the geometric mean{', gptq' if gptq and stats else ''}")
+                            f"side at the geometric mean{_rounding_note(gptq, stats)}")
     code.extra["label"] = weighted_label(levels, exponent)
     return Candidate(f"w{levels:g}e{exponent:g}", code, code.coded_bits(), _predicted_loss(weight, code, stats))
 
@@ -233,11 +240,14 @@ def _composite_grid(weight, planes: int, bottleneck: float, half: bool) -> tuple
 def _composite_of(weight, planes: int, stats, gptq: bool, grids, factor_from: int, levels) -> Candidate:
     (steps, _), = grids
     code = grid_code(levels[0], steps, planes, factor_from=factor_from,
-                     reason=f"composite J={planes} per channel{', gptq' if gptq and stats else ''}")
+                     reason=f"composite J={planes} per channel{_rounding_note(gptq, stats)}")
     code.extra["label"] = composite_label(planes)
     return Candidate(f"cbd{planes}", code, code.coded_bits(), _predicted_loss(weight, code, stats))
 
 
+# levels of a layer's candidate grids made exact at once (a wide layer's grids are made exact a few at a time:
+# VGG-16's fc6 has 103 M weights per grid)
+MAX_REFINE_LEVELS = 1 << 25
 SCREEN_MACS = 1 << 27  # multiply-adds per grid for a screening loss; beyond, a seeded subset of output rows
 REFINE_SPAN = 4.0  # GPTQ first runs on each layer's picks at the multiplier / SPAN .. * SPAN of the screening
 REFINE_TOP = 3  # and on the best REFINE_TOP families at each of those multipliers
@@ -325,7 +335,7 @@ class LayerSearch:
 
     def __post_init__(self) -> None:
         self.weight = np.asarray(self.weight, np.float32)
-        self.gptq = bool(self.gptq and self.stats is not None)
+        self.gptq = bool(self.gptq and self.stats is not None and not self.stats.diagonal)
         self.plans = _plans(self.weight, self.stats, self.gptq, self.rtn_bits, self.composite_planes, self.levels,
                             self.half, self.weighted_levels, self.exponents)
         self.exact = [None] * len(self.plans)
@@ -358,8 +368,20 @@ class LayerSearch:
     def refine(self, plans: Iterable[int]) -> int:
         """Make the families ``plans`` exact (their grids' levels from one GPTQ run); returns how many were new."""
         todo = sorted({i for i in plans if self.exact[i] is None})
-        if not todo:
-            return 0
+        held = max(1, MAX_REFINE_LEVELS // max(1, self.weight.size))  # grids whose levels are held at once
+        batch: list[int] = []
+        for i in todo:
+            batch.append(i)
+            if sum(len(self.plans[j][1]) for j in batch) >= held:
+                self._make_exact(batch)
+                batch = []
+        if batch:
+            self._make_exact(batch)
+        return len(todo)
+
+    def _make_exact(self, todo: list[int]) -> None:
+        """The exact candidates of the families ``todo``, their grids' levels from one stacked run (GPTQ rounds
+        every output row on its own, so how the families are batched does not change their levels)."""
         grids = [grid for i in todo for grid in self.plans[i][1]]
         if self.gptq and self.stats is not None:  # (gptq is set only where there are statistics)
             every = gptq_levels_stacked(self.weight, grids, self.stats.hessian, factors=self._factors)
@@ -370,7 +392,6 @@ class LayerSearch:
             count = len(self.plans[i][1])
             self.exact[i] = self.plans[i][2](every[first:first + count])
             first += count
-        return len(todo)
 
     def release(self) -> None:
         """Drop the Hessian factorisation kept for later refinements (a later one factors again)."""
@@ -390,6 +411,10 @@ def _screen_loss(weight: np.ndarray, stats: LayerStats | None) -> Callable[[np.n
         return lambda delta: float((delta.astype(np.float64) ** 2).sum())
     out = weight.shape[0]
     fisher = stats.fisher.numpy()
+    if stats.diagonal:  # exact, in float32: sum_o fisher[o] sum_i delta[o, i]^2 H[i]
+        diagonal, per_row = stats.hessian.float(), torch.from_numpy(fisher)
+        return lambda delta: float(0.5 * (per_row * (torch.from_numpy(
+            np.ascontiguousarray(delta.reshape(out, -1), np.float32)).square() @ diagonal).double()).sum())
     if stats.groups > 1:  # per-group inputs are few (a depthwise conv's d is its kernel size): exact
         return lambda delta: float(0.5 * (fisher * output_error(delta, stats)).sum())
     hessian = stats.hessian.float()

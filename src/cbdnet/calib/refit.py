@@ -28,15 +28,25 @@ from ..codec.code import GridCode
 from ..codec.grid import with_levels
 from ..nn.walk import owns_its_code
 from .batches import CalibrationSet, as_calibration_set
-from .stats import MAX_PATCH_ELEMENTS, gptq_levels, input_positions, sample_positions, sampled_patches, single_thread
+from .stats import (
+    MAX_PATCH_ELEMENTS,
+    MIN_ROWS,
+    ROWS_PER_INPUT,
+    gptq_levels,
+    input_positions,
+    keeps_full,
+    row_bound,
+    sample_positions,
+    sampled_patches,
+    single_thread,
+)
 
-__all__ = ["RefitResult", "refit_levels", "calibration_kl", "POSITIONS"]
+__all__ = ["RefitResult", "refit_levels", "calibration_kl", "POSITIONS", "ROWS_PER_INPUT", "MIN_ROWS"]
 
 POSITIONS = 256  # input patches per image that enter the moments (a seeded random subset)
-# the moments stop after ROWS_PER_INPUT patches per input dimension (at least MIN_ROWS): each layer's capture
-# runs both models up to it, so images beyond what the moments need were the refit's main cost
-ROWS_PER_INPUT = 256
-MIN_ROWS = 1 << 14
+# the moments stop after row_bound(d) patches (ROWS_PER_INPUT per input dimension, at least MIN_ROWS, the
+# calibration statistics' bound): each layer's capture runs both models up to it, so images beyond what the
+# moments need were the refit's main cost
 DAMP = 0.01  # added to H~'s diagonal, relative to its mean, before it is inverted (as GPTQ damps)
 
 
@@ -109,7 +119,7 @@ def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> 
             hessian = part_hessian if hessian is None else hessian + part_hessian
             cross = part_cross if cross is None else cross + part_cross
             count += x.shape[1]
-        if hessian is not None and count >= max(MIN_ROWS, ROWS_PER_INPUT * hessian.shape[-1]):
+        if count >= row_bound(hessian.shape[-1]):
             break
     if hessian is None or cross is None:  # no calibration image reached the layer
         return None
@@ -235,7 +245,10 @@ def refit_levels(model: nn.Module, float_model: nn.Module, layers: list[str], da
 
 def _refittable(module: nn.Module) -> bool:
     """Linear layers (inputs of any rank) and Conv2d with numeric zero padding, grouped and depthwise ones
-    included. Transposed convolutions and attention projections keep their codes."""
+    included, of at most ``MAX_FULL_INPUTS`` inputs where ungrouped (wider ones have a diagonal ``H`` in the
+    statistics, and refit's ``d x d`` moments would not fit memory). Transposed convolutions and attention
+    projections keep their codes."""
     if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        return keeps_full(module.in_features)
+    return isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str) \
+        and keeps_full(int(module.weight[0].numel()), module.groups)

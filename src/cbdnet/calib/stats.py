@@ -32,8 +32,9 @@ from torch import nn
 from ..nn.modules import coded_weight, packed_attention
 from .batches import CalibrationSet, as_calibration_set
 
-__all__ = ["single_thread", "LayerStats", "collect_stats", "input_patches", "input_positions", "input_patches_at",
-           "sample_positions", "sampled_patches",
+__all__ = ["single_thread", "LayerStats", "MAX_FULL_INPUTS", "keeps_full", "row_bound", "positions_per_image",
+           "collect_stats", "input_patches", "input_positions", "input_patches_at", "sample_positions",
+           "sampled_patches",
            "task_loss", "gptq_levels", "gptq_levels_stacked", "output_error", "bias_correct", "bias_correct_if_better",
            "reestimate_bn", "following_bn", "calibration_loss"]
 
@@ -54,6 +55,35 @@ def single_thread():
 
 MAX_POSITIONS = 4096  # input patches per image and layer that enter the statistics (a seeded random subset)
 MAX_PATCH_ELEMENTS = 1 << 24  # unfolded patch elements materialised at once (64 MiB of float32)
+# A layer's second moment (here and in refit) is estimated from about ROWS_PER_INPUT input rows per input
+# dimension, at least MIN_ROWS: beyond that more rows cost float32 products and change the estimate little
+# (docs/benchmarks.md, "Scaling of the calibrated budget", measures the bound against every row).
+ROWS_PER_INPUT = 256
+MIN_ROWS = 1 << 14
+STATS_ROWS_PER_INPUT = 256
+# Above this many inputs (an ungrouped layer's d) only H's diagonal is kept: a float64 d x d second moment and
+# its factorisation (several d x d temporaries) would not fit memory; VGG-16's fc6 (d = 25,088) needs 5 GB
+# for H alone. 8,192 inputs: 512 MiB per H, and every torchvision classifier but VGG's and AlexNet's fc6 below.
+MAX_FULL_INPUTS = 8192
+
+
+def keeps_full(inputs: int, groups: int = 1) -> bool:
+    """Whether a layer with ``inputs`` inputs (per group) gets a full ``d x d`` second moment, not its diagonal:
+    grouped layers always (their per-group inputs are few), others up to :data:`MAX_FULL_INPUTS`."""
+    return groups > 1 or inputs <= MAX_FULL_INPUTS
+
+
+def row_bound(inputs: int, per_input: int | None = None) -> int:
+    """The input rows that enter the second moment of a layer with ``inputs`` inputs (per group): ``per_input``
+    (default :data:`ROWS_PER_INPUT`) per input, at least :data:`MIN_ROWS`."""
+    return max(MIN_ROWS, (ROWS_PER_INPUT if per_input is None else per_input) * inputs)
+
+
+def positions_per_image(inputs: int, images: int) -> int:
+    """How many of each image's output positions enter the statistics of a layer with ``inputs`` inputs (per
+    group) over ``images`` calibration images: :func:`row_bound` spread evenly over the images (every image
+    gives as many rows, so ``H`` and ``mean`` stay unbiased averages), at most :data:`MAX_POSITIONS`."""
+    return max(1, min(MAX_POSITIONS, -(-row_bound(inputs, STATS_ROWS_PER_INPUT) // max(images, 1))))
 
 
 def task_loss(logits, labels: torch.Tensor, data: CalibrationSet) -> torch.Tensor:
@@ -68,10 +98,16 @@ class LayerStats:
     """Per-layer statistics. A grouped (or depthwise) conv has one ``H`` and ``mean`` per group ``g`` of its
     ``groups``: output channel ``o`` sees only the inputs of group ``o // (out / groups)``."""
 
-    hessian: torch.Tensor  # float64 [d, d] (or [groups, d, d]), E[x x^T]
+    hessian: torch.Tensor  # float64 [d, d] (or [groups, d, d]), E[x x^T]; diagonal: [d], E[x^2]
     mean: torch.Tensor  # float64 [d] (or [groups, d]), E[x]
     fisher: torch.Tensor  # float64 [out], E_n[sum_p g^2]
     samples: int = 0
+
+    @property
+    def diagonal(self) -> bool:
+        """Only the diagonal of ``H`` is kept (a layer of more than :data:`MAX_FULL_INPUTS` inputs): its codes
+        are rounded to nearest (GPTQ on a diagonal ``H``), and refit leaves it alone."""
+        return self.hessian.ndim == 1
 
     @property
     def groups(self) -> int:
@@ -166,18 +202,21 @@ def _supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
-def _patch_chunks(module: nn.Module, x: torch.Tensor, positions: int, generator: torch.Generator):
+def _patch_chunks(module: nn.Module, x: torch.Tensor, positions: int, generator: torch.Generator,
+                  limit: int | None = None):
     """The input patches of ``x`` a few images at a time (at most ``MAX_PATCH_ELEMENTS`` unfolded at once),
-    each image's ``positions`` rows thinned to a seeded random ``MAX_POSITIONS`` of them (only those unfolded)."""
+    each image's ``positions`` rows thinned to a seeded random ``limit`` (default ``MAX_POSITIONS``) of them
+    (only those unfolded)."""
+    limit = MAX_POSITIONS if limit is None else limit
     if isinstance(module, nn.Linear):
         d = int(x.shape[-1])
     else:
         conv = _conv(module)
         d = int(conv.weight[0].numel()) * conv.groups
-    images_per_chunk = max(1, MAX_PATCH_ELEMENTS // max(1, positions * d))
+    images_per_chunk = max(1, MAX_PATCH_ELEMENTS // max(1, min(positions, limit) * d))
     for start in range(0, x.shape[0], images_per_chunk):
         part = x[start:start + images_per_chunk]
-        yield sampled_patches(module, part, sample_positions(module, part, MAX_POSITIONS, generator))
+        yield sampled_patches(module, part, sample_positions(module, part, limit, generator))
 
 
 def _accumulate(stats: dict[str, LayerStats], name: str, cols: torch.Tensor, groups: int, out: int) -> None:
@@ -187,10 +226,13 @@ def _accumulate(stats: dict[str, LayerStats], name: str, cols: torch.Tensor, gro
     if entry is None:
         d = cols.shape[1] // groups
         shape = (d,) if groups == 1 else (groups, d)
-        entry = stats[name] = LayerStats(torch.zeros(*shape, d, dtype=torch.float64, device=cols.device),
+        square = (d,) if keeps_full(d, groups) else ()  # a wide layer keeps H's diagonal only
+        entry = stats[name] = LayerStats(torch.zeros(*shape, *square, dtype=torch.float64, device=cols.device),
                                          torch.zeros(*shape, dtype=torch.float64, device=cols.device),
                                          torch.zeros(out, dtype=torch.float64, device=cols.device))
-    if groups == 1:
+    if entry.diagonal:
+        entry.hessian += (cols * cols).sum(0).double()
+    elif groups == 1:
         entry.hessian += (cols.T @ cols).double()
     else:
         per_group = cols.reshape(cols.shape[0], groups, -1).transpose(0, 1)
@@ -220,22 +262,25 @@ _ATTENTION_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", 
                    "is_causal")
 
 
-def _sample_rows(rows: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """A seeded random ``MAX_POSITIONS`` rows per image of ``rows`` (all of them where there are fewer)."""
-    limit = MAX_POSITIONS * max(count, 1)
+def _sample_rows(rows: torch.Tensor, count: int, generator: torch.Generator, per_image: int = MAX_POSITIONS
+                 ) -> torch.Tensor:
+    """A seeded random ``per_image`` rows per image of ``rows`` (all of them where there are fewer)."""
+    limit = per_image * max(count, 1)
     if rows.shape[0] <= limit:
         return rows
     return rows[torch.randperm(rows.shape[0], generator=generator)[:limit].to(rows.device)]
 
 
-def _attention_hook(stats: dict[str, LayerStats], name: str, out_name: str | None, generator: torch.Generator):
+def _attention_hook(stats: dict[str, LayerStats], name: str, out_name: str | None, generator: torch.Generator,
+                    images: int = 1):
     """A forward hook (``with_kwargs``) on a packed ``nn.MultiheadAttention`` that recomputes its output in
     three visible steps, ``q, k, v = in_proj(query, key, value)``, attention with identity projections (the
     context), ``out_proj(context)``, and returns that output, so that the loss gradient flows through tensors
     a hook can see: the statistics of ``in_proj_weight`` (as a layer of 3 groups, the query, key and value
     rows, each with its own input) and of ``out_proj`` (whose own forward is never called: the attention
     reads its weight) are exact, like any Linear's. Cross-attention with key/value of another length than the
-    query gives ``in_proj`` no statistics (its code is then chosen by weight error)."""
+    query gives ``in_proj`` no statistics (its code is then chosen by weight error). ``images``: the number of
+    calibration images, which sets the rows kept per image (:func:`positions_per_image`)."""
     def hook(module, args, kwargs, output):
         call = {**dict(zip(_ATTENTION_ARGS, args, strict=False)), **kwargs}
         query, key, value = call["query"], call["key"], call["value"]
@@ -258,12 +303,14 @@ def _attention_hook(stats: dict[str, LayerStats], name: str, out_name: str | Non
         batch = query.shape[1]
         if query.shape == key.shape == value.shape:
             rows = torch.cat([x.detach().float().reshape(-1, embed) for x in (query, key, value)], 1)
-            _accumulate(stats, name, _sample_rows(rows, batch, generator), 3, 3 * embed)
+            kept = _sample_rows(rows, batch, generator, positions_per_image(embed, images))
+            _accumulate(stats, name, kept, 3, 3 * embed)
             for index, part in enumerate(projected):
                 _add_fisher(stats, name, part, -1, slice(index * embed, (index + 1) * embed))
         if out_name is not None:
             rows = context.detach().float().reshape(-1, embed)
-            _accumulate(stats, out_name, _sample_rows(rows, batch, generator), 1, module.out_proj.weight.shape[0])
+            kept = _sample_rows(rows, batch, generator, positions_per_image(embed, images))
+            _accumulate(stats, out_name, kept, 1, module.out_proj.weight.shape[0])
             _add_fisher(stats, out_name, result, -1)
         if module.batch_first:
             result = result.transpose(0, 1)
@@ -272,7 +319,7 @@ def _attention_hook(stats: dict[str, LayerStats], name: str, out_name: str | Non
 
 
 def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, batch_size: int = 100,
-                  device: torch.device | str | None = None) -> dict[str, LayerStats]:
+                  device: torch.device | str | None = None, seed: int = 0) -> dict[str, LayerStats]:
     """Second moments, means and output Fisher of every supported layer over ``data`` (float model).
 
     A Linear's input may have any rank: every vector along its last dimension (a token, a channels-last
@@ -280,17 +327,20 @@ def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, b
     (3 groups: query, key and value rows) and its ``out_proj`` (see :func:`_attention_hook`).
 
     Large images are memory-bounded: the batch shrinks with the pixel count (:func:`batch_size_for`), patches
-    are unfolded a few images at a time, and at most ``MAX_POSITIONS`` patches per image and layer (a seeded
-    random subset) enter ``H`` and ``mean``, which are averages and stay unbiased.
+    are unfolded a few images at a time. Each layer's ``H`` and ``mean`` are bounded to about :func:`row_bound`
+    rows over all images: every image gives the same seeded random subset size of its patches
+    (:func:`positions_per_image`, at most ``MAX_POSITIONS``), so both stay unbiased averages; the Fisher
+    takes every position of every image (its gradient is there anyway).
 
     The forward and backward passes run where ``model`` is, with the images moved to ``device`` (None: the
-    device of the model's first parameter); the statistics are accumulated there and returned on the CPU."""
+    device of the model's first parameter); the statistics are accumulated there and returned on the CPU.
+    ``seed``: of the positions drawn where a layer has more than its bound."""
     data = as_calibration_set(data)
     device = _model_device(model) if device is None else torch.device(device)
     stats: dict[str, LayerStats] = {}
     handles = []
     count = {"n": 0}
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
 
     def forward_hook(name):
         def hook(module, inputs, output):
@@ -298,7 +348,9 @@ def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, b
                 return
             x = inputs[0].detach().float()
             groups = getattr(module, "groups", 1)
-            for cols in _patch_chunks(module, x, input_positions(module, x), generator):
+            inputs = int(x.shape[-1]) if isinstance(module, nn.Linear) else int(module.weight[0].numel())
+            limit = positions_per_image(inputs, len(data))
+            for cols in _patch_chunks(module, x, input_positions(module, x), generator, limit):
                 _accumulate(stats, name, cols, groups, module.weight.shape[0])
             _add_fisher(stats, name, output, -1 if isinstance(module, nn.Linear) else 1)
         return hook
@@ -307,7 +359,7 @@ def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, b
     for name, module in layers:
         if packed_attention(module):
             handles.append(module.register_forward_hook(
-                _attention_hook(stats, name, names.get(id(module.out_proj)), generator), with_kwargs=True))
+                _attention_hook(stats, name, names.get(id(module.out_proj)), generator, len(data)), with_kwargs=True))
         elif _supported(module):
             handles.append(module.register_forward_hook(forward_hook(name)))
     was_training = model.training
@@ -455,6 +507,8 @@ def _gptq_rows(weight: np.ndarray, steps: list[np.ndarray], tops: list[float], f
 def output_error(delta: np.ndarray, stats: LayerStats) -> np.ndarray:
     """Per output channel ``dW[o] @ H @ dW[o]``: the mean squared output error the weight error causes."""
     d = torch.from_numpy(np.asarray(delta, np.float64).reshape(delta.shape[0], -1))
+    if stats.diagonal:
+        return ((d * d) @ stats.hessian).numpy()
     if stats.groups > 1:  # all groups in one batched product (a depthwise conv has one group per channel)
         d = d.reshape(stats.groups, -1, d.shape[1])
         return (torch.bmm(d, stats.hessian) * d).sum(2).reshape(-1).numpy()
