@@ -119,7 +119,7 @@ def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> 
             hessian = part_hessian if hessian is None else hessian + part_hessian
             cross = part_cross if cross is None else cross + part_cross
             count += x.shape[1]
-        if count >= row_bound(hessian.shape[-1]):
+        if hessian is not None and count >= row_bound(hessian.shape[-1]):
             break
     if hessian is None or cross is None:  # no calibration image reached the layer
         return None
