@@ -104,6 +104,13 @@ def _seconds(clock: str | None) -> float | None:
     return value
 
 
+def time_figures(text: str) -> dict:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (MB) from ``/usr/bin/time -v``'s report."""
+    return {"wall_s": _seconds(_time_field(text, "Elapsed (wall clock) time (h:mm:ss or m:ss)")),
+            "cpu_s": sum(float(_time_field(text, f"{kind} time (seconds)") or 0) for kind in ("User", "System")),
+            "peak_rss_mb": int(_time_field(text, "Maximum resident set size (kbytes)") or 0) / 1024}
+
+
 def run(spec: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="cbdnet-scale-") as tmp:
         work = Path(tmp)
@@ -117,11 +124,7 @@ def run(spec: str, args) -> dict:
         except subprocess.TimeoutExpired:
             return {**row, "finished": False, "why": f"not finished after {args.timeout} s"}
         text = (work / "time.txt").read_text() if (work / "time.txt").exists() else ""
-        row.update({"finished": done.returncode == 0, "exit": done.returncode,
-                    "wall_s": _seconds(_time_field(text, "Elapsed (wall clock) time (h:mm:ss or m:ss)")),
-                    "cpu_s": sum(float(_time_field(text, f"{kind} time (seconds)") or 0)
-                                 for kind in ("User", "System")),
-                    "peak_rss_mb": int(_time_field(text, "Maximum resident set size (kbytes)") or 0) / 1024})
+        row.update({"finished": done.returncode == 0, "exit": done.returncode, **time_figures(text)})
         if done.returncode != 0:
             row["why"] = done.stderr.strip().splitlines()[-1:] if done.stderr.strip() else ""
             return row
