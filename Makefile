@@ -29,7 +29,7 @@ test: lint typecheck
 	$(BIN)/python -m pytest -q
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile
 
 test-full-size: $(STAMP)
 	CBDNET_SLOW=1 $(BIN)/python -m pytest -q tests/zoo/test_torchvision_all.py
