@@ -16,8 +16,10 @@ lowers the compressed model's KL divergence from the float model on the calibrat
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -47,6 +49,7 @@ POSITIONS = 256  # input patches per image that enter the moments (a seeded rand
 # the moments stop after row_bound(d) patches (ROWS_PER_INPUT per input dimension, at least MIN_ROWS, the
 # calibration statistics' bound): each layer's capture runs both models up to it, so images beyond what the
 # moments need were the refit's main cost
+MAX_BLOCK_CACHE_BYTES = 1 << 30  # both models' block arguments kept for the layers of one block
 DAMP = 0.01  # added to H~'s diagonal, relative to its mean, before it is inverted (as GPTQ damps)
 
 
@@ -75,9 +78,9 @@ class _Stop(Exception):
     """Raised by a capture hook: the rest of the forward pass is not needed."""
 
 
-def _inputs(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.Tensor | None:
-    """``layer``'s input tensor for ``images`` (the forward pass stops there), or None where it is not called
-    with one tensor."""
+def _inputs(run: Callable[[], object], layer: nn.Module) -> torch.Tensor | None:
+    """``layer``'s input tensor in the forward pass ``run()`` (which stops there), or None where it is not
+    called with one tensor."""
     got = []
 
     def hook(_module, args):
@@ -88,28 +91,119 @@ def _inputs(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.T
     handle = layer.register_forward_pre_hook(hook)
     try:
         with torch.no_grad(), suppress(_Stop):
+            run()
+    finally:
+        handle.remove()
+    return got[0] if got else None
+
+
+def _block_call(model: nn.Module, block: nn.Module, images: torch.Tensor) -> tuple[tuple, dict] | None:
+    """The arguments ``block`` gets (its first call) in ``model``'s forward pass over ``images``, which stops
+    there; None where the pass does not reach it."""
+    got: list[tuple[tuple, dict]] = []
+
+    def hook(_module, args, kwargs):
+        got.append((args, kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad(), suppress(_Stop):
             model(images)
     finally:
         handle.remove()
     return got[0] if got else None
 
 
-def _moments(model, float_model, name: str, data: CalibrationSet, generator) -> tuple | None:
+def block_of(model: nn.Module, name: str) -> str:
+    """The block whose inputs :class:`_Captures` holds for layer ``name``: its shallowest enclosing module
+    that is an item of an ``nn.Sequential`` and not one itself (a ResNet bottleneck, an inverted residual, a
+    ConvNeXt or ViT block), else the layer itself. A block is a function of its arguments, so running it on
+    them gives the layer the input the whole forward pass would."""
+    parts = name.split(".")
+    for depth in range(1, len(parts)):
+        parent = model.get_submodule(".".join(parts[:depth - 1])) if depth > 1 else model
+        candidate = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(parent, nn.Sequential) and not isinstance(candidate, nn.Sequential):
+            return ".".join(parts[:depth])
+    return name
+
+
+class _Captures:
+    """Both models' layer inputs, batch by batch, for the layers of one block in module order. The block's
+    arguments are captured once per batch (the forward pass up to it, both models) and kept, at most
+    :data:`MAX_BLOCK_CACHE_BYTES` in all; each layer then runs only the block. Without this every layer ran
+    both models from the image up to itself. A layer before the block is refitted before the block's
+    arguments are captured (module order), and a layer inside it changes only what follows it in the block,
+    so the inputs are those of the whole forward pass, bit for bit. Past the cap (or where the block is the
+    layer itself) a batch runs the whole models up to the layer, as before."""
+
+    def __init__(self, model: nn.Module, float_model: nn.Module, block: str, data: CalibrationSet, cache: bool):
+        self.block = block
+        self.models = (model, float_model)
+        self.blocks = (model.get_submodule(block), float_model.get_submodule(block))
+        self.batches = data.batches(data.batch_size_for(100))
+        self.kept: list[tuple[torch.Tensor, tuple | None]] = []  # per batch: images, both block calls or None
+        self.held = 0
+        self.cache = cache
+
+    def _next(self) -> tuple[torch.Tensor, tuple | None] | None:
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
+        images, calls = batch[0], None
+        if self.cache and self.held < MAX_BLOCK_CACHE_BYTES:
+            found = (_block_call(self.models[0], self.blocks[0], images),
+                     _block_call(self.models[1], self.blocks[1], images))
+            if found[0] is not None and found[1] is not None:
+                calls = found
+                self.held += _bytes(found[0]) + _bytes(found[1])
+        self.kept.append((images, calls))
+        return self.kept[-1]
+
+    def inputs(self, name: str) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """``(compressed input, float input)`` of layer ``name`` of the block, per batch."""
+        layers = tuple(model.get_submodule(name) for model in self.models)
+        index = 0
+        while True:
+            entry = self.kept[index] if index < len(self.kept) else self._next()
+            if entry is None:
+                return
+            images, calls = entry
+            if calls is None:
+                runs = [partial(model, images) for model in self.models]
+            else:  # on copies: a block may change its arguments in place (an in-place activation first)
+                runs = [partial(_call_copied, block, call) for block, call in zip(self.blocks, calls, strict=True)]
+            yield _inputs(runs[0], layers[0]), _inputs(runs[1], layers[1])
+            index += 1
+
+
+def _call_copied(block: nn.Module, call: tuple[tuple, dict]) -> object:
+    args, kwargs = call
+    copied = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    return block(*copied, **{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+
+
+def _bytes(call: tuple[tuple, dict]) -> int:
+    args, kwargs = call
+    return sum(t.numel() * t.element_size() for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+
+
+def _moments(model: nn.Module, name: str, captures: _Captures, generator) -> tuple | None:
     """``(H~, E[x x~^T])`` of layer ``name`` over the calibration images, the first ones up to a bounded number
     of patches (None where it cannot be captured)."""
-    layer, float_layer = model.get_submodule(name), float_model.get_submodule(name)
+    layer = model.get_submodule(name)
     groups = getattr(layer, "groups", 1)
     hessian: torch.Tensor | None = None
     cross: torch.Tensor | None = None
     count = 0
-    for images, _labels in data.batches(data.batch_size_for(100)):
-        compressed_in, float_in = _inputs(model, layer, images), _inputs(float_model, float_layer, images)
+    for compressed_in, float_in in captures.inputs(name):
         if compressed_in is None or float_in is None:
             return None
         keep = sample_positions(layer, float_in, POSITIONS, generator)  # the same positions in both models
         rows = (keep.shape[1] if keep is not None else input_positions(layer, float_in)) * _width(layer, float_in)
         step = max(1, MAX_PATCH_ELEMENTS // max(1, rows))  # images whose patches are unfolded at once
-        for first in range(0, len(images), step):
+        for first in range(0, len(float_in), step):
             part = slice(first, first + step)
             picked = None if keep is None else keep[part]
             x_tilde = _per_group(sampled_patches(layer, compressed_in[part].float(), picked), groups)
@@ -157,10 +251,10 @@ def _target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor) ->
     return weight + torch.linalg.solve(damped, torch.bmm(weight, cross - hessian).transpose(1, 2)).transpose(1, 2)
 
 
-def _refit_layer(model, float_model, name: str, data: CalibrationSet, generator, result: RefitResult) -> None:
+def _refit_layer(model, float_model, name: str, captures: _Captures, generator, result: RefitResult) -> None:
     module = model.get_submodule(name)
     code = module.code
-    moments = _moments(model, float_model, name, data, generator)
+    moments = _moments(model, name, captures, generator)
     if moments is None:
         return
     hessian, cross = moments
@@ -228,8 +322,12 @@ def refit_levels(model: nn.Module, float_model: nn.Module, layers: list[str], da
     try:
         with single_thread():
             before = calibration_kl(model, float_model, data)
+            captures = None
             for name in names:
-                _refit_layer(model, float_model, name, data, generator, result)
+                block = block_of(model, name)
+                if captures is None or captures.block != block:  # the previous block's inputs are let go
+                    captures = _Captures(model, float_model, block, data, cache=block != name)
+                _refit_layer(model, float_model, name, captures, generator, result)
             after = calibration_kl(model, float_model, data) if result.layers_changed else before
     finally:
         for module, training in modes:
