@@ -178,7 +178,7 @@ def test_grouped_and_transposed_convolutions_compress_calibrated():
 
 
 def test_refit_takes_grouped_convolutions():
-    from cbdnet.calib.refit import _moments, _output_error, _target
+    from cbdnet.calib.refit import _Captures, _moments, _output_error, _target
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1, groups=64),
@@ -188,7 +188,8 @@ def test_refit_takes_grouped_convolutions():
     compressed, report = cbdnet.compress(model, FEW, calibration=[(x, y)], progress=False)
     assert report.extra["calibration"]["refit"]["layers"] == 4  # every layer, the grouped ones included
     data = as_calibration_set([(x, y)])
-    hessian, cross = _moments(compressed, float_model, "2", data, torch.Generator().manual_seed(0))
+    captures = _Captures(compressed, float_model, "2", data, cache=False)
+    hessian, cross = _moments(compressed, "2", captures, torch.Generator().manual_seed(0))
     assert hessian.shape == cross.shape == (64, 9, 9)
     weight = float_model[2].weight.detach().double().reshape(64, 1, 9)
     levels, steps = compressed[2].code.levels()

@@ -101,7 +101,7 @@ def _rtn_encoder(config: RTNConfig, originals: dict, calib: _Calibration, gptq: 
 
 
 CONTAINER_BYTES = 24 + 4 + 32  # prefix, header length, SHA-256
-LABEL_BYTES = 4  # per layer: what a repeated code label adds to the zlib-compressed header (see header_allowance)
+LABEL_BYTES = 2  # per layer: what a repeated code label adds to the zlib-compressed header (see header_allowance)
 LABEL_FIRST_BYTES = 96  # the first occurrences of the few distinct labels a file holds
 
 
@@ -133,15 +133,15 @@ def _stored_bytes(array: np.ndarray, dtype: str, float32: bool, varying: bool) -
 
 
 def file_overhead_bits(model: nn.Module, coded: set[str], float32: bool, folded: Iterable[str] = (),
-                       label_chars: int = 0) -> int:
+                       label_chars: int = 0, biases_vary: bool = True) -> int:
     """What the file stores beside the coded layers, in bits: container, header allowance (each layer's label
     at most ``label_chars`` characters), and every other state-dict tensor as the file will store it (float16
     where exact enough, unless ``float32``; the ``folded`` BatchNorms' constant scale, mean and variance as one
-    value each in the header; their bias as a varying tensor even where it is constant now: bias correction
-    shifts the running mean, which folding moves into it)."""
+    value each in the header; their bias as a varying tensor even where it is constant now, since bias
+    correction shifts the running mean, which folding moves into it, unless ``biases_vary`` is False)."""
     constant = {f"{norm}.{part}" for norm in folded
                 for part in ("weight", "running_mean", "running_var", "num_batches_tracked")}
-    varying = {f"{norm}.bias" for norm in folded}
+    varying = {f"{norm}.bias" for norm in folded} if biases_vary else set()
     floats = {key: value for key, value in model.state_dict().items() if key not in coded}
     data = sum(_stored_bytes(_numpy(value), str(value.dtype).removeprefix("torch."), float32, key in varying)
                for key, value in floats.items() if key not in constant)
@@ -178,8 +178,11 @@ def _check_reachable(config: BudgetConfig, originals: dict, overhead_bits: int) 
 
 def _budget_encoder(config: BudgetConfig, originals: dict, calib: _Calibration, gptq: bool,
                     overhead_bits: int = 0, half: bool = False, searches: dict | None = None,
-                    progress: bool = False) -> tuple[Encoder, dict]:
-    _check_reachable(config, originals, overhead_bits)
+                    progress: bool = False, uncorrected_bits: int | None = None) -> tuple[Encoder, dict]:
+    """The budget's encoder and choices. ``uncorrected_bits``: the file's overhead where no folded BatchNorm's
+    constant bias is made to vary (bias correction not kept), tried where ``overhead_bits`` leaves too little:
+    the summary then says ``"bias_correction": False``."""
+    _check_reachable(config, originals, overhead_bits if uncorrected_bits is None else uncorrected_bits)
     searches = {} if searches is None else searches
     with single_thread(), stage_bar(len(originals), "budget: screen", progress) as bar:
         for name, weight in originals.items():
@@ -198,7 +201,14 @@ def _budget_encoder(config: BudgetConfig, originals: dict, calib: _Calibration, 
             def refined(name: str, new: int) -> None:
                 bar.set_postfix_str(f"{name} (+{new})", refresh=False)
                 bar.update(0 if bar.n >= bar.total else 1)
-            chosen = choose_refined(searches, config.target_bits * params - overhead_bits, progress=refined)
+            try:
+                chosen = choose_refined(searches, config.target_bits * params - overhead_bits, progress=refined)
+                room = True
+            except ValueError:
+                if uncorrected_bits is None or uncorrected_bits >= overhead_bits:
+                    raise
+                overhead_bits, room = uncorrected_bits, False  # no room for the biases bias correction makes
+                chosen = choose_refined(searches, config.target_bits * params - overhead_bits, progress=refined)
         for search in searches.values():  # d x d floats per layer: not held through refit
             search.release()
     except ValueError as exc:
@@ -207,16 +217,19 @@ def _budget_encoder(config: BudgetConfig, originals: dict, calib: _Calibration, 
                "predicted_loss_increase": sum(c.loss for c in chosen.values()),
                "exact_candidates": sum(sum(e is not None for e in s.exact) for s in searches.values()),
                "candidate_families": sum(len(s.plans) for s in searches.values())}
+    if not room:
+        summary["bias_correction"] = False
     return (lambda name, weight: chosen[name].code), summary
 
 
 def _encoder(config: CompressConfig, originals: dict, calib: _Calibration, gptq: bool,
              overhead_bits: int = 0, half: bool = False, searches: dict | None = None,
-             progress: bool = False) -> tuple[Encoder, dict]:
+             progress: bool = False, uncorrected_bits: int | None = None) -> tuple[Encoder, dict]:
     """The per-layer encoder of ``config`` (and the budget's choices); ``half``: grid steps in float16;
     ``searches``: the budget's per-layer candidate searches so far (filled in)."""
     if isinstance(config, BudgetConfig):
-        return _budget_encoder(config, originals, calib, gptq, overhead_bits, half, searches, progress)
+        return _budget_encoder(config, originals, calib, gptq, overhead_bits, half, searches, progress,
+                               uncorrected_bits)
     if isinstance(config, RTNConfig):
         return _rtn_encoder(config, originals, calib, gptq, half), {}
     if isinstance(config, UniformConfig):
@@ -401,15 +414,22 @@ def _compress(model: nn.Module, config, calibration, settings: CalibrationConfig
     refit = settings.refit and gptq and (isinstance(config, BudgetConfig)
                                          or isinstance(config, RTNConfig) and config.granularity == "channel")
     float_model = copy.deepcopy(model) if (settings.adaround or refit) and calib.data is not None else None
-    overhead = 0
+    overhead, uncorrected = 0, None
     if isinstance(config, BudgetConfig):  # every candidate is a per-channel grid: the pairs found now will fold
         folds = foldable_norms(model, {name for name, _ in layers}) if fold_bn else []
         labels = candidate_labels(config.rtn_bits, config.composite_planes, config.levels, config.weighted_levels,
                                   config.sensitivity_exponents)
-        overhead = file_overhead_bits(model, {coded_key(name, m) for name, m in layers}, float32, folds,
-                                      max(map(len, labels), default=0))
+        coded = {coded_key(name, m) for name, m in layers}
+        longest = max(map(len, labels), default=0)
+        overhead = file_overhead_bits(model, coded, float32, folds, longest)
+        if settings.bias_correction == "auto" and calib.data is not None:  # "auto" may do without, if it must
+            uncorrected = file_overhead_bits(model, coded, float32, folds, longest, biases_vary=False)
     encoder, chosen = _encoder(config, originals, calib, gptq, overhead, half=not float32,
-                               searches=None if cache is None else cache.searches, progress=progress)
+                               searches=None if cache is None else cache.searches, progress=progress,
+                               uncorrected_bits=uncorrected)
+    if chosen.get("bias_correction") is False:  # the layers took the room a corrected bias would need
+        overhead = chosen["overhead_bits"]
+        settings = dataclasses.replace(settings, bias_correction=False)
     recorded = {**config.to_dict(), "skip": skip, "fold_bn": fold_bn, "float32": float32}
     if calib.data is not None:
         recorded["calibration"] = {**settings.to_dict(), "gptq": gptq}

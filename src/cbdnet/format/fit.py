@@ -57,8 +57,9 @@ def compress_encoded(model: nn.Module, config=None, **options) -> tuple[nn.Modul
         report.extra["budget_retries"] = attempt
         if excess <= 0:
             return model, report, encoded
-        # at least 64 bytes lower: on a small model 1e-3 bits/weight is less than the longer target the header records
-        margin = max(1e-3, 512 / report.params)
+        # at least 64 bytes lower (on a small model 1e-3 bits/weight is less than the longer target the header
+        # records), four times more on each further try: a choice that the first lowering did not move must move
+        margin = max(1e-3, 512 / report.params) * 4 ** attempt
         target = dataclasses.replace(target, target_bits=target.target_bits - excess / report.params - margin)
     raise CBDError(f"target_bits {config.target_bits}: the file is {report.file_bits_per_weight:.4f} bits per "
                    f"weight after {MAX_BUDGET_TRIES} tries")
