@@ -455,6 +455,7 @@ def test_two_processes_same_new_output(tmp_path):
 CHILD = textwrap.dedent("""
     import signal, sys, time
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits SIGINT ignored
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # and a run under nohup SIGHUP ignored, which OutputSet keeps
     import types; _p = types.ModuleType("cbdnet"); _p.__path__ = [{here!r}]; sys.modules["cbdnet"] = _p
     from cbdnet.fileio.outputs import OutputSet
     target = {target!r}
