@@ -78,17 +78,16 @@ class _Stop(Exception):
     """Raised by a capture hook: the rest of the forward pass is not needed."""
 
 
-def _inputs(run: Callable[[], object], layer: nn.Module) -> torch.Tensor | None:
-    """``layer``'s input tensor in the forward pass ``run()`` (which stops there), or None where it is not
-    called with one tensor."""
-    got = []
+def _first_call(run: Callable[[], object], module: nn.Module) -> tuple[tuple, dict] | None:
+    """The arguments ``module`` gets at its first call in the forward pass ``run()``, which stops there; None
+    where the pass does not reach it."""
+    got: list[tuple[tuple, dict]] = []
 
-    def hook(_module, args):
-        if len(args) == 1 and isinstance(args[0], torch.Tensor):
-            got.append(args[0].detach())
+    def hook(_module, args, kwargs):
+        got.append((args, kwargs))
         raise _Stop
 
-    handle = layer.register_forward_pre_hook(hook)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad(), suppress(_Stop):
             run()
@@ -97,22 +96,19 @@ def _inputs(run: Callable[[], object], layer: nn.Module) -> torch.Tensor | None:
     return got[0] if got else None
 
 
+def _inputs(run: Callable[[], object], layer: nn.Module) -> torch.Tensor | None:
+    """``layer``'s input tensor in the forward pass ``run()`` (which stops there), or None where it is not
+    called with one tensor."""
+    call = _first_call(run, layer)
+    if call is None or len(call[0]) != 1 or not isinstance(call[0][0], torch.Tensor):
+        return None
+    return call[0][0].detach()
+
+
 def _block_call(model: nn.Module, block: nn.Module, images: torch.Tensor) -> tuple[tuple, dict] | None:
     """The arguments ``block`` gets (its first call) in ``model``'s forward pass over ``images``, which stops
     there; None where the pass does not reach it."""
-    got: list[tuple[tuple, dict]] = []
-
-    def hook(_module, args, kwargs):
-        got.append((args, kwargs))
-        raise _Stop
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad(), suppress(_Stop):
-            model(images)
-    finally:
-        handle.remove()
-    return got[0] if got else None
+    return _first_call(partial(model, images), block)
 
 
 def block_of(model: nn.Module, name: str) -> str:
