@@ -24,13 +24,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CBDNET_SHARED", REPO.parent / "shared"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from scale import machine, time_figures  # noqa: E402  (bench/ is not a package)
+from fidelity_compare import fidelity  # noqa: E402  (bench/ is not a package)
+from scale import machine, time_figures  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,13 +48,6 @@ def parse_args() -> argparse.Namespace:
 def logits_of(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     model.eval()
     return torch.cat([model(images[i:i + 1000]) for i in range(0, len(images), 1000)])
-
-
-def fidelity(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict:
-    kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(reference, 1), log_target=True, reduction="batchmean")
-    count = len(labels)
-    return {"top1": int((logits.argmax(1) == labels).sum()) / count,
-            "agreement": int((logits.argmax(1) == reference.argmax(1)).sum()) / count, "kl": float(kl)}
 
 
 def compress_row(arch: str, weights: Path, target: float, args: argparse.Namespace, out: Path) -> dict:

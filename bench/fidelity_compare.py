@@ -78,13 +78,16 @@ class Reference:
         return torch.cat([model(self.images[i:i + self.batch]) for i in range(0, len(self.images), self.batch)])
 
     def fidelity(self, model: torch.nn.Module) -> dict:
-        logits = self.run(model)
-        kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(self.logits, 1), log_target=True,
-                      reduction="batchmean")
-        count = len(self.labels)
-        return {"top1": int((logits.argmax(1) == self.labels).sum()) / count,
-                "agreement": int((logits.argmax(1) == self.logits.argmax(1)).sum()) / count,
-                "kl": float(kl)}
+        return fidelity(self.run(model), self.logits, self.labels)
+
+
+def fidelity(logits: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Top-1 on ``labels``, agreement with the reference model's class, and KL(reference || model) averaged
+    over the images."""
+    kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(reference, 1), log_target=True, reduction="batchmean")
+    count = len(labels)
+    return {"top1": int((logits.argmax(1) == labels).sum()) / count,
+            "agreement": int((logits.argmax(1) == reference.argmax(1)).sum()) / count, "kl": float(kl)}
 
 
 def file_digest(path) -> str:
