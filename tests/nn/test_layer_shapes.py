@@ -188,7 +188,7 @@ def test_refit_takes_grouped_convolutions():
     compressed, report = cbdnet.compress(model, FEW, calibration=[(x, y)], progress=False)
     assert report.extra["calibration"]["refit"]["layers"] == 4  # every layer, the grouped ones included
     data = as_calibration_set([(x, y)])
-    captures = _Captures(compressed, float_model, "2", data, cache=False)
+    captures = _Captures(compressed, float_model, data)
     hessian, cross = _moments(compressed, "2", captures, torch.Generator().manual_seed(0))
     assert hessian.shape == cross.shape == (64, 9, 9)
     weight = float_model[2].weight.detach().double().reshape(64, 1, 9)

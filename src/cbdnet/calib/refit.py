@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
+from typing import cast
 
 import numpy as np
 import torch
@@ -105,12 +106,6 @@ def _inputs(run: Callable[[], object], layer: nn.Module) -> torch.Tensor | None:
     return call[0][0].detach()
 
 
-def _block_call(model: nn.Module, block: nn.Module, images: torch.Tensor) -> tuple[tuple, dict] | None:
-    """The arguments ``block`` gets (its first call) in ``model``'s forward pass over ``images``, which stops
-    there; None where the pass does not reach it."""
-    return _first_call(partial(model, images), block)
-
-
 def block_of(model: nn.Module, name: str) -> str:
     """The block whose inputs :class:`_Captures` holds for layer ``name``: its shallowest enclosing module
     that is an item of an ``nn.Sequential`` and not one itself (a ResNet bottleneck, an inverted residual, a
@@ -125,59 +120,142 @@ def block_of(model: nn.Module, name: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class _Point:
+    """Where a batch's kept arguments enter the forward pass: item ``index`` of the module ``parent``.
+    ``chain``: ``parent`` runs its items one after another (``nn.Sequential``'s own forward), so the arguments
+    of a later item follow from these by running the items in between."""
+
+    parent: str
+    index: int
+    chain: bool
+
+    def reaches(self, later: _Point) -> bool:
+        """Whether arguments kept here give ``later``'s by running ``parent``'s items in between."""
+        return self.parent == later.parent and (self.index == later.index or self.chain and self.index < later.index)
+
+
+def _point_of(model: nn.Module, block: str) -> _Point:
+    parent_name, _, child = block.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    return _Point(parent_name, list(parent._modules).index(child), type(parent).forward is nn.Sequential.forward)
+
+
+@dataclass
+class _Batch:
+    """One calibration batch and, for both models, the arguments kept at ``point`` (None: none kept)."""
+
+    images: torch.Tensor
+    point: _Point | None = None
+    calls: tuple[tuple[tuple, dict], tuple[tuple, dict]] | None = None
+    bytes: int = 0
+
+
 class _Captures:
-    """Both models' layer inputs, batch by batch, for the layers of one block in module order. The block's
-    arguments are captured once per batch (the forward pass up to it, both models) and kept, at most
-    :data:`MAX_BLOCK_CACHE_BYTES` in all; each layer then runs only the block. Without this every layer ran
-    both models from the image up to itself. A layer before the block is refitted before the block's
-    arguments are captured (module order), and a layer inside it changes only what follows it in the block,
-    so the inputs are those of the whole forward pass, bit for bit. Past the cap (or where the block is the
-    layer itself) a batch runs the whole models up to the layer, as before."""
+    """Both models' inputs of the layers, batch by batch, in module order, without running both models from
+    the image up to every layer. Each batch keeps both models' arguments of the *block* of the layer last
+    captured (:func:`block_of`: a bottleneck, an inverted residual, a ConvNeXt or ViT block, a VGG layer), at
+    most :data:`MAX_BLOCK_CACHE_BYTES` over all batches. A layer then runs only its block from the kept
+    arguments; a layer of a later block of the same ``nn.Sequential`` runs the items in between first (the
+    chain: VGG's convolutions, a stage's bottlenecks), and its block's arguments replace the kept ones where the
+    cap allows. A layer before the kept point was refitted before the arguments were kept (module order), and a
+    layer at or after it changes only what follows it, so every input is the whole forward pass's, bit for
+    bit. A batch with nothing usable kept runs the whole models from the image up to the layer."""
 
-    def __init__(self, model: nn.Module, float_model: nn.Module, block: str, data: CalibrationSet, cache: bool):
-        self.block = block
+    def __init__(self, model: nn.Module, float_model: nn.Module, data: CalibrationSet):
         self.models = (model, float_model)
-        self.blocks = (model.get_submodule(block), float_model.get_submodule(block))
         self.batches = data.batches(data.batch_size_for(100))
-        self.kept: list[tuple[torch.Tensor, tuple | None]] = []  # per batch: images, both block calls or None
+        self.kept: list[_Batch] = []
         self.held = 0
-        self.cache = cache
 
-    def _next(self) -> tuple[torch.Tensor, tuple | None] | None:
-        batch = next(self.batches, None)
-        if batch is None:
-            return None
-        images, calls = batch[0], None
-        if self.cache and self.held < MAX_BLOCK_CACHE_BYTES:
-            found = (_block_call(self.models[0], self.blocks[0], images),
-                     _block_call(self.models[1], self.blocks[1], images))
-            if found[0] is not None and found[1] is not None:
-                calls = found
-                self.held += _bytes(found[0]) + _bytes(found[1])
-        self.kept.append((images, calls))
-        return self.kept[-1]
+    def _batch(self, index: int) -> _Batch | None:
+        if index == len(self.kept):
+            batch = next(self.batches, None)
+            if batch is None:
+                return None
+            self.kept.append(_Batch(batch[0]))
+        return self.kept[index]
 
     def inputs(self, name: str) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
-        """``(compressed input, float input)`` of layer ``name`` of the block, per batch."""
-        layers = tuple(model.get_submodule(name) for model in self.models)
+        """``(compressed input, float input)`` of layer ``name``, per batch."""
+        block = block_of(self.models[0], name)
+        point = _point_of(self.models[0], block)
+        keep = point.chain or block != name  # a layer's own input helps no later layer unless it chains
         index = 0
-        while True:
-            entry = self.kept[index] if index < len(self.kept) else self._next()
-            if entry is None:
-                return
-            images, calls = entry
-            if calls is None:
-                runs = [partial(model, images) for model in self.models]
-            else:  # on copies: a block may change its arguments in place (an in-place activation first)
-                runs = [partial(_call_copied, block, call) for block, call in zip(self.blocks, calls, strict=True)]
-            yield _inputs(runs[0], layers[0]), _inputs(runs[1], layers[1])
+        while (batch := self._batch(index)) is not None:
+            if batch.point is not None and not batch.point.reaches(point):  # nor any later layer: let it go
+                self._let_go(batch)
+            found = [_layer_input(model, block, name, batch, point, which, keep)
+                     for which, model in enumerate(self.models)]
+            calls = (found[0][0], found[1][0])
+            if keep and calls[0] is not None and calls[1] is not None and batch.point != point:
+                self._keep(batch, point, (calls[0], calls[1]))
+            yield found[0][1], found[1][1]
             index += 1
+
+    def _let_go(self, batch: _Batch) -> None:
+        self.held -= batch.bytes
+        batch.point, batch.calls, batch.bytes = None, None, 0
+
+    def _keep(self, batch: _Batch, point: _Point, calls: tuple[tuple[tuple, dict], tuple[tuple, dict]]) -> None:
+        size = _bytes(calls[0]) + _bytes(calls[1])
+        if self.held - batch.bytes + size > MAX_BLOCK_CACHE_BYTES:
+            return  # the earlier point, if any, stays: it still reaches this block
+        self._let_go(batch)
+        batch.point, batch.calls, batch.bytes = point, calls, size
+        self.held += size
+
+
+def _layer_input(model: nn.Module, block: str, name: str, batch: _Batch, point: _Point, which: int,
+                 keep: bool) -> tuple[tuple[tuple, dict] | None, torch.Tensor | None]:
+    """``(the block's arguments, the layer's input)`` in ``model`` (``which``: 0 compressed, 1 float) for
+    ``batch``, from its kept arguments where they reach the block, else from the image. The block's arguments
+    (None unless ``keep``) are copies: a block may change its arguments in place (an in-place activation
+    first)."""
+    kept = batch.calls is not None and batch.point is not None and batch.point.reaches(point)
+    if kept and batch.point == point:
+        assert batch.calls is not None
+        run = partial(_call_copied, model.get_submodule(block), batch.calls[which])
+    elif kept:
+        assert batch.calls is not None and batch.point is not None
+        items = list(cast(nn.Sequential, model.get_submodule(batch.point.parent)))  # chain: a plain Sequential
+        run = partial(_run_items, items[batch.point.index:point.index + 1], batch.calls[which])
+    else:
+        run = partial(model, batch.images)
+    if not keep or batch.point == point:  # nothing new to keep
+        return None, _inputs(run, model.get_submodule(name))
+    calls: list[tuple[tuple, dict]] = []
+
+    def keep_arguments(_module, args, kwargs):
+        if not calls:
+            calls.append(_copied((args, kwargs)))
+
+    handle = model.get_submodule(block).register_forward_pre_hook(keep_arguments, with_kwargs=True)
+    try:
+        layer_input = _inputs(run, model.get_submodule(name))
+    finally:
+        handle.remove()
+    return (calls[0] if calls else None), layer_input
+
+
+def _run_items(items: list[nn.Module], call: tuple[tuple, dict]) -> object:
+    """``items`` one after another (as ``nn.Sequential`` runs them) from a copy of the first one's arguments."""
+    args, kwargs = _copied(call)
+    out = items[0](*args, **kwargs)
+    for item in items[1:]:
+        out = item(out)
+    return out
+
+
+def _copied(call: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    args, kwargs = call
+    return (tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args),
+            {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
 
 
 def _call_copied(block: nn.Module, call: tuple[tuple, dict]) -> object:
-    args, kwargs = call
-    copied = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-    return block(*copied, **{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+    args, kwargs = _copied(call)
+    return block(*args, **kwargs)
 
 
 def _bytes(call: tuple[tuple, dict]) -> int:
@@ -318,11 +396,8 @@ def refit_levels(model: nn.Module, float_model: nn.Module, layers: list[str], da
     try:
         with single_thread():
             before = calibration_kl(model, float_model, data)
-            captures = None
+            captures = _Captures(model, float_model, data)
             for name in names:
-                block = block_of(model, name)
-                if captures is None or captures.block != block:  # the previous block's inputs are let go
-                    captures = _Captures(model, float_model, block, data, cache=block != name)
                 _refit_layer(model, float_model, name, captures, generator, result)
             after = calibration_kl(model, float_model, data) if result.layers_changed else before
     finally:
