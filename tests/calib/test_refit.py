@@ -131,3 +131,22 @@ def test_cli_refit_flags(tmp_path, capsys):
     assert "--refit/--no-refit apply to" in capsys.readouterr().err
     with pytest.raises(cbdnet.CBDError, match="refit must be True or False"):
         cbdnet.CalibrationConfig(refit=1)
+
+
+def test_the_float_models_outputs_are_kept_between_the_two_kl_passes(compressed, monkeypatch):
+    float_model, plain = compressed
+    data = toy_data(n=160)  # two batches
+    alone = calibration_kl(plain, float_model, data)
+    calls = []
+    handle = float_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        kept: list = []
+        assert calibration_kl(plain, float_model, data, kept) == alone
+        assert calibration_kl(plain, float_model, data, kept) == alone and len(calls) == 2 == len(kept)
+        monkeypatch.setattr(refit_module, "MAX_KEPT_REFERENCE_BYTES", kept[0].numel() * 4)  # room for one batch
+        calls.clear()
+        kept = []
+        assert calibration_kl(plain, float_model, data, kept) == alone
+        assert calibration_kl(plain, float_model, data, kept) == alone and len(calls) == 3 and len(kept) == 1
+    finally:
+        handle.remove()

@@ -357,20 +357,33 @@ def _refit_layer(model, float_model, name: str, captures: _Captures, generator, 
     result.extra_bits += extra_bits
 
 
+MAX_KEPT_REFERENCE_BYTES = 256 << 20  # the float model's log-probabilities kept between refit's two KL passes
+
+
 @torch.no_grad()
-def calibration_kl(model: nn.Module, float_model: nn.Module, data) -> float:
+def calibration_kl(model: nn.Module, float_model: nn.Module, data, kept: list[torch.Tensor] | None = None) -> float:
     """Mean ``KL(float || compressed)`` of the class (or per-pixel) distributions over the calibration images
-    (``data``: a :class:`CalibrationSet` or anything :func:`as_calibration_set` takes)."""
+    (``data``: a :class:`CalibrationSet` or anything :func:`as_calibration_set` takes). ``kept``: the float
+    model's log-probabilities per batch from an earlier call with the same list (the float model does not
+    change), filled as far as :data:`MAX_KEPT_REFERENCE_BYTES` allows; the rest are computed again."""
     data = as_calibration_set(data, float_model)
+    kept = [] if kept is None else kept
+    held = sum(t.numel() * t.element_size() for t in kept)
     total, count = 0.0, 0
-    for images, _labels in data.batches(data.batch_size_for(100)):
-        out, ref = model(images), float_model(images)
-        if isinstance(out, dict):
-            out, ref = out["out"], ref["out"]
-        total += float(F.kl_div(F.log_softmax(out.float(), 1), F.log_softmax(ref.float(), 1), log_target=True,
-                                reduction="sum")) / (out[0, 0].numel() if out.ndim > 2 else 1)
+    for index, (images, _labels) in enumerate(data.batches(data.batch_size_for(100))):
+        reference = kept[index] if index < len(kept) else _log_probabilities(float_model(images))
+        if index == len(kept) and held + reference.numel() * reference.element_size() <= MAX_KEPT_REFERENCE_BYTES:
+            kept.append(reference)
+            held += reference.numel() * reference.element_size()
+        out = _log_probabilities(model(images))
+        total += float(F.kl_div(out, reference, log_target=True, reduction="sum")) / (
+            out[0, 0].numel() if out.ndim > 2 else 1)
         count += len(images)
     return total / max(count, 1)
+
+
+def _log_probabilities(out) -> torch.Tensor:
+    return F.log_softmax((out["out"] if isinstance(out, dict) else out).float(), 1)
 
 
 def refit_levels(model: nn.Module, float_model: nn.Module, layers: list[str], data, seed: int = 0,
@@ -395,11 +408,12 @@ def refit_levels(model: nn.Module, float_model: nn.Module, layers: list[str], da
     generator = torch.Generator().manual_seed(seed)
     try:
         with single_thread():
-            before = calibration_kl(model, float_model, data)
+            reference: list[torch.Tensor] = []
+            before = calibration_kl(model, float_model, data, reference)
             captures = _Captures(model, float_model, data)
             for name in names:
                 _refit_layer(model, float_model, name, captures, generator, result)
-            after = calibration_kl(model, float_model, data) if result.layers_changed else before
+            after = calibration_kl(model, float_model, data, reference) if result.layers_changed else before
     finally:
         for module, training in modes:
             module.train(training)
