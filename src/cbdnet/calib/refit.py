@@ -282,10 +282,15 @@ def _moments(model: nn.Module, name: str, captures: _Captures, generator) -> tup
             picked = None if keep is None else keep[part]
             x_tilde = _per_group(sampled_patches(layer, compressed_in[part].float(), picked), groups)
             x = _per_group(sampled_patches(layer, float_in[part].float(), picked), groups)  # [groups, rows, d]
-            part_hessian = torch.bmm(x_tilde.transpose(1, 2), x_tilde).double()  # float32 products
-            part_cross = torch.bmm(x.transpose(1, 2), x_tilde).double()
-            hessian = part_hessian if hessian is None else hessian + part_hessian
-            cross = part_cross if cross is None else cross + part_cross
+            part_hessian = torch.bmm(x_tilde.transpose(1, 2), x_tilde)  # float32 products, summed in float64
+            part_cross = torch.bmm(x.transpose(1, 2), x_tilde)
+            # in place, the float32 product added to the float64 sum directly (the same values): no new d x d
+            # float64 arrays per batch, which is two images at ImageNet size
+            if hessian is None or cross is None:
+                hessian, cross = part_hessian.double(), part_cross.double()
+            else:
+                hessian += part_hessian
+                cross += part_cross
             count += x.shape[1]
         if hessian is not None and count >= row_bound(hessian.shape[-1]):
             break
