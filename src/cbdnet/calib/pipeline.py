@@ -65,6 +65,28 @@ class _Calibration:
     loss_before: float | None = None
     seconds: float = 0.0
 
+    def release_second_moments(self) -> None:
+        """Drop every layer's ``H`` once the codes are chosen: refit computes its own moments and the corrections
+        read only ``mean`` and ``fisher``, so ``H`` (``d x d`` floats per layer, most of what the statistics hold)
+        is not carried through them. A retry of the budget (:class:`CompressCache`) computes it again
+        (:func:`_restore_second_moments`)."""
+        for entry in self.stats.values():
+            entry.release_hessian()
+
+
+def _restore_second_moments(model: nn.Module, layers, calib: _Calibration) -> None:
+    """Put back the ``H`` that :meth:`_Calibration.release_second_moments` dropped, computed again as
+    :func:`_calibrate` did (the float model, the same data and seeded rows: the same values), into the same
+    :class:`LayerStats` objects, which the cached searches hold."""
+    if calib.data is None or not any(entry.released for entry in calib.stats.values()):
+        return
+    start = time.perf_counter()
+    with single_thread():
+        fresh = collect_stats(model, layers, calib.data, device=_device_of(model))
+    for name, entry in calib.stats.items():
+        entry.hessian = fresh[name].hessian
+    calib.seconds += time.perf_counter() - start
+
 
 def _calibrate(model: nn.Module, layers, calibration, settings: CalibrationConfig) -> _Calibration:
     if calibration is None:
@@ -406,6 +428,7 @@ def _compress(model: nn.Module, config, calibration, settings: CalibrationConfig
     key = _cache_key(config, settings, layers, calibration, float32, fold_bn)
     if cache is not None and cache.key == key and cache.calib is not None:
         calib = cache.calib
+        _restore_second_moments(model, layers, calib)  # the model is the float one again: a retry
     else:
         calib = _calibrate(model, layers, calibration, settings)
         if cache is not None:
@@ -427,6 +450,7 @@ def _compress(model: nn.Module, config, calibration, settings: CalibrationConfig
     encoder, chosen = _encoder(config, originals, calib, gptq, overhead, half=not float32,
                                searches=None if cache is None else cache.searches, progress=progress,
                                uncorrected_bits=uncorrected)
+    calib.release_second_moments()  # every code is chosen (the walk only looks them up)
     if chosen.get("bias_correction") is False:  # the layers took the room a corrected bias would need
         overhead = chosen["overhead_bits"]
         settings = dataclasses.replace(settings, bias_correction=False)
