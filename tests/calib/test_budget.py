@@ -305,3 +305,28 @@ def test_a_folded_norms_bias_is_counted_as_stored_even_while_it_is_zero():
     assert folded == plain + 8 * 2 * 16  # the bias, 16 float16 values, where it counted nothing before
     assert (file_overhead_bits(model, coded, float32=True, folded=["1"])
             == file_overhead_bits(model, coded, float32=True) + 8 * 4 * 16)  # float32 values
+
+
+def test_the_budget_holds_one_float32_copy_of_each_weight(monkeypatch):
+    """The originals are float32 (exact for a float32 model) and each layer's search holds that array itself, not
+    a copy of it; they are copies of the model's weights, which later steps replace."""
+    import cbdnet
+    from cbdnet.calib import pipeline
+    model, data, layers, _ = _conv_net_and_stats()
+    weights = {name: module.weight.detach().numpy() for name, module in layers}
+    seen: dict = {}
+    encoder = pipeline._budget_encoder
+
+    def recorded(config, originals, *args, **kwargs):
+        seen["originals"] = originals
+        seen["searches"] = searches = kwargs.get("searches", args[4] if len(args) > 4 else None)
+        assert searches is not None  # cbdnet.compress passes its cache's dict
+        return encoder(config, originals, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "_budget_encoder", recorded)
+    cbdnet.compress(model, cbdnet.BudgetConfig(target_bits=3.0), calibration=data, progress=False)
+    originals, searches = seen["originals"], seen["searches"]
+    assert set(searches) == set(originals) == set(weights)
+    for name, weight in originals.items():
+        assert weight.dtype == np.float32 and np.array_equal(weight, weights[name])
+        assert searches[name].weight is weight  # shared, not copied
+        assert not np.shares_memory(weight, weights[name])
