@@ -165,7 +165,7 @@ def test_depthwise_and_grouped_convs_get_calibration_statistics():
         x = model[0](images)
     cols = torch.nn.functional.unfold(x, 3, padding=1)  # [N, 8*9, L]; channel 5's block is rows 45..53
     block = cols[:, 45:54].transpose(1, 2).reshape(-1, 9).double()
-    torch.testing.assert_close(stats["1"].hessian[5], block.T @ block / block.shape[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["1"].hessian[5], (block.T @ block / block.shape[0]).float(), rtol=1e-5, atol=1e-6)
     _, report = cbdnet.compress(model, cbdnet.RTNConfig(bits=4), calibration=[(images, labels)], progress=False)
     assert all("gptq" in layer.reason for layer in report.layers)
 

@@ -218,7 +218,47 @@ def test_retry_after_an_overshoot_reuses_statistics_and_candidates(monkeypatch):
     assert budget.REFINE_TOP >= 1
     model, report = cbdnet.compress(model, cbdnet.BudgetConfig(target_bits=3.0), calibration=data)
     assert report.extra["budget_retries"] >= 1 and report.file_bits_per_weight <= 3.0
-    assert calls == {"stats": 1, "search": 4}  # one pass of statistics, one search per layer, for every try
+    # one search per layer for every try; the second moments, released after each try's choice, are computed
+    # again for each retry (the means and Fisher are kept)
+    assert calls == {"stats": 1 + report.extra["budget_retries"], "search": 4}
+
+
+def test_second_moments_are_released_before_refit_and_a_retry_recomputes_them_to_the_same_file(monkeypatch):
+    """The d x d second moments are dropped once the codes are chosen (refit and the corrections do not read
+    them); a retry computes them again, to the same values: its file is the one of a run that held them."""
+    import copy
+
+    from cbdnet.calib import BudgetConfig, pipeline
+    from cbdnet.calib import compress as calib_compress
+    from cbdnet.format.fit import compress_encoded
+    model, data, _, _ = _conv_net_and_stats()
+    cache = pipeline.CompressCache()
+    at_refit = []
+    refit = pipeline.refit_levels
+
+    def spied(*args, **kwargs):
+        assert cache.calib is not None
+        at_refit.append([(entry.released, entry.mean.numel(), entry.fisher.numel())
+                         for entry in cache.calib.stats.values()])
+        return refit(*args, **kwargs)
+    monkeypatch.setattr(pipeline, "refit_levels", spied)
+    calib_compress(copy.deepcopy(model), BudgetConfig(target_bits=3.0), calibration=data, progress=False, cache=cache)
+    assert at_refit and all(released and means > 0 and fisher > 0 for released, means, fisher in at_refit[0])
+    assert cache.calib is not None and len(cache.calib.stats) == 4
+    entry = next(iter(cache.calib.stats.values()))
+    with pytest.raises(RuntimeError, match="released"):
+        entry.hessian.sum()
+    assert entry.diagonal is False and entry.groups == 1  # the shape outlives the values (bias correction's groups)
+
+    monkeypatch.setattr(pipeline, "header_allowance", lambda *sizes: 0)  # the first file overshoots: a retry
+    _, report, released = compress_encoded(copy.deepcopy(model), BudgetConfig(target_bits=3.0), calibration=data,
+                                           progress=False)
+    assert report.extra["budget_retries"] >= 1
+    monkeypatch.setattr(pipeline._Calibration, "release_second_moments", lambda self: None)
+    _, report_held, held = compress_encoded(copy.deepcopy(model), BudgetConfig(target_bits=3.0), calibration=data,
+                                            progress=False)
+    assert report_held.extra["budget_retries"] == report.extra["budget_retries"]
+    assert released == held
 
 
 def test_the_header_room_covers_every_label_the_budget_records(tmp_path):
@@ -265,3 +305,28 @@ def test_a_folded_norms_bias_is_counted_as_stored_even_while_it_is_zero():
     assert folded == plain + 8 * 2 * 16  # the bias, 16 float16 values, where it counted nothing before
     assert (file_overhead_bits(model, coded, float32=True, folded=["1"])
             == file_overhead_bits(model, coded, float32=True) + 8 * 4 * 16)  # float32 values
+
+
+def test_the_budget_holds_one_float32_copy_of_each_weight(monkeypatch):
+    """The originals are float32 (exact for a float32 model) and each layer's search holds that array itself, not
+    a copy of it; they are copies of the model's weights, which later steps replace."""
+    import cbdnet
+    from cbdnet.calib import pipeline
+    model, data, layers, _ = _conv_net_and_stats()
+    weights = {name: module.weight.detach().numpy() for name, module in layers}
+    seen: dict = {}
+    encoder = pipeline._budget_encoder
+
+    def recorded(config, originals, *args, **kwargs):
+        seen["originals"] = originals
+        seen["searches"] = searches = kwargs.get("searches", args[4] if len(args) > 4 else None)
+        assert searches is not None  # cbdnet.compress passes its cache's dict
+        return encoder(config, originals, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "_budget_encoder", recorded)
+    cbdnet.compress(model, cbdnet.BudgetConfig(target_bits=3.0), calibration=data, progress=False)
+    originals, searches = seen["originals"], seen["searches"]
+    assert set(searches) == set(originals) == set(weights)
+    for name, weight in originals.items():
+        assert weight.dtype == np.float32 and np.array_equal(weight, weights[name])
+        assert searches[name].weight is weight  # shared, not copied
+        assert not np.shares_memory(weight, weights[name])

@@ -56,7 +56,9 @@ def test_hessian_and_mean_are_the_input_patch_moments():
     model, data = _model(), _data()
     stats = collect_stats(model, [("conv", model.conv), ("head", model.head)], data, batch_size=16)
     cols = torch.nn.functional.unfold(data.images, 3, padding=1).transpose(1, 2).reshape(-1, 27).double()
-    torch.testing.assert_close(stats["conv"].hessian, cols.T @ cols / cols.shape[0])
+    # float32 products summed in float64, kept in float32 (4 bytes per entry)
+    assert stats["conv"].hessian.dtype == torch.float32 and stats["conv"].mean.dtype == torch.float64
+    torch.testing.assert_close(stats["conv"].hessian, (cols.T @ cols / cols.shape[0]).float())
     torch.testing.assert_close(stats["conv"].mean, cols.mean(0))
     assert stats["conv"].fisher.shape == (6,) and bool((stats["conv"].fisher > 0).all())
 

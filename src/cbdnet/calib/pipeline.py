@@ -65,6 +65,28 @@ class _Calibration:
     loss_before: float | None = None
     seconds: float = 0.0
 
+    def release_second_moments(self) -> None:
+        """Drop every layer's ``H`` once the codes are chosen: refit computes its own moments and the corrections
+        read only ``mean`` and ``fisher``, so ``H`` (``d x d`` floats per layer, most of what the statistics hold)
+        is not carried through them. A retry of the budget (:class:`CompressCache`) computes it again
+        (:func:`_restore_second_moments`)."""
+        for entry in self.stats.values():
+            entry.release_hessian()
+
+
+def _restore_second_moments(model: nn.Module, layers, calib: _Calibration) -> None:
+    """Put back the ``H`` that :meth:`_Calibration.release_second_moments` dropped, computed again as
+    :func:`_calibrate` did (the float model, the same data and seeded rows: the same values), into the same
+    :class:`LayerStats` objects, which the cached searches hold."""
+    if calib.data is None or not any(entry.released for entry in calib.stats.values()):
+        return
+    start = time.perf_counter()
+    with single_thread():
+        fresh = collect_stats(model, layers, calib.data, device=_device_of(model))
+    for name, entry in calib.stats.items():
+        entry.hessian = fresh[name].hessian
+    calib.seconds += time.perf_counter() - start
+
 
 def _calibrate(model: nn.Module, layers, calibration, settings: CalibrationConfig) -> _Calibration:
     if calibration is None:
@@ -189,7 +211,7 @@ def _budget_encoder(config: BudgetConfig, originals: dict, calib: _Calibration, 
             bar.set_postfix_str(name, refresh=False)
             if name not in searches:
                 check_finite(weight, name)
-                searches[name] = LayerSearch(weight.astype(np.float32), calib.stats.get(name), gptq,
+                searches[name] = LayerSearch(np.asarray(weight, np.float32), calib.stats.get(name), gptq,
                                              config.rtn_bits, config.composite_planes, config.levels, half,
                                              config.weighted_levels, config.sensitivity_exponents)
             searches[name].estimates()
@@ -328,7 +350,8 @@ def _refresh_layers(model: nn.Module, report: Report, originals: dict, names: li
     for index, old in enumerate(report.layers):
         if old.name in changed:
             report.layers[index] = layer_report(old.name, model.get_submodule(old.name), _code(model, old.name),
-                                                originals[old.name], old.seconds, old.output_positions)
+                                                originals[old.name].astype(np.float64), old.seconds,
+                                                old.output_positions)
 
 
 def _cbd_module(model: nn.Module, name: str) -> CBDModule:
@@ -396,16 +419,26 @@ def compress(model: nn.Module, config: CompressConfig | None = None, *, calibrat
         model.to(home)
 
 
+def _original(weight: torch.Tensor) -> np.ndarray:
+    """A layer's weight as the budget and the corrections read it: float32 where that holds it exactly (float32,
+    float16 and bfloat16 weights; the searches share the array, no copy), float64 otherwise. Every use widens it
+    to float64 where it computes in float64 (``W_hat - W``), so the values are those of a float64 copy."""
+    exact = weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    # a copy: the model's own parameter may change in place later (a restore), the originals must not
+    return weight.detach().to("cpu", torch.float32 if exact else torch.float64, copy=True).numpy()
+
+
 def _compress(model: nn.Module, config, calibration, settings: CalibrationConfig, skip, progress: bool, workers,
               input_shape, float32: bool, fold_bn: bool, cache: CompressCache | None) -> tuple[nn.Module, Report]:
     start = time.perf_counter()
     config = _check_config(config)
     skip = check_skip(model, skip)
     layers = compressible_layers(model, skip)
-    originals = {name: coded_weight(m).detach().double().cpu().numpy() for name, m in layers}
+    originals = {name: _original(coded_weight(m)) for name, m in layers}
     key = _cache_key(config, settings, layers, calibration, float32, fold_bn)
     if cache is not None and cache.key == key and cache.calib is not None:
         calib = cache.calib
+        _restore_second_moments(model, layers, calib)  # the model is the float one again: a retry
     else:
         calib = _calibrate(model, layers, calibration, settings)
         if cache is not None:
@@ -427,6 +460,7 @@ def _compress(model: nn.Module, config, calibration, settings: CalibrationConfig
     encoder, chosen = _encoder(config, originals, calib, gptq, overhead, half=not float32,
                                searches=None if cache is None else cache.searches, progress=progress,
                                uncorrected_bits=uncorrected)
+    calib.release_second_moments()  # every code is chosen (the walk only looks them up)
     if chosen.get("bias_correction") is False:  # the layers took the room a corrected bias would need
         overhead = chosen["overhead_bits"]
         settings = dataclasses.replace(settings, bias_correction=False)

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -93,25 +92,55 @@ def task_loss(logits, labels: torch.Tensor, data: CalibrationSet) -> torch.Tenso
     return F.cross_entropy(logits, labels, reduction="sum", ignore_index=data.ignore_index)
 
 
-@dataclass
 class LayerStats:
     """Per-layer statistics. A grouped (or depthwise) conv has one ``H`` and ``mean`` per group ``g`` of its
-    ``groups``: output channel ``o`` sees only the inputs of group ``o // (out / groups)``."""
+    ``groups``: output channel ``o`` sees only the inputs of group ``o // (out / groups)``.
 
-    hessian: torch.Tensor  # float64 [d, d] (or [groups, d, d]), E[x x^T]; diagonal: [d], E[x^2]
-    mean: torch.Tensor  # float64 [d] (or [groups, d]), E[x]
-    fisher: torch.Tensor  # float64 [out], E_n[sum_p g^2]
-    samples: int = 0
+    ``hessian`` is accumulated in float64 and stored in float32 (:func:`collect_stats`): for ResNet-50 the
+    second moments are most of what a budget holds, and every product with them runs in float64 again
+    (:func:`output_error`, :func:`_gptq_factor`). Only the budget's choice reads them, so the pipeline drops them
+    (:meth:`release_hessian`) before refit and the corrections, which read ``mean`` and ``fisher`` only; reading
+    ``hessian`` after that is an error, not a silent zero."""
+
+    def __init__(self, hessian: torch.Tensor, mean: torch.Tensor, fisher: torch.Tensor, samples: int = 0):
+        self._hessian: torch.Tensor | None = hessian
+        self._shape = tuple(hessian.shape)
+        self.mean = mean  # float64 [d] (or [groups, d]), E[x]
+        self.fisher = fisher  # float64 [out], E_n[sum_p g^2]
+        self.samples = samples
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """E[x x^T]: [d, d] (or [groups, d, d]); a wide layer's diagonal: [d], E[x^2]."""
+        if self._hessian is None:
+            raise RuntimeError("the second moment of this layer was released after the budget's choice")
+        return self._hessian
+
+    @hessian.setter
+    def hessian(self, value: torch.Tensor) -> None:
+        self._hessian, self._shape = value, tuple(value.shape)
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release_hessian` dropped ``hessian`` (its shape, ``diagonal`` and ``groups`` remain)."""
+        return self._hessian is None
+
+    def release_hessian(self) -> None:
+        """Drop ``hessian`` (``d x d`` floats); ``mean``, ``fisher`` and the shape stay."""
+        self._hessian = None
+
+    def __repr__(self) -> str:
+        return f"LayerStats(hessian={self._shape}{' released' if self.released else ''}, samples={self.samples})"
 
     @property
     def diagonal(self) -> bool:
         """Only the diagonal of ``H`` is kept (a layer of more than :data:`MAX_FULL_INPUTS` inputs): its codes
         are rounded to nearest (GPTQ on a diagonal ``H``), and refit leaves it alone."""
-        return self.hessian.ndim == 1
+        return len(self._shape) == 1
 
     @property
     def groups(self) -> int:
-        return int(self.hessian.shape[0]) if self.hessian.ndim == 3 else 1
+        return int(self._shape[0]) if len(self._shape) == 3 else 1
 
     def group_of(self, out: int) -> list[slice]:
         """The rows (output channels) of each group, for a weight with ``out`` output channels."""
@@ -375,8 +404,8 @@ def collect_stats(model: nn.Module, layers: list[tuple[str, nn.Module]], data, b
             handle.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    for entry in stats.values():
-        entry.hessian = (entry.hessian / max(entry.samples, 1)).cpu()
+    for entry in stats.values():  # float32 once summed (see LayerStats), one layer at a time: no second copy of all
+        entry.hessian = (entry.hessian / max(entry.samples, 1)).float().cpu()
         entry.mean = (entry.mean / max(entry.samples, 1)).cpu()
         entry.fisher = (entry.fisher / max(count["n"], 1)).cpu()
     return stats
@@ -441,7 +470,7 @@ def _gptq_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torc
     diagonal[dead] = 1.0
     order = torch.argsort(diagonal, descending=True)
     reverse = order.flip(0)  # J H J, ordered, in one gather per axis: the d x d copies are the factor's memory
-    h = hessian.double().index_select(0, reverse).index_select(1, reverse)
+    h = hessian.index_select(0, reverse).index_select(1, reverse).double()  # ordered first: one float64 copy
     on_diagonal = torch.diagonal(h)
     on_diagonal[dead[reverse]] = 1.0
     on_diagonal += damp * diagonal.mean()
@@ -507,12 +536,13 @@ def _gptq_rows(weight: np.ndarray, steps: list[np.ndarray], tops: list[float], f
 def output_error(delta: np.ndarray, stats: LayerStats) -> np.ndarray:
     """Per output channel ``dW[o] @ H @ dW[o]``: the mean squared output error the weight error causes."""
     d = torch.from_numpy(np.asarray(delta, np.float64).reshape(delta.shape[0], -1))
+    hessian = stats.hessian.double()  # stored in float32, multiplied in float64
     if stats.diagonal:
-        return ((d * d) @ stats.hessian).numpy()
+        return ((d * d) @ hessian).numpy()
     if stats.groups > 1:  # all groups in one batched product (a depthwise conv has one group per channel)
         d = d.reshape(stats.groups, -1, d.shape[1])
-        return (torch.bmm(d, stats.hessian) * d).sum(2).reshape(-1).numpy()
-    return ((d @ stats.hessian) * d).sum(1).numpy()
+        return (torch.bmm(d, hessian) * d).sum(2).reshape(-1).numpy()
+    return ((d @ hessian) * d).sum(1).numpy()
 
 
 def following_bn(model: nn.Module) -> dict[str, str]:
