@@ -218,14 +218,15 @@ def test_retry_after_an_overshoot_reuses_statistics_and_candidates(monkeypatch):
     assert budget.REFINE_TOP >= 1
     model, report = cbdnet.compress(model, cbdnet.BudgetConfig(target_bits=3.0), calibration=data)
     assert report.extra["budget_retries"] >= 1 and report.file_bits_per_weight <= 3.0
-    # one search per layer for every try; the second moments, released after each try's choice, are computed
-    # again for each retry (the means and Fisher are kept)
-    assert calls == {"stats": 1 + report.extra["budget_retries"], "search": 4}
+    # one statistics pass and one search per layer for every try (the second moments, moved to a temporary file
+    # after each try's choice, are read back)
+    assert calls == {"stats": 1, "search": 4}
 
 
-def test_second_moments_are_released_before_refit_and_a_retry_recomputes_them_to_the_same_file(monkeypatch):
-    """The d x d second moments are dropped once the codes are chosen (refit and the corrections do not read
-    them); a retry computes them again, to the same values: its file is the one of a run that held them."""
+def test_second_moments_are_released_before_refit_and_a_retry_reads_them_back_to_the_same_file(monkeypatch):
+    """The d x d second moments leave memory once the codes are chosen (refit and the corrections do not read
+    them); a retry reads them back from their temporary file, the same values: its file is the one of a run
+    that held them."""
     import copy
 
     from cbdnet.calib import BudgetConfig, pipeline
@@ -254,7 +255,7 @@ def test_second_moments_are_released_before_refit_and_a_retry_recomputes_them_to
     _, report, released = compress_encoded(copy.deepcopy(model), BudgetConfig(target_bits=3.0), calibration=data,
                                            progress=False)
     assert report.extra["budget_retries"] >= 1
-    monkeypatch.setattr(pipeline._Calibration, "release_second_moments", lambda self: None)
+    monkeypatch.setattr(pipeline._Calibration, "release_second_moments", lambda self, keep: None)
     _, report_held, held = compress_encoded(copy.deepcopy(model), BudgetConfig(target_bits=3.0), calibration=data,
                                             progress=False)
     assert report_held.extra["budget_retries"] == report.extra["budget_retries"]
@@ -330,3 +331,45 @@ def test_the_budget_holds_one_float32_copy_of_each_weight(monkeypatch):
         assert weight.dtype == np.float32 and np.array_equal(weight, weights[name])
         assert searches[name].weight is weight  # shared, not copied
         assert not np.shares_memory(weight, weights[name])
+
+
+def test_second_moments_stay_in_memory_where_no_temporary_file_can_be_written(monkeypatch):
+    import copy
+
+    from cbdnet.calib import BudgetConfig, pipeline
+    from cbdnet.format.fit import compress_encoded
+    model, data, _, _ = _conv_net_and_stats()
+    _, _, expected = compress_encoded(copy.deepcopy(model), BudgetConfig(target_bits=3.0), calibration=data,
+                                      progress=False)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(pipeline.tempfile, "TemporaryFile", full)
+    seen = []
+    release = pipeline._Calibration.release_second_moments
+    monkeypatch.setattr(pipeline._Calibration, "release_second_moments",
+                        lambda self, keep: seen.append(self) or release(self, keep))
+    _, _, got = compress_encoded(copy.deepcopy(model), BudgetConfig(target_bits=3.0), calibration=data,
+                                 progress=False)
+    assert got == expected and seen
+    assert not any(entry.released for calib in seen for entry in calib.stats.values())
+
+
+def test_a_retry_reads_the_second_moments_back_from_a_file_closed_at_the_end(monkeypatch):
+    import copy
+
+    from cbdnet.calib import BudgetConfig, pipeline
+    from cbdnet.format.fit import compress_encoded
+    model, data, _, _ = _conv_net_and_stats()
+    seen = []
+    release = pipeline._Calibration.release_second_moments
+    monkeypatch.setattr(pipeline._Calibration, "release_second_moments",
+                        lambda self, keep: seen.append((self, keep)) or release(self, keep))
+    monkeypatch.setattr(pipeline, "header_allowance", lambda *sizes: 0)  # the first file overshoots: a retry
+    _, report, _ = compress_encoded(copy.deepcopy(model), BudgetConfig(target_bits=3.0), calibration=data,
+                                    progress=False)
+    assert report.extra["budget_retries"] >= 1 and len(seen) == 1 + report.extra["budget_retries"]
+    calib = seen[0][0]
+    assert all(keep and got is calib for got, keep in seen)  # one calibration, kept for the retries
+    assert calib.spill is None and not calib.spilled  # closed when compress_encoded returned
+    assert all(entry.released for entry in calib.stats.values())

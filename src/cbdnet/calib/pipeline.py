@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -65,27 +68,55 @@ class _Calibration:
     loss_before: float | None = None
     seconds: float = 0.0
 
-    def release_second_moments(self) -> None:
-        """Drop every layer's ``H`` once the codes are chosen: refit computes its own moments and the corrections
-        read only ``mean`` and ``fisher``, so ``H`` (``d x d`` floats per layer, most of what the statistics hold)
-        is not carried through them. A retry of the budget (:class:`CompressCache`) computes it again
-        (:func:`_restore_second_moments`)."""
-        for entry in self.stats.values():
-            entry.release_hessian()
+    spilled: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)  # H's offset and shape
+    spill: BinaryIO | None = None
+
+    def release_second_moments(self, keep: bool) -> None:
+        """Move every layer's ``H`` out of memory once the codes are chosen: refit computes its own moments and
+        the corrections read only ``mean`` and ``fisher``, so ``H`` (``d x d`` floats per layer, most of what the
+        statistics hold) is not carried through them. ``keep`` (a :class:`CompressCache` holds this for a retry):
+        it goes to an anonymous temporary file (removed by the system when closed, even if the process is
+        killed), which a retry of the budget reads back (:func:`_restore_second_moments`), so the statistics are
+        reused, not computed again; where the file cannot be written, ``H`` stays in memory."""
+        if not keep:
+            for entry in self.stats.values():
+                entry.release_hessian()
+            return
+        try:
+            # open while the cache holds the calibration (a retry reads it): CompressCache.close closes it
+            spill = self.spill or tempfile.TemporaryFile(prefix="cbdnet-moments-")  # noqa: SIM115
+            for name, entry in self.stats.items():
+                if entry.released:
+                    continue
+                hessian = entry.hessian.contiguous().float().numpy()
+                spill.seek(0, io.SEEK_END)
+                self.spilled[name] = (spill.tell(), hessian.shape)
+                hessian.tofile(spill)
+                entry.release_hessian()
+            spill.flush()
+            self.spill = spill
+        except OSError:  # a full or read-only temporary folder: memory instead
+            self._read_back()
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
+            self.spilled.clear()
+
+    def _read_back(self) -> None:
+        for name, (offset, shape) in self.spilled.items():
+            entry = self.stats[name]
+            if entry.released and self.spill is not None:
+                self.spill.seek(offset)
+                count = int(np.prod(shape))
+                entry.hessian = torch.from_numpy(np.fromfile(self.spill, np.float32, count).reshape(shape))
 
 
-def _restore_second_moments(model: nn.Module, layers, calib: _Calibration) -> None:
-    """Put back the ``H`` that :meth:`_Calibration.release_second_moments` dropped, computed again as
-    :func:`_calibrate` did (the float model, the same data and seeded rows: the same values), into the same
-    :class:`LayerStats` objects, which the cached searches hold."""
-    if calib.data is None or not any(entry.released for entry in calib.stats.values()):
-        return
-    start = time.perf_counter()
-    with single_thread():
-        fresh = collect_stats(model, layers, calib.data, device=_device_of(model))
-    for name, entry in calib.stats.items():
-        entry.hessian = fresh[name].hessian
-    calib.seconds += time.perf_counter() - start
+def _restore_second_moments(calib: _Calibration) -> None:
+    """Put back the ``H`` that :meth:`_Calibration.release_second_moments` moved to its file (the same values,
+    float32 as stored) into the same :class:`LayerStats` objects, which the cached searches hold."""
+    calib._read_back()
 
 
 def _calibrate(model: nn.Module, layers, calibration, settings: CalibrationConfig) -> _Calibration:
@@ -180,6 +211,11 @@ class CompressCache:
     key: tuple | None = None
     calib: _Calibration | None = None
     searches: dict[str, LayerSearch] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Close the temporary file the statistics' second moments were moved to (the cache is done)."""
+        if self.calib is not None:
+            self.calib.close()
 
 
 def _cache_key(config, settings: CalibrationConfig, layers, calibration, float32: bool, fold_bn: bool) -> tuple:
@@ -438,7 +474,7 @@ def _compress(model: nn.Module, config, calibration, settings: CalibrationConfig
     key = _cache_key(config, settings, layers, calibration, float32, fold_bn)
     if cache is not None and cache.key == key and cache.calib is not None:
         calib = cache.calib
-        _restore_second_moments(model, layers, calib)  # the model is the float one again: a retry
+        _restore_second_moments(calib)  # a retry: the statistics of the first try, read back
     else:
         calib = _calibrate(model, layers, calibration, settings)
         if cache is not None:
@@ -460,7 +496,7 @@ def _compress(model: nn.Module, config, calibration, settings: CalibrationConfig
     encoder, chosen = _encoder(config, originals, calib, gptq, overhead, half=not float32,
                                searches=None if cache is None else cache.searches, progress=progress,
                                uncorrected_bits=uncorrected)
-    calib.release_second_moments()  # every code is chosen (the walk only looks them up)
+    calib.release_second_moments(keep=cache is not None)  # every code is chosen (the walk only looks them up)
     if chosen.get("bias_correction") is False:  # the layers took the room a corrected bias would need
         overhead = chosen["overhead_bits"]
         settings = dataclasses.replace(settings, bias_correction=False)

@@ -48,19 +48,22 @@ def compress_encoded(model: nn.Module, config=None, **options) -> tuple[nn.Modul
     pristine = copy.deepcopy(model)
     target = config
     cache = CompressCache()  # a retry reuses the statistics and candidates of the first try
-    for attempt in range(MAX_BUDGET_TRIES):
-        if attempt:
-            model.__dict__.update(copy.deepcopy(pristine).__dict__)  # the same object, back to its original state
-        model, report = compress_layers_of(model, target, cache=cache, **options)
-        encoded = _measured(model, report)
-        excess = 8 * len(encoded) - config.target_bits * report.params
-        report.extra["budget_retries"] = attempt
-        if excess <= 0:
-            return model, report, encoded
-        # at least 64 bytes lower (on a small model 1e-3 bits/weight is less than the longer target the header
-        # records), four times more on each further try: a choice that the first lowering did not move must move
-        margin = max(1e-3, 512 / report.params) * 4 ** attempt
-        target = dataclasses.replace(target, target_bits=target.target_bits - excess / report.params - margin)
+    try:
+        for attempt in range(MAX_BUDGET_TRIES):
+            if attempt:
+                model.__dict__.update(copy.deepcopy(pristine).__dict__)  # the same object, back to its original state
+            model, report = compress_layers_of(model, target, cache=cache, **options)
+            encoded = _measured(model, report)
+            excess = 8 * len(encoded) - config.target_bits * report.params
+            report.extra["budget_retries"] = attempt
+            if excess <= 0:
+                return model, report, encoded
+            # at least 64 bytes lower (on a small model 1e-3 bits/weight is less than the longer target the header
+            # records), four times more on each further try: a choice that the first lowering did not move must move
+            margin = max(1e-3, 512 / report.params) * 4 ** attempt
+            target = dataclasses.replace(target, target_bits=target.target_bits - excess / report.params - margin)
+    finally:
+        cache.close()
     raise CBDError(f"target_bits {config.target_bits}: the file is {report.file_bits_per_weight:.4f} bits per "
                    f"weight after {MAX_BUDGET_TRIES} tries")
 
