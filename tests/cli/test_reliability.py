@@ -426,3 +426,32 @@ def test_two_spellings_of_the_weights_path_give_identical_files(tmp_path, ckpt, 
     assert cbdnet.format.read(tmp_path / "a.cbd").meta["extra"]["weights_sha256"] == \
         hashlib.sha256(ckpt.read_bytes()).hexdigest()
 
+
+
+WARNS = """
+import sys, warnings
+from cbdnet.cli import commands
+
+def warns(args, caught):
+    warnings.warn("a library warning", UserWarning, stacklevel=1)
+    return 0
+
+commands._run = warns
+sys.exit(commands.main(["info", "whatever.cbd"]))
+"""
+
+
+def test_a_warning_of_a_run_that_succeeds_is_shown_once():
+    """Shown inside the recording, a warning was recorded again as it was shown: the loop over the recorded
+    warnings never ended and memory grew without bound (any library warning of a successful command). In a
+    subprocess: pytest records warnings itself; its address space is capped, so that a regression fails."""
+    import resource
+    import subprocess
+    import sys
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (5 << 30, 5 << 30))
+    done = subprocess.run([sys.executable, "-c", WARNS], capture_output=True, text=True, timeout=120,
+                          preexec_fn=cap)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("a library warning") == 1

@@ -331,12 +331,13 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed one usage line
         return int(exc.code or 0) if exc.code in (0, None) else 2
-    with warnings.catch_warnings(record=True) as caught:  # library warnings: shown once, or in the error line
-        warnings.simplefilter("default")
-        try:
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # library warnings: shown once, or in the error line
+            warnings.simplefilter("default")
             return _run(args, caught)
-        finally:
-            _show(caught)
+    finally:  # outside the recording: inside it, showing a warning recorded it again, without end
+        _show(caught)
 
 
 def _run(args, caught: list) -> int:
@@ -388,7 +389,7 @@ def _warned(caught: list) -> str:
 
 def _show(caught: list) -> None:
     """Warnings of a run that did not fail: shown once each, as Python would have."""
-    for item in caught:
+    for item in list(caught):
         with contextlib.suppress(OSError, ValueError):
             warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
