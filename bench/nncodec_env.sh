@@ -4,7 +4,7 @@
 # NNCodec 2.1.3 requires numpy<2 and cbdnet pins numpy 2.x, so it cannot live in cbdnet's environment or in
 # the `bench` extra. This venv has its own numpy 1.26.4 and NNCodec's other dependencies (pinned in
 # bench/nncodec-requirements.txt, installed with --no-deps), and reuses the torch 2.14.1 / torchvision of
-# cbdnet's venv (default /work/main/.venv) through a .pth file, so no second multi-GB torch is installed.
+# cbdnet's venv (default: the repository's .venv) through a .pth file, so no second multi-GB torch is installed.
 # A .pth entry is appended to sys.path AFTER the venv's own site-packages, so the venv's numpy 1.26.4 wins.
 # NNCodec builds a C++ extension (DeepCABAC, pybind11): about 5 minutes on 2 cores.
 #
@@ -12,7 +12,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 venv="$here/.nncodec-venv"
-torch_venv="${1:-/work/main/.venv}"
+torch_venv="${1:-$here/../.venv}"
 torch_site="$("$torch_venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 base_python="$("$torch_venv/bin/python" -c 'import sys; print(sys._base_executable)')"
 
