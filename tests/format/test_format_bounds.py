@@ -72,18 +72,27 @@ def _measured(call):
 # ---------------------------------------------------------------- many layers: linear, not quadratic
 
 def _info_seconds(path: Path) -> float:
+    """CPU seconds of ``info``'s reading, without the cyclic collector (its collections were half of the time
+    measured here, and not the reader's work)."""
     gc.collect()  # a collection left over from writing the file is not charged to the read
-    start = time.process_time()
-    commands._info_dict(str(path), read(path, decode=False))
-    return time.process_time() - start
+    gc.disable()
+    try:
+        start = time.process_time()
+        commands._info_dict(str(path), read(path, decode=False))
+        return time.process_time() - start
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("layers", [pytest.param(40_000, marks=pytest.mark.slow), 20_000])
 def test_a_40k_layer_header_is_read_by_info_in_linear_time(good, tmp_path, layers):
-    """4x the layers: ~4x the time (it was 16x: quadratic); 20,000 layers is the fast twin of 40,000."""
-    small = _info_seconds(_write(tmp_path, many_layers(good, layers // 4), "small.cbd"))
+    """4x the layers: ~4x the time (it was 16x: quadratic); 20,000 layers is the fast twin of 40,000. Each size
+    is timed three times, interleaved, and the fastest kept: a CI check with another process running on the box
+    once measured 10x, not reproduced alone (3.9-4.1x); a transient is not charged to one size."""
+    small_path = _write(tmp_path, many_layers(good, layers // 4), "small.cbd")
     path = _write(tmp_path, many_layers(good, layers), "large.cbd")
-    large = _info_seconds(path)
+    times = [(_info_seconds(small_path), _info_seconds(path)) for _ in range(3)]
+    small, large = min(t[0] for t in times), min(t[1] for t in times)
     limit = 5.0 * layers / 40_000
     assert large < limit, large
     assert large < 8 * small + 0.5 * layers / 40_000, (small, large)
