@@ -373,3 +373,42 @@ def test_a_retry_reads_the_second_moments_back_from_a_file_closed_at_the_end(mon
     assert all(keep and got is calib for got, keep in seen)  # one calibration, kept for the retries
     assert calib.spill is None and not calib.spilled  # closed when compress_encoded returned
     assert all(entry.released for entry in calib.stats.values())
+
+
+def test_a_write_that_fails_part_way_keeps_every_second_moment(monkeypatch):
+    """The first layer's H is written, the second's write fails (a disk filling up): the first is read back, the
+    rest never left memory; nothing is lost and the file is the one of a run that kept them all."""
+    import copy
+    import tempfile
+
+    from cbdnet.calib import BudgetConfig, pipeline
+    from cbdnet.format.fit import compress_encoded
+    model, data, _, _ = _conv_net_and_stats()
+    _, _, expected = compress_encoded(copy.deepcopy(model), BudgetConfig(target_bits=3.0), calibration=data,
+                                      progress=False)
+
+    files, real = [], tempfile.TemporaryFile
+
+    class FillsUp:
+        def __init__(self, *args, **kwargs):
+            self.file, self.writes = real(), 0  # closed through close()
+            files.append(self)
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes > 1:
+                raise OSError(28, "No space left on device")
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+    monkeypatch.setattr(pipeline.tempfile, "TemporaryFile", FillsUp)
+    seen = []
+    release = pipeline._Calibration.release_second_moments
+    monkeypatch.setattr(pipeline._Calibration, "release_second_moments",
+                        lambda self, keep: seen.append(self) or release(self, keep))
+    _, _, got = compress_encoded(copy.deepcopy(model), BudgetConfig(target_bits=3.0), calibration=data,
+                                 progress=False)
+    assert got == expected and seen
+    assert [f.writes for f in files] == [2] and files[0].file.closed  # one layer written, the next one failed
+    assert not any(entry.released for entry in seen[0].stats.values())

@@ -76,27 +76,27 @@ class _Calibration:
         the corrections read only ``mean`` and ``fisher``, so ``H`` (``d x d`` floats per layer, most of what the
         statistics hold) is not carried through them. ``keep`` (a :class:`CompressCache` holds this for a retry):
         it goes to an anonymous temporary file (removed by the system when closed, even if the process is
-        killed), which a retry of the budget reads back (:func:`_restore_second_moments`), so the statistics are
+        killed), which a retry of the budget reads back (:meth:`restore_second_moments`), so the statistics are
         reused, not computed again; where the file cannot be written, ``H`` stays in memory."""
         if not keep:
             for entry in self.stats.values():
                 entry.release_hessian()
             return
         try:
-            # open while the cache holds the calibration (a retry reads it): CompressCache.close closes it
-            spill = self.spill or tempfile.TemporaryFile(prefix="cbdnet-moments-")  # noqa: SIM115
+            if self.spill is None:  # open while the cache holds the calibration (a retry reads it): see close()
+                self.spill = tempfile.TemporaryFile(prefix="cbdnet-moments-")  # noqa: SIM115
             for name, entry in self.stats.items():
                 if entry.released:
                     continue
-                hessian = entry.hessian.contiguous().float().numpy()
-                spill.seek(0, io.SEEK_END)
-                self.spilled[name] = (spill.tell(), hessian.shape)
-                hessian.tofile(spill)
+                if name not in self.spilled:  # else a retry's: the file still holds the same values
+                    hessian = entry.hessian.contiguous().float().numpy()
+                    offset = self.spill.seek(0, io.SEEK_END)
+                    self.spill.write(hessian.data)
+                    self.spill.flush()
+                    self.spilled[name] = (offset, hessian.shape)  # only once written: a failed write keeps it here
                 entry.release_hessian()
-            spill.flush()
-            self.spill = spill
         except OSError:  # a full or read-only temporary folder: memory instead
-            self._read_back()
+            self.restore_second_moments()
 
     def close(self) -> None:
         if self.spill is not None:
@@ -104,19 +104,15 @@ class _Calibration:
             self.spill = None
             self.spilled.clear()
 
-    def _read_back(self) -> None:
+    def restore_second_moments(self) -> None:
+        """Put back the ``H`` that :meth:`release_second_moments` moved to its file (the same values, float32 as
+        stored) into the same :class:`LayerStats` objects, which the cached searches hold."""
         for name, (offset, shape) in self.spilled.items():
             entry = self.stats[name]
             if entry.released and self.spill is not None:
                 self.spill.seek(offset)
                 count = int(np.prod(shape))
                 entry.hessian = torch.from_numpy(np.fromfile(self.spill, np.float32, count).reshape(shape))
-
-
-def _restore_second_moments(calib: _Calibration) -> None:
-    """Put back the ``H`` that :meth:`_Calibration.release_second_moments` moved to its file (the same values,
-    float32 as stored) into the same :class:`LayerStats` objects, which the cached searches hold."""
-    calib._read_back()
 
 
 def _calibrate(model: nn.Module, layers, calibration, settings: CalibrationConfig) -> _Calibration:
@@ -474,7 +470,7 @@ def _compress(model: nn.Module, config, calibration, settings: CalibrationConfig
     key = _cache_key(config, settings, layers, calibration, float32, fold_bn)
     if cache is not None and cache.key == key and cache.calib is not None:
         calib = cache.calib
-        _restore_second_moments(calib)  # a retry: the statistics of the first try, read back
+        calib.restore_second_moments()  # a retry: the statistics of the first try, read back
     else:
         calib = _calibrate(model, layers, calibration, settings)
         if cache is not None:
