@@ -254,8 +254,7 @@ def _copied(call: tuple[tuple, dict]) -> tuple[tuple, dict]:
 
 
 def _call_copied(block: nn.Module, call: tuple[tuple, dict]) -> object:
-    args, kwargs = _copied(call)
-    return block(*args, **kwargs)
+    return _run_items([block], call)
 
 
 def _bytes(call: tuple[tuple, dict]) -> int:
@@ -377,9 +376,10 @@ def calibration_kl(model: nn.Module, float_model: nn.Module, data, kept: list[to
     total, count = 0.0, 0
     for index, (images, _labels) in enumerate(data.batches(data.batch_size_for(100))):
         reference = kept[index] if index < len(kept) else _log_probabilities(float_model(images))
-        if index == len(kept) and held + reference.numel() * reference.element_size() <= MAX_KEPT_REFERENCE_BYTES:
+        size = reference.numel() * reference.element_size()
+        if index == len(kept) and held + size <= MAX_KEPT_REFERENCE_BYTES:
             kept.append(reference)
-            held += reference.numel() * reference.element_size()
+            held += size
         out = _log_probabilities(model(images))
         total += float(F.kl_div(out, reference, log_target=True, reduction="sum")) / (
             out[0, 0].numel() if out.ndim > 2 else 1)
