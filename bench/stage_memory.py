@@ -2,8 +2,9 @@
 
     python bench/stage_memory.py --model torchvision:resnet50:16 --target-bits 3.0
 
-Runs the CLI's ``compress`` in this process (the flags of ``bench/scale.py``: random weights, seed 0, ``K``
-generated noise images in an ``imagefolder:``) with each stage of :func:`cbdnet.calib.compress` wrapped: a
+Runs the CLI's ``compress`` in this process (the flags ``bench/scale.py`` builds: for ``torchvision:NAME:K``
+random weights, seed 0, ``K`` generated noise images in an ``imagefolder:``; for ``cifar-resnetN`` the pretrained
+weights of ``--shared``) with each stage of :func:`cbdnet.calib.compress` wrapped: a
 thread reads ``VmRSS`` every 20 ms and keeps the peak of the stage running then (a nested stage, such as the
 budget's GPTQ search inside the budget, has its own row). It prints the command, the machine, each stage's peak
 and its RSS on entry and exit (what the stages before it left held), and ``ru_maxrss``. The wrappers name
@@ -26,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from scale import generated_images, machine  # noqa: E402  (bench/ is not a package)
+from scale import command, machine  # noqa: E402  (bench/ is not a package)
 
 # (module, function, stage name): the stages in the order they run
 STAGES = [("cbdnet.format.fit", "compress_layers_of", "compress (whole calib.compress)"),
@@ -85,8 +86,9 @@ def rss_mb() -> float:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="torchvision:NAME:IMAGES")
+    p.add_argument("--model", required=True, help="torchvision:NAME:IMAGES or cifar-resnetN[:IMAGES] (bench/scale.py)")
     p.add_argument("--target-bits", type=float, default=3.0)
+    p.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="folder with models/ and data/")
     p.add_argument("--extra", default="", help="more compress flags")
     return p.parse_args()
 
@@ -95,9 +97,6 @@ def main() -> None:
     import importlib
 
     args = parse_args()
-    parts = args.model.split(":")
-    if len(parts) != 3 or parts[0] != "torchvision":
-        raise SystemExit(f"--model {args.model}: expected torchvision:NAME:IMAGES")
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print("machine:", json.dumps(machine()))
     stages = Stages()
@@ -113,9 +112,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="cbdnet-stages-") as tmp:
         work = Path(tmp)
-        flags = ["compress", "--arch", f"torchvision:{parts[1]}", "--weights", "random", "--seed", "0", "--calib",
-                 generated_images(work / "calib", int(parts[2])), "--target-bits", str(args.target_bits), "--quiet",
-                 "-o", str(work / "out.cbd"), "--force", *shlex.split(args.extra)]
+        flags = command(args.model, args, work)[0][3:]  # bench/scale.py's flags, without "python -m cbdnet"
         stages.start = time.perf_counter()
         status = cli(flags)
     print(f"exit {status}, {time.perf_counter() - stages.start:.1f} s; stages not found: {missing or 'none'}")
